@@ -1,0 +1,1 @@
+"""Adapters of nqkernels to model frameworks (Hugging Face transformers, FlashAttention-style decode)."""

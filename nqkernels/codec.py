@@ -1,0 +1,290 @@
+"""Fused encode (K/V -> HOT codes + scales) and decode (HOT -> fp16/bf16/fp32) kernels and their launchers.
+
+encode, one pass per tile of tokens of one (batch, head):
+    x -> [RoPE undo] -> [- mean] -> T (Hadamard) -> step s = alpha·rms -> E8 nearest point
+      -> [least-squares scale refit] -> bit-plane packing; writes only codes and scales.
+decode: the inverse, for callers that want dense K/V (attention kernels decode in registers instead).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from autotune import lookup
+
+from . import reference as ref
+from .config import KVCodec
+from .lattice import e8_nearest, e8_values, hadamard, inverse_hadamard, pack_plane, rope_rotate, round_to, \
+    tree_sum, unpack_plane
+from .rope import rope_cos_sin
+
+
+class EncodedKV(NamedTuple):
+    """HOT codes of one K or V tensor.
+
+    codes: int32 ``[B, H, T, head_dim * bits / 32]``; scales: ``[B, H, T]`` (codec.scale_dtype);
+    mean: fp32 ``[B, H, D]`` subtracted before the rotation, or None.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mean: Optional[torch.Tensor]
+
+
+@triton.jit
+def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean_ptr, T, H,
+                   sxb, sxh, sxt, sxd, scb, sch, sct, ssb, ssh, sst, spb, spt, smb, smh,
+                   D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, ALPHA: tl.constexpr,
+                   SQRT_N: tl.constexpr, DN: tl.constexpr, REFIT: tl.constexpr, ROPE_HALF: tl.constexpr,
+                   CENTER: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, DP)
+    tmask = t < T
+    dmask = d < D
+    mask = tmask[:, None] & dmask[None, :]
+    x = tl.load(x_ptr + b * sxb + h * sxh + t[:, None] * sxt + d[None, :] * sxd, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if ROPE_HALF > 0:
+        pos = tl.load(pos_ptr + b * spb + t * spt, mask=tmask, other=0)
+        rmask = tmask[:, None] & (d < 2 * ROPE_HALF)[None, :]
+        cidx = pos[:, None] * ROPE_HALF + (d % ROPE_HALF)[None, :]
+        cos = tl.load(cos_ptr + cidx, mask=rmask, other=1.0)
+        sin = tl.load(sin_ptr + cidx, mask=rmask, other=0.0)
+        x = rope_rotate(x, d, cos, sin, ROPE_HALF, True)
+    if CENTER:
+        x = x - tl.load(mean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)[None, :]
+    y = hadamard(x, BLOCK_T, D, DP)
+
+    # Step from the token's RMS, rounded to the stored scale dtype; non-finite or zero tokens are zeroed.
+    ss = tree_sum(y * y, BLOCK_T, DP, DP.bit_length() - 1)
+    rms = tl.sqrt_rn(tl.math.div_rn(ss, tl.full(ss.shape, DN, tl.float32)))
+    s = round_to(rms * ALPHA, scales_ptr.dtype.element_ty).to(tl.float32)
+    ok = ((ss - ss) == 0.0) & (s > 0.0) & ((s - s) == 0.0)
+    one = tl.full(ss.shape, 1.0, tl.float32)
+    inv = tl.math.div_rn(one, tl.where(ok, s, one))
+    inv = tl.math.div_rn(inv, tl.full(ss.shape, SQRT_N, tl.float32))
+    y = tl.where(ok[:, None], y, 0.0)
+    idx, v = e8_nearest(y * inv[:, None], BLOCK_T, DP, BITS)
+    if REFIT:
+        v = tl.where(dmask[None, :], v, 0.0)
+        yv = tree_sum(y * v, BLOCK_T, DP, DP.bit_length() - 1)
+        vv = tree_sum(v * v, BLOCK_T, DP, DP.bit_length() - 1)
+        s_fit = tl.math.div_rn(yv, vv * SQRT_N)
+        s = tl.where(s_fit > 0.0, s_fit, s)
+    idx = tl.where(ok[:, None], idx, 0)
+    tl.store(scales_ptr + b * ssb + h * ssh + t * sst, round_to(tl.where(ok, s, 0.0), scales_ptr.dtype.element_ty),
+             mask=tmask)
+
+    # Bit planes: D/16 words of the low 2 bits, then the high bits (1 bit at 3 bits/coord, 2 bits at 4).
+    row = codes_ptr + b * scb + h * sch + t[:, None] * sct
+    w16 = tl.arange(0, DP // 16)
+    tl.store(row + w16[None, :], pack_plane(idx & 3, BLOCK_T, DP, 2),
+             mask=tmask[:, None] & (w16 < D // 16)[None, :])
+    if BITS == 3:
+        w32 = tl.arange(0, DP // 32)
+        tl.store(row + D // 16 + w32[None, :], pack_plane(idx >> 2, BLOCK_T, DP, 1),
+                 mask=tmask[:, None] & (w32 < D // 32)[None, :])
+    if BITS == 4:
+        tl.store(row + D // 16 + w16[None, :], pack_plane(idx >> 2, BLOCK_T, DP, 2),
+                 mask=tmask[:, None] & (w16 < D // 16)[None, :])
+
+
+@triton.jit
+def _decode_kernel(codes_ptr, scales_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, mean_ptr, T, H,
+                   scb, sch, sct, ssb, ssh, sst, sob, soh, sot, spb, spt, smb, smh,
+                   D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, SQRT_N: tl.constexpr,
+                   ROPE_HALF: tl.constexpr, CENTER: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, DP)
+    tmask = t < T
+    dmask = d < D
+    row = codes_ptr + b * scb + h * sch + t[:, None] * sct
+    w16 = tl.arange(0, DP // 16)
+    m16 = tmask[:, None] & (w16 < D // 16)[None, :]
+    idx = unpack_plane(tl.load(row + w16[None, :], mask=m16, other=0), BLOCK_T, DP, 2)
+    if BITS == 3:
+        w32 = tl.arange(0, DP // 32)
+        hi = tl.load(row + D // 16 + w32[None, :], mask=tmask[:, None] & (w32 < D // 32)[None, :], other=0)
+        idx = idx | (unpack_plane(hi, BLOCK_T, DP, 1) << 2)
+    if BITS == 4:
+        idx = idx | (unpack_plane(tl.load(row + D // 16 + w16[None, :], mask=m16, other=0), BLOCK_T, DP, 2) << 2)
+    s = tl.load(scales_ptr + b * ssb + h * ssh + t * sst, mask=tmask, other=0.0).to(tl.float32)
+    v = tl.where(dmask[None, :], e8_values(idx, BLOCK_T, DP, BITS), 0.0)
+    x = inverse_hadamard(v, BLOCK_T, D, DP) * (s * SQRT_N)[:, None]
+    if CENTER:
+        x = x + tl.load(mean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)[None, :]
+    if ROPE_HALF > 0:
+        pos = tl.load(pos_ptr + b * spb + t * spt, mask=tmask, other=0)
+        rmask = tmask[:, None] & (d < 2 * ROPE_HALF)[None, :]
+        cidx = pos[:, None] * ROPE_HALF + (d % ROPE_HALF)[None, :]
+        cos = tl.load(cos_ptr + cidx, mask=rmask, other=1.0)
+        sin = tl.load(sin_ptr + cidx, mask=rmask, other=0.0)
+        x = rope_rotate(x, d, cos, sin, ROPE_HALF, False)
+    tl.store(out_ptr + b * sob + h * soh + t[:, None] * sot + d[None, :], x.to(out_ptr.dtype.element_ty),
+             mask=tmask[:, None] & dmask[None, :])
+
+
+_TABLES: dict = {}
+
+
+def _rope_tables(codec: KVCodec, n_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(n_positions, codec.rope.max_position_embeddings)
+    n = 1 << (n - 1).bit_length()
+    key = (codec.rope, codec.head_dim, n, str(device))
+    if key not in _TABLES:
+        _TABLES[key] = rope_cos_sin(codec.rope, codec.head_dim, n, device=device, seq_len=n_positions)
+    return _TABLES[key]
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_positions(positions, B, T, device) -> torch.Tensor:
+    if positions is None:
+        return torch.arange(T, device=device, dtype=torch.int32).expand(B, T)
+    if positions.shape != (B, T):
+        raise ValueError(f"positions must have shape [batch, tokens] = {[B, T]}, got {list(positions.shape)}")
+    if positions.dtype not in (torch.int32, torch.int64) or positions.device != device:
+        raise ValueError(f"positions must be an int32/int64 tensor on {device}, got {positions.dtype} on "
+                         f"{positions.device}")
+    if positions.numel() and int(positions.min()) < 0:
+        raise ValueError("positions must be >= 0")
+    return positions
+
+
+def _prepare(codec: KVCodec, kind: str, B: int, T: int, device, positions):
+    bits = codec.bits_for(kind)
+    use_rope = kind == "key" and codec.rope is not None
+    center = codec.center_keys if kind == "key" else codec.center_values
+    pos = cos = sin = None
+    if use_rope:
+        pos = _check_positions(positions, B, T, device)
+        need = int(pos.max()) + 1 if (positions is not None and pos.numel()) else T
+        cos, sin = _rope_tables(codec, need, device)
+    return bits, use_rope, center, pos, cos, sin
+
+
+def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Optional[torch.Tensor] = None,
+              mean: Optional[torch.Tensor] = None) -> EncodedKV:
+    """Encode K or V into the HOT format (fixed-rate E8 codes + one scale per token per head).
+
+    Args:
+        x: ``[B, H, T, D]`` fp16/bf16/fp32, any strides (keys post-RoPE, as the model produced them).
+        codec: the ``KVCodec``; ``kind`` ("key" or "value") picks bits, RoPE undo and centering.
+        positions: ``[B, T]`` int token positions for the RoPE undo (default ``0..T-1``).
+        mean: fp32 ``[B, H, D]`` centering offset; default: the mean over the T tokens (after the RoPE undo).
+    Returns:
+        ``EncodedKV(codes int32 [B, H, T, D*bits/32], scales [B, H, T], mean or None)``.
+        Tokens with a NaN/Inf value are zeroed (scale 0); other tokens are unaffected.
+
+    Example:
+        >>> codec = KVCodec(head_dim=128, key_bits=3, value_bits=2)
+        >>> k = torch.randn(1, 8, 100, 128, dtype=torch.float16)
+        >>> enc = encode_kv(k, codec, "key")
+        >>> enc.codes.shape, enc.scales.shape
+        (torch.Size([1, 8, 100, 12]), torch.Size([1, 8, 100]))
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor [batch, heads, tokens, head_dim], got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    B, H, T, D = x.shape
+    if D != codec.head_dim:
+        raise ValueError(f"x has head_dim {D} but the codec has head_dim {codec.head_dim}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    bits, use_rope, center, pos, cos, sin = _prepare(codec, kind, B, T, x.device, positions)
+    if center and mean is None:
+        xf = x.float()
+        if use_rope:
+            c, s_ = cos[pos.long()], sin[pos.long()]
+            xf = ref.rope_undo(xf, c[:, None], s_[:, None])
+        mean = xf.mean(2) if T else torch.zeros(B, H, D, device=x.device)
+    if center:
+        if mean.shape != (B, H, D) or mean.device != x.device:
+            raise ValueError(f"mean must be a [batch, heads, head_dim] = {[B, H, D]} tensor on {x.device}, "
+                             f"got {list(mean.shape)} on {mean.device}")
+        mean = mean.float().contiguous()
+    else:
+        mean = None
+    alpha, refit = codec.alpha[bits], codec.scale_rule == "rms_refit"
+    codes = torch.empty(B, H, T, codec.words_per_token(bits), dtype=torch.int32, device=x.device)
+    scales = torch.empty(B, H, T, dtype=codec.scale_dtype, device=x.device)
+    if T == 0 or B * H == 0:
+        return EncodedKV(codes, scales, mean)
+    if not _use_triton(x):
+        c = s_ = None
+        if use_rope:
+            c, s_ = cos[pos.long()], sin[pos.long()]
+        codes, scales = ref.encode_reference(x, bits, alpha=alpha, refit=refit, scale_dtype=codec.scale_dtype,
+                                             cos=c, sin=s_, mean=mean)
+        return EncodedKV(codes, scales, mean)
+    cfg = lookup("encode", f"d{D}_b{bits}", {"BLOCK_T": 32, "num_warps": 4}, x.device)
+    n = ref.transform_norm(D)
+    dummy = codes  # never read when the feature is off
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * H)
+    _encode_kernel[grid](
+        x, codes, scales, cos if use_rope else dummy, sin if use_rope else dummy,
+        pos if use_rope else dummy, mean if center else dummy, T, H, *x.stride(), *codes.stride()[:3],
+        *scales.stride(), *(pos.stride() if use_rope else (0, 0)), *(mean.stride()[:2] if center else (0, 0)),
+        D=D, DP=ref.next_pow2(D), BITS=bits, ALPHA=alpha, SQRT_N=math.sqrt(n), DN=float(D * n), REFIT=refit,
+        ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0, CENTER=center,
+        BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"], enable_fp_fusion=False)
+    return EncodedKV(codes, scales, mean)
+
+
+def decode_kv(enc: EncodedKV, codec: KVCodec, kind: str = "key", positions: Optional[torch.Tensor] = None,
+              dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Dequantize HOT codes back to dense ``[B, H, T, D]`` (RoPE re-applied to keys, mean added back).
+
+    Example:
+        >>> codec = KVCodec(head_dim=128, key_bits=3, value_bits=2)
+        >>> v = torch.randn(1, 8, 100, 128)
+        >>> v_hat = decode_kv(encode_kv(v, codec, "value"), codec, "value", dtype=torch.float32)
+        >>> bool(((v_hat - v).pow(2).mean() / v.pow(2).mean()) < 0.15)
+        True
+    """
+    codes, scales, mean = enc
+    if codes.dim() != 4 or codes.dtype != torch.int32:
+        raise ValueError(f"codes must be int32 [batch, heads, tokens, words], got {codes.dtype} {list(codes.shape)}")
+    B, H, T, W = codes.shape
+    D = codec.head_dim
+    bits, use_rope, center, pos, cos, sin = _prepare(codec, kind, B, T, codes.device, positions)
+    if W != codec.words_per_token(bits):
+        raise ValueError(f"codes have {W} words per token; {kind}s at {bits} bits, head_dim {D} need "
+                         f"{codec.words_per_token(bits)}")
+    if scales.shape != (B, H, T):
+        raise ValueError(f"scales must have shape {[B, H, T]}, got {list(scales.shape)}")
+    if center != (mean is not None):
+        raise ValueError(f"the codec {'centers' if center else 'does not center'} {kind}s but mean is "
+                         f"{'missing' if center else 'given'}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    out = torch.empty(B, H, T, D, dtype=dtype, device=codes.device)
+    if T == 0 or B * H == 0:
+        return out
+    if not _use_triton(codes):
+        c = s_ = None
+        if use_rope:
+            c, s_ = cos[pos.long()], sin[pos.long()]
+        return ref.decode_reference(codes, scales, bits, D, cos=c, sin=s_, mean=mean, dtype=dtype)
+    cfg = lookup("decode", f"d{D}_b{bits}", {"BLOCK_T": 32, "num_warps": 4}, codes.device)
+    dummy = codes
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * H)
+    _decode_kernel[grid](
+        codes, scales, out, cos if use_rope else dummy, sin if use_rope else dummy, pos if use_rope else dummy,
+        mean if center else dummy, T, H, *codes.stride()[:3], *scales.stride(), *out.stride()[:3],
+        *(pos.stride() if use_rope else (0, 0)), *(mean.stride()[:2] if center else (0, 0)),
+        D=D, DP=ref.next_pow2(D), BITS=bits, SQRT_N=math.sqrt(ref.transform_norm(D)),
+        ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0, CENTER=center,
+        BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"])
+    return out

@@ -1,0 +1,123 @@
+"""Codec configuration: what the HOT format stores and how keys are prepared before quantization."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
+SUPPORTED_BITS = (2, 3, 4)
+ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+SCALE_RULES = ("rms", "rms_refit")
+
+# Scale multiplier alpha (quantizer step = alpha * RMS of the token / lattice unit), per bit width.
+# Chosen by minimising MSE of the cube-truncated E8 codebook on Gaussian data (docs/codec.md).
+DEFAULT_ALPHA = {2: 0.98, 3: 0.58, 4: 0.33}
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding of the model, needed to undo RoPE on keys at encode time (split-half layout).
+
+    theta: rope base. rotary_dim: number of leading channels that rotate (partial rotary; default all).
+    scaling: the HF ``rope_scaling`` / ``rope_parameters`` dict (types linear, dynamic, llama3, yarn).
+    """
+
+    theta: float = 10000.0
+    rotary_dim: Optional[int] = None
+    scaling: Optional[tuple] = None  # frozen (key, value) pairs; use RopeSpec.from_hf_config
+    max_position_embeddings: int = 4096
+
+    def __post_init__(self):
+        if not (self.theta > 0 and math.isfinite(self.theta)):
+            raise ValueError(f"RopeSpec.theta must be a positive finite float, got {self.theta!r}")
+        if self.rotary_dim is not None and (self.rotary_dim <= 0 or self.rotary_dim % 2):
+            raise ValueError(f"RopeSpec.rotary_dim must be a positive even int, got {self.rotary_dim!r}")
+        kind = self.scaling_dict.get("rope_type", self.scaling_dict.get("type", "default"))
+        if kind not in ROPE_SCALING_TYPES:
+            raise ValueError(f"RopeSpec.scaling type {kind!r} is not supported; allowed: {ROPE_SCALING_TYPES}")
+
+    @property
+    def scaling_dict(self) -> dict:
+        return dict(self.scaling or ())
+
+    @classmethod
+    def from_hf_config(cls, config) -> "RopeSpec":
+        """Build from a transformers config (reads rope_parameters / rope_scaling, partial_rotary_factor)."""
+        params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        theta = params.pop("rope_theta", getattr(config, "rope_theta", 10000.0))
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        factor = params.pop("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+        rotary_dim = int(head_dim * factor)
+        scaling = tuple(sorted((k, v) for k, v in params.items() if not isinstance(v, (list, dict))))
+        return cls(theta=float(theta), rotary_dim=rotary_dim if rotary_dim != head_dim else None,
+                   scaling=scaling or None,
+                   max_position_embeddings=int(getattr(config, "max_position_embeddings", 4096)))
+
+
+@dataclass(frozen=True)
+class KVCodec:
+    """Fixed-rate E8 codec for one layer's K and V.
+
+    Args:
+        head_dim: 64, 96, 128 or 256.
+        key_bits / value_bits: exactly this many bits per coordinate (2, 3 or 4), plus one scale per token.
+        rope: keys arrive post-RoPE; if a ``RopeSpec`` is given RoPE is undone at encode (split-half layout)
+            and re-applied at decode. ``None`` stores keys post-RoPE.
+        center_keys / center_values: subtract the per-(sequence, head) mean (fp32 metadata) before the
+            rotation and add it back at decode (exact for attention: it is a shared offset).
+        scale_rule: ``"rms"`` (step = alpha * RMS) or ``"rms_refit"`` (then the least-squares scale for the
+            chosen lattice points is stored).
+        scale_dtype: ``torch.float16`` or ``torch.bfloat16``.
+        page_size: tokens per page of the HOT format.
+        sink_tokens / recent_tokens: tokens kept uncompressed (fp16) at the start / end of a compressed prefix.
+    """
+
+    head_dim: int = 128
+    key_bits: int = 3
+    value_bits: int = 2
+    rope: Optional[RopeSpec] = None
+    center_keys: bool = True
+    center_values: bool = True
+    scale_rule: str = "rms_refit"
+    scale_dtype: torch.dtype = torch.float16
+    page_size: int = 64
+    sink_tokens: int = 0
+    recent_tokens: int = 0
+    alpha: dict = field(default_factory=lambda: dict(DEFAULT_ALPHA), compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"KVCodec.head_dim={self.head_dim!r} is not supported; allowed: {SUPPORTED_HEAD_DIMS}")
+        for name in ("key_bits", "value_bits"):
+            if getattr(self, name) not in SUPPORTED_BITS:
+                raise ValueError(f"KVCodec.{name}={getattr(self, name)!r} is not supported; allowed: {SUPPORTED_BITS}")
+        if self.rope is not None and not isinstance(self.rope, RopeSpec):
+            raise TypeError(f"KVCodec.rope must be a RopeSpec or None, got {type(self.rope).__name__}")
+        if self.rope is not None and (self.rope.rotary_dim or self.head_dim) > self.head_dim:
+            raise ValueError(f"RopeSpec.rotary_dim={self.rope.rotary_dim} exceeds head_dim={self.head_dim}")
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(f"KVCodec.scale_rule={self.scale_rule!r} is not supported; allowed: {SCALE_RULES}")
+        if self.scale_dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"KVCodec.scale_dtype must be torch.float16 or torch.bfloat16, got {self.scale_dtype}")
+        if self.page_size < 16 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"KVCodec.page_size must be a power of two >= 16, got {self.page_size!r}")
+        for name in ("sink_tokens", "recent_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"KVCodec.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def bits_for(self, kind: str) -> int:
+        """Bits per coordinate for ``kind`` in {"key", "value"}."""
+        if kind not in ("key", "value"):
+            raise ValueError(f"kind must be 'key' or 'value', got {kind!r}")
+        return self.key_bits if kind == "key" else self.value_bits
+
+    def words_per_token(self, bits: int) -> int:
+        """int32 words of codes per token per head: head_dim * bits / 32."""
+        return self.head_dim * bits // 32
+
+    def bytes_per_token(self, bits: int) -> int:
+        """HOT bytes per token per head for one of K/V: packed codes plus the scale."""
+        return 4 * self.words_per_token(bits) + 2

@@ -1,0 +1,191 @@
+"""Shared Triton device helpers: fixed-order reductions, Hadamard, RoPE, E8 nearest point, bit (un)packing.
+
+Used by the encode/decode kernels (and by the attention kernels that decode codes in registers). Each helper
+mirrors ``nqkernels.reference`` operation for operation, so with ``enable_fp_fusion=False`` (no fused
+multiply-add) kernels reproduce the reference's fp32 values, and hence its codes, exactly.
+
+Tiles are ``[BT, DP]``: BT tokens by the head dim padded to a power of two (DP = 128 for head_dim 96).
+"""
+import triton
+import triton.language as tl
+
+# Helmert rows [1,1,1]/√3, [1,-1,0]/√2, [1,1,-2]/√6 (fp32-rounded, as in reference._HELMERT).
+HELMERT_C3: tl.constexpr = 0.5773502691896258
+HELMERT_C2: tl.constexpr = 0.7071067811865476
+HELMERT_C6: tl.constexpr = 0.4082482904638631
+
+
+@triton.jit
+def tree_sum(x, BT: tl.constexpr, N: tl.constexpr, LOG2N: tl.constexpr):
+    """Sum [BT, N] over its last axis as the fixed tree x[:, :n/2] + x[:, n/2:] (reference.tree_sum)."""
+    for i in tl.static_range(LOG2N):
+        x = tl.sum(tl.reshape(x, (BT, 2, N >> (i + 1))), axis=1)
+    return tl.reshape(x, (BT,))
+
+
+@triton.jit
+def group8_sum(x, BT: tl.constexpr, G: tl.constexpr):
+    """Sum [BT, G, 8] over groups of 8 with the same tree as reference.tree_sum -> [BT, G]."""
+    x = tl.sum(tl.reshape(x, (BT, G, 2, 4)), axis=2)
+    x = tl.sum(tl.reshape(x, (BT, G, 2, 2)), axis=2)
+    return tl.sum(x, axis=2)
+
+
+@triton.jit
+def _butterfly(x, BT: tl.constexpr, DP: tl.constexpr, H: tl.constexpr):
+    # One Sylvester stage: within each block of 2H, (a, b) -> (a + b, a - b) with a the first half.
+    v = tl.permute(tl.reshape(x, (BT, DP // (2 * H), 2, H)), (0, 1, 3, 2))
+    a, b = tl.split(v)
+    y = tl.join(a + b, a - b)
+    return tl.reshape(tl.permute(y, (0, 1, 3, 2)), (BT, DP))
+
+
+@triton.jit
+def _butterflies(x, BT: tl.constexpr, DP: tl.constexpr, SIZE: tl.constexpr, LOG2SIZE: tl.constexpr):
+    for i in tl.static_range(LOG2SIZE):
+        x = _butterfly(x, BT, DP, 1 << i)
+    return x
+
+
+@triton.jit
+def _split_quarters(x, BT: tl.constexpr):
+    # [BT, 128] -> the four 32-wide blocks.
+    v = tl.permute(tl.reshape(x, (BT, 2, 2, 32)), (0, 3, 1, 2))
+    even, odd = tl.split(v)
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _join_quarters(x0, x1, x2, x3, BT: tl.constexpr):
+    v = tl.join(tl.join(x0, x2), tl.join(x1, x3))
+    return tl.reshape(tl.permute(v, (0, 2, 3, 1)), (BT, 128))
+
+
+@triton.jit
+def hadamard(x, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    """Unnormalised rotation T of reference.hadamard on a [BT, DP] fp32 tile (zero padding kept zero)."""
+    if D == 96:
+        x = _butterflies(x, BT, DP, 32, 5)
+        x0, x1, x2, x3 = _split_quarters(x, BT)
+        s01 = x0 + x1
+        x = _join_quarters((s01 + x2) * HELMERT_C3, (x0 - x1) * HELMERT_C2,
+                           (s01 - (x2 + x2)) * HELMERT_C6, x3, BT)
+    else:
+        x = _butterflies(x, BT, DP, D, D.bit_length() - 1)
+    return x
+
+
+@triton.jit
+def inverse_hadamard(y, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    """Tᵀ y / n (reference.inverse_hadamard)."""
+    if D == 96:
+        y0, y1, y2, y3 = _split_quarters(y, BT)
+        z0, z1, z2 = y0 * HELMERT_C3, y1 * HELMERT_C2, y2 * HELMERT_C6
+        y = _join_quarters(z0 + z1 + z2, z0 - z1 + z2, z0 - (z2 + z2), y3 * 0.0, BT)
+        y = _butterflies(y, BT, DP, 32, 5) * (1.0 / 32)
+    else:
+        y = _butterflies(y, BT, DP, D, D.bit_length() - 1) * (1.0 / D)
+    return y
+
+
+@triton.jit
+def rope_partner(x, d, ROPE_HALF: tl.constexpr):
+    """For a [BT, DP] tile, the split-half partner of each rotary channel (channel j <-> j ± R/2)."""
+    p = tl.where(d < ROPE_HALF, d + ROPE_HALF, tl.where(d < 2 * ROPE_HALF, d - ROPE_HALF, d))
+    return tl.gather(x, tl.broadcast_to(p[None, :], x.shape), 1)
+
+
+@triton.jit
+def rope_rotate(x, d, cos, sin, ROPE_HALF: tl.constexpr, UNDO: tl.constexpr):
+    """Rotate split-half pairs; cos/sin are [BT, DP] tiles already expanded to the channel of each column.
+
+    undo:  x1' = x1 cos + x2 sin,  x2' = x2 cos - x1 sin   (reference.rope_undo)
+    apply: x1' = x1 cos - x2 sin,  x2' = x2 cos + x1 sin   (reference.rope_apply)
+    """
+    xp = rope_partner(x, d, ROPE_HALF)
+    first = d < ROPE_HALF
+    if UNDO:
+        r = tl.where(first[None, :], x * cos + xp * sin, x * cos - xp * sin)
+    else:
+        r = tl.where(first[None, :], x * cos - xp * sin, x * cos + xp * sin)
+    return tl.where((d < 2 * ROPE_HALF)[None, :], r, x)
+
+
+@triton.jit
+def _coset_nearest(t, lane, OFF: tl.constexpr, TOP: tl.constexpr, BT: tl.constexpr, G: tl.constexpr):
+    # Nearest point of one coset in index space; t [BT, G, 8]. Returns (indices as float, squared distance).
+    z = t + OFF
+    r = tl.minimum(tl.maximum(tl.floor(z + 0.5), 0.0), TOP)
+    e = z - r
+    dist = group8_sum(e * e, BT, G)
+    odd = (tl.sum(r.to(tl.int32), axis=2) & 1) == 1
+    alt = tl.where(e > 0, r + 1.0, r - 1.0)
+    alt = tl.where(alt > TOP, r - 1.0, alt)
+    alt = tl.where(alt < 0.0, r + 1.0, alt)
+    ea = z - alt
+    delta = ea * ea - e * e
+    best = tl.min(delta, axis=2)
+    j = tl.min(tl.where(delta == best[:, :, None], lane, 8), axis=2)
+    fix = odd[:, :, None] & (lane == j[:, :, None])
+    return tl.where(fix, alt, r), tl.where(odd, dist + best, dist)
+
+
+@triton.jit
+def e8_nearest(t, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
+    """reference.e8_nearest on a [BT, DP] tile -> (stored indices int32 [BT, DP], lattice values fp32)."""
+    G: tl.constexpr = DP // 8
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    TOP: tl.constexpr = (1 << BITS) - 1
+    lane = tl.arange(0, 8)[None, None, :]
+    g = tl.reshape(t, (BT, G, 8))
+    r0, d0 = _coset_nearest(g, lane, HALF - 0.25, TOP, BT, G)
+    r1, d1 = _coset_nearest(g, lane, HALF - 0.75, TOP, BT, G)
+    c = d1 < d0
+    r = tl.where(c[:, :, None], r1, r0)
+    cf = c.to(tl.float32)[:, :, None]
+    v = r - HALF + 0.25 + 0.5 * cf
+    idx = r.to(tl.int32)
+    idx = tl.where(lane == 7, (idx & -2) | c.to(tl.int32)[:, :, None], idx)
+    return tl.reshape(idx, (BT, DP)), tl.reshape(v, (BT, DP))
+
+
+@triton.jit
+def e8_values(idx, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
+    """reference.e8_values: lattice coordinates of stored indices [BT, DP] int32 (restores the parity bit)."""
+    G: tl.constexpr = DP // 8
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    lane = tl.arange(0, 8)[None, None, :]
+    g = tl.reshape(idx, (BT, G, 8))
+    c = tl.sum(tl.where(lane == 7, g & 1, 0), axis=2)
+    par = tl.sum(tl.where(lane < 7, g, 0), axis=2) & 1
+    g = tl.where(lane == 7, (g & -2) | par[:, :, None], g)
+    v = g.to(tl.float32) - HALF + 0.25 + 0.5 * c.to(tl.float32)[:, :, None]
+    return tl.reshape(v, (BT, DP))
+
+
+@triton.jit
+def pack_plane(p, BT: tl.constexpr, DP: tl.constexpr, PBITS: tl.constexpr):
+    """[BT, DP] values of PBITS bits -> [BT, DP*PBITS/32] int32 words, coordinate k of a word at bit k*PBITS."""
+    PER: tl.constexpr = 32 // PBITS
+    shifts = (tl.arange(0, PER) * PBITS)[None, None, :]
+    return tl.sum(tl.reshape(p, (BT, DP // PER, PER)) << shifts, axis=2)
+
+
+@triton.jit
+def unpack_plane(w, BT: tl.constexpr, DP: tl.constexpr, PBITS: tl.constexpr):
+    """Inverse of pack_plane: [BT, DP*PBITS/32] int32 -> [BT, DP] int32."""
+    PER: tl.constexpr = 32 // PBITS
+    shifts = (tl.arange(0, PER) * PBITS)[None, None, :]
+    return tl.reshape((w[:, :, None] >> shifts) & ((1 << PBITS) - 1), (BT, DP))
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 -> dtype with round-to-nearest-even on every backend (the interpreter truncates to bfloat16)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & -65536
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)

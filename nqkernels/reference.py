@@ -1,0 +1,238 @@
+"""Pure-torch reference of every codec stage: the test oracle and the CPU fallback.
+
+Every float operation here is written in the order the Triton kernels perform it (fp32, no fused
+multiply-add, fixed reduction trees), so the kernels reproduce these codes bit for bit.
+
+Shapes: ``x`` is ``[..., D]`` (tokens in the leading dims); codes are ``[..., D * bits / 32]`` int32;
+scales ``[...]``.
+
+The lattice: E8 = D8 ∪ (D8 + ½), shifted by -¼ so a cube of 2^b values per coordinate is symmetric.
+Coordinate value for index i (0 <= i < 2^b) in coset c is ``v = i - 2^(b-1) + ¼ + c/2``; in both cosets a
+point of E8 has an even index sum, so the lowest bit of the 8th index of a group is implied by the other
+seven and its place stores the coset flag: exactly 8b bits per 8 coordinates.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+F32 = torch.float32
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def transform_norm(head_dim: int) -> int:
+    """n with TᵀT = n·I for the unnormalised rotation T (Sylvester Hadamard; Helmert ⊗ H32 for 96)."""
+    return 32 if head_dim == 96 else head_dim
+
+
+def tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim (zero-padded to a power of two) as a fixed tree: x[:n/2] + x[n/2:], repeated."""
+    n = x.shape[-1]
+    p = next_pow2(n)
+    if p != n:
+        x = torch.nn.functional.pad(x, (0, p - n))
+    while p > 1:
+        p //= 2
+        x = x[..., :p] + x[..., p:]
+    return x[..., 0]
+
+
+def _butterflies(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Unnormalised Sylvester Hadamard on consecutive blocks of ``size``: stages of stride 1, 2, 4, ..."""
+    shape = x.shape
+    h = 1
+    while h < size:
+        v = x.reshape(*shape[:-1], shape[-1] // (2 * h), 2, h)
+        a, b = v[..., 0, :], v[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2).reshape(shape)
+        h *= 2
+    return x
+
+
+_HELMERT = (F32, 1 / math.sqrt(3), 1 / math.sqrt(2), 1 / math.sqrt(6))
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """y = T x in fp32 (unnormalised: ||y||² = n ||x||², n = transform_norm(D)).
+
+    D in {64, 128, 256}: Sylvester Hadamard. D = 96: H32 on each third, then the orthonormal Helmert
+    matrix [[1,1,1]/√3, [1,-1,0]/√2, [1,1,-2]/√6] across the thirds (T = Helmert ⊗ H32).
+    """
+    d = x.shape[-1]
+    x = x.to(F32)
+    if d != 96:
+        return _butterflies(x, d)
+    x = _butterflies(x, 32)
+    c3, c2, c6 = (torch.tensor(c, dtype=F32) for c in _HELMERT[1:])
+    x0, x1, x2 = x[..., :32], x[..., 32:64], x[..., 64:]
+    s01 = x0 + x1
+    return torch.cat(((s01 + x2) * c3, (x0 - x1) * c2, (s01 - (x2 + x2)) * c6), dim=-1)
+
+
+def inverse_hadamard(y: torch.Tensor) -> torch.Tensor:
+    """x = Tᵀ y / n (the exact inverse of ``hadamard`` up to rounding)."""
+    d = y.shape[-1]
+    y = y.to(F32)
+    if d == 96:
+        c3, c2, c6 = (torch.tensor(c, dtype=F32) for c in _HELMERT[1:])
+        z0, z1, z2 = y[..., :32] * c3, y[..., 32:64] * c2, y[..., 64:] * c6
+        y = torch.cat((z0 + z1 + z2, z0 - z1 + z2, z0 - (z2 + z2)), dim=-1)
+        return _butterflies(y, 32) * (1.0 / 32)
+    return _butterflies(y, d) * (1.0 / d)
+
+
+def rope_undo(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate split-half pairs back by -angle. x ``[..., D]`` fp32; cos/sin ``[..., R/2]`` (R <= D rotary dims)."""
+    h = cos.shape[-1]
+    x1, x2, rest = x[..., :h], x[..., h:2 * h], x[..., 2 * h:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``rope_undo``: the model's rotation ``x * cos + rotate_half(x) * sin``."""
+    h = cos.shape[-1]
+    x1, x2, rest = x[..., :h], x[..., h:2 * h], x[..., 2 * h:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+def _coset_nearest(t: torch.Tensor, off: float, top: int):
+    """Nearest point of one coset in index space. t ``[..., 8]`` fp32 -> (indices float, squared distance)."""
+    z = t + torch.tensor(off, dtype=F32)
+    r = torch.floor(z + 0.5).clamp(0, top)
+    e = z - r
+    dist = tree_sum(e * e)
+    odd = (r.sum(-1).to(torch.int64) & 1).bool()
+    # Fix the parity by moving one coordinate to its second-nearest index (inwards at the cube's faces).
+    alt = torch.where(e > 0, r + 1, r - 1)
+    alt = torch.where(alt > top, r - 1, alt)
+    alt = torch.where(alt < 0, r + 1, alt)
+    ea = z - alt
+    delta = ea * ea - e * e
+    best = delta.min(-1, keepdim=True).values
+    lane = torch.arange(8, device=t.device)
+    j = torch.where(delta == best, lane, 8).min(-1, keepdim=True).values
+    fix = odd[..., None] & (lane == j)
+    return torch.where(fix, alt, r), torch.where(odd, dist + best[..., 0], dist)
+
+
+def e8_nearest(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest point of the cube-truncated shifted E8 codebook to t ``[..., D]`` (D % 8 == 0).
+
+    Returns stored indices int64 ``[..., D]`` in [0, 2^bits): the eighth index of each group carries the
+    coset flag in its lowest bit.
+    """
+    half, top = 1 << (bits - 1), (1 << bits) - 1
+    g = t.reshape(*t.shape[:-1], t.shape[-1] // 8, 8)
+    r0, d0 = _coset_nearest(g, half - 0.25, top)
+    r1, d1 = _coset_nearest(g, half - 0.75, top)
+    c = d1 < d0
+    idx = torch.where(c[..., None], r1, r0).to(torch.int64)
+    idx[..., 7] = (idx[..., 7] & ~1) | c.to(torch.int64)
+    return idx.reshape(t.shape)
+
+
+def e8_values(idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """Lattice coordinates (index units, fp32) of stored indices: restores each group's implied parity bit."""
+    g = idx.reshape(*idx.shape[:-1], idx.shape[-1] // 8, 8).to(torch.int64)
+    c = g[..., 7] & 1
+    par = g[..., :7].sum(-1) & 1
+    g = g.clone()
+    g[..., 7] = (g[..., 7] & ~1) | par
+    v = g.to(F32) - (1 << (bits - 1)) + 0.25 + 0.5 * c[..., None].to(F32)
+    return v.reshape(idx.shape)
+
+
+def _pack_plane(p: torch.Tensor, pbits: int) -> torch.Tensor:
+    per = 32 // pbits
+    g = p.reshape(*p.shape[:-1], p.shape[-1] // per, per)
+    shifts = torch.arange(per, device=p.device, dtype=torch.int64) * pbits
+    w = (g << shifts).sum(-1)
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+def _unpack_plane(w: torch.Tensor, pbits: int) -> torch.Tensor:
+    per = 32 // pbits
+    shifts = torch.arange(per, device=w.device, dtype=torch.int64) * pbits
+    v = (w.to(torch.int64)[..., None] >> shifts) & ((1 << pbits) - 1)
+    return v.reshape(*w.shape[:-1], w.shape[-1] * per)
+
+
+def pack_codes(idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bit-plane packing. idx ``[..., D]`` -> int32 ``[..., D*bits/32]``: D/16 words of the low 2 bits
+    (16 coordinates per word, coordinate k of a word at bit 2k), then the high bits: 1 bit per coordinate
+    (32 per word) at 3 bits, 2 bits (16 per word) at 4 bits."""
+    lo = _pack_plane(idx & 3, 2)
+    if bits == 2:
+        return lo
+    return torch.cat((lo, _pack_plane(idx >> 2, bits - 2)), dim=-1)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+    """Inverse of ``pack_codes``: int32 ``[..., W]`` -> indices int64 ``[..., D]``."""
+    n_lo = head_dim // 16
+    idx = _unpack_plane(words[..., :n_lo], 2)
+    if bits > 2:
+        idx = idx | (_unpack_plane(words[..., n_lo:], bits - 2) << 2)
+    return idx
+
+
+def quantize_rotated(y: torch.Tensor, bits: int, alpha: float, refit: bool, scale_dtype: torch.dtype):
+    """Quantize rotated fp32 vectors y ``[..., D]``. Returns (stored indices int64, scales scale_dtype).
+
+    step: s = alpha * rms(x) rounded to scale_dtype, t = y / (s·√n); with ``refit`` the stored scale is
+    the least-squares one for the chosen points, <y, v> / (<v, v>·√n). Tokens with a non-finite value (or
+    all zeros) are zeroed: codes 0 and scale 0, so they decode to a zero vector.
+    """
+    d = y.shape[-1]
+    n = transform_norm(d)
+    sqrt_n = torch.tensor(math.sqrt(n), dtype=F32)
+    ss = tree_sum(y * y)
+    rms = torch.sqrt(ss / torch.tensor(float(d * n), dtype=F32))
+    s = (rms * torch.tensor(alpha, dtype=F32)).to(scale_dtype).to(F32)
+    ok = torch.isfinite(ss) & (s > 0) & torch.isfinite(s)
+    inv = 1.0 / torch.where(ok, s, 1.0) / sqrt_n  # two roundings, as the kernel does
+    t = torch.where(ok[..., None], y, 0.0) * inv[..., None]
+    idx = e8_nearest(t, bits)
+    if refit:
+        v = e8_values(idx, bits)
+        yv, vv = tree_sum(torch.where(ok[..., None], y, 0.0) * v), tree_sum(v * v)
+        s_fit = yv / (vv * sqrt_n)
+        s = torch.where(s_fit > 0, s_fit, s)
+    idx = torch.where(ok[..., None], idx, 0)
+    scale = torch.where(ok, s, 0.0).to(scale_dtype)
+    return idx, scale
+
+
+def dequantize_rotated(idx: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``quantize_rotated`` up to the quantization error, returned in the original basis (fp32)."""
+    sqrt_n = math.sqrt(transform_norm(idx.shape[-1]))
+    return inverse_hadamard(e8_values(idx, bits)) * (scale.to(F32) * sqrt_n)[..., None]
+
+
+def encode_reference(x, bits, *, alpha, refit, scale_dtype=torch.float16, cos=None, sin=None, mean=None):
+    """Reference of the fused encode: x ``[B, H, T, D]`` -> (codes int32 ``[B, H, T, W]``, scales ``[B, H, T]``).
+
+    cos/sin ``[B, T, R/2]`` undo RoPE on keys (rows for each token's position); mean ``[B, H, D]`` fp32 is
+    subtracted after the RoPE undo.
+    """
+    xf = x.to(F32)
+    if cos is not None:
+        xf = rope_undo(xf, cos[:, None].to(F32), sin[:, None].to(F32))
+    if mean is not None:
+        xf = xf - mean.to(F32)[:, :, None, :]
+    idx, scale = quantize_rotated(hadamard(xf), bits, alpha, refit, scale_dtype)
+    return pack_codes(idx, bits), scale
+
+
+def decode_reference(codes, scales, bits, head_dim, *, cos=None, sin=None, mean=None, dtype=torch.float16):
+    """Reference of the decode (dequantize): inverse of ``encode_reference`` up to quantization error."""
+    x = dequantize_rotated(unpack_codes(codes, bits, head_dim), scales, bits)
+    if mean is not None:
+        x = x + mean.to(F32)[:, :, None, :]
+    if cos is not None:
+        x = rope_apply(x, cos[:, None].to(F32), sin[:, None].to(F32))
+    return x.to(dtype)

@@ -1,0 +1,159 @@
+"""encode_kv / decode_kv (Triton kernels under TRITON_INTERPRET=1, else the CPU fallback) vs the reference."""
+import warnings
+
+import pytest
+import torch
+
+from autotune import lookup
+from nqkernels import KVCodec, RopeSpec, decode_kv, encode_kv
+from nqkernels import reference as R
+from nqkernels.codec import _rope_tables
+
+from .conftest import BITS, HEAD_DIMS
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _reference(x, codec, kind, positions=None, mean=None):
+    """Codes and scales straight from the reference functions (independent of the launcher's dispatch)."""
+    bits = codec.bits_for(kind)
+    B, H, T, D = x.shape
+    cos = sin = None
+    if kind == "key" and codec.rope is not None:
+        pos = positions if positions is not None else torch.arange(T).expand(B, T)
+        c, s = _rope_tables(codec, int(pos.max()) + 1, x.device)
+        cos, sin = c[pos.long()], s[pos.long()]
+    return R.encode_reference(x, bits, alpha=codec.alpha[bits], refit=codec.scale_rule == "rms_refit",
+                              scale_dtype=codec.scale_dtype, cos=cos, sin=sin, mean=mean)
+
+
+def _check(x, codec, kind, positions=None):
+    enc = encode_kv(x, codec, kind, positions=positions)
+    codes, scales = _reference(x, codec, kind, positions, enc.mean)
+    assert torch.equal(enc.codes, codes), "codes differ from the reference"
+    assert torch.equal(enc.scales.view(torch.int16), scales.view(torch.int16)), "scales differ"
+    return enc
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("bits", BITS)
+def test_encode_bit_exact_and_roundtrip(d, bits):
+    codec = KVCodec(head_dim=d, key_bits=bits, value_bits=bits, rope=RopeSpec(theta=10000.0))
+    x = torch.randn(2, 3, 37, d, dtype=torch.float16) * 2 + 0.5
+    for kind in ("key", "value"):
+        enc = _check(x, codec, kind)
+        out = decode_kv(enc, codec, kind, dtype=torch.float32)
+        nmse = ((out - x.float()) ** 2).mean() / ((x.float() - x.float().mean(2, keepdim=True)) ** 2).mean()
+        assert nmse < {2: 0.12, 3: 0.04, 4: 0.012}[bits]
+        bits_ = codec.bits_for(kind)
+        assert enc.codes.shape[-1] * 32 == d * bits_
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_dtype", (torch.float16, torch.bfloat16))
+def test_dtypes(dtype, scale_dtype):
+    codec = KVCodec(head_dim=128, scale_dtype=scale_dtype, scale_rule="rms")
+    x = torch.randn(1, 2, 19, 128, dtype=dtype)
+    for kind in ("key", "value"):
+        enc = _check(x, codec, kind)
+        assert enc.scales.dtype == scale_dtype
+        for out_dtype in DTYPES:
+            assert decode_kv(enc, codec, kind, dtype=out_dtype).dtype == out_dtype
+
+
+@pytest.mark.parametrize("rope", [RopeSpec(theta=1e4, rotary_dim=64), RopeSpec(
+    theta=5e5, scaling=(("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                        ("original_max_position_embeddings", 8192), ("rope_type", "llama3")))],
+                         ids=["partial", "llama3"])
+def test_rope_undo_with_positions_and_strides(rope):
+    codec = KVCodec(head_dim=128, rope=rope, center_keys=False)
+    base = torch.randn(3, 45, 4, 128)  # [B, T, H, D] as HF projections come out: a strided view
+    x = base.transpose(1, 2)[:, :, 3:]
+    positions = torch.randint(0, 3000, (3, 42))
+    enc = _check(x, codec, "key", positions=positions)
+    out = decode_kv(enc, codec, "key", positions=positions, dtype=torch.float32)
+    assert ((out - x) ** 2).mean() / (x ** 2).mean() < 0.04
+
+
+def test_ragged_sizes_and_gqa_shapes():
+    codec = KVCodec(head_dim=64)
+    for B, H, T in [(1, 1, 1), (4, 8, 3), (2, 1, 65)]:
+        _check(torch.randn(B, H, T, 64), codec, "key")
+
+
+def test_non_finite_token_is_zeroed_and_isolated():
+    codec = KVCodec(head_dim=128, center_keys=False, center_values=False)
+    x = torch.randn(1, 2, 10, 128)
+    clean = encode_kv(x, codec, "value")
+    x[0, 0, 3, 7] = float("nan")
+    x[0, 1, 5, 0] = float("inf")
+    enc = encode_kv(x, codec, "value")
+    bad = torch.zeros(1, 2, 10, dtype=torch.bool)
+    bad[0, 0, 3] = bad[0, 1, 5] = True
+    assert bool((enc.scales[bad] == 0).all()) and bool((enc.codes[bad] == 0).all())
+    assert torch.equal(enc.codes[~bad], clean.codes[~bad])
+    assert torch.equal(enc.scales[~bad], clean.scales[~bad])
+    out = decode_kv(enc, codec, "value")
+    assert bool(torch.isfinite(out).all()) and bool((out[bad] == 0).all())
+
+
+def test_zero_token_decodes_to_zero():
+    codec = KVCodec(head_dim=64, center_values=False)
+    x = torch.randn(1, 1, 4, 64)
+    x[0, 0, 2] = 0
+    out = decode_kv(encode_kv(x, codec, "value"), codec, "value")
+    assert bool((out[0, 0, 2] == 0).all())
+
+
+def test_empty_sequence():
+    codec = KVCodec(head_dim=128)
+    enc = encode_kv(torch.randn(2, 2, 0, 128), codec, "key")
+    assert enc.codes.shape == (2, 2, 0, 12)
+    assert decode_kv(enc, codec, "key").shape == (2, 2, 0, 128)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(head_dim=80), "head_dim=80"),
+    (dict(key_bits=5), "key_bits=5"),
+    (dict(value_bits=1), "value_bits=1"),
+    (dict(scale_rule="amax"), "scale_rule"),
+    (dict(page_size=48), "page_size"),
+    (dict(scale_dtype=torch.float32), "scale_dtype"),
+    (dict(head_dim=64, rope=RopeSpec(rotary_dim=128)), "rotary_dim"),
+])
+def test_codec_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KVCodec(**kwargs)
+
+
+def test_rope_spec_validation():
+    with pytest.raises(ValueError, match="theta"):
+        RopeSpec(theta=-1.0)
+    with pytest.raises(ValueError, match="longrope"):
+        RopeSpec(scaling=(("rope_type", "longrope"),))
+
+
+def test_bad_inputs():
+    codec = KVCodec(head_dim=128)
+    with pytest.raises(ValueError, match="head_dim 64"):
+        encode_kv(torch.randn(1, 1, 4, 64), codec)
+    with pytest.raises(ValueError, match="4-D"):
+        encode_kv(torch.randn(4, 128), codec)
+    with pytest.raises(ValueError, match="float16"):
+        encode_kv(torch.randint(0, 3, (1, 1, 4, 128)), codec)
+    with pytest.raises(ValueError, match="kind"):
+        encode_kv(torch.randn(1, 1, 4, 128), codec, kind="query")
+    rope_codec = KVCodec(head_dim=128, rope=RopeSpec())
+    with pytest.raises(ValueError, match="positions"):
+        encode_kv(torch.randn(1, 1, 4, 128), rope_codec, positions=torch.arange(5)[None])
+    enc = encode_kv(torch.randn(1, 1, 4, 128), codec, "key")
+    with pytest.raises(ValueError, match="words per token"):
+        decode_kv(enc, codec, "value")
+    with pytest.raises(ValueError, match="mean"):
+        decode_kv(enc._replace(mean=None), codec, "key")
+
+
+def test_autotune_lookup_falls_back_to_default():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lookup("encode", "d128_b3", {"BLOCK_T": 32, "num_warps": 4}) == {"BLOCK_T": 32, "num_warps": 4}

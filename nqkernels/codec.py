@@ -145,6 +145,15 @@ def _rope_tables(codec: KVCodec, n_positions: int, device) -> tuple[torch.Tensor
     return _TABLES[key]
 
 
+_TUNE_OVERRIDE: Optional[dict] = None  # set by tuning scripts to force a launch config
+
+
+def _config(kernel: str, bucket: str, device) -> dict:
+    if _TUNE_OVERRIDE is not None:
+        return dict(_TUNE_OVERRIDE)
+    return lookup(kernel, bucket, {"BLOCK_T": 32, "num_warps": 4}, device)
+
+
 def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -228,7 +237,7 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         codes, scales = ref.encode_reference(x, bits, alpha=alpha, refit=refit, scale_dtype=codec.scale_dtype,
                                              cos=c, sin=s_, mean=mean)
         return EncodedKV(codes, scales, mean)
-    cfg = lookup("encode", f"d{D}_b{bits}", {"BLOCK_T": 32, "num_warps": 4}, x.device)
+    cfg = _config("encode", f"d{D}_b{bits}", x.device)
     n = ref.transform_norm(D)
     dummy = codes  # never read when the feature is off
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * H)
@@ -277,7 +286,7 @@ def decode_kv(enc: EncodedKV, codec: KVCodec, kind: str = "key", positions: Opti
         if use_rope:
             c, s_ = cos[pos.long()], sin[pos.long()]
         return ref.decode_reference(codes, scales, bits, D, cos=c, sin=s_, mean=mean, dtype=dtype)
-    cfg = lookup("decode", f"d{D}_b{bits}", {"BLOCK_T": 32, "num_warps": 4}, codes.device)
+    cfg = _config("decode", f"d{D}_b{bits}", codes.device)
     dummy = codes
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * H)
     _decode_kernel[grid](

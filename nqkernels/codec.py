@@ -39,7 +39,7 @@ class EncodedKV(NamedTuple):
 @triton.jit
 def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean_ptr, T, H,
                    sxb, sxh, sxt, sxd, scb, sch, sct, ssb, ssh, sst, spb, spt, smb, smh,
-                   D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, ALPHA: tl.constexpr,
+                   D: tl.constexpr, DP: tl.constexpr, LOG2DP: tl.constexpr, BITS: tl.constexpr, ALPHA: tl.constexpr,
                    SQRT_N: tl.constexpr, DN: tl.constexpr, REFIT: tl.constexpr, ROPE_HALF: tl.constexpr,
                    CENTER: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -60,10 +60,10 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
         x = rope_rotate(x, d, cos, sin, ROPE_HALF, True)
     if CENTER:
         x = x - tl.load(mean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)[None, :]
-    y = hadamard(x, BLOCK_T, D, DP)
+    y = hadamard(x, BLOCK_T, D, DP, LOG2DP)
 
     # Step from the token's RMS, rounded to the stored scale dtype; non-finite or zero tokens are zeroed.
-    ss = tree_sum(y * y, BLOCK_T, DP, DP.bit_length() - 1)
+    ss = tree_sum(y * y, BLOCK_T, DP, LOG2DP)
     rms = tl.sqrt_rn(tl.math.div_rn(ss, tl.full(ss.shape, DN, tl.float32)))
     s = round_to(rms * ALPHA, scales_ptr.dtype.element_ty).to(tl.float32)
     ok = ((ss - ss) == 0.0) & (s > 0.0) & ((s - s) == 0.0)
@@ -74,8 +74,8 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
     idx, v = e8_nearest(y * inv[:, None], BLOCK_T, DP, BITS)
     if REFIT:
         v = tl.where(dmask[None, :], v, 0.0)
-        yv = tree_sum(y * v, BLOCK_T, DP, DP.bit_length() - 1)
-        vv = tree_sum(v * v, BLOCK_T, DP, DP.bit_length() - 1)
+        yv = tree_sum(y * v, BLOCK_T, DP, LOG2DP)
+        vv = tree_sum(v * v, BLOCK_T, DP, LOG2DP)
         s_fit = tl.math.div_rn(yv, vv * SQRT_N)
         s = tl.where(s_fit > 0.0, s_fit, s)
     idx = tl.where(ok[:, None], idx, 0)
@@ -99,7 +99,7 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
 @triton.jit
 def _decode_kernel(codes_ptr, scales_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, mean_ptr, T, H,
                    scb, sch, sct, ssb, ssh, sst, sob, soh, sot, spb, spt, smb, smh,
-                   D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, SQRT_N: tl.constexpr,
+                   D: tl.constexpr, DP: tl.constexpr, LOG2DP: tl.constexpr, BITS: tl.constexpr, SQRT_N: tl.constexpr,
                    ROPE_HALF: tl.constexpr, CENTER: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
@@ -119,7 +119,7 @@ def _decode_kernel(codes_ptr, scales_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, me
         idx = idx | (unpack_plane(tl.load(row + D // 16 + w16[None, :], mask=m16, other=0), BLOCK_T, DP, 2) << 2)
     s = tl.load(scales_ptr + b * ssb + h * ssh + t * sst, mask=tmask, other=0.0).to(tl.float32)
     v = tl.where(dmask[None, :], e8_values(idx, BLOCK_T, DP, BITS), 0.0)
-    x = inverse_hadamard(v, BLOCK_T, D, DP) * (s * SQRT_N)[:, None]
+    x = inverse_hadamard(v, BLOCK_T, D, DP, LOG2DP) * (s * SQRT_N)[:, None]
     if CENTER:
         x = x + tl.load(mean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)[None, :]
     if ROPE_HALF > 0:
@@ -245,7 +245,7 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         x, codes, scales, cos if use_rope else dummy, sin if use_rope else dummy,
         pos if use_rope else dummy, mean if center else dummy, T, H, *x.stride(), *codes.stride()[:3],
         *scales.stride(), *(pos.stride() if use_rope else (0, 0)), *(mean.stride()[:2] if center else (0, 0)),
-        D=D, DP=ref.next_pow2(D), BITS=bits, ALPHA=alpha, SQRT_N=math.sqrt(n), DN=float(D * n), REFIT=refit,
+        D=D, DP=ref.next_pow2(D), LOG2DP=ref.next_pow2(D).bit_length() - 1, BITS=bits, ALPHA=alpha, SQRT_N=math.sqrt(n), DN=float(D * n), REFIT=refit,
         ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0, CENTER=center,
         BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"], enable_fp_fusion=False)
     return EncodedKV(codes, scales, mean)
@@ -293,7 +293,7 @@ def decode_kv(enc: EncodedKV, codec: KVCodec, kind: str = "key", positions: Opti
         codes, scales, out, cos if use_rope else dummy, sin if use_rope else dummy, pos if use_rope else dummy,
         mean if center else dummy, T, H, *codes.stride()[:3], *scales.stride(), *out.stride()[:3],
         *(pos.stride() if use_rope else (0, 0)), *(mean.stride()[:2] if center else (0, 0)),
-        D=D, DP=ref.next_pow2(D), BITS=bits, SQRT_N=math.sqrt(ref.transform_norm(D)),
+        D=D, DP=ref.next_pow2(D), LOG2DP=ref.next_pow2(D).bit_length() - 1, BITS=bits, SQRT_N=math.sqrt(ref.transform_norm(D)),
         ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0, CENTER=center,
         BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"])
     return out

@@ -10,9 +10,9 @@ import triton
 import triton.language as tl
 
 # Helmert rows [1,1,1]/√3, [1,-1,0]/√2, [1,1,-2]/√6 (fp32-rounded, as in reference._HELMERT).
-HELMERT_C3: tl.constexpr = 0.5773502691896258
-HELMERT_C2: tl.constexpr = 0.7071067811865476
-HELMERT_C6: tl.constexpr = 0.4082482904638631
+HELMERT_C3 = tl.constexpr(0.5773502691896258)
+HELMERT_C2 = tl.constexpr(0.7071067811865476)
+HELMERT_C6 = tl.constexpr(0.4082482904638631)
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def _join_quarters(x0, x1, x2, x3, BT: tl.constexpr):
 
 
 @triton.jit
-def hadamard(x, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+def hadamard(x, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, LOG2DP: tl.constexpr):
     """Unnormalised rotation T of reference.hadamard on a [BT, DP] fp32 tile (zero padding kept zero)."""
     if D == 96:
         x = _butterflies(x, BT, DP, 32, 5)
@@ -73,12 +73,12 @@ def hadamard(x, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
         x = _join_quarters((s01 + x2) * HELMERT_C3, (x0 - x1) * HELMERT_C2,
                            (s01 - (x2 + x2)) * HELMERT_C6, x3, BT)
     else:
-        x = _butterflies(x, BT, DP, D, D.bit_length() - 1)
+        x = _butterflies(x, BT, DP, D, LOG2DP)
     return x
 
 
 @triton.jit
-def inverse_hadamard(y, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+def inverse_hadamard(y, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, LOG2DP: tl.constexpr):
     """Tᵀ y / n (reference.inverse_hadamard)."""
     if D == 96:
         y0, y1, y2, y3 = _split_quarters(y, BT)
@@ -86,7 +86,7 @@ def inverse_hadamard(y, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
         y = _join_quarters(z0 + z1 + z2, z0 - z1 + z2, z0 - (z2 + z2), y3 * 0.0, BT)
         y = _butterflies(y, BT, DP, 32, 5) * (1.0 / 32)
     else:
-        y = _butterflies(y, BT, DP, D, D.bit_length() - 1) * (1.0 / D)
+        y = _butterflies(y, BT, DP, D, LOG2DP) * (1.0 / D)
     return y
 
 

@@ -1,0 +1,59 @@
+"""Continuation-perplexity protocol: prefill P tokens, replace the cache by its compressed version, score the
+next C tokens through it. The no-op control (no compression) must reproduce the plain model exactly.
+
+Chunks are consecutive (P + C)-token windows of the tokenized text (BOS only at the start of the text); the
+C continuation tokens are fed in one forward over the cache and the C - 1 targets after the first are scored.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+# compress(layer_index, keys [B, Hkv, P, D], values) -> (keys', values', bytes of the compressed form)
+Compressor = Callable[[int, torch.Tensor, torch.Tensor], tuple]
+
+
+def load_chunks(tokenizer, text_path: str, n_chunks: int, length: int) -> list[torch.Tensor]:
+    with open(text_path) as f:
+        ids = tokenizer(f.read(), return_tensors="pt").input_ids[0]
+    if len(ids) < n_chunks * length:
+        raise ValueError(f"{text_path} has {len(ids)} tokens, fewer than {n_chunks} chunks of {length}")
+    return [ids[i * length:(i + 1) * length][None] for i in range(n_chunks)]
+
+
+@torch.no_grad()
+def continuation_ppl(model, chunks: list[torch.Tensor], compress: Optional[Compressor], prefix: int = 1536):
+    """Returns (perplexity, bytes of the compressed prefix caches per token per layer per KV head, K+V)."""
+    from transformers import DynamicCache
+
+    nll, n, nbytes, slots = 0.0, 0, 0, 0
+    for ids in chunks:
+        out = model(ids[:, :prefix], use_cache=True)
+        cache = out.past_key_values
+        if compress is not None:
+            new = DynamicCache()
+            for li, layer in enumerate(cache.layers):
+                k, v, b = compress(li, layer.keys, layer.values)
+                new.update(k.to(layer.keys.dtype), v.to(layer.values.dtype), li)
+                nbytes += b
+                slots += layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[2]
+            cache = new
+        logits = model(ids[:, prefix:], past_key_values=cache).logits[0, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, ids[0, prefix + 1:], reduction="sum").item()
+        n += ids.shape[1] - prefix - 1
+    return math.exp(nll / n), (nbytes / slots if slots else None)
+
+
+def codec_compressor(codec) -> Compressor:
+    """Ours: encode K and V to the HOT format, decode back; bytes are those of codes, scales and means."""
+    from nqkernels import decode_kv, encode_kv
+
+    def compress(li, k, v):
+        ek, ev = encode_kv(k, codec, "key"), encode_kv(v, codec, "value")
+        nbytes = sum(t.nbytes for e in (ek, ev) for t in e if t is not None)
+        return (decode_kv(ek, codec, "key", dtype=torch.float32),
+                decode_kv(ev, codec, "value", dtype=torch.float32), nbytes)
+
+    return compress

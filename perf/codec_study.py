@@ -31,18 +31,16 @@ def scalar_uniform(x, bits):
 
 
 def hadamard_scalar(x, bits):
-    d = x.shape[-1]
-    return R.inverse_hadamard(scalar_uniform(R.hadamard(x) / d ** 0.5, bits)) * d ** 0.5 if d != 96 else \
-        R.inverse_hadamard(scalar_uniform(R.hadamard(x) / 32 ** 0.5, bits)) * 32 ** 0.5
+    n = R.transform_norm(x.shape[-1]) ** 0.5
+    return R.inverse_hadamard(scalar_uniform(R.hadamard(x) / n, bits)) * n
 
 
 def prior_art_relaxed_e8(x, bits):
     from nexusquant.core.e8_lattice import E8Lattice
 
-    d = x.shape[-1]
-    y = R.hadamard(x) / d ** 0.5
-    return R.inverse_hadamard(E8Lattice.quantize_perhead(y.reshape(-1, d), levels=1 << bits).reshape(y.shape)) \
-        * d ** 0.5
+    d, n = x.shape[-1], R.transform_norm(x.shape[-1]) ** 0.5
+    y = R.hadamard(x) / n
+    return R.inverse_hadamard(E8Lattice.quantize_perhead(y.reshape(-1, d), levels=1 << bits).reshape(y.shape)) * n
 
 
 def ours(x, bits):

@@ -183,6 +183,13 @@ def _prepare(codec: KVCodec, kind: str, B: int, T: int, device, positions):
     return bits, use_rope, center, pos, cos, sin
 
 
+def _per_token(cos, sin, pos):
+    """cos/sin rows of each token's position, ``[B, T, R/2]`` (the reference path's input); None without RoPE."""
+    if cos is None:
+        return None, None
+    return cos[pos.long()], sin[pos.long()]
+
+
 def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Optional[torch.Tensor] = None,
               mean: Optional[torch.Tensor] = None) -> EncodedKV:
     """Encode K or V into the HOT format (fixed-rate E8 codes + one scale per token per head).
@@ -215,7 +222,7 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
     if center and mean is None:
         xf = x.float()
         if use_rope:
-            c, s_ = cos[pos.long()], sin[pos.long()]
+            c, s_ = _per_token(cos, sin, pos)
             xf = ref.rope_undo(xf, c[:, None], s_[:, None])
         mean = xf.mean(2) if T else torch.zeros(B, H, D, device=x.device)
     if center:
@@ -231,9 +238,7 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
     if T == 0 or B * H == 0:
         return EncodedKV(codes, scales, mean)
     if not _use_triton(x):
-        c = s_ = None
-        if use_rope:
-            c, s_ = cos[pos.long()], sin[pos.long()]
+        c, s_ = _per_token(cos, sin, pos)
         codes, scales = ref.encode_reference(x, bits, alpha=alpha, refit=refit, scale_dtype=codec.scale_dtype,
                                              cos=c, sin=s_, mean=mean)
         return EncodedKV(codes, scales, mean)
@@ -282,9 +287,7 @@ def decode_kv(enc: EncodedKV, codec: KVCodec, kind: str = "key", positions: Opti
     if T == 0 or B * H == 0:
         return out
     if not _use_triton(codes):
-        c = s_ = None
-        if use_rope:
-            c, s_ = cos[pos.long()], sin[pos.long()]
+        c, s_ = _per_token(cos, sin, pos)
         return ref.decode_reference(codes, scales, bits, D, cos=c, sin=s_, mean=mean, dtype=dtype)
     cfg = _config("decode", f"d{D}_b{bits}", codes.device)
     dummy = codes

@@ -1,8 +1,9 @@
 """Fused encode (K/V -> HOT codes + scales) and decode (HOT -> fp16/bf16/fp32) kernels and their launchers.
 
 encode, one pass per tile of tokens of one (batch, head):
-    x -> [RoPE undo] -> [- mean] -> T (Hadamard) -> step s = alpha·rms -> E8 nearest point
-      -> [least-squares scale refit] -> bit-plane packing; writes only codes and scales.
+    x -> [RoPE undo] -> [- mean] -> per-token fixed point -> T (Hadamard, exact on tensor cores)
+      -> step s = alpha·rms -> E8 nearest point -> [least-squares scale refit] -> bit-plane packing;
+    writes only codes and scales.
 decode: the inverse, for callers that want dense K/V (attention kernels decode in registers instead).
 """
 from __future__ import annotations
@@ -19,8 +20,9 @@ from autotune import lookup
 
 from . import reference as ref
 from .config import KVCodec
-from .lattice import e8_nearest, e8_values, hadamard, inverse_hadamard, pack_plane, rope_rotate, round_to, \
-    tree_sum, unpack_plane
+from .lattice import e8_nearest, e8_values, exp2i, fixed_point, integer_transform, inverse_hadamard, pack_plane, \
+    rope_partner, rope_partner_index, rope_rotate, round_to, storage_index, storage_order, transform_matrix, \
+    unpack_plane
 from .rope import rope_cos_sin
 
 
@@ -37,63 +39,71 @@ class EncodedKV(NamedTuple):
 
 
 @triton.jit
-def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean_ptr, T, H,
+def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean_ptr, T, H, n_tiles,
                    sxb, sxh, sxt, sxd, scb, sch, sct, ssb, ssh, sst, spb, spt, smb, smh,
-                   D: tl.constexpr, DP: tl.constexpr, LOG2DP: tl.constexpr, BITS: tl.constexpr, ALPHA: tl.constexpr,
-                   SQRT_N: tl.constexpr, DN: tl.constexpr, REFIT: tl.constexpr, ROPE_HALF: tl.constexpr,
+                   D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, ALPHA: tl.constexpr,
+                   SQRT_N: tl.constexpr, DN: tl.constexpr, FIX_BITS: tl.constexpr, REFIT: tl.constexpr, ROPE_HALF: tl.constexpr,
                    CENTER: tl.constexpr, BLOCK_T: tl.constexpr):
-    pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    # Persistent: each program builds the ±1 transform matrix once and loops over (batch·head, token block) tiles.
+    tm = transform_matrix(D, DP)
     d = tl.arange(0, DP)
-    tmask = t < T
     dmask = d < D
-    mask = tmask[:, None] & dmask[None, :]
-    x = tl.load(x_ptr + b * sxb + h * sxh + t[:, None] * sxt + d[None, :] * sxd, mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    if ROPE_HALF > 0:
-        pos = tl.load(pos_ptr + b * spb + t * spt, mask=tmask, other=0)
-        rmask = tmask[:, None] & (d < 2 * ROPE_HALF)[None, :]
-        cidx = pos[:, None] * ROPE_HALF + (d % ROPE_HALF)[None, :]
-        cos = tl.load(cos_ptr + cidx, mask=rmask, other=1.0)
-        sin = tl.load(sin_ptr + cidx, mask=rmask, other=0.0)
-        x = rope_rotate(x, d, cos, sin, ROPE_HALF, True)
-    if CENTER:
-        x = x - tl.load(mean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)[None, :]
-    y = hadamard(x, BLOCK_T, D, DP, LOG2DP)
+    n_tblk = tl.cdiv(T, BLOCK_T)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        pid_bh, pid_t = tile // n_tblk, tile % n_tblk
+        b, h = pid_bh // H, pid_bh % H
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = t < T
+        row = x_ptr + b * sxb + h * sxh + t[:, None] * sxt
+        x = tl.load(row + d[None, :] * sxd, mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        if ROPE_HALF > 0:
+            pos = tl.load(pos_ptr + b * spb + t * spt, mask=tmask, other=0)
+            rmask = tmask[:, None] & (d < 2 * ROPE_HALF)[None, :]
+            cidx = pos[:, None] * ROPE_HALF + (d % ROPE_HALF)[None, :]
+            cos = tl.load(cos_ptr + cidx, mask=rmask, other=1.0)
+            sin = tl.load(sin_ptr + cidx, mask=rmask, other=0.0)
+            # The split-half partner of each channel, re-read (from L1) rather than shuffled in registers.
+            xp = tl.load(row + rope_partner_index(d, ROPE_HALF)[None, :] * sxd, mask=rmask, other=0.0)
+            x = rope_rotate(x, xp.to(tl.float32), d, cos, sin, ROPE_HALF, True)
+        if CENTER:
+            x = x - tl.load(mean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)[None, :]
 
-    # Step from the token's RMS, rounded to the stored scale dtype; non-finite or zero tokens are zeroed.
-    ss = tree_sum(y * y, BLOCK_T, DP, LOG2DP)
-    rms = tl.sqrt_rn(tl.math.div_rn(ss, tl.full(ss.shape, DN, tl.float32)))
-    s = round_to(rms * ALPHA, scales_ptr.dtype.element_ty).to(tl.float32)
-    ok = ((ss - ss) == 0.0) & (s > 0.0) & ((s - s) == 0.0)
-    one = tl.full(ss.shape, 1.0, tl.float32)
-    inv = tl.math.div_rn(one, tl.where(ok, s, one))
-    inv = tl.math.div_rn(inv, tl.full(ss.shape, SQRT_N, tl.float32))
-    y = tl.where(ok[:, None], y, 0.0)
-    idx, v = e8_nearest(y * inv[:, None], BLOCK_T, DP, BITS)
-    if REFIT:
-        v = tl.where(dmask[None, :], v, 0.0)
-        yv = tree_sum(y * v, BLOCK_T, DP, LOG2DP)
-        vv = tree_sum(v * v, BLOCK_T, DP, LOG2DP)
-        s_fit = tl.math.div_rn(yv, vv * SQRT_N)
-        s = tl.where(s_fit > 0.0, s_fit, s)
-    idx = tl.where(ok[:, None], idx, 0)
-    tl.store(scales_ptr + b * ssb + h * ssh + t * sst, round_to(tl.where(ok, s, 0.0), scales_ptr.dtype.element_ty),
-             mask=tmask)
+        # Fixed point (quantum q = 2^(e-14)), then y = T x_int exactly on tensor cores.
+        x_int, e, ok = fixed_point(x, FIX_BITS)
+        y = storage_order(integer_transform(x_int, tm, BLOCK_T, D, DP), BLOCK_T, DP)
+        yi = y.to(tl.int32)
+        sq = tl.sum(yi.to(tl.int64) * yi, axis=1)
+        rms_q = tl.sqrt_rn(tl.math.div_rn(sq.to(tl.float32), tl.full(sq.shape, DN, tl.float32)))
+        q = exp2i(e - FIX_BITS)
+        s = round_to((rms_q * ALPHA) * q, scales_ptr.dtype.element_ty).to(tl.float32)
+        ok = ok & (s > 0.0) & ((s - s) == 0.0)
+        s_q = tl.where(ok, s, 1.0) * exp2i(FIX_BITS - e)
+        inv = tl.math.div_rn(tl.full(s_q.shape, 1.0, tl.float32), s_q)
+        inv = tl.math.div_rn(inv, tl.full(s_q.shape, SQRT_N, tl.float32))
+        idx, v = e8_nearest(y * inv[:, None], BLOCK_T, DP, BITS)
+        if REFIT:
+            # Least-squares scale from exact integer sums: 4v is an odd integer.
+            v4 = tl.where(dmask[None, :], v * 4.0, 0.0).to(tl.int32)
+            yv = tl.sum((yi * v4).to(tl.int64), axis=1)
+            vv = tl.sum(v4 * v4, axis=1)
+            s_fit = tl.math.div_rn(yv.to(tl.float32) * 4.0, vv.to(tl.float32) * SQRT_N) * q
+            s = tl.where(s_fit > 0.0, s_fit, s)
+        idx = tl.where(ok[:, None], idx, 0)
+        tl.store(scales_ptr + b * ssb + h * ssh + t * sst,
+                 round_to(tl.where(ok, s, 0.0), scales_ptr.dtype.element_ty), mask=tmask)
 
-    # Bit planes: D/16 words of the low 2 bits, then the high bits (1 bit at 3 bits/coord, 2 bits at 4).
-    row = codes_ptr + b * scb + h * sch + t[:, None] * sct
-    w16 = tl.arange(0, DP // 16)
-    tl.store(row + w16[None, :], pack_plane(idx & 3, BLOCK_T, DP, 2),
-             mask=tmask[:, None] & (w16 < D // 16)[None, :])
-    if BITS == 3:
-        w32 = tl.arange(0, DP // 32)
-        tl.store(row + D // 16 + w32[None, :], pack_plane(idx >> 2, BLOCK_T, DP, 1),
-                 mask=tmask[:, None] & (w32 < D // 32)[None, :])
-    if BITS == 4:
-        tl.store(row + D // 16 + w16[None, :], pack_plane(idx >> 2, BLOCK_T, DP, 2),
+        # Bit planes: D/16 words of the low 2 bits, then the high bits (1 bit at 3 bits/coord, 2 bits at 4).
+        row = codes_ptr + b * scb + h * sch + t[:, None] * sct
+        w16 = tl.arange(0, DP // 16)
+        tl.store(row + w16[None, :], pack_plane(idx & 3, BLOCK_T, DP, 2),
                  mask=tmask[:, None] & (w16 < D // 16)[None, :])
+        if BITS == 3:
+            w32 = tl.arange(0, DP // 32)
+            tl.store(row + D // 16 + w32[None, :], pack_plane(idx >> 2, BLOCK_T, DP, 1),
+                     mask=tmask[:, None] & (w32 < D // 32)[None, :])
+        if BITS == 4:
+            tl.store(row + D // 16 + w16[None, :], pack_plane(idx >> 2, BLOCK_T, DP, 2),
+                     mask=tmask[:, None] & (w16 < D // 16)[None, :])
 
 
 @triton.jit
@@ -119,6 +129,7 @@ def _decode_kernel(codes_ptr, scales_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, me
         idx = idx | (unpack_plane(tl.load(row + D // 16 + w16[None, :], mask=m16, other=0), BLOCK_T, DP, 2) << 2)
     s = tl.load(scales_ptr + b * ssb + h * ssh + t * sst, mask=tmask, other=0.0).to(tl.float32)
     v = tl.where(dmask[None, :], e8_values(idx, BLOCK_T, DP, BITS), 0.0)
+    v = tl.gather(v, tl.broadcast_to(storage_index(d)[None, :], v.shape), 1)  # to transform order
     x = inverse_hadamard(v, BLOCK_T, D, DP, LOG2DP) * (s * SQRT_N)[:, None]
     if CENTER:
         x = x + tl.load(mean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)[None, :]
@@ -128,7 +139,7 @@ def _decode_kernel(codes_ptr, scales_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, me
         cidx = pos[:, None] * ROPE_HALF + (d % ROPE_HALF)[None, :]
         cos = tl.load(cos_ptr + cidx, mask=rmask, other=1.0)
         sin = tl.load(sin_ptr + cidx, mask=rmask, other=0.0)
-        x = rope_rotate(x, d, cos, sin, ROPE_HALF, False)
+        x = rope_rotate(x, rope_partner(x, d, ROPE_HALF), d, cos, sin, ROPE_HALF, False)
     tl.store(out_ptr + b * sob + h * soh + t[:, None] * sot + d[None, :], x.to(out_ptr.dtype.element_ty),
              mask=tmask[:, None] & dmask[None, :])
 
@@ -148,10 +159,22 @@ def _rope_tables(codec: KVCodec, n_positions: int, device) -> tuple[torch.Tensor
 _TUNE_OVERRIDE: Optional[dict] = None  # set by tuning scripts to force a launch config
 
 
+# Untuned defaults. Encode: 64-token tiles give one 4-warp tensor-core (wgmma) tile per step on Hopper.
+_DEFAULTS = {"encode": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2},
+             "decode": {"BLOCK_T": 32, "num_warps": 4}}
+
+
 def _config(kernel: str, bucket: str, device) -> dict:
     if _TUNE_OVERRIDE is not None:
         return dict(_TUNE_OVERRIDE)
-    return lookup(kernel, bucket, {"BLOCK_T": 32, "num_warps": 4}, device)
+    return lookup(kernel, bucket, _DEFAULTS[kernel], device)
+
+
+def _max_programs(device, cfg: dict) -> int:
+    """Persistent grid size: ``programs_per_sm`` per SM on a GPU; a few under the interpreter (loops exercised)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count * cfg.get("programs_per_sm", 4)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -243,16 +266,16 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
                                              cos=c, sin=s_, mean=mean)
         return EncodedKV(codes, scales, mean)
     cfg = _config("encode", f"d{D}_b{bits}", x.device)
-    n = ref.transform_norm(D)
     dummy = codes  # never read when the feature is off
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * H)
-    _encode_kernel[grid](
+    n_tiles = B * H * triton.cdiv(T, cfg["BLOCK_T"])
+    _encode_kernel[(min(n_tiles, _max_programs(x.device, cfg)),)](
         x, codes, scales, cos if use_rope else dummy, sin if use_rope else dummy,
-        pos if use_rope else dummy, mean if center else dummy, T, H, *x.stride(), *codes.stride()[:3],
+        pos if use_rope else dummy, mean if center else dummy, T, H, n_tiles, *x.stride(), *codes.stride()[:3],
         *scales.stride(), *(pos.stride() if use_rope else (0, 0)), *(mean.stride()[:2] if center else (0, 0)),
-        D=D, DP=ref.next_pow2(D), LOG2DP=ref.next_pow2(D).bit_length() - 1, BITS=bits, ALPHA=alpha, SQRT_N=math.sqrt(n), DN=float(D * n), REFIT=refit,
-        ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0, CENTER=center,
-        BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"], enable_fp_fusion=False)
+        D=D, DP=ref.next_pow2(D), BITS=bits, ALPHA=alpha, SQRT_N=math.sqrt(ref.transform_norm(D)),
+        DN=float(D * ref.transform_norm(D)), FIX_BITS=ref.FIX_BITS, REFIT=refit, ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0,
+        CENTER=center, BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
+        enable_fp_fusion=False)
     return EncodedKV(codes, scales, mean)
 
 

@@ -16,14 +16,6 @@ HELMERT_C6 = tl.constexpr(0.4082482904638631)
 
 
 @triton.jit
-def tree_sum(x, BT: tl.constexpr, N: tl.constexpr, LOG2N: tl.constexpr):
-    """Sum [BT, N] over its last axis as the fixed tree x[:, :n/2] + x[:, n/2:] (reference.tree_sum)."""
-    for i in tl.static_range(LOG2N):
-        x = tl.sum(tl.reshape(x, (BT, 2, N >> (i + 1))), axis=1)
-    return tl.reshape(x, (BT,))
-
-
-@triton.jit
 def group8_sum(x, BT: tl.constexpr, G: tl.constexpr):
     """Sum [BT, G, 8] over groups of 8 with the same tree as reference.tree_sum -> [BT, G]."""
     x = tl.sum(tl.reshape(x, (BT, G, 2, 4)), axis=2)
@@ -64,17 +56,91 @@ def _join_quarters(x0, x1, x2, x3, BT: tl.constexpr):
 
 
 @triton.jit
-def hadamard(x, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, LOG2DP: tl.constexpr):
-    """Unnormalised rotation T of reference.hadamard on a [BT, DP] fp32 tile (zero padding kept zero)."""
+def storage_order(y, BT: tl.constexpr, DP: tl.constexpr):
+    """reference.storage_order on a [BT, DP] tile: swap index bits 1-2 with bits 3-4 (an involution).
+
+    The lattice groups of 8 are then the coordinates {32p + 8m + 2k + i : m < 4, i < 2} that one thread holds
+    in the accumulator layout of a tensor-core product, so the nearest-point search needs no data exchange.
+    """
+    return tl.reshape(tl.permute(tl.reshape(y, (BT, DP // 32, 4, 4, 2)), (0, 1, 3, 2, 4)), (BT, DP))
+
+
+@triton.jit
+def storage_index(d):
+    """For storage slot d, its transform-order coordinate (the same bit swap; gather form of storage_order)."""
+    return (d & ~30) | (((d >> 3) & 3) << 1) | (((d >> 1) & 3) << 3)
+
+
+@triton.jit
+def helmert_mix(x, BT: tl.constexpr):
+    """reference.helmert_mix on a [BT, 128] tile holding a head_dim-96 vector (the last quarter stays zero)."""
+    x0, x1, x2, x3 = _split_quarters(x, BT)
+    s01 = x0 + x1
+    return _join_quarters((s01 + x2) * HELMERT_C3, (x0 - x1) * HELMERT_C2, (s01 - (x2 + x2)) * HELMERT_C6, x3, BT)
+
+
+@triton.jit
+def rne(x):
+    """Round fp32 to the nearest integer, ties to even, for |x| < 2^22 (adding 1.5·2^23 drops the fraction)."""
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def exp2i(k):
+    """2^k as fp32 for int32 k in [-126, 127] (reference.exp2i)."""
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fixed_point(x, FIX_BITS: tl.constexpr):
+    """reference.fixed_point on a [BT, DP] fp32 tile -> (x_int fp32 integers, e int32 [BT], ok [BT])."""
+    bad = tl.max(((x - x) != 0.0).to(tl.int32), axis=1)  # x - x is NaN exactly for NaN and ±Inf
+    m = tl.max(tl.abs(x), axis=1)
+    ok = (bad == 0) & (m > 0.0)
+    e = tl.minimum(tl.maximum(((m.to(tl.int32, bitcast=True) >> 23) & 255) - 127, -100), 127)
+    x = tl.where(ok[:, None], x, 0.0)
+    return rne(x * exp2i(FIX_BITS - e)[:, None]), e, ok
+
+
+@triton.jit
+def transform_matrix(D: tl.constexpr, DP: tl.constexpr):
+    """The ±1 matrix of reference.transform_matrix as fp16 [M, M], M = min(DP, 128): Sylvester H_M, or
+    blockdiag(H32, H32, H32, 0) for head_dim 96 (head_dim 256 applies H128 after one butterfly)."""
+    M: tl.constexpr = min(DP, 128)
+    SIZE: tl.constexpr = 32 if D == 96 else M
+    j = tl.arange(0, M)
+    a = j[:, None] & j[None, :] & (SIZE - 1)
+    a = a ^ (a >> 4)
+    a = a ^ (a >> 2)
+    a = a ^ (a >> 1)
+    h = 1.0 - 2.0 * (a & 1).to(tl.float32)  # (-1)^popcount(j & k)
     if D == 96:
-        x = _butterflies(x, BT, DP, 32, 5)
-        x0, x1, x2, x3 = _split_quarters(x, BT)
-        s01 = x0 + x1
-        x = _join_quarters((s01 + x2) * HELMERT_C3, (x0 - x1) * HELMERT_C2,
-                           (s01 - (x2 + x2)) * HELMERT_C6, x3, BT)
+        h = tl.where(((j[:, None] // 32) == (j[None, :] // 32)) & (j < 96)[:, None], h, 0.0)
+    return h.to(tl.float16)
+
+
+@triton.jit
+def _exact_dot(u, tm):
+    # u: fp32 integers |u| <= 2^16. Split u = 256·hi + lo (both exact in fp16); ±1 products are exact and every
+    # partial sum is an integer below 2^24, so the tensor-core fp32 accumulation is exact in any order.
+    hi = tl.floor(u * (1.0 / 256))
+    lo = u - hi * 256.0
+    return tl.dot(hi.to(tl.float16), tm) * 256.0 + tl.dot(lo.to(tl.float16), tm)
+
+
+@triton.jit
+def integer_transform(x_int, tm, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    """reference.integer_transform: y = T x_int on a [BT, DP] tile of fixed-point integers, exact."""
+    if DP == 256:
+        # H256 = [[H128, H128], [H128, -H128]]: one butterfly across the halves, then H128 on each.
+        a, b = tl.split(tl.permute(tl.reshape(x_int, (BT, 2, 128)), (0, 2, 1)))
+        y = tl.join(_exact_dot(a + b, tm), _exact_dot(a - b, tm))
+        y = tl.reshape(tl.permute(y, (0, 2, 1)), (BT, 256))
     else:
-        x = _butterflies(x, BT, DP, D, LOG2DP)
-    return x
+        y = _exact_dot(x_int, tm)
+        if D == 96:
+            y = rne(helmert_mix(y, BT))
+    return y
 
 
 @triton.jit
@@ -91,20 +157,25 @@ def inverse_hadamard(y, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, LOG
 
 
 @triton.jit
-def rope_partner(x, d, ROPE_HALF: tl.constexpr):
-    """For a [BT, DP] tile, the split-half partner of each rotary channel (channel j <-> j ± R/2)."""
-    p = tl.where(d < ROPE_HALF, d + ROPE_HALF, tl.where(d < 2 * ROPE_HALF, d - ROPE_HALF, d))
-    return tl.gather(x, tl.broadcast_to(p[None, :], x.shape), 1)
+def rope_partner_index(d, ROPE_HALF: tl.constexpr):
+    """The split-half partner of each channel: j <-> j ± R/2 inside the rotary dims, itself outside."""
+    return tl.where(d < ROPE_HALF, d + ROPE_HALF, tl.where(d < 2 * ROPE_HALF, d - ROPE_HALF, d))
 
 
 @triton.jit
-def rope_rotate(x, d, cos, sin, ROPE_HALF: tl.constexpr, UNDO: tl.constexpr):
-    """Rotate split-half pairs; cos/sin are [BT, DP] tiles already expanded to the channel of each column.
+def rope_partner(x, d, ROPE_HALF: tl.constexpr):
+    """For a [BT, DP] tile, the partner column of each channel (a register gather)."""
+    return tl.gather(x, tl.broadcast_to(rope_partner_index(d, ROPE_HALF)[None, :], x.shape), 1)
+
+
+@triton.jit
+def rope_rotate(x, xp, d, cos, sin, ROPE_HALF: tl.constexpr, UNDO: tl.constexpr):
+    """Rotate split-half pairs; xp is each channel's partner, cos/sin are [BT, DP] tiles already expanded to
+    the channel of each column.
 
     undo:  x1' = x1 cos + x2 sin,  x2' = x2 cos - x1 sin   (reference.rope_undo)
     apply: x1' = x1 cos - x2 sin,  x2' = x2 cos + x1 sin   (reference.rope_apply)
     """
-    xp = rope_partner(x, d, ROPE_HALF)
     first = d < ROPE_HALF
     if UNDO:
         r = tl.where(first[None, :], x * cos + xp * sin, x * cos - xp * sin)

@@ -1,7 +1,9 @@
 """Pure-torch reference of every codec stage: the test oracle and the CPU fallback.
 
-Every float operation here is written in the order the Triton kernels perform it (fp32, no fused
-multiply-add, fixed reduction trees), so the kernels reproduce these codes bit for bit.
+The encoder is exact by construction where order could matter: the transform and every sum across a token run
+on a per-token fixed-point grid in integers (any order gives the same result, so kernels may use tensor cores and
+their own reduction trees); the remaining float steps are elementwise or pairwise (fp32, no fused multiply-add,
+groups of 8 summed as a fixed tree), so the kernels reproduce these codes and scales bit for bit.
 
 Shapes: ``x`` is ``[..., D]`` (tokens in the leading dims); codes are ``[..., D * bits / 32]`` int32;
 scales ``[...]``.
@@ -66,11 +68,7 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     x = x.to(F32)
     if d != 96:
         return _butterflies(x, d)
-    x = _butterflies(x, 32)
-    c3, c2, c6 = (torch.tensor(c, dtype=F32) for c in _HELMERT[1:])
-    x0, x1, x2 = x[..., :32], x[..., 32:64], x[..., 64:]
-    s01 = x0 + x1
-    return torch.cat(((s01 + x2) * c3, (x0 - x1) * c2, (s01 - (x2 + x2)) * c6), dim=-1)
+    return helmert_mix(_butterflies(x, 32))
 
 
 def inverse_hadamard(y: torch.Tensor) -> torch.Tensor:
@@ -180,37 +178,104 @@ def unpack_codes(words: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
     return idx
 
 
-def quantize_rotated(y: torch.Tensor, bits: int, alpha: float, refit: bool, scale_dtype: torch.dtype):
-    """Quantize rotated fp32 vectors y ``[..., D]``. Returns (stored indices int64, scales scale_dtype).
+FIX_BITS = 14  # fixed-point grid: |x_int| <= 2^(FIX_BITS+1), so every transform sum is an exact fp32 integer
 
-    step: s = alpha * rms(x) rounded to scale_dtype, t = y / (s·√n); with ``refit`` the stored scale is
-    the least-squares one for the chosen points, <y, v> / (<v, v>·√n). Tokens with a non-finite value (or
-    all zeros) are zeroed: codes 0 and scale 0, so they decode to a zero vector.
+
+def exp2i(k: torch.Tensor) -> torch.Tensor:
+    """2^k as fp32 for int32 k in [-126, 127], built from the exponent bits (exact)."""
+    return ((k.to(torch.int32) + 127) << 23).view(F32)
+
+
+def fixed_point(x: torch.Tensor):
+    """Per-token power-of-two fixed point. x fp32 ``[..., D]`` -> (x_int, e, ok).
+
+    e = floor(log2 max|x|) (clamped to [-100, 127]); x_int = round-half-even(x · 2^(14-e)) is an fp32 integer
+    with |x_int| <= 2^15, so any sum of up to 256 of them is exact in fp32 whatever its order: the kernels may
+    use tensor cores or any reduction tree and still reproduce these values bit for bit. The grid step is
+    2^-14 of the token's largest entry (relative error <= 2^-15, far below fp16 input precision).
+    ok is False for tokens that are all zero or hold a NaN/Inf; their x_int is zero.
     """
-    d = y.shape[-1]
-    n = transform_norm(d)
-    sqrt_n = torch.tensor(math.sqrt(n), dtype=F32)
-    ss = tree_sum(y * y)
-    rms = torch.sqrt(ss / torch.tensor(float(d * n), dtype=F32))
-    s = (rms * torch.tensor(alpha, dtype=F32)).to(scale_dtype).to(F32)
-    ok = torch.isfinite(ss) & (s > 0) & torch.isfinite(s)
-    inv = 1.0 / torch.where(ok, s, 1.0) / sqrt_n  # two roundings, as the kernel does
-    t = torch.where(ok[..., None], y, 0.0) * inv[..., None]
-    idx = e8_nearest(t, bits)
+    m = x.abs().amax(-1)
+    ok = torch.isfinite(m) & (m > 0)
+    e = (((m.view(torch.int32) >> 23) & 255) - 127).clamp(-100, 127)
+    x_int = torch.round(torch.where(ok[..., None], x, 0.0) * exp2i(FIX_BITS - e)[..., None])
+    return x_int, e, ok
+
+
+def transform_matrix(head_dim: int) -> torch.Tensor:
+    """The integer part of T as an fp64 ``[D, D]`` matrix (symmetric): Sylvester H_D, or blockdiag(H32 x 3)
+    for head_dim 96 (whose Helmert mixing across thirds follows in ``helmert_mix``)."""
+    size = 32 if head_dim == 96 else head_dim
+    j = torch.arange(head_dim)
+    a = j[:, None] & j[None, :] & (size - 1)
+    parity = torch.zeros_like(a)
+    while bool(a.any()):
+        parity ^= a & 1
+        a = a >> 1
+    h = 1.0 - 2.0 * parity.double()
+    return torch.where((j[:, None] // size) == (j[None, :] // size), h, 0.0)
+
+
+def helmert_mix(z: torch.Tensor) -> torch.Tensor:
+    """Helmert rows [1,1,1]/√3, [1,-1,0]/√2, [1,1,-2]/√6 across the thirds of a head_dim-96 vector (fp32)."""
+    c3, c2, c6 = (torch.tensor(c, dtype=F32) for c in _HELMERT[1:])
+    z0, z1, z2 = z[..., :32], z[..., 32:64], z[..., 64:]
+    s01 = z0 + z1
+    return torch.cat(((s01 + z2) * c3, (z0 - z1) * c2, (s01 - (z2 + z2)) * c6), dim=-1)
+
+
+def storage_order(y: torch.Tensor) -> torch.Tensor:
+    """Permute rotated coordinates between transform order and storage order (an involution): swap bits 1-2
+    of the index with bits 3-4, so lattice group g = 4p + k holds coordinates {32p + 8m + 2k + i}."""
+    c = torch.arange(y.shape[-1], device=y.device)
+    sigma = (c & ~0b11110) | (((c >> 3) & 3) << 1) | (((c >> 1) & 3) << 3)
+    return y[..., sigma]
+
+
+def integer_transform(x_int: torch.Tensor) -> torch.Tensor:
+    """y = T x_int on the fixed-point grid, as exact fp32 integers (head_dim 96: the Helmert part rounded)."""
+    d = x_int.shape[-1]
+    y = (x_int.double() @ transform_matrix(d).to(x_int.device)).to(F32)
+    return torch.round(helmert_mix(y)) if d == 96 else y
+
+
+def quantize(x: torch.Tensor, bits: int, alpha: float, refit: bool, scale_dtype: torch.dtype):
+    """Quantize fp32 vectors x ``[..., D]`` (RoPE undone and centered). Returns (stored indices int64, scales).
+
+    On the fixed-point grid (``fixed_point``, quantum q = 2^(e-14)): y = T x_int exactly; the step is
+    s = alpha · rms, rms = q·sqrt(Σ y² / (D·n)) (the rms of x; Σ y² an exact integer sum), rounded to
+    scale_dtype;
+    t = y / (s_q·√n) with s_q = s/q; with ``refit`` the stored scale is the least-squares one for the chosen
+    points, q · <y, v> / (<v, v>·√n), from exact integer sums (4v is an integer). Tokens with a non-finite
+    value (or all zeros) get codes 0 and scale 0, so they decode to a zero vector.
+    """
+    d = x.shape[-1]
+    sqrt_n = torch.tensor(math.sqrt(transform_norm(d)), dtype=F32)
+    x_int, e, ok = fixed_point(x.to(F32))
+    y = storage_order(integer_transform(x_int))
+    q = exp2i(e - FIX_BITS)
+    sq = (y.to(torch.int64) ** 2).sum(-1)
+    rms_q = torch.sqrt(sq.to(F32) / torch.tensor(float(d * transform_norm(d)), dtype=F32))
+    s = ((rms_q * torch.tensor(alpha, dtype=F32)) * q).to(scale_dtype).to(F32)
+    ok = ok & (s > 0) & torch.isfinite(s)
+    s_q = torch.where(ok, s, 1.0) * exp2i(FIX_BITS - e)
+    inv = 1.0 / s_q / sqrt_n  # two roundings, as the kernel does
+    idx = e8_nearest(y * inv[..., None], bits)
     if refit:
-        v = e8_values(idx, bits)
-        yv, vv = tree_sum(torch.where(ok[..., None], y, 0.0) * v), tree_sum(v * v)
-        s_fit = yv / (vv * sqrt_n)
+        v4 = (e8_values(idx, bits) * 4).to(torch.int64)  # 4v: odd integers
+        yv = (y.to(torch.int64) * v4).sum(-1)
+        vv = (v4 * v4).sum(-1)
+        s_fit = (yv.to(F32) * 4.0) / (vv.to(F32) * sqrt_n) * q
         s = torch.where(s_fit > 0, s_fit, s)
     idx = torch.where(ok[..., None], idx, 0)
     scale = torch.where(ok, s, 0.0).to(scale_dtype)
     return idx, scale
 
 
-def dequantize_rotated(idx: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of ``quantize_rotated`` up to the quantization error, returned in the original basis (fp32)."""
+def dequantize(idx: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``quantize`` up to the quantization error, returned in the original basis (fp32)."""
     sqrt_n = math.sqrt(transform_norm(idx.shape[-1]))
-    return inverse_hadamard(e8_values(idx, bits)) * (scale.to(F32) * sqrt_n)[..., None]
+    return inverse_hadamard(storage_order(e8_values(idx, bits))) * (scale.to(F32) * sqrt_n)[..., None]
 
 
 def encode_reference(x, bits, *, alpha, refit, scale_dtype=torch.float16, cos=None, sin=None, mean=None):
@@ -224,13 +289,13 @@ def encode_reference(x, bits, *, alpha, refit, scale_dtype=torch.float16, cos=No
         xf = rope_undo(xf, cos[:, None].to(F32), sin[:, None].to(F32))
     if mean is not None:
         xf = xf - mean.to(F32)[:, :, None, :]
-    idx, scale = quantize_rotated(hadamard(xf), bits, alpha, refit, scale_dtype)
+    idx, scale = quantize(xf, bits, alpha, refit, scale_dtype)
     return pack_codes(idx, bits), scale
 
 
 def decode_reference(codes, scales, bits, head_dim, *, cos=None, sin=None, mean=None, dtype=torch.float16):
     """Reference of the decode (dequantize): inverse of ``encode_reference`` up to quantization error."""
-    x = dequantize_rotated(unpack_codes(codes, bits, head_dim), scales, bits)
+    x = dequantize(unpack_codes(codes, bits, head_dim), scales, bits)
     if mean is not None:
         x = x + mean.to(F32)[:, :, None, :]
     if cos is not None:

@@ -44,8 +44,8 @@ def prior_art_relaxed_e8(x, bits):
 
 
 def ours(x, bits):
-    idx, s = R.quantize_rotated(R.hadamard(x), bits, KVCodec().alpha[bits], True, torch.float16)
-    return R.dequantize_rotated(idx, s, bits)
+    idx, s = R.quantize(x, bits, KVCodec().alpha[bits], True, torch.float16)
+    return R.dequantize(idx, s, bits)
 
 
 METHODS = {"scalar uniform": scalar_uniform, "Hadamard + scalar": hadamard_scalar,

@@ -8,6 +8,7 @@ decode: the inverse, for callers that want dense K/V (attention kernels decode i
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple, Optional
@@ -21,8 +22,8 @@ from autotune import lookup
 from . import reference as ref
 from .config import KVCodec
 from .lattice import e8_nearest, e8_values, exp2i, fixed_point, integer_transform, inverse_hadamard, pack_plane, \
-    rope_partner, rope_partner_index, rope_rotate, round_to, storage_index, storage_order, transform_matrix, \
-    unpack_plane
+    rope_partner, rope_partner_index, rope_rotate, rope_rows, round_to, storage_index, storage_order, \
+    transform_matrix, unpack_plane
 from .rope import rope_cos_sin
 
 
@@ -42,8 +43,8 @@ class EncodedKV(NamedTuple):
 def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean_ptr, T, H, n_tiles,
                    sxb, sxh, sxt, sxd, scb, sch, sct, ssb, ssh, sst, spb, spt, smb, smh,
                    D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, ALPHA: tl.constexpr,
-                   SQRT_N: tl.constexpr, DN: tl.constexpr, FIX_BITS: tl.constexpr, REFIT: tl.constexpr, ROPE_HALF: tl.constexpr,
-                   CENTER: tl.constexpr, BLOCK_T: tl.constexpr):
+                   SQRT_N: tl.constexpr, DN: tl.constexpr, FIX_BITS: tl.constexpr, REFIT: tl.constexpr,
+                   ROPE_HALF: tl.constexpr, CENTER: tl.constexpr, BLOCK_T: tl.constexpr):
     # Persistent: each program builds the ±1 transform matrix once and loops over (batch·head, token block) tiles.
     tm = transform_matrix(D, DP)
     d = tl.arange(0, DP)
@@ -54,16 +55,12 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
         b, h = pid_bh // H, pid_bh % H
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = t < T
-        row = x_ptr + b * sxb + h * sxh + t[:, None] * sxt
-        x = tl.load(row + d[None, :] * sxd, mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        xrow = x_ptr + b * sxb + h * sxh + t[:, None] * sxt
+        x = tl.load(xrow + d[None, :] * sxd, mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         if ROPE_HALF > 0:
-            pos = tl.load(pos_ptr + b * spb + t * spt, mask=tmask, other=0)
-            rmask = tmask[:, None] & (d < 2 * ROPE_HALF)[None, :]
-            cidx = pos[:, None] * ROPE_HALF + (d % ROPE_HALF)[None, :]
-            cos = tl.load(cos_ptr + cidx, mask=rmask, other=1.0)
-            sin = tl.load(sin_ptr + cidx, mask=rmask, other=0.0)
+            cos, sin, rmask = rope_rows(cos_ptr, sin_ptr, pos_ptr + b * spb, t * spt, tmask, d, ROPE_HALF)
             # The split-half partner of each channel, re-read (from L1) rather than shuffled in registers.
-            xp = tl.load(row + rope_partner_index(d, ROPE_HALF)[None, :] * sxd, mask=rmask, other=0.0)
+            xp = tl.load(xrow + rope_partner_index(d, ROPE_HALF)[None, :] * sxd, mask=rmask, other=0.0)
             x = rope_rotate(x, xp.to(tl.float32), d, cos, sin, ROPE_HALF, True)
         if CENTER:
             x = x - tl.load(mean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)[None, :]
@@ -134,11 +131,7 @@ def _decode_kernel(codes_ptr, scales_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, me
     if CENTER:
         x = x + tl.load(mean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)[None, :]
     if ROPE_HALF > 0:
-        pos = tl.load(pos_ptr + b * spb + t * spt, mask=tmask, other=0)
-        rmask = tmask[:, None] & (d < 2 * ROPE_HALF)[None, :]
-        cidx = pos[:, None] * ROPE_HALF + (d % ROPE_HALF)[None, :]
-        cos = tl.load(cos_ptr + cidx, mask=rmask, other=1.0)
-        sin = tl.load(sin_ptr + cidx, mask=rmask, other=0.0)
+        cos, sin, _ = rope_rows(cos_ptr, sin_ptr, pos_ptr + b * spb, t * spt, tmask, d, ROPE_HALF)
         x = rope_rotate(x, rope_partner(x, d, ROPE_HALF), d, cos, sin, ROPE_HALF, False)
     tl.store(out_ptr + b * sob + h * soh + t[:, None] * sot + d[None, :], x.to(out_ptr.dtype.element_ty),
              mask=tmask[:, None] & dmask[None, :])
@@ -166,15 +159,21 @@ _DEFAULTS = {"encode": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "program
 
 def _config(kernel: str, bucket: str, device) -> dict:
     if _TUNE_OVERRIDE is not None:
-        return dict(_TUNE_OVERRIDE)
-    return lookup(kernel, bucket, _DEFAULTS[kernel], device)
+        return {**_DEFAULTS[kernel], **_TUNE_OVERRIDE}
+    return {**_DEFAULTS[kernel], **lookup(kernel, bucket, _DEFAULTS[kernel], device)}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _max_programs(device, cfg: dict) -> int:
     """Persistent grid size: ``programs_per_sm`` per SM on a GPU; a few under the interpreter (loops exercised)."""
     if device.type != "cuda":
         return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count * cfg.get("programs_per_sm", 4)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index) * cfg["programs_per_sm"]
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -273,8 +272,8 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         pos if use_rope else dummy, mean if center else dummy, T, H, n_tiles, *x.stride(), *codes.stride()[:3],
         *scales.stride(), *(pos.stride() if use_rope else (0, 0)), *(mean.stride()[:2] if center else (0, 0)),
         D=D, DP=ref.next_pow2(D), BITS=bits, ALPHA=alpha, SQRT_N=math.sqrt(ref.transform_norm(D)),
-        DN=float(D * ref.transform_norm(D)), FIX_BITS=ref.FIX_BITS, REFIT=refit, ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0,
-        CENTER=center, BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
+        DN=float(D * ref.transform_norm(D)), FIX_BITS=ref.FIX_BITS, REFIT=refit,
+        ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0, CENTER=center, BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         enable_fp_fusion=False)
     return EncodedKV(codes, scales, mean)
 
@@ -319,7 +318,8 @@ def decode_kv(enc: EncodedKV, codec: KVCodec, kind: str = "key", positions: Opti
         codes, scales, out, cos if use_rope else dummy, sin if use_rope else dummy, pos if use_rope else dummy,
         mean if center else dummy, T, H, *codes.stride()[:3], *scales.stride(), *out.stride()[:3],
         *(pos.stride() if use_rope else (0, 0)), *(mean.stride()[:2] if center else (0, 0)),
-        D=D, DP=ref.next_pow2(D), LOG2DP=ref.next_pow2(D).bit_length() - 1, BITS=bits, SQRT_N=math.sqrt(ref.transform_norm(D)),
+        D=D, DP=ref.next_pow2(D), LOG2DP=ref.next_pow2(D).bit_length() - 1, BITS=bits,
+        SQRT_N=math.sqrt(ref.transform_norm(D)),
         ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0, CENTER=center,
         BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"])
     return out

@@ -157,6 +157,18 @@ def inverse_hadamard(y, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, LOG
 
 
 @triton.jit
+def rope_rows(cos_ptr, sin_ptr, pos_ptr, offs, tmask, d, ROPE_HALF: tl.constexpr):
+    """cos/sin of each token's position expanded to [BT, DP] (1 and 0 outside the rotary dims), and the rotary mask.
+
+    The tile's positions are at pos_ptr + offs ([BT]); the tables are [n_pos, R/2] fp32.
+    """
+    pos = tl.load(pos_ptr + offs, mask=tmask, other=0)
+    rmask = tmask[:, None] & (d < 2 * ROPE_HALF)[None, :]
+    cidx = pos[:, None] * ROPE_HALF + (d % ROPE_HALF)[None, :]
+    return tl.load(cos_ptr + cidx, mask=rmask, other=1.0), tl.load(sin_ptr + cidx, mask=rmask, other=0.0), rmask
+
+
+@triton.jit
 def rope_partner_index(d, ROPE_HALF: tl.constexpr):
     """The split-half partner of each channel: j <-> j ± R/2 inside the rotary dims, itself outside."""
     return tl.where(d < ROPE_HALF, d + ROPE_HALF, tl.where(d < 2 * ROPE_HALF, d - ROPE_HALF, d))

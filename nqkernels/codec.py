@@ -273,8 +273,8 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         *scales.stride(), *(pos.stride() if use_rope else (0, 0)), *(mean.stride()[:2] if center else (0, 0)),
         D=D, DP=ref.next_pow2(D), BITS=bits, ALPHA=alpha, SQRT_N=math.sqrt(ref.transform_norm(D)),
         DN=float(D * ref.transform_norm(D)), FIX_BITS=ref.FIX_BITS, REFIT=refit,
-        ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0, CENTER=center, BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        enable_fp_fusion=False)
+        ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0, CENTER=center,
+        BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
     return EncodedKV(codes, scales, mean)
 
 

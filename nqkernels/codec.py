@@ -2,7 +2,7 @@
 
 encode, one pass per tile of tokens of one (batch, head):
     x -> [RoPE undo] -> [- mean] -> per-token fixed point -> T (Hadamard, exact on tensor cores)
-      -> step s = alpha·rms -> E8 nearest point -> [least-squares scale refit] -> bit-plane packing;
+      -> step s = alpha·rms -> E8 nearest point -> [scale refit: least-squares or unbiased] -> bit-plane packing;
     writes only codes and scales.
 decode: the inverse, for callers that want dense K/V (attention kernels decode in registers instead).
 """
@@ -43,7 +43,7 @@ class EncodedKV(NamedTuple):
 def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean_ptr, T, H, n_tiles,
                    sxb, sxh, sxt, sxd, scb, sch, sct, ssb, ssh, sst, spb, spt, smb, smh,
                    D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, ALPHA: tl.constexpr,
-                   SQRT_N: tl.constexpr, DN: tl.constexpr, FIX_BITS: tl.constexpr, REFIT: tl.constexpr,
+                   SQRT_N: tl.constexpr, DN: tl.constexpr, FIX_BITS: tl.constexpr, FIT: tl.constexpr,
                    ROPE_HALF: tl.constexpr, CENTER: tl.constexpr, BLOCK_T: tl.constexpr):
     # Persistent: each program builds the ±1 transform matrix once and loops over (batch·head, token block) tiles.
     tm = transform_matrix(D, DP)
@@ -78,12 +78,16 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
         inv = tl.math.div_rn(tl.full(s_q.shape, 1.0, tl.float32), s_q)
         inv = tl.math.div_rn(inv, tl.full(s_q.shape, SQRT_N, tl.float32))
         idx, v = e8_nearest(y * inv[:, None], BLOCK_T, DP, BITS)
-        if REFIT:
-            # Least-squares scale from exact integer sums: 4v is an odd integer.
+        if FIT > 0:
+            # Refit from exact integer sums (4v is an odd integer): least squares <y,v>/<v,v> (FIT 1) or
+            # unbiased <y,y>/<y,v> (FIT 2).
             v4 = tl.where(dmask[None, :], v * 4.0, 0.0).to(tl.int32)
             yv = tl.sum((yi * v4).to(tl.int64), axis=1)
-            vv = tl.sum(v4 * v4, axis=1)
-            s_fit = tl.math.div_rn(yv.to(tl.float32) * 4.0, vv.to(tl.float32) * SQRT_N) * q
+            if FIT == 1:
+                num, den = yv, tl.sum(v4 * v4, axis=1)
+            else:
+                num, den = sq, yv
+            s_fit = tl.math.div_rn(num.to(tl.float32) * 4.0, den.to(tl.float32) * SQRT_N) * q
             s = tl.where(s_fit > 0.0, s_fit, s)
         idx = tl.where(ok[:, None], idx, 0)
         tl.store(scales_ptr + b * ssb + h * ssh + t * sst,
@@ -254,14 +258,14 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         mean = mean.float().contiguous()
     else:
         mean = None
-    alpha, refit = codec.alpha[bits], codec.scale_rule == "rms_refit"
+    alpha, fit = codec.alpha[bits], codec.scale_fit
     codes = torch.empty(B, H, T, codec.words_per_token(bits), dtype=torch.int32, device=x.device)
     scales = torch.empty(B, H, T, dtype=codec.scale_dtype, device=x.device)
     if T == 0 or B * H == 0:
         return EncodedKV(codes, scales, mean)
     if not _use_triton(x):
         c, s_ = _per_token(cos, sin, pos)
-        codes, scales = ref.encode_reference(x, bits, alpha=alpha, refit=refit, scale_dtype=codec.scale_dtype,
+        codes, scales = ref.encode_reference(x, bits, alpha=alpha, fit=fit, scale_dtype=codec.scale_dtype,
                                              cos=c, sin=s_, mean=mean)
         return EncodedKV(codes, scales, mean)
     cfg = _config("encode", f"d{D}_b{bits}", x.device)
@@ -272,7 +276,7 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         pos if use_rope else dummy, mean if center else dummy, T, H, n_tiles, *x.stride(), *codes.stride()[:3],
         *scales.stride(), *(pos.stride() if use_rope else (0, 0)), *(mean.stride()[:2] if center else (0, 0)),
         D=D, DP=ref.next_pow2(D), BITS=bits, ALPHA=alpha, SQRT_N=math.sqrt(ref.transform_norm(D)),
-        DN=float(D * ref.transform_norm(D)), FIX_BITS=ref.FIX_BITS, REFIT=refit,
+        DN=float(D * ref.transform_norm(D)), FIX_BITS=ref.FIX_BITS, FIT=ref.FITS.index(fit),
         ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0, CENTER=center,
         BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
     return EncodedKV(codes, scales, mean)

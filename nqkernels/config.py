@@ -10,7 +10,9 @@ import torch
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
 SUPPORTED_BITS = (2, 3, 4)
 ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
-SCALE_RULES = ("rms", "rms_refit")
+# Scale rules: the lattice step is alpha * RMS of the token; the stored scale is then that step ("rms"), the
+# least-squares fit to the chosen points ("rms_lsq") or the unbiased fit ("rms_unbiased", docs/decisions.md).
+SCALE_RULES = {"rms": "none", "rms_lsq": "lsq", "rms_unbiased": "unbiased"}
 
 # Scale multiplier alpha (quantizer step = alpha * RMS of the token / lattice unit), per bit width.
 # Chosen by minimising MSE of the cube-truncated E8 codebook on Gaussian data (docs/codec.md).
@@ -68,11 +70,12 @@ class KVCodec:
             and re-applied at decode. ``None`` stores keys post-RoPE.
         center_keys / center_values: subtract the per-(sequence, head) mean (fp32 metadata) before the
             rotation and add it back at decode (exact for attention: it is a shared offset).
-        scale_rule: ``"rms"`` (step = alpha * RMS) or ``"rms_refit"`` (then the least-squares scale for the
-            chosen lattice points is stored).
+        scale_rule: the lattice step is alpha * RMS of the token; ``"rms"`` stores that step, ``"rms_lsq"`` the
+            least-squares scale for the chosen lattice points (smallest error, but it shrinks every vector),
+            ``"rms_unbiased"`` (default) the scale whose reconstruction projects exactly onto the input, so
+            attention logits are not shrunk (reference.quantize).
         scale_dtype: ``torch.float16`` or ``torch.bfloat16``.
         page_size: tokens per page of the HOT format.
-        sink_tokens / recent_tokens: tokens kept uncompressed (fp16) at the start / end of a compressed prefix.
     """
 
     head_dim: int = 128
@@ -81,11 +84,9 @@ class KVCodec:
     rope: Optional[RopeSpec] = None
     center_keys: bool = True
     center_values: bool = True
-    scale_rule: str = "rms_refit"
+    scale_rule: str = "rms_unbiased"
     scale_dtype: torch.dtype = torch.float16
     page_size: int = 64
-    sink_tokens: int = 0
-    recent_tokens: int = 0
     alpha: dict = field(default_factory=lambda: dict(DEFAULT_ALPHA), compare=False, hash=False)
 
     def __post_init__(self):
@@ -99,14 +100,16 @@ class KVCodec:
         if self.rope is not None and (self.rope.rotary_dim or self.head_dim) > self.head_dim:
             raise ValueError(f"RopeSpec.rotary_dim={self.rope.rotary_dim} exceeds head_dim={self.head_dim}")
         if self.scale_rule not in SCALE_RULES:
-            raise ValueError(f"KVCodec.scale_rule={self.scale_rule!r} is not supported; allowed: {SCALE_RULES}")
+            raise ValueError(f"KVCodec.scale_rule={self.scale_rule!r} is not supported; allowed: {tuple(SCALE_RULES)}")
         if self.scale_dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"KVCodec.scale_dtype must be torch.float16 or torch.bfloat16, got {self.scale_dtype}")
         if self.page_size < 16 or self.page_size & (self.page_size - 1):
             raise ValueError(f"KVCodec.page_size must be a power of two >= 16, got {self.page_size!r}")
-        for name in ("sink_tokens", "recent_tokens"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"KVCodec.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    @property
+    def scale_fit(self) -> str:
+        """How the stored scale is fitted to the chosen lattice points (reference.FITS)."""
+        return SCALE_RULES[self.scale_rule]
 
     def bits_for(self, kind: str) -> int:
         """Bits per coordinate for ``kind`` in {"key", "value"}."""

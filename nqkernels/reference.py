@@ -178,6 +178,7 @@ def unpack_codes(words: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
     return idx
 
 
+FITS = ("none", "lsq", "unbiased")  # how the stored scale is fitted to the chosen lattice points (quantize)
 FIX_BITS = 14  # fixed-point grid: |x_int| <= 2^(FIX_BITS+1), so every transform sum is an exact fp32 integer
 
 
@@ -239,15 +240,18 @@ def integer_transform(x_int: torch.Tensor) -> torch.Tensor:
     return torch.round(helmert_mix(y)) if d == 96 else y
 
 
-def quantize(x: torch.Tensor, bits: int, alpha: float, refit: bool, scale_dtype: torch.dtype):
+def quantize(x: torch.Tensor, bits: int, alpha: float, fit: str, scale_dtype: torch.dtype):
     """Quantize fp32 vectors x ``[..., D]`` (RoPE undone and centered). Returns (stored indices int64, scales).
 
     On the fixed-point grid (``fixed_point``, quantum q = 2^(e-14)): y = T x_int exactly; the step is
     s = alpha · rms, rms = q·sqrt(Σ y² / (D·n)) (the rms of x; Σ y² an exact integer sum), rounded to
     scale_dtype;
-    t = y / (s_q·√n) with s_q = s/q; with ``refit`` the stored scale is the least-squares one for the chosen
-    points, q · <y, v> / (<v, v>·√n), from exact integer sums (4v is an integer). Tokens with a non-finite
-    value (or all zeros) get codes 0 and scale 0, so they decode to a zero vector.
+    t = y / (s_q·√n) with s_q = s/q. Then ``fit`` picks the stored scale for the chosen points v (``FITS``):
+    "none" keeps s; "lsq" stores the least-squares scale q·<y, v> / (<v, v>·√n), which minimises the error but
+    shrinks the reconstruction (its projection on x is x·cos²θ); "unbiased" stores q·<y, y> / (<y, v>·√n), whose
+    projection on x is exactly x, so attention logits q·k are not shrunk towards zero. Sums are exact integers
+    (4v is an integer). Tokens with a non-finite value (or all zeros) get codes 0 and scale 0, so they decode to
+    a zero vector.
     """
     d = x.shape[-1]
     sqrt_n = torch.tensor(math.sqrt(transform_norm(d)), dtype=F32)
@@ -261,11 +265,13 @@ def quantize(x: torch.Tensor, bits: int, alpha: float, refit: bool, scale_dtype:
     s_q = torch.where(ok, s, 1.0) * exp2i(FIX_BITS - e)
     inv = 1.0 / s_q / sqrt_n  # two roundings, as the kernel does
     idx = e8_nearest(y * inv[..., None], bits)
-    if refit:
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    if fit != "none":
         v4 = (e8_values(idx, bits) * 4).to(torch.int64)  # 4v: odd integers
         yv = (y.to(torch.int64) * v4).sum(-1)
-        vv = (v4 * v4).sum(-1)
-        s_fit = (yv.to(F32) * 4.0) / (vv.to(F32) * sqrt_n) * q
+        num, den = (yv, (v4 * v4).sum(-1)) if fit == "lsq" else (sq, yv)
+        s_fit = (num.to(F32) * 4.0) / (den.to(F32) * sqrt_n) * q
         s = torch.where(s_fit > 0, s_fit, s)
     idx = torch.where(ok[..., None], idx, 0)
     scale = torch.where(ok, s, 0.0).to(scale_dtype)
@@ -278,7 +284,7 @@ def dequantize(idx: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tenso
     return inverse_hadamard(storage_order(e8_values(idx, bits))) * (scale.to(F32) * sqrt_n)[..., None]
 
 
-def encode_reference(x, bits, *, alpha, refit, scale_dtype=torch.float16, cos=None, sin=None, mean=None):
+def encode_reference(x, bits, *, alpha, fit, scale_dtype=torch.float16, cos=None, sin=None, mean=None):
     """Reference of the fused encode: x ``[B, H, T, D]`` -> (codes int32 ``[B, H, T, W]``, scales ``[B, H, T]``).
 
     cos/sin ``[B, T, R/2]`` undo RoPE on keys (rows for each token's position); mean ``[B, H, D]`` fp32 is
@@ -289,7 +295,7 @@ def encode_reference(x, bits, *, alpha, refit, scale_dtype=torch.float16, cos=No
         xf = rope_undo(xf, cos[:, None].to(F32), sin[:, None].to(F32))
     if mean is not None:
         xf = xf - mean.to(F32)[:, :, None, :]
-    idx, scale = quantize(xf, bits, alpha, refit, scale_dtype)
+    idx, scale = quantize(xf, bits, alpha, fit, scale_dtype)
     return pack_codes(idx, bits), scale
 
 

@@ -36,27 +36,29 @@ def log(*a):
 
 
 def check_exact(dev):
+    """Every head_dim x bits x RoPE on/off under the default scale rule, and the other rules at head_dim 128."""
     rows = []
-    for d in (64, 96, 128, 256):
-        for bits in (2, 3, 4):
-            for rope in (None, RopeSpec(theta=500000.0)):
-                codec = KVCodec(head_dim=d, key_bits=bits, value_bits=bits, rope=rope)
-                x = (torch.randn(2, 4, 257, d) * 3 + 0.3).half()
-                for kind in ("key", "value"):
-                    c = encode_kv(x, codec, kind)  # CPU: the torch reference
-                    # The same centering mean for both: a mean reduced on the GPU differs in the last bits.
-                    g = encode_kv(x.to(dev), codec, kind, mean=c.mean.to(dev))
-                    code_mismatch = (g.codes.cpu() != c.codes).any(-1).sum().item()
-                    scale_mismatch = (g.scales.cpu().view(torch.int16) != c.scales.view(torch.int16)).sum().item()
-                    out_g = decode_kv(g, codec, kind, dtype=torch.float32).cpu()
-                    out_c = decode_kv(c, codec, kind, dtype=torch.float32)
-                    if code_mismatch or scale_mismatch:  # keep the case for a CPU replay
-                        torch.save(dict(x=x, codec=codec, kind=kind, codes=g.codes.cpu(), scales=g.scales.cpu()),
-                                   os.path.join(os.environ.get("OUT", "."), f"mismatch_d{d}_b{bits}_{kind}.pt"))
-                    rows.append(dict(head_dim=d, bits=bits, rope=rope is not None, kind=kind,
-                                     tokens=int(x.shape[0] * x.shape[1] * x.shape[2]),
-                                     code_mismatch_tokens=code_mismatch, scale_mismatch=scale_mismatch,
-                                     decode_max_abs_diff=(out_g - out_c).abs().max().item()))
+    cases = [(d, bits, rope, "rms_unbiased") for d in (64, 96, 128, 256) for bits in (2, 3, 4)
+             for rope in (None, RopeSpec(theta=500000.0))]
+    cases += [(128, bits, RopeSpec(theta=500000.0), rule) for bits in (2, 3, 4) for rule in ("rms", "rms_lsq")]
+    for d, bits, rope, rule in cases:
+        codec = KVCodec(head_dim=d, key_bits=bits, value_bits=bits, rope=rope, scale_rule=rule)
+        x = (torch.randn(2, 4, 257, d) * 3 + 0.3).half()
+        for kind in ("key", "value"):
+            c = encode_kv(x, codec, kind)  # CPU: the torch reference
+            # The same centering mean for both: a mean reduced on the GPU differs in the last bits.
+            g = encode_kv(x.to(dev), codec, kind, mean=c.mean.to(dev))
+            code_mismatch = (g.codes.cpu() != c.codes).any(-1).sum().item()
+            scale_mismatch = (g.scales.cpu().view(torch.int16) != c.scales.view(torch.int16)).sum().item()
+            out_g = decode_kv(g, codec, kind, dtype=torch.float32).cpu()
+            out_c = decode_kv(c, codec, kind, dtype=torch.float32)
+            if code_mismatch or scale_mismatch:  # keep the case for a CPU replay
+                torch.save(dict(x=x, codec=codec, kind=kind, codes=g.codes.cpu(), scales=g.scales.cpu()),
+                           os.path.join(os.environ.get("OUT", "."), f"mismatch_d{d}_b{bits}_{rule}_{kind}.pt"))
+            rows.append(dict(head_dim=d, bits=bits, rope=rope is not None, scale_rule=rule, kind=kind,
+                             tokens=int(x.shape[0] * x.shape[1] * x.shape[2]),
+                             code_mismatch_tokens=code_mismatch, scale_mismatch=scale_mismatch,
+                             decode_max_abs_diff=(out_g - out_c).abs().max().item()))
     return rows
 
 

@@ -5,7 +5,8 @@
 1. Normalised MSE at 2/3/4 bits on Gaussian data and on real K and V of the model: scalar uniform, Hadamard +
    scalar, the prior art's relaxed E8 with an amax scale (if nexusquant-kv is installed), and ours, beside the
    rate-distortion bound 2^(-2R). Every method spends one fp16 scale per token per head (metadata equal).
-2. Continuation perplexity (perf.continuation) for ours at K4V4 / K3V3 / K3V2 / K2V2, with measured bytes.
+2. Continuation perplexity (perf.continuation) for ours at K4V4 / K3V3 / K3V2 / K2V2 under the least-squares and
+   the unbiased scale rule (the default), with measured bytes, and the prior art's quant_only mode if installed. ``--chunks 40`` gives finer resolution.
 """
 from __future__ import annotations
 
@@ -43,13 +44,33 @@ def prior_art_relaxed_e8(x, bits):
     return R.inverse_hadamard(E8Lattice.quantize_perhead(y.reshape(-1, d), levels=1 << bits).reshape(y.shape)) * n
 
 
-def ours(x, bits):
-    idx, s = R.quantize(x, bits, KVCodec().alpha[bits], True, torch.float16)
-    return R.dequantize(idx, s, bits)
+def ours(fit):
+    def quantize(x, bits):
+        idx, s = R.quantize(x, bits, KVCodec().alpha[bits], fit, torch.float16)
+        return R.dequantize(idx, s, bits)
+    return quantize
 
 
 METHODS = {"scalar uniform": scalar_uniform, "Hadamard + scalar": hadamard_scalar,
-           "prior art relaxed E8 (amax)": prior_art_relaxed_e8, "ours (fixed-rate E8, rms_refit)": ours}
+           "prior art relaxed E8 (amax)": prior_art_relaxed_e8,
+           "ours, least-squares scale (rms_lsq)": ours("lsq"), "ours, unbiased scale (rms_unbiased, default)": ours("unbiased")}
+
+
+def prior_art_compressor(model, key_bits, value_bits):
+    """nexusquant-kv's quant_only mode on one layer's cache (it writes dequantized fp16 back)."""
+    from nexusquant.pipeline import NexusQuantQuantOnly
+    from transformers import DynamicCache
+
+    nq = NexusQuantQuantOnly(key_bits=key_bits, value_bits=value_bits,
+                             rope_base=RopeSpec.from_hf_config(model.config).theta)
+
+    def compress(li, k, v):
+        cache = DynamicCache()
+        cache.update(k.clone(), v.clone(), 0)
+        nq.compress(cache)
+        return cache.layers[0].keys.float(), cache.layers[0].values.float(), 0
+
+    return compress
 
 
 def nmse(x, xh):
@@ -95,15 +116,23 @@ def main():
     print(mse_table("fixture values, centred per head", vc))
     if args.skip_ppl:
         return
+    print(f"\nContinuation perplexity, {args.chunks} chunks of {os.path.basename(args.text)}")
     base, _ = continuation_ppl(model, chunks, None)
     print(f"\n| setting | PPL | delta | bytes / token / head (K+V) | bits / element |\n|---|---|---|---|---|")
     print(f"| fp16 (no-op control) | {base:.4f} | — | 512 | 16 |")
     rope = RopeSpec.from_hf_config(model.config)
     for kb, vb in ((4, 4), (3, 3), (3, 2), (2, 2)):
-        codec = KVCodec(head_dim=128, key_bits=kb, value_bits=vb, rope=rope)
-        p, nbytes = continuation_ppl(model, chunks, codec_compressor(codec))
-        print(f"| K{kb}V{vb} | {p:.4f} | {100 * (p / base - 1):+.2f}% | {nbytes:.2f} | {nbytes * 8 / 256:.3f} |",
-              flush=True)
+        for rule in ("rms_lsq", "rms_unbiased"):
+            codec = KVCodec(head_dim=128, key_bits=kb, value_bits=vb, rope=rope, scale_rule=rule)
+            p, nbytes = continuation_ppl(model, chunks, codec_compressor(codec))
+            print(f"| K{kb}V{vb}, {rule} | {p:.4f} | {100 * (p / base - 1):+.2f}% | {nbytes:.2f} | "
+                  f"{nbytes * 8 / 256:.3f} |", flush=True)
+        try:
+            p, _ = continuation_ppl(model, chunks, prior_art_compressor(model, kb, vb))
+        except ImportError:
+            continue
+        print(f"| K{kb}V{vb}, prior art quant_only (fp16 in memory) | {p:.4f} | {100 * (p / base - 1):+.2f}% | 512 | "
+              f"16 |", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def _reference(x, codec, kind, positions=None, mean=None):
         pos = positions if positions is not None else torch.arange(T).expand(B, T)
         c, s = _rope_tables(codec, int(pos.max()) + 1, x.device)
         cos, sin = c[pos.long()], s[pos.long()]
-    return R.encode_reference(x, bits, alpha=codec.alpha[bits], refit=codec.scale_rule == "rms_refit",
+    return R.encode_reference(x, bits, alpha=codec.alpha[bits], fit=codec.scale_fit,
                               scale_dtype=codec.scale_dtype, cos=cos, sin=sin, mean=mean)
 
 
@@ -51,8 +51,9 @@ def test_encode_bit_exact_and_roundtrip(d, bits):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale_dtype", (torch.float16, torch.bfloat16))
-def test_dtypes(dtype, scale_dtype):
-    codec = KVCodec(head_dim=128, scale_dtype=scale_dtype, scale_rule="rms")
+@pytest.mark.parametrize("scale_rule", ("rms", "rms_lsq", "rms_unbiased"))
+def test_dtypes_and_scale_rules(dtype, scale_dtype, scale_rule):
+    codec = KVCodec(head_dim=128, scale_dtype=scale_dtype, scale_rule=scale_rule)
     x = torch.randn(1, 2, 19, 128, dtype=dtype)
     for kind in ("key", "value"):
         enc = _check(x, codec, kind)

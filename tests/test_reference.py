@@ -109,10 +109,24 @@ def test_quantization_error_on_gaussian(bits):
     """Normalised MSE of the fixed-rate E8 codec on Gaussian data: between the rate-distortion bound
     2^(-2R) and the optimal scalar (Lloyd-Max) quantizer at the same rate."""
     x = torch.randn(2000, 128)
-    idx, s = R.quantize(x, bits, {2: 0.98, 3: 0.58, 4: 0.33}[bits], True, torch.float16)
+    idx, s = R.quantize(x, bits, {2: 0.98, 3: 0.58, 4: 0.33}[bits], "lsq", torch.float16)
     nmse = ((R.dequantize(idx, s, bits) - x) ** 2).mean().item()
     lloyd_max = {2: 0.1175, 3: 0.03454, 4: 0.009497}[bits]
     assert 2 ** (-2 * bits) < nmse < lloyd_max * 1.02
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_scale_fits(bits):
+    """lsq: the error is orthogonal to the reconstruction (so <x̂, x> = |x̂|² < |x|², a shrunk vector);
+    unbiased: the reconstruction projects exactly onto x (<x̂, x> = |x|²), up to the fp16 rounding of the scale."""
+    x = torch.randn(500, 128) * torch.logspace(-2, 2, 500)[:, None]
+    for fit in ("lsq", "unbiased"):
+        idx, s = R.quantize(x, bits, {2: 0.98, 3: 0.58, 4: 0.33}[bits], fit, torch.float16)
+        xh = R.dequantize(idx, s, bits)
+        target = (xh * xh).sum(-1) if fit == "lsq" else (x * x).sum(-1)
+        torch.testing.assert_close((xh * x).sum(-1) / target, torch.ones(500), atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="fit"):
+        R.quantize(x, bits, 0.5, "amax", torch.float16)
 
 
 @pytest.mark.parametrize("d", HEAD_DIMS)

@@ -108,6 +108,29 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
 
 
 @triton.jit
+def _mean_partial_kernel(x_ptr, part_ptr, cos_ptr, sin_ptr, pos_ptr, T, H, tiles_per_split,
+                         sxb, sxh, sxt, sxd, spb, spt, D: tl.constexpr, DP: tl.constexpr,
+                         ROPE_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+    # Partial sums over one split of the tokens of one (batch, head), after the RoPE undo: part[bh, split, :].
+    pid_bh, split = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    d = tl.arange(0, DP)
+    dmask = d < D
+    acc = tl.zeros((DP,), tl.float32)
+    for i in range(tiles_per_split):
+        t = (split * tiles_per_split + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = t < T
+        xrow = x_ptr + b * sxb + h * sxh + t[:, None] * sxt
+        x = tl.load(xrow + d[None, :] * sxd, mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        if ROPE_HALF > 0:
+            cos, sin, rmask = rope_rows(cos_ptr, sin_ptr, pos_ptr + b * spb, t * spt, tmask, d, ROPE_HALF)
+            xp = tl.load(xrow + rope_partner_index(d, ROPE_HALF)[None, :] * sxd, mask=rmask, other=0.0)
+            x = rope_rotate(x, xp.to(tl.float32), d, cos, sin, ROPE_HALF, True)
+        acc += tl.sum(x, axis=0)
+    tl.store(part_ptr + (pid_bh * tl.num_programs(1) + split) * DP + d, acc)
+
+
+@triton.jit
 def _decode_kernel(codes_ptr, scales_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, mean_ptr, T, H,
                    scb, sch, sct, ssb, ssh, sst, sob, soh, sot, spb, spt, smb, smh,
                    D: tl.constexpr, DP: tl.constexpr, LOG2DP: tl.constexpr, BITS: tl.constexpr, SQRT_N: tl.constexpr,
@@ -216,6 +239,56 @@ def _per_token(cos, sin, pos):
     return cos[pos.long()], sin[pos.long()]
 
 
+def _check_x(x, codec: KVCodec):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor [batch, heads, tokens, head_dim], got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    if x.shape[-1] != codec.head_dim:
+        raise ValueError(f"x has head_dim {x.shape[-1]} but the codec has head_dim {codec.head_dim}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+
+
+def centering_mean(x: torch.Tensor, codec: KVCodec, kind: str = "key",
+                   positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The mean over tokens that ``encode_kv`` subtracts: fp32 ``[B, H, D]`` of x ``[B, H, T, D]`` (keys with RoPE
+    undone first when ``codec.rope`` is set). One read of x on the GPU (a Triton kernel writes partial sums over
+    token splits, summed in a fixed order), so it is deterministic; on CPU the torch mean.
+
+    Example:
+        >>> codec = KVCodec(head_dim=128)
+        >>> k = torch.randn(1, 8, 100, 128)
+        >>> torch.allclose(centering_mean(k, codec, "key"), k.mean(2), atol=1e-6)
+        True
+    """
+    _check_x(x, codec)
+    B, H, T, D = x.shape
+    _, use_rope, _, pos, cos, sin = _prepare(codec, kind, B, T, x.device, positions)
+    if T == 0:
+        return torch.zeros(B, H, D, device=x.device)
+    if not _use_triton(x):
+        xf = x.float()
+        if use_rope:
+            c, s_ = _per_token(cos, sin, pos)
+            xf = ref.rope_undo(xf, c[:, None], s_[:, None])
+        return xf.mean(2)
+    DP, BLOCK_T = ref.next_pow2(D), 32
+    n_tiles = triton.cdiv(T, BLOCK_T)
+    # Enough programs to fill the GPU: about 4 per SM in all, each over a run of whole tiles.
+    target = 4 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.device.type == "cuda" else 2
+    n_split = max(1, min(n_tiles, triton.cdiv(target, B * H)))
+    tiles_per_split = triton.cdiv(n_tiles, n_split)
+    n_split = triton.cdiv(n_tiles, tiles_per_split)
+    part = torch.empty(B * H, n_split, DP, dtype=torch.float32, device=x.device)
+    dummy = part
+    _mean_partial_kernel[(B * H, n_split)](
+        x, part, cos if use_rope else dummy, sin if use_rope else dummy, pos if use_rope else dummy, T, H,
+        tiles_per_split, *x.stride(), *(pos.stride() if use_rope else (0, 0)), D=D, DP=DP,
+        ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0, BLOCK_T=BLOCK_T, num_warps=4)
+    return (part.sum(1)[:, :D] / T).view(B, H, D)
+
+
 def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Optional[torch.Tensor] = None,
               mean: Optional[torch.Tensor] = None) -> EncodedKV:
     """Encode K or V into the HOT format (fixed-rate E8 codes + one scale per token per head).
@@ -224,7 +297,7 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         x: ``[B, H, T, D]`` fp16/bf16/fp32, any strides (keys post-RoPE, as the model produced them).
         codec: the ``KVCodec``; ``kind`` ("key" or "value") picks bits, RoPE undo and centering.
         positions: ``[B, T]`` int token positions for the RoPE undo (default ``0..T-1``).
-        mean: fp32 ``[B, H, D]`` centering offset; default: the mean over the T tokens (after the RoPE undo).
+        mean: fp32 ``[B, H, D]`` centering offset; default: ``centering_mean`` of x (after the RoPE undo).
     Returns:
         ``EncodedKV(codes int32 [B, H, T, D*bits/32], scales [B, H, T], mean or None)``.
         Tokens with a NaN/Inf value are zeroed (scale 0); other tokens are unaffected.
@@ -236,21 +309,11 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         >>> enc.codes.shape, enc.scales.shape
         (torch.Size([1, 8, 100, 12]), torch.Size([1, 8, 100]))
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor [batch, heads, tokens, head_dim], got "
-                         f"{getattr(x, 'shape', type(x).__name__)}")
+    _check_x(x, codec)
     B, H, T, D = x.shape
-    if D != codec.head_dim:
-        raise ValueError(f"x has head_dim {D} but the codec has head_dim {codec.head_dim}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     bits, use_rope, center, pos, cos, sin = _prepare(codec, kind, B, T, x.device, positions)
     if center and mean is None:
-        xf = x.float()
-        if use_rope:
-            c, s_ = _per_token(cos, sin, pos)
-            xf = ref.rope_undo(xf, c[:, None], s_[:, None])
-        mean = xf.mean(2) if T else torch.zeros(B, H, D, device=x.device)
+        mean = centering_mean(x, codec, kind, positions)
     if center:
         if mean.shape != (B, H, D) or mean.device != x.device:
             raise ValueError(f"mean must be a [batch, heads, head_dim] = {[B, H, D]} tensor on {x.device}, "

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from autotune import lookup
-from nqkernels import KVCodec, RopeSpec, decode_kv, encode_kv
+from nqkernels import KVCodec, RopeSpec, centering_mean, decode_kv, encode_kv
 from nqkernels import reference as R
 from nqkernels.codec import _rope_tables
 
@@ -158,3 +158,19 @@ def test_autotune_lookup_falls_back_to_default():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert lookup("encode", "d128_b3", {"BLOCK_T": 32, "num_warps": 4}) == {"BLOCK_T": 32, "num_warps": 4}
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("T", (1, 33, 130))
+def test_centering_mean_matches_torch(d, T):
+    """The Triton mean (partial sums over token splits) vs the torch mean of the RoPE-undone keys, strided input."""
+    codec = KVCodec(head_dim=d, rope=RopeSpec(theta=1e4, rotary_dim=d // 2))
+    x = torch.randn(2, T, 3, d, dtype=torch.bfloat16).transpose(1, 2) * 3 + 1
+    positions = torch.randint(0, 500, (2, T))
+    got = centering_mean(x, codec, "key", positions)
+    cos, sin = _rope_tables(codec, 500, x.device)
+    want = R.rope_undo(x.float(), cos[positions][:, None], sin[positions][:, None]).mean(2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(centering_mean(x, codec, "value"), x.float().mean(2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="head_dim"):
+        centering_mean(x[..., :-2], codec, "key")

@@ -40,6 +40,19 @@ class EncodedKV(NamedTuple):
 
 
 @triton.jit
+def _load_rope_undone(x_ptr, t, tmask, d, dmask, sxt, sxd, cos_ptr, sin_ptr, pos_ptr, spt, ROPE_HALF: tl.constexpr):
+    """The [BT, DP] fp32 tile of tokens t of one (batch, head), RoPE undone when ROPE_HALF > 0."""
+    xrow = x_ptr + t[:, None] * sxt
+    x = tl.load(xrow + d[None, :] * sxd, mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    if ROPE_HALF > 0:
+        cos, sin, rmask = rope_rows(cos_ptr, sin_ptr, pos_ptr, t * spt, tmask, d, ROPE_HALF)
+        # The split-half partner of each channel, re-read (from L1) rather than shuffled in registers.
+        xp = tl.load(xrow + rope_partner_index(d, ROPE_HALF)[None, :] * sxd, mask=rmask, other=0.0)
+        x = rope_rotate(x, xp.to(tl.float32), d, cos, sin, ROPE_HALF, True)
+    return x
+
+
+@triton.jit
 def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean_ptr, T, H, n_tiles,
                    sxb, sxh, sxt, sxd, scb, sch, sct, ssb, ssh, sst, spb, spt, smb, smh,
                    D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, ALPHA: tl.constexpr,
@@ -55,13 +68,8 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
         b, h = pid_bh // H, pid_bh % H
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = t < T
-        xrow = x_ptr + b * sxb + h * sxh + t[:, None] * sxt
-        x = tl.load(xrow + d[None, :] * sxd, mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        if ROPE_HALF > 0:
-            cos, sin, rmask = rope_rows(cos_ptr, sin_ptr, pos_ptr + b * spb, t * spt, tmask, d, ROPE_HALF)
-            # The split-half partner of each channel, re-read (from L1) rather than shuffled in registers.
-            xp = tl.load(xrow + rope_partner_index(d, ROPE_HALF)[None, :] * sxd, mask=rmask, other=0.0)
-            x = rope_rotate(x, xp.to(tl.float32), d, cos, sin, ROPE_HALF, True)
+        x = _load_rope_undone(x_ptr + b * sxb + h * sxh, t, tmask, d, dmask, sxt, sxd, cos_ptr, sin_ptr,
+                              pos_ptr + b * spb, spt, ROPE_HALF)
         if CENTER:
             x = x - tl.load(mean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)[None, :]
 
@@ -120,12 +128,8 @@ def _mean_partial_kernel(x_ptr, part_ptr, cos_ptr, sin_ptr, pos_ptr, T, H, tiles
     for i in range(tiles_per_split):
         t = (split * tiles_per_split + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = t < T
-        xrow = x_ptr + b * sxb + h * sxh + t[:, None] * sxt
-        x = tl.load(xrow + d[None, :] * sxd, mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        if ROPE_HALF > 0:
-            cos, sin, rmask = rope_rows(cos_ptr, sin_ptr, pos_ptr + b * spb, t * spt, tmask, d, ROPE_HALF)
-            xp = tl.load(xrow + rope_partner_index(d, ROPE_HALF)[None, :] * sxd, mask=rmask, other=0.0)
-            x = rope_rotate(x, xp.to(tl.float32), d, cos, sin, ROPE_HALF, True)
+        x = _load_rope_undone(x_ptr + b * sxb + h * sxh, t, tmask, d, dmask, sxt, sxd, cos_ptr, sin_ptr,
+                              pos_ptr + b * spb, spt, ROPE_HALF)
         acc += tl.sum(x, axis=0)
     tl.store(part_ptr + (pid_bh * tl.num_programs(1) + split) * DP + d, acc)
 

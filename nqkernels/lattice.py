@@ -121,11 +121,13 @@ def transform_matrix(D: tl.constexpr, DP: tl.constexpr):
 
 @triton.jit
 def _exact_dot(u, tm):
-    # u: fp32 integers |u| <= 2^16. Split u = 256·hi + lo (both exact in fp16); ±1 products are exact and every
-    # partial sum is an integer below 2^24, so the tensor-core fp32 accumulation is exact in any order.
+    # u: fp32 integers |u| <= 2^16. Split u = 256·hi + lo (both exact in fp16); ±1 products are exact. The lo
+    # product accumulates onto 256·(hi product) in one accumulator (one live tile, not two): every partial sum is an
+    # integer below 2^24 (|256·Σhi| <= 2^23, |Σlo| <= 2^15 at 128 terms), so the fp32 accumulation is exact in
+    # any order.
     hi = tl.floor(u * (1.0 / 256))
     lo = u - hi * 256.0
-    return tl.dot(hi.to(tl.float16), tm) * 256.0 + tl.dot(lo.to(tl.float16), tm)
+    return tl.dot(lo.to(tl.float16), tm, acc=tl.dot(hi.to(tl.float16), tm) * 256.0)
 
 
 @triton.jit

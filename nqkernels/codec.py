@@ -199,12 +199,12 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _max_programs(device, cfg: dict) -> int:
-    """Persistent grid size: ``programs_per_sm`` per SM on a GPU; a few under the interpreter (loops exercised)."""
+def _max_programs(device, per_sm: int) -> int:
+    """Grid size that fills a GPU: ``per_sm`` programs per SM; a few under the interpreter (loops exercised)."""
     if device.type != "cuda":
         return 3
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count(index) * cfg["programs_per_sm"]
+    return _sm_count(index) * per_sm
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -234,6 +234,14 @@ def _prepare(codec: KVCodec, kind: str, B: int, T: int, device, positions):
         need = int(pos.max()) + 1 if (positions is not None and pos.numel()) else T
         cos, sin = _rope_tables(codec, need, device)
     return bits, use_rope, center, pos, cos, sin
+
+
+def _rope_args(codec: KVCodec, use_rope: bool, cos, sin, pos, dummy):
+    """Kernel arguments for the RoPE tables: (cos, sin, positions, position strides, ROPE_HALF); ROPE_HALF = 0 and
+    placeholder pointers (never read) when RoPE is off."""
+    if not use_rope:
+        return dummy, dummy, dummy, (0, 0), 0
+    return cos, sin, pos, pos.stride(), (codec.rope.rotary_dim or codec.head_dim) // 2
 
 
 def _per_token(cos, sin, pos):
@@ -278,18 +286,15 @@ def centering_mean(x: torch.Tensor, codec: KVCodec, kind: str = "key",
         return xf.mean(2)
     DP, BLOCK_T = ref.next_pow2(D), 32
     n_tiles = triton.cdiv(T, BLOCK_T)
-    # Enough programs to fill the GPU: about 4 per SM in all, each over a run of whole tiles.
-    target = 4 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-        if x.device.type == "cuda" else 2
-    n_split = max(1, min(n_tiles, triton.cdiv(target, B * H)))
+    # Enough programs to fill the GPU (about 4 per SM in all), each over a run of whole tiles.
+    n_split = max(1, min(n_tiles, triton.cdiv(_max_programs(x.device, 4), B * H)))
     tiles_per_split = triton.cdiv(n_tiles, n_split)
     n_split = triton.cdiv(n_tiles, tiles_per_split)
     part = torch.empty(B * H, n_split, DP, dtype=torch.float32, device=x.device)
-    dummy = part
+    cos_a, sin_a, pos_a, pos_strides, rope_half = _rope_args(codec, use_rope, cos, sin, pos, part)
     _mean_partial_kernel[(B * H, n_split)](
-        x, part, cos if use_rope else dummy, sin if use_rope else dummy, pos if use_rope else dummy, T, H,
-        tiles_per_split, *x.stride(), *(pos.stride() if use_rope else (0, 0)), D=D, DP=DP,
-        ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0, BLOCK_T=BLOCK_T, num_warps=4)
+        x, part, cos_a, sin_a, pos_a, T, H, tiles_per_split, *x.stride(), *pos_strides, D=D, DP=DP,
+        ROPE_HALF=rope_half, BLOCK_T=BLOCK_T, num_warps=4)
     return (part.sum(1)[:, :D] / T).view(B, H, D)
 
 
@@ -337,14 +342,14 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         return EncodedKV(codes, scales, mean)
     cfg = _config("encode", f"d{D}_b{bits}", x.device)
     dummy = codes  # never read when the feature is off
+    cos_a, sin_a, pos_a, pos_strides, rope_half = _rope_args(codec, use_rope, cos, sin, pos, dummy)
     n_tiles = B * H * triton.cdiv(T, cfg["BLOCK_T"])
-    _encode_kernel[(min(n_tiles, _max_programs(x.device, cfg)),)](
-        x, codes, scales, cos if use_rope else dummy, sin if use_rope else dummy,
-        pos if use_rope else dummy, mean if center else dummy, T, H, n_tiles, *x.stride(), *codes.stride()[:3],
-        *scales.stride(), *(pos.stride() if use_rope else (0, 0)), *(mean.stride()[:2] if center else (0, 0)),
+    _encode_kernel[(min(n_tiles, _max_programs(x.device, cfg["programs_per_sm"])),)](
+        x, codes, scales, cos_a, sin_a, pos_a, mean if center else dummy, T, H, n_tiles, *x.stride(),
+        *codes.stride()[:3], *scales.stride(), *pos_strides, *(mean.stride()[:2] if center else (0, 0)),
         D=D, DP=ref.next_pow2(D), BITS=bits, ALPHA=alpha, SQRT_N=math.sqrt(ref.transform_norm(D)),
         DN=float(D * ref.transform_norm(D)), FIX_BITS=ref.FIX_BITS, FIT=ref.FITS.index(fit),
-        ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0, CENTER=center,
+        ROPE_HALF=rope_half, CENTER=center,
         BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
     return EncodedKV(codes, scales, mean)
 
@@ -384,13 +389,12 @@ def decode_kv(enc: EncodedKV, codec: KVCodec, kind: str = "key", positions: Opti
         return ref.decode_reference(codes, scales, bits, D, cos=c, sin=s_, mean=mean, dtype=dtype)
     cfg = _config("decode", f"d{D}_b{bits}", codes.device)
     dummy = codes
+    cos_a, sin_a, pos_a, pos_strides, rope_half = _rope_args(codec, use_rope, cos, sin, pos, dummy)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * H)
     _decode_kernel[grid](
-        codes, scales, out, cos if use_rope else dummy, sin if use_rope else dummy, pos if use_rope else dummy,
-        mean if center else dummy, T, H, *codes.stride()[:3], *scales.stride(), *out.stride()[:3],
-        *(pos.stride() if use_rope else (0, 0)), *(mean.stride()[:2] if center else (0, 0)),
+        codes, scales, out, cos_a, sin_a, pos_a, mean if center else dummy, T, H, *codes.stride()[:3],
+        *scales.stride(), *out.stride()[:3], *pos_strides, *(mean.stride()[:2] if center else (0, 0)),
         D=D, DP=ref.next_pow2(D), LOG2DP=ref.next_pow2(D).bit_length() - 1, BITS=bits,
-        SQRT_N=math.sqrt(ref.transform_norm(D)),
-        ROPE_HALF=(codec.rope.rotary_dim or D) // 2 if use_rope else 0, CENTER=center,
+        SQRT_N=math.sqrt(ref.transform_norm(D)), ROPE_HALF=rope_half, CENTER=center,
         BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"])
     return out

@@ -253,6 +253,8 @@ def quantize(x: torch.Tensor, bits: int, alpha: float, fit: str, scale_dtype: to
     (4v is an integer). Tokens with a non-finite value (or all zeros) get codes 0 and scale 0, so they decode to
     a zero vector.
     """
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     d = x.shape[-1]
     sqrt_n = torch.tensor(math.sqrt(transform_norm(d)), dtype=F32)
     x_int, e, ok = fixed_point(x.to(F32))
@@ -265,8 +267,6 @@ def quantize(x: torch.Tensor, bits: int, alpha: float, fit: str, scale_dtype: to
     s_q = torch.where(ok, s, 1.0) * exp2i(FIX_BITS - e)
     inv = 1.0 / s_q / sqrt_n  # two roundings, as the kernel does
     idx = e8_nearest(y * inv[..., None], bits)
-    if fit not in FITS:
-        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     if fit != "none":
         v4 = (e8_values(idx, bits) * 4).to(torch.int64)  # 4v: odd integers
         yv = (y.to(torch.int64) * v4).sum(-1)

@@ -161,11 +161,21 @@ def test_autotune_lookup_falls_back_to_default():
 
 
 @pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("scale_rule", ("rms", "rms_lsq"))
+def test_every_scale_rule_bit_exact_at_every_head_dim(d, scale_rule):
+    codec = KVCodec(head_dim=d, key_bits=3, value_bits=2, rope=RopeSpec(theta=1e4), scale_rule=scale_rule)
+    x = torch.randn(1, 2, 23, d) * 1.5 - 0.2
+    for kind in ("key", "value"):
+        _check(x, codec, kind)
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("T", (1, 33, 130))
-def test_centering_mean_matches_torch(d, T):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_centering_mean_matches_torch(d, T, dtype):
     """The Triton mean (partial sums over token splits) vs the torch mean of the RoPE-undone keys, strided input."""
     codec = KVCodec(head_dim=d, rope=RopeSpec(theta=1e4, rotary_dim=d // 2))
-    x = torch.randn(2, T, 3, d, dtype=torch.bfloat16).transpose(1, 2) * 3 + 1
+    x = (torch.randn(2, T, 3, d) * 3 + 1).to(dtype).transpose(1, 2)
     positions = torch.randint(0, 500, (2, T))
     got = centering_mean(x, codec, "key", positions)
     cos, sin = _rope_tables(codec, 500, x.device)

@@ -21,9 +21,9 @@ from autotune import lookup
 
 from . import reference as ref
 from .config import KVCodec
-from .lattice import e8_nearest, e8_values, exp2i, fixed_point, integer_transform, inverse_hadamard, pack_plane, \
+from .lattice import e8_nearest, exp2i, fixed_point, integer_transform, inverse_hadamard, load_e8_tile, pack_plane, \
     rope_partner, rope_partner_index, rope_rotate, rope_rows, round_to, storage_index, storage_order, \
-    transform_matrix, unpack_plane
+    transform_matrix
 from .rope import rope_cos_sin
 
 
@@ -145,18 +145,9 @@ def _decode_kernel(codes_ptr, scales_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, me
     d = tl.arange(0, DP)
     tmask = t < T
     dmask = d < D
-    row = codes_ptr + b * scb + h * sch + t[:, None] * sct
-    w16 = tl.arange(0, DP // 16)
-    m16 = tmask[:, None] & (w16 < D // 16)[None, :]
-    idx = unpack_plane(tl.load(row + w16[None, :], mask=m16, other=0), BLOCK_T, DP, 2)
-    if BITS == 3:
-        w32 = tl.arange(0, DP // 32)
-        hi = tl.load(row + D // 16 + w32[None, :], mask=tmask[:, None] & (w32 < D // 32)[None, :], other=0)
-        idx = idx | (unpack_plane(hi, BLOCK_T, DP, 1) << 2)
-    if BITS == 4:
-        idx = idx | (unpack_plane(tl.load(row + D // 16 + w16[None, :], mask=m16, other=0), BLOCK_T, DP, 2) << 2)
     s = tl.load(scales_ptr + b * ssb + h * ssh + t * sst, mask=tmask, other=0.0).to(tl.float32)
-    v = tl.where(dmask[None, :], e8_values(idx, BLOCK_T, DP, BITS), 0.0)
+    row = codes_ptr + b * scb + h * sch + t[:, None] * sct
+    v = tl.where(dmask[None, :], load_e8_tile(row, tmask, D, DP, BITS, BLOCK_T), 0.0)
     v = tl.gather(v, tl.broadcast_to(storage_index(d)[None, :], v.shape), 1)  # to transform order
     x = inverse_hadamard(v, BLOCK_T, D, DP, LOG2DP) * (s * SQRT_N)[:, None]
     if CENTER:

@@ -164,7 +164,12 @@ def rope_rows(cos_ptr, sin_ptr, pos_ptr, offs, tmask, d, ROPE_HALF: tl.constexpr
 
     The tile's positions are at pos_ptr + offs ([BT]); the tables are [n_pos, R/2] fp32.
     """
-    pos = tl.load(pos_ptr + offs, mask=tmask, other=0)
+    return rope_rows_at(cos_ptr, sin_ptr, tl.load(pos_ptr + offs, mask=tmask, other=0), tmask, d, ROPE_HALF)
+
+
+@triton.jit
+def rope_rows_at(cos_ptr, sin_ptr, pos, tmask, d, ROPE_HALF: tl.constexpr):
+    """rope_rows for positions given as a [BT] int tensor."""
     rmask = tmask[:, None] & (d < 2 * ROPE_HALF)[None, :]
     cidx = pos[:, None] * ROPE_HALF + (d % ROPE_HALF)[None, :]
     return tl.load(cos_ptr + cidx, mask=rmask, other=1.0), tl.load(sin_ptr + cidx, mask=rmask, other=0.0), rmask
@@ -248,6 +253,22 @@ def e8_values(idx, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
     g = tl.where(lane == 7, (g & -2) | par[:, :, None], g)
     v = g.to(tl.float32) - HALF + 0.25 + 0.5 * c.to(tl.float32)[:, :, None]
     return tl.reshape(v, (BT, DP))
+
+
+@triton.jit
+def load_e8_tile(row, tmask, D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr):
+    """Lattice values (index units, storage order, fp32 [BT, DP]) of BT tokens of packed codes; ``row`` is [BT, 1]
+    pointers to each token's first int32 word. Coordinates past D read as index 0 (callers mask them out)."""
+    w16 = tl.arange(0, DP // 16)
+    m16 = tmask[:, None] & (w16 < D // 16)[None, :]
+    idx = unpack_plane(tl.load(row + w16[None, :], mask=m16, other=0), BT, DP, 2)
+    if BITS == 3:
+        w32 = tl.arange(0, DP // 32)
+        hi = tl.load(row + D // 16 + w32[None, :], mask=tmask[:, None] & (w32 < D // 32)[None, :], other=0)
+        idx = idx | (unpack_plane(hi, BT, DP, 1) << 2)
+    if BITS == 4:
+        idx = idx | (unpack_plane(tl.load(row + D // 16 + w16[None, :], mask=m16, other=0), BT, DP, 2) << 2)
+    return e8_values(idx, BT, DP, BITS)
 
 
 @triton.jit

@@ -307,3 +307,35 @@ def decode_reference(codes, scales, bits, head_dim, *, cos=None, sin=None, mean=
     if cos is not None:
         x = rope_apply(x, cos[:, None].to(F32), sin[:, None].to(F32))
     return x.to(dtype)
+
+
+def rotation_matrix(head_dim: int) -> torch.Tensor:
+    """R = σ·T as fp32 ``[D, D]`` (rows: stored coordinates in storage order, columns: the original basis).
+
+    A token decodes as x = Rᵀ v · s / √n (``dequantize``), so attention needs no per-token inverse transform:
+    q·x = (R q / √n)·v · s, and Σ p_j x_j = Rᵀ (Σ p_j s_j v_j) / √n. RᵀR = n·I.
+    """
+    return inverse_hadamard(storage_order(torch.eye(head_dim, dtype=F32))) * transform_norm(head_dim)
+
+
+def attention(q, k, v, q_index, k_index, k_valid, *, scale: float, softcap=None, window=None) -> torch.Tensor:
+    """Dense fp32 attention with GQA and masks: the oracle of ``decode_attention``.
+
+    q ``[B, M, Hq, D]``; k, v ``[B, N, Hk, D]`` (Hq a multiple of Hk); q_index ``[B, M]`` and k_index ``[B, N]`` are
+    the tokens' indices in their sequence, k_valid ``[B, N]`` bool. A key is seen by a query when it is valid, not
+    after it (k_index <= q_index) and, with ``window``, less than ``window`` tokens before it. ``softcap``:
+    logits become softcap·tanh(logits / softcap). Rows that see no key return zeros.
+    """
+    B, M, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    k = k.to(F32).repeat_interleave(group, dim=2)
+    v = v.to(F32).repeat_interleave(group, dim=2)
+    logits = torch.einsum("bmhd,bnhd->bhmn", q.to(F32), k) * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    seen = k_valid[:, None, :] & (k_index[:, None, :] <= q_index[:, :, None])
+    if window is not None:
+        seen = seen & (k_index[:, None, :] > q_index[:, :, None] - window)
+    logits = logits.masked_fill(~seen[:, None], float("-inf"))
+    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhmn,bnhd->bmhd", p, v)

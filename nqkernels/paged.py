@@ -1,0 +1,278 @@
+"""A paged KV cache of one layer in the HOT format, with uncompressed sink tokens and a recent window.
+
+Each sequence (a batch slot) holds, in token order:
+    sinks   the first ``sink_tokens`` tokens, kept in the cache dtype;
+    pages   HOT codes + scales of the tokens after them, ``page_size`` tokens per page, found through the
+            sequence's row of ``block_table``;
+    window  the most recent tokens, kept in the cache dtype: between ``recent_tokens`` and
+            ``recent_tokens + page_size - 1`` of them once the sequence is long enough. Whenever the window
+            reaches ``recent_tokens + page_size`` tokens, its oldest full pages are encoded (one ``encode_kv`` call)
+            and moved to freshly allocated pages.
+Sinks and window share one buffer per sequence, ``fp_k`` / ``fp_v`` ``[max_batch, H, S + R + P, D]``.
+
+The centering means (per sequence and KV head) are taken from the first tokens a sequence compresses (its prompt,
+minus sinks and window, when the prompt is appended in one call) and reused for every later page, so every key of
+a sequence carries the same offset (attention is invariant to it) and values get it back exactly.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .codec import EncodedKV, decode_kv, encode_kv
+from .config import KVCodec
+
+
+class PagedKVCache:
+    """One layer's compressed KV cache: pages of HOT codes, a block table per sequence, fp sinks and window.
+
+    Args:
+        codec: the ``KVCodec`` (bits, head_dim, key mode: ``codec.rope`` set stores keys with RoPE undone).
+        num_kv_heads: KV heads of the layer.
+        max_batch: batch slots; sequence ``b`` of every call is slot ``b``.
+        num_pages: pages in the pool, shared by all slots.
+        max_pages_per_seq: width of ``block_table`` (default ``num_pages``).
+        sink_tokens: first tokens of each sequence kept uncompressed (default 0).
+        recent_tokens: most recent tokens always kept uncompressed (default ``codec.page_size``).
+        dtype: dtype of the uncompressed tokens (float16 or bfloat16); queries must match it.
+
+    Tensors (read by ``decode_attention``): ``k_codes``/``v_codes`` int32 ``[num_pages, H, P, D*bits/32]``,
+    ``k_scales``/``v_scales`` ``[num_pages, H, P]``, ``block_table`` int32 ``[max_batch, max_pages_per_seq]``,
+    ``lengths`` int32 ``[4, max_batch]`` (rows: tokens, compressed tokens, uncompressed tokens, sinks),
+    ``fp_k``/``fp_v``, ``k_mean``/``v_mean`` fp32 ``[max_batch, H, D]``.
+
+    Example:
+        >>> from nqkernels import KVCodec, PagedKVCache, decode_attention
+        >>> codec = KVCodec(head_dim=128, key_bits=3, value_bits=2, page_size=16)
+        >>> cache = PagedKVCache(codec, num_kv_heads=2, max_batch=1, num_pages=8, device="cpu")
+        >>> k = torch.randn(1, 40, 2, 128, dtype=torch.float16)
+        >>> cache.append(k, torch.randn_like(k))
+        >>> cache.seq_lens(), cache.compressed_lens()
+        ([40], [16])
+    """
+
+    def __init__(self, codec: KVCodec, num_kv_heads: int, max_batch: int, num_pages: int, *,
+                 max_pages_per_seq: Optional[int] = None, sink_tokens: int = 0,
+                 recent_tokens: Optional[int] = None, dtype: torch.dtype = torch.float16,
+                 device: Union[str, torch.device] = "cuda"):
+        if not isinstance(codec, KVCodec):
+            raise TypeError(f"codec must be a KVCodec, got {type(codec).__name__}")
+        for name, value, low in (("num_kv_heads", num_kv_heads, 1), ("max_batch", max_batch, 1),
+                                 ("num_pages", num_pages, 1), ("sink_tokens", sink_tokens, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        recent_tokens = codec.page_size if recent_tokens is None else recent_tokens
+        if not isinstance(recent_tokens, int) or recent_tokens < 0:
+            raise ValueError(f"recent_tokens must be an int >= 0, got {recent_tokens!r}")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        max_pages_per_seq = num_pages if max_pages_per_seq is None else max_pages_per_seq
+        if not isinstance(max_pages_per_seq, int) or max_pages_per_seq < 1:
+            raise ValueError(f"max_pages_per_seq must be an int >= 1, got {max_pages_per_seq!r}")
+        self.codec, self.num_kv_heads, self.max_batch = codec, num_kv_heads, max_batch
+        self.sink_tokens, self.recent_tokens, self.dtype = sink_tokens, recent_tokens, dtype
+        self.device = torch.device(device)
+        P, D, H = codec.page_size, codec.head_dim, num_kv_heads
+        dev = self.device
+        self.k_codes = torch.zeros(num_pages, H, P, codec.words_per_token(codec.key_bits), dtype=torch.int32,
+                                   device=dev)
+        self.v_codes = torch.zeros(num_pages, H, P, codec.words_per_token(codec.value_bits), dtype=torch.int32,
+                                   device=dev)
+        self.k_scales = torch.zeros(num_pages, H, P, dtype=codec.scale_dtype, device=dev)
+        self.v_scales = torch.zeros(num_pages, H, P, dtype=codec.scale_dtype, device=dev)
+        self.block_table = torch.zeros(max_batch, max_pages_per_seq, dtype=torch.int32, device=dev)
+        self.lengths = torch.zeros(4, max_batch, dtype=torch.int32, device=dev)
+        cap = sink_tokens + recent_tokens + P
+        self.fp_k = torch.zeros(max_batch, H, cap, D, dtype=dtype, device=dev)
+        self.fp_v = torch.zeros(max_batch, H, cap, D, dtype=dtype, device=dev)
+        self.k_mean = torch.zeros(max_batch, H, D, dtype=torch.float32, device=dev)
+        self.v_mean = torch.zeros(max_batch, H, D, dtype=torch.float32, device=dev)
+        # Host mirrors of the bookkeeping, so appends and launches never wait on the device.
+        self._len = [0] * max_batch
+        self._comp = [0] * max_batch
+        self._fp = [0] * max_batch
+        self._sink = [0] * max_batch
+        self._pages: list[list[int]] = [[] for _ in range(max_batch)]
+        self._free = list(range(num_pages - 1, -1, -1))
+
+    # ----------------------------------------------------------------------------------------------------------
+    def seq_lens(self) -> list[int]:
+        """Tokens held per slot."""
+        return list(self._len)
+
+    def compressed_lens(self) -> list[int]:
+        """Tokens held in HOT pages per slot."""
+        return list(self._comp)
+
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def nbytes(self) -> int:
+        """Bytes allocated by this cache's tensors (codes, scales, fp buffers, means, tables)."""
+        return sum(t.nbytes for t in (self.k_codes, self.v_codes, self.k_scales, self.v_scales, self.block_table,
+                                      self.lengths, self.fp_k, self.fp_v, self.k_mean, self.v_mean))
+
+    def reset(self, slots: Optional[Sequence[int]] = None) -> None:
+        """Empty the given slots (default all) and return their pages to the pool."""
+        for b in range(self.max_batch) if slots is None else slots:
+            if not 0 <= b < self.max_batch:
+                raise ValueError(f"slot {b} is out of range [0, {self.max_batch})")
+            self._free.extend(reversed(self._pages[b]))
+            self._pages[b] = []
+            self._len[b] = self._comp[b] = self._fp[b] = self._sink[b] = 0
+        self._sync_lengths()
+
+    # ----------------------------------------------------------------------------------------------------------
+    def append(self, k: torch.Tensor, v: torch.Tensor, lengths: Optional[Sequence[int]] = None) -> None:
+        """Append new tokens: k, v ``[B, T, H, D]`` (post-RoPE keys, as the model made them) for slots 0..B-1.
+
+        ``lengths`` (default T for every sequence): how many of the T tokens are real for each sequence (the rest
+        is padding and ignored). Full pages of the window are encoded as they fill. Tokens containing NaN/Inf are
+        stored as zeros, so they cannot corrupt other tokens.
+        """
+        B, T = self._check_new(k, v)
+        counts = self._check_lengths(lengths, B, T)
+        k = _zero_nonfinite(k.to(self.dtype))
+        v = _zero_nonfinite(v.to(self.dtype))
+        for b in range(B):
+            n = counts[b]
+            if n:
+                self._append_one(b, k[b, :n].transpose(0, 1), v[b, :n].transpose(0, 1))
+        self._sync_lengths()
+
+    def _append_one(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v: [H, n, D] of one sequence.
+        P, S, R = self.codec.page_size, self.sink_tokens, self.recent_tokens
+        n = k.shape[1]
+        take = min(S - self._sink[b], n)
+        if take > 0:  # sinks fill first; the window is empty until they are complete
+            self.fp_k[b, :, self._fp[b]:self._fp[b] + take] = k[:, :take]
+            self.fp_v[b, :, self._fp[b]:self._fp[b] + take] = v[:, :take]
+            self._sink[b] += take
+            self._fp[b] += take
+            self._len[b] += take
+            k, v, n = k[:, take:], v[:, take:], n - take
+        if n == 0:
+            return
+        sink, win = self._sink[b], self._fp[b] - self._sink[b]
+        n_flush = (win + n - R) // P * P if win + n >= R + P else 0
+        if n_flush == 0:
+            self.fp_k[b, :, self._fp[b]:self._fp[b] + n] = k
+            self.fp_v[b, :, self._fp[b]:self._fp[b] + n] = v
+            self._fp[b] += n
+            self._len[b] += n
+            return
+        # Window + new tokens; the oldest n_flush go to pages, the rest stays in the window.
+        all_k = torch.cat((self.fp_k[b, :, sink:sink + win], k), dim=1)
+        all_v = torch.cat((self.fp_v[b, :, sink:sink + win], v), dim=1)
+        self._compress(b, all_k[:, :n_flush], all_v[:, :n_flush])
+        rest = all_k.shape[1] - n_flush
+        self.fp_k[b, :, sink:sink + rest] = all_k[:, n_flush:]
+        self.fp_v[b, :, sink:sink + rest] = all_v[:, n_flush:]
+        self._fp[b] = sink + rest
+        self._len[b] += n
+
+    def _compress(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        # Encode [H, n, D] (n a multiple of the page size) into new pages of slot b.
+        P, H = self.codec.page_size, self.num_kv_heads
+        n_pages = k.shape[1] // P
+        if n_pages > len(self._free):
+            raise RuntimeError(f"PagedKVCache is out of pages: slot {b} needs {n_pages}, {len(self._free)} free "
+                               f"of {self.k_codes.shape[0]} (raise num_pages or reset finished slots)")
+        if len(self._pages[b]) + n_pages > self.block_table.shape[1]:
+            raise RuntimeError(f"slot {b} would hold {len(self._pages[b]) + n_pages} pages, more than "
+                               f"max_pages_per_seq={self.block_table.shape[1]}")
+        first = self._comp[b] == 0
+        start = self._sink[b] + self._comp[b]
+        positions = torch.arange(start, start + k.shape[1], device=self.device, dtype=torch.int32)[None]
+        enc_k = encode_kv(k[None], self.codec, "key", positions=positions,
+                          mean=None if first else self.k_mean[b:b + 1])
+        enc_v = encode_kv(v[None], self.codec, "value", mean=None if first else self.v_mean[b:b + 1])
+        if first:
+            if enc_k.mean is not None:
+                self.k_mean[b] = enc_k.mean[0]
+            if enc_v.mean is not None:
+                self.v_mean[b] = enc_v.mean[0]
+        pages = [self._free.pop() for _ in range(n_pages)]
+        idx = torch.tensor(pages, device=self.device, dtype=torch.long)
+        for enc, codes, scales in ((enc_k, self.k_codes, self.k_scales), (enc_v, self.v_codes, self.v_scales)):
+            codes[idx] = enc.codes[0].reshape(H, n_pages, P, -1).transpose(0, 1)
+            scales[idx] = enc.scales[0].reshape(H, n_pages, P).transpose(0, 1)
+        used = len(self._pages[b])
+        self.block_table[b, used:used + n_pages] = idx.to(torch.int32)
+        self._pages[b].extend(pages)
+        self._comp[b] += k.shape[1]
+
+    def _sync_lengths(self) -> None:
+        host = torch.tensor([self._len, self._comp, self._fp, self._sink], dtype=torch.int32)
+        self.lengths.copy_(host, non_blocking=False)
+
+    def _check_new(self, k, v):
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"{name} must be a 4-D tensor [batch, tokens, kv_heads, head_dim], got "
+                                 f"{getattr(t, 'shape', type(t).__name__)}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device} but the cache is on {self.device}")
+            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
+        B, T, H, D = k.shape
+        if H != self.num_kv_heads or D != self.codec.head_dim:
+            raise ValueError(f"k has {H} heads of dim {D}; the cache holds {self.num_kv_heads} heads of dim "
+                             f"{self.codec.head_dim}")
+        if B > self.max_batch:
+            raise ValueError(f"batch {B} exceeds the cache's max_batch={self.max_batch}")
+        return B, T
+
+    @staticmethod
+    def _check_lengths(lengths, B, T) -> list[int]:
+        if lengths is None:
+            return [T] * B
+        counts = [int(x) for x in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+        if len(counts) != B or any(c < 0 or c > T for c in counts):
+            raise ValueError(f"lengths must hold {B} ints in [0, {T}], got {counts}")
+        return counts
+
+    # ----------------------------------------------------------------------------------------------------------
+    def dense(self, batch: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cache as dense fp32 K, V ``[B, L, H, D]`` in token order (pages decoded, RoPE re-applied to keys
+        stored without it) and each token's validity ``[B, L]`` bool, L the longest sequence: what attention sees.
+        For tests and debugging; attention kernels decode in registers instead."""
+        B = self.max_batch if batch is None else batch
+        H, D = self.num_kv_heads, self.codec.head_dim
+        L = max(self._len[:B], default=0)
+        K = torch.zeros(B, L, H, D, device=self.device)
+        V = torch.zeros(B, L, H, D, device=self.device)
+        valid = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+        for b in range(B):
+            sink, comp, fp = self._sink[b], self._comp[b], self._fp[b]
+            K[b, :sink] = self.fp_k[b, :, :sink].transpose(0, 1).float()
+            V[b, :sink] = self.fp_v[b, :, :sink].transpose(0, 1).float()
+            if comp:
+                K[b, sink:sink + comp] = self._decode_pages(b, "key")
+                V[b, sink:sink + comp] = self._decode_pages(b, "value")
+            K[b, sink + comp:self._len[b]] = self.fp_k[b, :, sink:fp].transpose(0, 1).float()
+            V[b, sink + comp:self._len[b]] = self.fp_v[b, :, sink:fp].transpose(0, 1).float()
+            valid[b, :self._len[b]] = True
+        return K, V, valid
+
+    def _decode_pages(self, b: int, kind: str) -> torch.Tensor:
+        idx = torch.tensor(self._pages[b], device=self.device, dtype=torch.long)
+        codes, scales = (self.k_codes, self.k_scales) if kind == "key" else (self.v_codes, self.v_scales)
+        H, comp = self.num_kv_heads, self._comp[b]
+        c = codes[idx].transpose(0, 1).reshape(H, -1, codes.shape[-1])[None, :, :comp]
+        s = scales[idx].transpose(0, 1).reshape(H, -1)[None, :, :comp]
+        center = self.codec.center_keys if kind == "key" else self.codec.center_values
+        mean = (self.k_mean if kind == "key" else self.v_mean)[b:b + 1] if center else None
+        positions = torch.arange(self._sink[b], self._sink[b] + comp, device=self.device, dtype=torch.int32)[None]
+        x = decode_kv(EncodedKV(c.contiguous(), s.contiguous(), mean), self.codec, kind, positions=positions,
+                      dtype=torch.float32)
+        return x[0].transpose(0, 1)
+
+
+def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
+    bad = ~torch.isfinite(x).all(dim=-1, keepdim=True)
+    return torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x)

@@ -1,0 +1,175 @@
+"""PagedKVCache + decode_attention (Triton kernels under TRITON_INTERPRET=1) vs fp32 attention over the
+dequantized cache (reference.attention over PagedKVCache.dense)."""
+import pytest
+import torch
+
+from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
+from nqkernels import reference as R
+from nqkernels.attention import _reference_attention
+
+from .conftest import HEAD_DIMS
+
+
+def _cache(d=128, kv_heads=2, batch=2, page=16, sinks=0, recent=None, dtype=torch.float16, rope=None, bits=(3, 2),
+           pages=64):
+    codec = KVCodec(head_dim=d, key_bits=bits[0], value_bits=bits[1], page_size=page, rope=rope)
+    return PagedKVCache(codec, num_kv_heads=kv_heads, max_batch=batch, num_pages=pages, sink_tokens=sinks,
+                        recent_tokens=recent, dtype=dtype, device="cpu")
+
+
+def _fill(cache, lengths, scale=1.0):
+    B, H, D = len(lengths), cache.num_kv_heads, cache.codec.head_dim
+    k = (torch.randn(B, max(lengths), H, D) * scale + 0.3).to(cache.dtype)
+    v = torch.randn(B, max(lengths), H, D).to(cache.dtype)
+    cache.append(k, v, lengths=lengths)
+    return k, v
+
+
+def _check(q, cache, tol=None, **kw):
+    out = decode_attention(q, cache, **kw)
+    scale = kw.get("softmax_scale") or q.shape[-1] ** -0.5
+    ref = _reference_attention(q, cache, scale, kw.get("softcap"), kw.get("window"))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    tol = tol or (2e-2 if q.dtype == torch.bfloat16 else 3e-3)
+    err = (out.float() - ref).abs().max().item()
+    assert err <= tol * max(1.0, ref.abs().max().item()), f"max error {err}"
+    return out
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("rope", (False, True), ids=("post_rope", "rope_undone"))
+def test_head_dims_and_key_modes(d, rope):
+    cache = _cache(d=d, sinks=2, recent=5, rope=RopeSpec(theta=10000.0) if rope else None)
+    _fill(cache, [70, 33])
+    assert cache.compressed_lens() == [48, 16]
+    _check(torch.randn(2, 1, 8, d, dtype=torch.float16), cache)
+
+
+@pytest.mark.parametrize("group", (1, 4, 8))
+@pytest.mark.parametrize("q_len", (1, 3))
+def test_gqa_and_chunks(group, q_len):
+    cache = _cache(kv_heads=2, batch=3, recent=3)
+    _fill(cache, [40, 17, 64])
+    _check(torch.randn(3, q_len, 2 * group, 128, dtype=torch.float16), cache)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("bits", ((4, 4), (3, 3), (2, 2)))
+def test_dtypes_and_bits(dtype, bits):
+    cache = _cache(dtype=dtype, bits=bits, recent=4)
+    _fill(cache, [50, 29])
+    _check(torch.randn(2, 2, 4, 128, dtype=dtype), cache)
+
+
+@pytest.mark.parametrize("lengths", ([1, 16], [32, 48], [17, 2]), ids=("len1", "page_boundary", "ragged"))
+@pytest.mark.parametrize("recent", (0, 15), ids=("empty_window", "full_window"))
+@pytest.mark.parametrize("sinks", (0, 4))
+def test_ragged_lengths_windows_sinks(lengths, recent, sinks):
+    cache = _cache(recent=recent, sinks=sinks)
+    _fill(cache, lengths)
+    _check(torch.randn(2, 1, 4, 128, dtype=torch.float16), cache)
+
+
+def test_window_is_empty_or_full_as_claimed():
+    cache = _cache(recent=0)
+    _fill(cache, [32, 47])
+    assert cache.compressed_lens() == [32, 32] and cache.lengths[2].tolist() == [0, 15]
+
+
+def test_decode_steps_splits_softcap_sliding_window():
+    cache = _cache(recent=6, sinks=1)
+    _fill(cache, [21, 5])
+    for step in range(20):  # one token at a time: pages are encoded as the window fills
+        k = torch.randn(2, 1, 2, 128, dtype=torch.float16)
+        cache.append(k, torch.randn_like(k))
+    assert cache.seq_lens() == [41, 25] and cache.compressed_lens() == [32, 16]
+    q = torch.randn(2, 1, 8, 128, dtype=torch.float16)
+    _check(q, cache, num_splits=1)
+    _check(q, cache, num_splits=2)
+    _check(q, cache, softcap=2.0, softmax_scale=0.3)
+    _check(q, cache, window=9)
+    _check(torch.randn(2, 4, 8, 128, dtype=torch.float16), cache, window=20, softcap=5.0)
+
+
+def test_uncompressed_cache_is_plain_attention():
+    # Nothing compressed yet: the kernel must equal plain attention over the appended fp16 K/V.
+    cache = _cache(recent=64)
+    k, v = _fill(cache, [30, 12])
+    assert cache.compressed_lens() == [0, 0]
+    q = torch.randn(2, 2, 4, 128, dtype=torch.float16)
+    out = decode_attention(q, cache)
+    idx = torch.arange(30).expand(2, 30)
+    valid = idx < torch.tensor([[30], [12]])
+    q_index = torch.tensor([[28, 29], [10, 11]])
+    ref = R.attention(q, k.float(), v.float(), q_index, idx, valid, scale=128 ** -0.5)
+    assert (out.float() - ref).abs().max() < 3e-3
+
+
+def test_dense_view_matches_inputs_up_to_quantization():
+    cache = _cache(recent=5, sinks=3, rope=RopeSpec(theta=10000.0), bits=(4, 4))
+    k, v = _fill(cache, [60, 40])
+    K, V, valid = cache.dense()
+    assert valid.sum(1).tolist() == [60, 40]
+    for b, n in enumerate((60, 40)):
+        for got, want in ((K, k), (V, v)):
+            err = (got[b, :n] - want[b, :n].float()).pow(2).mean() / want[b, :n].float().var()
+            assert err < 0.02
+        assert torch.equal(K[b, :3], k[b, :3].float())  # sinks are exact
+
+
+def test_nonfinite_token_does_not_corrupt_others():
+    cache = _cache(recent=4)
+    k = torch.randn(1, 40, 2, 128, dtype=torch.float16)
+    v = torch.randn_like(k)
+    k[0, 5, 1, 3] = float("nan")   # lands in a page
+    v[0, 38, 0, 0] = float("inf")  # lands in the window
+    cache.append(k, v, lengths=[40])
+    out = decode_attention(torch.randn(1, 1, 4, 128, dtype=torch.float16), cache)
+    assert torch.isfinite(out).all()
+
+
+def test_pages_are_freed_and_reused():
+    cache = _cache(recent=0, pages=4, batch=2)
+    _fill(cache, [64, 0])
+    assert cache.free_pages() == 0
+    with pytest.raises(RuntimeError, match="out of pages"):
+        _fill(cache, [0, 16])
+    cache.reset([0])
+    assert cache.free_pages() == 4 and cache.seq_lens() == [0, 0]
+    _fill(cache, [20, 33])
+    _check(torch.randn(2, 1, 4, 128, dtype=torch.float16), cache)
+
+
+def test_bad_inputs():
+    cache = _cache()
+    _fill(cache, [20, 20])
+    q = torch.randn(2, 1, 4, 128, dtype=torch.float16)
+    with pytest.raises(ValueError, match="multiple"):
+        decode_attention(torch.randn(2, 1, 3, 128, dtype=torch.float16), cache)
+    with pytest.raises(ValueError, match="head_dim"):
+        decode_attention(torch.randn(2, 1, 4, 64, dtype=torch.float16), cache)
+    with pytest.raises(ValueError, match="dtype|bfloat16"):
+        decode_attention(q.bfloat16(), cache)
+    with pytest.raises(ValueError, match="max_batch"):
+        decode_attention(torch.randn(3, 1, 4, 128, dtype=torch.float16), cache)
+    with pytest.raises(ValueError, match="q_len"):
+        decode_attention(torch.randn(2, 21, 4, 128, dtype=torch.float16), cache)
+    with pytest.raises(ValueError, match="window"):
+        decode_attention(q, cache, window=0)
+    with pytest.raises(ValueError, match="softcap"):
+        decode_attention(q, cache, softcap=-1.0)
+    with pytest.raises(TypeError, match="PagedKVCache"):
+        decode_attention(q, object())
+    with pytest.raises(ValueError, match="heads"):
+        cache.append(torch.randn(1, 2, 3, 128), torch.randn(1, 2, 3, 128))
+    with pytest.raises(ValueError, match="lengths"):
+        cache.append(torch.randn(2, 2, 2, 128), torch.randn(2, 2, 2, 128), lengths=[3, 1])
+    with pytest.raises(ValueError, match="same shape"):
+        cache.append(torch.randn(2, 2, 2, 128), torch.randn(2, 1, 2, 128))
+
+
+def test_reference_mode_runs_the_oracle(reference_mode):
+    cache = _cache(recent=4)
+    _fill(cache, [30, 18])
+    q = torch.randn(2, 1, 4, 128, dtype=torch.float16)
+    assert torch.equal(decode_attention(q, cache), _reference_attention(q, cache, 128 ** -0.5, None, None).half())

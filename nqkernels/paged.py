@@ -133,12 +133,11 @@ class PagedKVCache:
         """
         B, T = self._check_new(k, v)
         counts = self._check_lengths(lengths, B, T)
-        k = _zero_nonfinite(k.to(self.dtype))
-        v = _zero_nonfinite(v.to(self.dtype))
         for b in range(B):
             n = counts[b]
             if n:
-                self._append_one(b, k[b, :n].transpose(0, 1), v[b, :n].transpose(0, 1))
+                self._append_one(b, _zero_nonfinite(k[b, :n].transpose(0, 1).to(self.dtype)),
+                                 _zero_nonfinite(v[b, :n].transpose(0, 1).to(self.dtype)))
         self._sync_lengths()
 
     def _append_one(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -1,0 +1,197 @@
+"""GPU benchmark of decode_attention over the paged HOT cache (one script, one device call).
+
+    python -m perf.bench_attention [--quick] [--out DIR]
+
+1. compiled kernels vs fp32 attention over the dequantized cache (||out - ref|| / ||ref||), every head_dim, both
+   key modes, GQA ratios, q_len 1 and 4, fp16/bf16, softcap and sliding window;
+2. a device-to-device copy (bytes read + written), the bandwidth ceiling;
+3. decode latency (q_len 1) for Llama-3-8B-shaped layers (32 query heads, 8 KV heads, head_dim 128), plus one
+   head_dim 64 and one 256 shape, contexts 1K-128K, batch 1-64, at K4V4/K3V3/K3V2/K2V2, beside torch SDPA over
+   fp16 K/V with GQA (and FlashInfer's fp16 decode when it imports) in the same run. do_bench clears L2 before
+   every call, so no run is served from cache. Achieved bandwidth counts the bytes the kernel must read: codes,
+   scales, the fp16 window, block table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from autotune.store import gpu_key
+from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
+from nqkernels.attention import _reference_attention
+
+SETTINGS = ((4, 4), (3, 3), (3, 2), (2, 2))
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def build_cache(codec, H, B, T, dev, dtype=torch.float16, recent=None, sinks=0, x=None):
+    """A cache of B sequences of T tokens (random keys/values; the same tokens in every slot, separate pages)."""
+    P = codec.page_size
+    cache = PagedKVCache(codec, H, B, num_pages=B * (T // P + 1), sink_tokens=sinks, recent_tokens=recent,
+                         dtype=dtype, device=dev)
+    k, v = x if x is not None else (torch.randn(1, T, H, codec.head_dim, device=dev, dtype=dtype) for _ in range(2))
+    for b0 in range(0, B, 8):  # append 8 slots at a time: the cache addresses slots 0..n-1, so pad with length 0
+        n = min(8, B - b0)
+        lengths = [0] * b0 + [T] * n
+        cache.append(k.expand(b0 + n, -1, -1, -1), v.expand(b0 + n, -1, -1, -1), lengths=lengths)
+    return cache, (k, v)
+
+
+def check(dev):
+    rows = []
+    cases = []
+    for d in (64, 96, 128, 256):
+        for rope in (None, RopeSpec(theta=500000.0)):
+            cases.append(dict(d=d, rope=rope, group=4, q_len=1, dtype=torch.float16, bits=(3, 2)))
+    for group, q_len in ((1, 1), (8, 1), (4, 4), (8, 3)):
+        cases.append(dict(d=128, rope=None, group=group, q_len=q_len, dtype=torch.float16, bits=(3, 2)))
+    for bits in SETTINGS:
+        cases.append(dict(d=128, rope=None, group=4, q_len=1, dtype=torch.bfloat16, bits=bits))
+    cases.append(dict(d=128, rope=RopeSpec(theta=10000.0), group=4, q_len=2, dtype=torch.bfloat16, bits=(3, 2),
+                      softcap=30.0, window=700))
+    for c in cases:
+        codec = KVCodec(head_dim=c["d"], key_bits=c["bits"][0], value_bits=c["bits"][1], rope=c["rope"])
+        H, B = 2, 3
+        cache = PagedKVCache(codec, H, B, num_pages=64, sink_tokens=4, dtype=c["dtype"], device=dev)
+        k = torch.randn(B, 1500, H, c["d"], device=dev, dtype=c["dtype"]) + 0.2
+        cache.append(k, torch.randn_like(k), lengths=[1500, 777, 130])
+        q = torch.randn(B, c["q_len"], H * c["group"], c["d"], device=dev, dtype=c["dtype"])
+        out = torch.full_like(q, float("nan"))
+        out.copy_(decode_attention(q, cache, softcap=c.get("softcap"), window=c.get("window")))
+        ref = _reference_attention(q, cache, c["d"] ** -0.5, c.get("softcap"), c.get("window"))
+        rel = ((out.float() - ref).norm() / ref.norm()).item()
+        rows.append(dict(head_dim=c["d"], rope_undone=c["rope"] is not None, group=c["group"], q_len=c["q_len"],
+                         dtype=str(c["dtype"]).split(".")[-1], bits=f"K{c['bits'][0]}V{c['bits'][1]}",
+                         softcap=c.get("softcap"), window=c.get("window"), rel_err=rel,
+                         finite=bool(torch.isfinite(out).all())))
+    return rows
+
+
+def copy_bandwidth(dev):
+    a = torch.randn(1 << 29, device=dev, dtype=torch.float16)
+    b = torch.empty_like(a)
+    return 2 * a.nbytes / do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median") / 1e6
+
+
+def cache_bytes_read(cache, B):
+    """Bytes one decode step must read: codes and scales of the compressed tokens, the fp16 window, tables."""
+    codec, H = cache.codec, cache.num_kv_heads
+    per_tok = codec.bytes_per_token(codec.key_bits) + codec.bytes_per_token(codec.value_bits)
+    comp = sum(cache.compressed_lens()[:B])
+    fp = int(cache.lengths[2, :B].sum())
+    return comp * H * per_tok + fp * H * codec.head_dim * 2 * cache.fp_k.element_size()
+
+
+def bench_decode(dev, Hq, H, D, B, T, copy_gbps, quick):
+    rows = []
+    q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.float16)
+    x = [torch.randn(1, T, H, D, device=dev, dtype=torch.float16) for _ in range(2)]
+    # SDPA over fp16 K/V with GQA: [B, heads, T, D], one real copy per sequence.
+    k16 = x[0].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
+    v16 = x[1].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
+    qs = q.transpose(1, 2)
+    ms = do_bench(lambda: F.scaled_dot_product_attention(qs, k16, v16, enable_gqa=True), warmup=25, rep=100,
+                  return_mode="median")
+    fp16_bytes = 2 * k16.nbytes
+    rows.append(dict(method="sdpa_fp16", head_dim=D, batch=B, context=T, us=ms * 1e3, bytes=fp16_bytes,
+                     GBps=fp16_bytes / ms / 1e6))
+    del k16, v16
+    if FLASHINFER is not None:
+        rows.append(flashinfer_decode(dev, q, x, B, T, H, D))
+    for kb, vb in SETTINGS if not quick else ((3, 2),):
+        codec = KVCodec(head_dim=D, key_bits=kb, value_bits=vb)
+        cache, _ = build_cache(codec, H, B, T, dev, x=x)
+        ms = do_bench(lambda: decode_attention(q, cache), warmup=25, rep=100, return_mode="median")
+        nbytes = cache_bytes_read(cache, B)
+        rows.append(dict(method=f"K{kb}V{vb}", head_dim=D, batch=B, context=T, us=ms * 1e3, bytes=nbytes,
+                         GBps=nbytes / ms / 1e6, pct_copy=100 * nbytes / ms / 1e6 / copy_gbps))
+        del cache
+    base = rows[0]["us"]
+    for r in rows:
+        r["speedup_vs_sdpa"] = base / r["us"]
+    return rows
+
+
+def _import_flashinfer():
+    try:
+        import flashinfer  # noqa: F401
+        return flashinfer
+    except Exception as e:  # not installable on the GPU machine (no internet, no wheel carried)
+        log(f"flashinfer: not available ({type(e).__name__}: {e})")
+        return None
+
+
+FLASHINFER = None
+
+
+def flashinfer_decode(dev, q, x, B, T, H, D):
+    fi = FLASHINFER
+    page = 16
+    n_pages = B * (T // page)
+    kv = torch.stack([t.expand(B, -1, -1, -1).reshape(n_pages, page, H, D) for t in x], dim=1).contiguous()
+    indptr = torch.arange(0, n_pages + 1, T // page, device=dev, dtype=torch.int32)
+    indices = torch.arange(n_pages, device=dev, dtype=torch.int32)
+    last = torch.full((B,), page, device=dev, dtype=torch.int32)
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+    w.plan(indptr, indices, last, q.shape[2], H, D, page, data_type=torch.float16)
+    qq = q[:, 0].contiguous()
+    ms = do_bench(lambda: w.run(qq, kv), warmup=25, rep=100, return_mode="median")
+    return dict(method="flashinfer_fp16", head_dim=D, batch=B, context=T, us=ms * 1e3, bytes=kv.nbytes,
+                GBps=kv.nbytes / ms / 1e6)
+
+
+def main():
+    global FLASHINFER
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    info = dict(device=torch.cuda.get_device_name(), gpu_key=gpu_key(dev), torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
+    log(json.dumps(info))
+    res = dict(info=info)
+    FLASHINFER = _import_flashinfer()
+    if not args.skip_check:
+        t0 = time.time()
+        res["check"] = check(dev)
+        worst = max(r["rel_err"] for r in res["check"])
+        log(f"check: {len(res['check'])} configs, worst rel err {worst:.2e}, all finite "
+            f"{all(r['finite'] for r in res['check'])} ({time.time() - t0:.0f}s)")
+        for r in res["check"]:
+            if r["rel_err"] > 1e-2 or not r["finite"]:
+                log("  BAD", r)
+    res["copy_GBps"] = copy_bandwidth(dev)
+    log(f"copy: {res['copy_GBps']:.0f} GB/s")
+    res["decode"] = []
+    shapes = [(32, 8, 128, B, T) for T in (1024, 4096, 16384, 32768, 131072) for B in (1, 8, 32, 64)
+              if B * T <= (1 << 21)]
+    shapes += [(32, 8, 64, 8, 32768), (16, 8, 256, 8, 32768)]
+    if args.quick:
+        shapes = [(32, 8, 128, 8, 4096), (32, 8, 128, 8, 32768), (32, 8, 128, 1, 131072)]
+    for Hq, H, D, B, T in shapes:
+        rows = bench_decode(dev, Hq, H, D, B, T, res["copy_GBps"], args.quick)
+        res["decode"].extend(rows)
+        log(f"D={D} B={B:2d} T={T:6d}: " + "  ".join(
+            f"{r['method']} {r['us']:7.1f}us {r['GBps']:5.0f}GB/s x{r['speedup_vs_sdpa']:.2f}" for r in rows))
+        with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -73,6 +73,8 @@ class PagedKVCache:
         self.codec, self.num_kv_heads, self.max_batch = codec, num_kv_heads, max_batch
         self.sink_tokens, self.recent_tokens, self.dtype = sink_tokens, recent_tokens, dtype
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         P, D, H = codec.page_size, codec.head_dim, num_kv_heads
         dev = self.device
         self.k_codes = torch.zeros(num_pages, H, P, codec.words_per_token(codec.key_bits), dtype=torch.int32,

@@ -52,7 +52,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                        cos_ptr, sin_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr,
                        H, n_mblk, n_splits, pages_per_split, max_batch, sm_scale, softcap, window,
                        sqb, sqt, sqh, skc_p, skc_h, skc_t, sks_p, sks_h, svc_p, svc_h, svc_t, svs_p, svs_h,
-                       sbt, sfb, sfh, sft, smb, smh,
+                       sbt, sfb, sfh, sft, smb, smh, svmb, svmh,
                        Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                        KBITS: tl.constexpr, VBITS: tl.constexpr, PAGE: tl.constexpr, INV_SQRT_N: tl.constexpr,
                        ROPE_HALF: tl.constexpr, CENTER_K: tl.constexpr, CENTER_V: tl.constexpr,
@@ -78,17 +78,17 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, DP), tl.float32)
     if split < n_splits:
-        # rot[i, j] = R[i, j]: i a stored (rotated) coordinate, j an original one; zero-padded to DP x DP.
-        rot = tl.load(rot_ptr + d[:, None] * DP + d[None, :])
+        # rot[i, j] = R[i, j]: i a stored (rotated) coordinate, j an original one; zero-padded to DP x DP. Its
+        # entries are ±1 (times the Helmert constants at head_dim 96), exact in fp16/bf16 but for those constants.
+        rot = tl.load(rot_ptr + d[:, None] * DP + d[None, :]).to(DOT)
         if ROPE_HALF == 0:
-            q_rot = (tl.dot(q.to(tl.float32), tl.trans(rot), input_precision="tf32x3") * INV_SQRT_N).to(DOT)
+            q_rot = (tl.dot(q, tl.trans(rot)) * INV_SQRT_N).to(DOT)
             if CENTER_K:
                 q_mean = tl.sum(q.to(tl.float32) * tl.load(kmean_ptr + b * smb + h * smh + d, mask=dmask,
                                                            other=0.0)[None, :], axis=1)
             else:
                 q_mean = tl.zeros((BLOCK_M,), tl.float32)
         else:
-            rot16 = rot.to(DOT)
             k_mean = tl.zeros((DP,), tl.float32)
             if CENTER_K:
                 k_mean = tl.load(kmean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)
@@ -106,7 +106,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                 s = tl.dot(q_rot, tl.trans(vk.to(DOT))) * ks[None, :] + q_mean[:, None]
             else:
                 # Back to the original basis, add the mean, re-apply RoPE at each key's position.
-                k = tl.dot(vk.to(DOT), rot16) * (ks * INV_SQRT_N)[:, None] + k_mean[None, :]
+                k = tl.dot(vk.to(DOT), rot) * (ks * INV_SQRT_N)[:, None] + k_mean[None, :]
                 cos, sin, _ = rope_rows_at(cos_ptr, sin_ptr, k_index, tvalid, d, ROPE_HALF)
                 k = rope_rotate(k, rope_partner(k, d, ROPE_HALF), d, cos, sin, ROPE_HALF, False)
                 s = tl.dot(q, tl.trans(k.to(DOT)))
@@ -117,9 +117,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             vv = load_e8_tile(vc_ptr + page * svc_p + h * svc_h + t[:, None] * svc_t, tvalid, D, DP, VBITS, PAGE)
             vs = tl.load(vs_ptr + page * svs_p + h * svs_h + t, mask=tvalid, other=0.0).to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot((p * vs[None, :]).to(DOT), vv.to(DOT))
-        if CENTER_V:
-            v_mean = tl.load(vmean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)
-            acc += l_i[:, None] * (tl.sum(rot * v_mean[None, :], axis=1) * INV_SQRT_N)[None, :]
+        if CENTER_V:  # the value mean, rotated (R mean_v / √n), once per unit of probability mass
+            acc += l_i[:, None] * tl.load(vmean_ptr + b * svmb + h * svmh + d)[None, :]
     else:
         # The uncompressed sinks and window, in the original basis.
         j = tl.arange(0, BLOCK_N)
@@ -144,7 +143,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
 @triton.jit
 def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, rot_ptr, o_ptr, H, n_mblk, n_splits, soh_b, soh_t, soh_h,
                         Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                        INV_SQRT_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                        INV_SQRT_N: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr):
     # Combine the splits of one (batch, KV head, row block): weights 2^(m_s - max), then one rotation back.
     pid = tl.program_id(0)
     bh, mb = pid // n_mblk, pid % n_mblk
@@ -162,17 +161,25 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, rot_ptr, o_ptr, H, n_mblk, n_spli
         w = tl.exp2(tl.load(m_ptr + (base + s) * BLOCK_M + rows) - m_safe)
         l_sum += w * tl.load(l_ptr + (base + s) * BLOCK_M + rows)
         acc_rot += w[:, None] * tl.load(acc_ptr + ((base + s) * BLOCK_M + rows)[:, None] * DP + d[None, :])
-    w = tl.exp2(tl.load(m_ptr + (base + n_splits) * BLOCK_M + rows) - m_safe)
-    l_sum += w * tl.load(l_ptr + (base + n_splits) * BLOCK_M + rows)
-    acc = w[:, None] * tl.load(acc_ptr + ((base + n_splits) * BLOCK_M + rows)[:, None] * DP + d[None, :])
-    if n_splits > 0:
-        rot = tl.load(rot_ptr + d[:, None] * DP + d[None, :])
-        acc += tl.dot(acc_rot, rot, input_precision="tf32x3") * INV_SQRT_N
-    out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]
+    w_fp = tl.exp2(tl.load(m_ptr + (base + n_splits) * BLOCK_M + rows) - m_safe)
+    l_sum += w_fp * tl.load(l_ptr + (base + n_splits) * BLOCK_M + rows)
+    inv_l = 1.0 / tl.where(l_sum > 0.0, l_sum, 1.0)
+    # Rotate back once: the fp16 hi and lo parts of the normalised accumulator against the ±1 matrix keep ~22 bits.
+    u = acc_rot * (inv_l * INV_SQRT_N)[:, None]
+    hi = u.to(tl.float16)
+    lo = (u - hi.to(tl.float32)).to(tl.float16)
     r = mb * BLOCK_M + rows
     qi, g = r // GROUP, r % GROUP
-    tl.store(o_ptr + b * soh_b + qi[:, None] * soh_t + (h * GROUP + g)[:, None] * soh_h + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=(qi < Q_LEN)[:, None] & (d < D)[None, :])
+    o_row = o_ptr + b * soh_b + qi[:, None] * soh_t + (h * GROUP + g)[:, None] * soh_h
+    c = tl.arange(0, RC)
+    for c0 in tl.static_range(0, DP, RC):  # column blocks keep the rotation operand within shared memory
+        out = w_fp[:, None] * inv_l[:, None] * tl.load(acc_ptr + ((base + n_splits) * BLOCK_M + rows)[:, None] * DP
+                                                        + (c0 + c)[None, :])
+        if n_splits > 0:
+            rot = tl.load(rot_ptr + d[:, None] * DP + (c0 + c)[None, :]).to(tl.float16)
+            out += tl.dot(hi, rot) + tl.dot(lo, rot)
+        tl.store(o_row + (c0 + c)[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=(qi < Q_LEN)[:, None] & (c0 + c < D)[None, :])
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,7 +198,11 @@ def _dot_dtype(q: torch.Tensor):
     return tl.float16
 
 
-_DEFAULTS = {"attention": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2}}
+# Untuned defaults: one stage (the code tiles are small; staging them only costs shared memory) and 8 warps from
+# head_dim 96 up (at 4 warps the key/value tiles spill registers, and head_dim 256 with RoPE re-applied overflows
+# shared memory).
+_DEFAULTS = {"attention": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 1, "programs_per_sm": 2},
+             "attention_d64": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2}}
 
 
 def _check_inputs(q, cache, softmax_scale, softcap, window):
@@ -268,8 +279,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     rows = q_len * group
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     n_mblk = triton.cdiv(rows, block_m)
-    cfg = {**_DEFAULTS["attention"], **lookup("attention", f"d{D}_k{codec.key_bits}v{codec.value_bits}",
-                                              _DEFAULTS["attention"], q.device)}
+    default = _DEFAULTS["attention_d64" if D == 64 else "attention"]
+    cfg = {**default, **lookup("attention", f"d{D}_k{codec.key_bits}v{codec.value_bits}", default, q.device)}
     P = codec.page_size
     max_pages = triton.cdiv(max(cache.compressed_lens()[:B]), P)
     if num_splits is None:
@@ -292,18 +303,19 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     inv_sqrt_n = 1.0 / math.sqrt(ref.transform_norm(D))
     _attn_split_kernel[(B * H * n_mblk, n_parts)](
         q, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths,
-        cache.k_mean, cache.v_mean, rot, cos, sin, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
+        cache.k_mean, cache.v_mean_rot, rot, cos, sin, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
         H, n_mblk, num_splits, pages_per_split, cache.max_batch, scale, float(softcap or 1.0), int(window or 0),
         *q.stride()[:3], *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], *cache.v_codes.stride()[:3],
         *cache.v_scales.stride()[:2], cache.block_table.stride(0), *cache.fp_k.stride()[:3],
-        *cache.k_mean.stride()[:2],
+        *cache.k_mean.stride()[:2], *cache.v_mean_rot.stride()[:2],
         Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, VBITS=codec.value_bits, PAGE=P,
         INV_SQRT_N=inv_sqrt_n, ROPE_HALF=rope_half, CENTER_K=codec.center_keys, CENTER_V=codec.center_values,
         SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=_dot_dtype(q), BLOCK_M=block_m,
         BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _attn_reduce_kernel[(B * H * n_mblk,)](
         m_part, l_part, acc_part, rot, out, H, n_mblk, num_splits, *out.stride()[:3],
-        Q_LEN=q_len, GROUP=group, D=D, DP=DP, INV_SQRT_N=inv_sqrt_n, BLOCK_M=block_m, num_warps=4)
+        Q_LEN=q_len, GROUP=group, D=D, DP=DP, INV_SQRT_N=inv_sqrt_n, BLOCK_M=block_m, RC=min(DP, 128),
+        num_warps=4)
     return out
 
 

@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from . import reference as ref
 from .codec import EncodedKV, decode_kv, encode_kv
 from .config import KVCodec
 
@@ -40,7 +41,7 @@ class PagedKVCache:
     Tensors (read by ``decode_attention``): ``k_codes``/``v_codes`` int32 ``[num_pages, H, P, D*bits/32]``,
     ``k_scales``/``v_scales`` ``[num_pages, H, P]``, ``block_table`` int32 ``[max_batch, max_pages_per_seq]``,
     ``lengths`` int32 ``[4, max_batch]`` (rows: tokens, compressed tokens, uncompressed tokens, sinks),
-    ``fp_k``/``fp_v``, ``k_mean``/``v_mean`` fp32 ``[max_batch, H, D]``.
+    ``fp_k``/``fp_v``, ``k_mean``/``v_mean`` fp32 ``[max_batch, H, D]``, ``v_mean_rot``.
 
     Example:
         >>> from nqkernels import KVCodec, PagedKVCache, decode_attention
@@ -90,6 +91,8 @@ class PagedKVCache:
         self.fp_v = torch.zeros(max_batch, H, cap, D, dtype=dtype, device=dev)
         self.k_mean = torch.zeros(max_batch, H, D, dtype=torch.float32, device=dev)
         self.v_mean = torch.zeros(max_batch, H, D, dtype=torch.float32, device=dev)
+        # R·v_mean/√n zero-padded to a power of two: the value mean in the rotated domain decode_attention sums in.
+        self.v_mean_rot = torch.zeros(max_batch, H, ref.next_pow2(D), dtype=torch.float32, device=dev)
         # Host mirrors of the bookkeeping, so appends and launches never wait on the device.
         self._len = [0] * max_batch
         self._comp = [0] * max_batch
@@ -113,7 +116,8 @@ class PagedKVCache:
     def nbytes(self) -> int:
         """Bytes allocated by this cache's tensors (codes, scales, fp buffers, means, tables)."""
         return sum(t.nbytes for t in (self.k_codes, self.v_codes, self.k_scales, self.v_scales, self.block_table,
-                                      self.lengths, self.fp_k, self.fp_v, self.k_mean, self.v_mean))
+                                      self.lengths, self.fp_k, self.fp_v, self.k_mean, self.v_mean,
+                                      self.v_mean_rot))
 
     def reset(self, slots: Optional[Sequence[int]] = None) -> None:
         """Empty the given slots (default all) and return their pages to the pool."""
@@ -195,6 +199,9 @@ class PagedKVCache:
                 self.k_mean[b] = enc_k.mean[0]
             if enc_v.mean is not None:
                 self.v_mean[b] = enc_v.mean[0]
+                D = self.codec.head_dim
+                rot = ref.rotation_matrix(D).to(self.device)
+                self.v_mean_rot[b, :, :D] = enc_v.mean[0] @ rot.T / ref.transform_norm(D) ** 0.5
         pages = [self._free.pop() for _ in range(n_pages)]
         idx = torch.tensor(pages, device=self.device, dtype=torch.long)
         for enc, codes, scales in ((enc_k, self.k_codes, self.k_scales), (enc_v, self.v_codes, self.v_scales)):

@@ -27,7 +27,7 @@ from autotune import lookup
 
 from . import reference as ref
 from .codec import _max_programs, _rope_tables, _use_triton
-from .lattice import load_e8_tile, rope_partner, rope_rotate, rope_rows_at
+from .lattice import load_e8_doubled, rope_partner, rope_rotate, rope_rows_at
 from .paged import PagedKVCache
 
 @triton.jit
@@ -81,8 +81,12 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         # rot[i, j] = R[i, j]: i a stored (rotated) coordinate, j an original one; zero-padded to DP x DP. Its
         # entries are ±1 (times the Helmert constants at head_dim 96), exact in fp16/bf16 but for those constants.
         rot = tl.load(rot_ptr + d[:, None] * DP + d[None, :]).to(DOT)
+        # Codes arrive as u = 2·index + coset (load_e8_doubled): v = u/2 + K_OFF, so q·v = (q/2)·u + K_OFF·Σq.
+        K_OFF: tl.constexpr = 0.25 - (1 << (KBITS - 1))
+        V_OFF: tl.constexpr = 0.25 - (1 << (VBITS - 1))
         if ROPE_HALF == 0:
-            q_rot = (tl.dot(q, tl.trans(rot)) * INV_SQRT_N).to(DOT)
+            q_rot = (tl.dot(q, tl.trans(rot)) * (0.5 * INV_SQRT_N)).to(DOT)
+            q_off = tl.sum(q_rot.to(tl.float32), axis=1) * (2.0 * K_OFF)
             if CENTER_K:
                 q_mean = tl.sum(q.to(tl.float32) * tl.load(kmean_ptr + b * smb + h * smh + d, mask=dmask,
                                                            other=0.0)[None, :], axis=1)
@@ -90,9 +94,11 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                 q_mean = tl.zeros((BLOCK_M,), tl.float32)
         else:
             k_mean = tl.zeros((DP,), tl.float32)
+            rot_sum = tl.sum(rot.to(tl.float32), axis=0) * K_OFF  # Rᵀ(K_OFF·1): the offset in the original basis
             if CENTER_K:
                 k_mean = tl.load(kmean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)
         t = tl.arange(0, PAGE)
+        l_v = tl.zeros((BLOCK_M,), tl.float32)
         p_lo = split * pages_per_split
         p_hi = tl.minimum(p_lo + pages_per_split, tl.cdiv(comp, PAGE))
         for pg in range(p_lo, p_hi):
@@ -100,13 +106,14 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             tok = pg * PAGE + t
             tvalid = tok < comp
             k_index = n_sink + tok
-            vk = load_e8_tile(kc_ptr + page * skc_p + h * skc_h + t[:, None] * skc_t, tvalid, D, DP, KBITS, PAGE)
+            uk = load_e8_doubled(kc_ptr + page * skc_p + h * skc_h + t[:, None] * skc_t, tvalid, D, DP, KBITS,
+                                 PAGE).to(DOT)
             ks = tl.load(ks_ptr + page * sks_p + h * sks_h + t, mask=tvalid, other=0.0).to(tl.float32)
             if ROPE_HALF == 0:
-                s = tl.dot(q_rot, tl.trans(vk.to(DOT))) * ks[None, :] + q_mean[:, None]
+                s = (tl.dot(q_rot, tl.trans(uk)) + q_off[:, None]) * ks[None, :] + q_mean[:, None]
             else:
                 # Back to the original basis, add the mean, re-apply RoPE at each key's position.
-                k = tl.dot(vk.to(DOT), rot) * (ks * INV_SQRT_N)[:, None] + k_mean[None, :]
+                k = (tl.dot(uk, rot) * 0.5 + rot_sum[None, :]) * (ks * INV_SQRT_N)[:, None] + k_mean[None, :]
                 cos, sin, _ = rope_rows_at(cos_ptr, sin_ptr, k_index, tvalid, d, ROPE_HALF)
                 k = rope_rotate(k, rope_partner(k, d, ROPE_HALF), d, cos, sin, ROPE_HALF, False)
                 s = tl.dot(q, tl.trans(k.to(DOT)))
@@ -114,9 +121,14 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             if WINDOW:
                 seen = seen & (k_index[None, :] > q_index[:, None] - window)
             p, alpha, m_i, l_i = _online_softmax(s, seen, m_i, l_i, sm_scale, SOFTCAP, softcap)
-            vv = load_e8_tile(vc_ptr + page * svc_p + h * svc_h + t[:, None] * svc_t, tvalid, D, DP, VBITS, PAGE)
+            uv = load_e8_doubled(vc_ptr + page * svc_p + h * svc_h + t[:, None] * svc_t, tvalid, D, DP, VBITS,
+                                 PAGE).to(DOT)
             vs = tl.load(vs_ptr + page * svs_p + h * svs_h + t, mask=tvalid, other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot((p * vs[None, :]).to(DOT), vv.to(DOT))
+            pv = (p * vs[None, :]).to(DOT)
+            acc = acc * alpha[:, None] + tl.dot(pv, uv)
+            l_v = l_v * alpha + tl.sum(pv.to(tl.float32), axis=1)  # the same rounded weights as in the product
+        # Σ p s v = ½ Σ p s u + V_OFF Σ p s
+        acc = acc * 0.5 + (l_v * V_OFF)[:, None]
         if CENTER_V:  # the value mean, rotated (R mean_v / √n), once per unit of probability mass
             acc += l_i[:, None] * tl.load(vmean_ptr + b * svmb + h * svmh + d)[None, :]
     else:

@@ -21,7 +21,7 @@ from autotune import lookup
 
 from . import reference as ref
 from .config import KVCodec
-from .lattice import e8_nearest, exp2i, fixed_point, integer_transform, inverse_hadamard, load_e8_tile, pack_plane, \
+from .lattice import e8_nearest, exp2i, fixed_point, integer_transform, inverse_hadamard, load_e8_doubled, pack_plane, \
     rope_partner, rope_partner_index, rope_rotate, rope_rows, round_to, storage_index, storage_order, \
     transform_matrix
 from .rope import rope_cos_sin
@@ -147,7 +147,8 @@ def _decode_kernel(codes_ptr, scales_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, me
     dmask = d < D
     s = tl.load(scales_ptr + b * ssb + h * ssh + t * sst, mask=tmask, other=0.0).to(tl.float32)
     row = codes_ptr + b * scb + h * sch + t[:, None] * sct
-    v = tl.where(dmask[None, :], load_e8_tile(row, tmask, D, DP, BITS, BLOCK_T), 0.0)
+    u = load_e8_doubled(row, tmask, D, DP, BITS, BLOCK_T)
+    v = tl.where(dmask[None, :], u.to(tl.float32) * 0.5 + (0.25 - (1 << (BITS - 1))), 0.0)
     v = tl.gather(v, tl.broadcast_to(storage_index(d)[None, :], v.shape), 1)  # to transform order
     x = inverse_hadamard(v, BLOCK_T, D, DP, LOG2DP) * (s * SQRT_N)[:, None]
     if CENTER:

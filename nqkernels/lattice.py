@@ -242,33 +242,32 @@ def e8_nearest(t, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def e8_values(idx, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
-    """reference.e8_values: lattice coordinates of stored indices [BT, DP] int32 (restores the parity bit)."""
-    G: tl.constexpr = DP // 8
-    HALF: tl.constexpr = 1 << (BITS - 1)
-    lane = tl.arange(0, 8)[None, None, :]
-    g = tl.reshape(idx, (BT, G, 8))
-    c = tl.sum(tl.where(lane == 7, g & 1, 0), axis=2)
-    par = tl.sum(tl.where(lane < 7, g, 0), axis=2) & 1
-    g = tl.where(lane == 7, (g & -2) | par[:, :, None], g)
-    v = g.to(tl.float32) - HALF + 0.25 + 0.5 * c.to(tl.float32)[:, :, None]
-    return tl.reshape(v, (BT, DP))
+def load_e8_doubled(row, tmask, D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr):
+    """BT tokens of packed codes -> u = 2·index + coset, int32 [BT, DP] in storage order, so the lattice value is
+    v = u/2 - 2^(BITS-1) + 1/4 (reference.e8_values). ``row`` is [BT, 1] pointers to each token's first word;
+    coordinates past D read as u = 0.
 
-
-@triton.jit
-def load_e8_tile(row, tmask, D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr):
-    """Lattice values (index units, storage order, fp32 [BT, DP]) of BT tokens of packed codes; ``row`` is [BT, 1]
-    pointers to each token's first int32 word. Coordinates past D read as index 0 (callers mask them out)."""
+    Works on whole words: a group of 8 is one 16-bit half of a low-plane word, the parity of its first seven indices
+    is the xor of their low bits (bits 0, 2, ..., 12 of the half, folded by three shift-xors) and replaces bit 14
+    (index 7's low bit, where the coset flag is stored); the flag is then spread to the group's 8 fields.
+    """
     w16 = tl.arange(0, DP // 16)
     m16 = tmask[:, None] & (w16 < D // 16)[None, :]
-    idx = unpack_plane(tl.load(row + w16[None, :], mask=m16, other=0), BT, DP, 2)
+    lo = tl.load(row + w16[None, :], mask=m16, other=0)
+    x = lo & 0x15551555
+    x ^= x >> 8
+    x ^= x >> 4
+    x ^= x >> 2
+    coset = (lo >> 14) & 0x00010001
+    lo = (lo & -0x40004001) | ((x & 0x00010001) << 14)  # -0x40004001 == ~0x40004000
+    u = (unpack_plane(lo, BT, DP, 2) << 1) | unpack_plane(coset * 0x5555, BT, DP, 2)
     if BITS == 3:
         w32 = tl.arange(0, DP // 32)
         hi = tl.load(row + D // 16 + w32[None, :], mask=tmask[:, None] & (w32 < D // 32)[None, :], other=0)
-        idx = idx | (unpack_plane(hi, BT, DP, 1) << 2)
+        u = u | (unpack_plane(hi, BT, DP, 1) << 3)
     if BITS == 4:
-        idx = idx | (unpack_plane(tl.load(row + D // 16 + w16[None, :], mask=m16, other=0), BT, DP, 2) << 2)
-    return e8_values(idx, BT, DP, BITS)
+        u = u | (unpack_plane(tl.load(row + D // 16 + w16[None, :], mask=m16, other=0), BT, DP, 2) << 3)
+    return u
 
 
 @triton.jit

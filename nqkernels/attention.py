@@ -15,7 +15,6 @@ query heads (GQA) and all positions of a chunk (q_len > 1, causal inside the chu
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -26,9 +25,10 @@ import triton.language as tl
 from autotune import lookup
 
 from . import reference as ref
-from .codec import _max_programs, _rope_tables, _use_triton
+from .codec import _max_programs, _rope_tables, _rotation, _use_triton
 from .lattice import load_e8_doubled, rope_partner, rope_rotate, rope_rows_at
 from .paged import PagedKVCache
+
 
 @triton.jit
 def _online_softmax(s, seen, m_i, l_i, sm_scale, SOFTCAP: tl.constexpr, softcap):
@@ -45,6 +45,15 @@ def _online_softmax(s, seen, m_i, l_i, sm_scale, SOFTCAP: tl.constexpr, softcap)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _visible(valid, k_index, q_index, WINDOW: tl.constexpr, window):
+    """[BM, BN] mask: key valid, not after the query (causal) and, with WINDOW, less than ``window`` tokens before."""
+    seen = valid[None, :] & (k_index[None, :] <= q_index[:, None])
+    if WINDOW:
+        seen = seen & (k_index[None, :] > q_index[:, None] - window)
+    return seen
 
 
 @triton.jit
@@ -117,9 +126,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                 cos, sin, _ = rope_rows_at(cos_ptr, sin_ptr, k_index, tvalid, d, ROPE_HALF)
                 k = rope_rotate(k, rope_partner(k, d, ROPE_HALF), d, cos, sin, ROPE_HALF, False)
                 s = tl.dot(q, tl.trans(k.to(DOT)))
-            seen = tvalid[None, :] & (k_index[None, :] <= q_index[:, None])
-            if WINDOW:
-                seen = seen & (k_index[None, :] > q_index[:, None] - window)
+            seen = _visible(tvalid, k_index, q_index, WINDOW, window)
             p, alpha, m_i, l_i = _online_softmax(s, seen, m_i, l_i, sm_scale, SOFTCAP, softcap)
             uv = load_e8_doubled(vc_ptr + page * svc_p + h * svc_h + t[:, None] * svc_t, tvalid, D, DP, VBITS,
                                  PAGE).to(DOT)
@@ -141,9 +148,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             row = b * sfb + h * sfh + jj[:, None] * sft + d[None, :]
             kv_mask = jvalid[:, None] & dmask[None, :]
             s = tl.dot(q, tl.trans(tl.load(fpk_ptr + row, mask=kv_mask, other=0.0).to(DOT)))
-            seen = jvalid[None, :] & (k_index[None, :] <= q_index[:, None])
-            if WINDOW:
-                seen = seen & (k_index[None, :] > q_index[:, None] - window)
+            seen = _visible(jvalid, k_index, q_index, WINDOW, window)
             p, alpha, m_i, l_i = _online_softmax(s, seen, m_i, l_i, sm_scale, SOFTCAP, softcap)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), tl.load(fpv_ptr + row, mask=kv_mask, other=0.0).to(DOT))
     part = pid * (n_splits + 1) + split
@@ -192,14 +197,6 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, rot_ptr, o_ptr, H, n_mblk, n_spli
             out += tl.dot(hi, rot) + tl.dot(lo, rot)
         tl.store(o_row + (c0 + c)[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=(qi < Q_LEN)[:, None] & (c0 + c < D)[None, :])
-
-
-@functools.lru_cache(maxsize=None)
-def _rotation(head_dim: int, device: str) -> torch.Tensor:
-    dp = ref.next_pow2(head_dim)
-    rot = torch.zeros(dp, dp, dtype=torch.float32)
-    rot[:head_dim, :head_dim] = ref.rotation_matrix(head_dim)
-    return rot.to(device)
 
 
 def _dot_dtype(q: torch.Tensor):

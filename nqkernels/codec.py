@@ -172,6 +172,15 @@ def _rope_tables(codec: KVCodec, n_positions: int, device) -> tuple[torch.Tensor
     return _TABLES[key]
 
 
+@functools.lru_cache(maxsize=None)
+def _rotation(head_dim: int, device: str) -> torch.Tensor:
+    """reference.rotation_matrix zero-padded to ``[DP, DP]`` (DP the next power of two), fp32, cached per device."""
+    dp = ref.next_pow2(head_dim)
+    rot = torch.zeros(dp, dp, dtype=torch.float32)
+    rot[:head_dim, :head_dim] = ref.rotation_matrix(head_dim)
+    return rot.to(device)
+
+
 _TUNE_OVERRIDE: Optional[dict] = None  # set by tuning scripts to force a launch config
 
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from . import reference as ref
-from .codec import EncodedKV, decode_kv, encode_kv
+from .codec import EncodedKV, _rotation, decode_kv, encode_kv
 from .config import KVCodec
 
 
@@ -199,9 +200,9 @@ class PagedKVCache:
                 self.k_mean[b] = enc_k.mean[0]
             if enc_v.mean is not None:
                 self.v_mean[b] = enc_v.mean[0]
-                D = self.codec.head_dim
-                rot = ref.rotation_matrix(D).to(self.device)
-                self.v_mean_rot[b, :, :D] = enc_v.mean[0] @ rot.T / ref.transform_norm(D) ** 0.5
+                rot = _rotation(self.codec.head_dim, str(self.device))
+                self.v_mean_rot[b] = F.pad(enc_v.mean[0], (0, rot.shape[0] - self.codec.head_dim)) @ rot.T \
+                    / ref.transform_norm(self.codec.head_dim) ** 0.5
         pages = [self._free.pop() for _ in range(n_pages)]
         idx = torch.tensor(pages, device=self.device, dtype=torch.long)
         for enc, codes, scales in ((enc_k, self.k_codes, self.k_scales), (enc_v, self.v_codes, self.v_scales)):

@@ -107,7 +107,6 @@ def bench_decode(dev, Hq, H, D, B, T, copy_gbps, quick):
     fp16_bytes = 2 * k16.nbytes
     rows.append(dict(method="sdpa_fp16", head_dim=D, batch=B, context=T, us=ms * 1e3, bytes=fp16_bytes,
                      GBps=fp16_bytes / ms / 1e6))
-    del k16, v16
     if FLASHINFER is not None:
         rows.append(flashinfer_decode(dev, q, x, B, T, H, D))
     for kb, vb in SETTINGS if not quick else ((3, 2),):
@@ -117,7 +116,6 @@ def bench_decode(dev, Hq, H, D, B, T, copy_gbps, quick):
         nbytes = cache_bytes_read(cache, B)
         rows.append(dict(method=f"K{kb}V{vb}", head_dim=D, batch=B, context=T, us=ms * 1e3, bytes=nbytes,
                          GBps=nbytes / ms / 1e6, pct_copy=100 * nbytes / ms / 1e6 / copy_gbps))
-        del cache
     base = rows[0]["us"]
     for r in rows:
         r["speedup_vs_sdpa"] = base / r["us"]

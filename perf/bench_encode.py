@@ -26,7 +26,6 @@ from triton.testing import do_bench
 from autotune.store import gpu_key
 from nqkernels import KVCodec, RopeSpec, decode_kv, encode_kv
 from nqkernels import codec as codec_mod
-from nqkernels import reference as R
 
 H, D = 8, 128
 

@@ -118,7 +118,7 @@ def main():
         return
     print(f"\nContinuation perplexity, {args.chunks} chunks of {os.path.basename(args.text)}")
     base, _ = continuation_ppl(model, chunks, None)
-    print(f"\n| setting | PPL | delta | bytes / token / head (K+V) | bits / element |\n|---|---|---|---|---|")
+    print("\n| setting | PPL | delta | bytes / token / head (K+V) | bits / element |\n|---|---|---|---|---|")
     print(f"| fp16 (no-op control) | {base:.4f} | — | 512 | 16 |")
     rope = RopeSpec.from_hf_config(model.config)
     for kb, vb in ((4, 4), (3, 3), (3, 2), (2, 2)):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from autotune import lookup
-from nqkernels import KVCodec, RopeSpec, centering_mean, decode_kv, encode_kv
+from nqkernels import EncodedKV, KVCodec, RopeSpec, centering_mean, decode_kv, encode_kv
 from nqkernels import reference as R
 from nqkernels.codec import _rope_tables
 
@@ -184,3 +184,20 @@ def test_centering_mean_matches_torch(d, T, dtype):
     torch.testing.assert_close(centering_mean(x, codec, "value"), x.float().mean(2), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="head_dim"):
         centering_mean(x[..., :-2], codec, "key")
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("bits", BITS)
+def test_decode_matches_reference_on_random_codes(d, bits):
+    # Random words exercise every index, coset flag and parity pattern of the word-level decode.
+    codec = KVCodec(head_dim=d, key_bits=bits, value_bits=bits, rope=RopeSpec(theta=10000.0))
+    B, H, T = 2, 3, 21
+    codes = torch.randint(-2**31, 2**31 - 1, (B, H, T, codec.words_per_token(bits)), dtype=torch.int32)
+    scales = (torch.rand(B, H, T) + 0.1).half()
+    mean = torch.randn(B, H, d)
+    positions = torch.randint(0, 500, (B, T))
+    out = decode_kv(EncodedKV(codes, scales, mean), codec, "key", positions=positions, dtype=torch.float32)
+    c, s = _rope_tables(codec, 500, "cpu")
+    want = R.decode_reference(codes, scales, bits, d, cos=c[positions], sin=s[positions], mean=mean,
+                              dtype=torch.float32)
+    assert torch.allclose(out, want, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,5 @@
 """The torch reference (the oracle) against first principles."""
 import itertools
-import math
 
 import pytest
 import torch

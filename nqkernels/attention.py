@@ -15,6 +15,7 @@ query heads (GQA) and all positions of a chunk (q_len > 1, causal inside the chu
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -26,47 +27,78 @@ from autotune import lookup
 
 from . import reference as ref
 from .codec import _max_programs, _rope_tables, _rotation, _use_triton
-from .lattice import load_e8_doubled, rope_partner, rope_rotate, rope_rows_at
+from .lattice import (SUBNORMAL_UNIT, coset_pairs, load_e8_doubled, plane_pairs, restore_parity, rope_partner,
+                      rope_rotate, rope_rows_at)
 from .paged import PagedKVCache
 
 
 @triton.jit
-def _online_softmax(s, seen, m_i, l_i, sm_scale, SOFTCAP: tl.constexpr, softcap):
-    """Fold one tile of raw logits s = q·k [BM, BN] into the running max m_i and sum l_i (log2 domain).
-    Returns the probabilities p [BM, BN], the factor alpha [BM] for the accumulator, and the new m_i, l_i."""
+def _online_softmax(s, seen, m_i, sm_scale, SOFTCAP: tl.constexpr, softcap, AXIS: tl.constexpr):
+    """Fold one tile of raw logits s = q·k into the running max m_i (log2 domain); keys run along AXIS. Returns the
+    probabilities p (s's shape), the factor alpha for the accumulators and sums, and the new m_i."""
     if SOFTCAP:
         # softcap · tanh(s · scale / softcap), with tanh(y) = 1 - 2 / (exp(2y) + 1)
         s = softcap * (1.0 - 2.0 / (tl.exp(s * (2.0 * sm_scale / softcap)) + 1.0)) * 1.4426950408889634
     else:
         s = s * (sm_scale * 1.4426950408889634)
     s = tl.where(seen, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_new = tl.maximum(m_i, tl.max(s, axis=AXIS))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked row keeps p = 0, alpha = 0
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+    return tl.exp2(s - tl.expand_dims(m_safe, AXIS)), alpha, m_new
 
 
 @triton.jit
-def _visible(valid, k_index, q_index, WINDOW: tl.constexpr, window):
-    """[BM, BN] mask: key valid, not after the query (causal) and, with WINDOW, less than ``window`` tokens before."""
-    seen = valid[None, :] & (k_index[None, :] <= q_index[:, None])
+def _visible(valid, k_index, q_index, WINDOW: tl.constexpr, window, AXIS: tl.constexpr):
+    """Mask with keys along AXIS and queries along the other axis: key valid, not after the query (causal) and,
+    with WINDOW, less than ``window`` tokens before it."""
+    kv = tl.expand_dims(valid, 1 - AXIS)
+    ki = tl.expand_dims(k_index, 1 - AXIS)
+    qi = tl.expand_dims(q_index, AXIS)
+    seen = kv & (ki <= qi)
     if WINDOW:
-        seen = seen & (k_index[None, :] > q_index[:, None] - window)
+        seen = seen & (ki > qi - window)
     return seen
 
 
 @triton.jit
-def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, kmean_ptr, vmean_ptr, rot_ptr,
+def _words(row, tmask, FIRST: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
+    """Words FIRST..FIRST+N-1 of each token's codes (``row``: [BT, 1] pointers), zero-padded to NP columns."""
+    w = tl.arange(0, NP)
+    return tl.load(row + FIRST + w[None, :], mask=tmask[:, None] & (w < N)[None, :], other=0)
+
+
+@triton.jit
+def _pair_inv_scale(kappa, FBITS: tl.constexpr):
+    """1 / (the power of two ``plane_pairs`` puts on element kappa): 2^-(FBITS·k), k the field within its byte."""
+    return tl.exp2(-(FBITS * ((kappa >> 1) % (8 // FBITS))).to(tl.float32))
+
+
+@triton.jit
+def _query_block(q, p_ptr, FIRST: tl.constexpr, ROWS: tl.constexpr, DP: tl.constexpr, FBITS: tl.constexpr,
+                 INV_SQRT_N: tl.constexpr, DOT: tl.constexpr):
+    """The query against rows FIRST.. of the decode matrix (``_decode_matrix``), divided by each pair element's
+    power of two: [BM, ROWS] fp32, so that q_block · (decoded pairs) · 2^24 = q̃ · (that block of v)."""
+    kappa = tl.arange(0, ROWS)
+    d = tl.arange(0, DP)
+    blk = tl.load(p_ptr + (FIRST + kappa)[:, None] * DP + d[None, :]).to(DOT)
+    qb = tl.dot(q, tl.trans(blk)) * INV_SQRT_N
+    if FBITS > 0:
+        qb = qb * _pair_inv_scale(kappa, FBITS)[None, :]
+    return qb
+
+
+@triton.jit
+def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, kmean_ptr, pk_ptr, rot_ptr,
                        cos_ptr, sin_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr,
                        H, n_mblk, n_splits, pages_per_split, max_batch, sm_scale, softcap, window,
                        sqb, sqt, sqh, skc_p, skc_h, skc_t, sks_p, sks_h, svc_p, svc_h, svc_t, svs_p, svs_h,
-                       sbt, sfb, sfh, sft, smb, smh, svmb, svmh,
+                       sbt, sfb, sfh, sft, smb, smh,
                        Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                        KBITS: tl.constexpr, VBITS: tl.constexpr, PAGE: tl.constexpr, INV_SQRT_N: tl.constexpr,
-                       ROPE_HALF: tl.constexpr, CENTER_K: tl.constexpr, CENTER_V: tl.constexpr,
-                       SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       NG: tl.constexpr, KCV: tl.constexpr, ROPE_HALF: tl.constexpr, CENTER_K: tl.constexpr,
+                       SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid, split = tl.program_id(0), tl.program_id(1)
     bh, mb = pid // n_mblk, pid % n_mblk
     b, h = bh // H, bh % H
@@ -82,32 +114,47 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
     n_fp = tl.load(lens_ptr + 2 * max_batch + b)
     n_sink = tl.load(lens_ptr + 3 * max_batch + b)
     q_index = seq_len - Q_LEN + qi  # each row's token index in its sequence
+    part = pid * (n_splits + 1) + split
+    rows = part * BLOCK_M + tl.arange(0, BLOCK_M)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, DP), tl.float32)
     if split < n_splits:
-        # rot[i, j] = R[i, j]: i a stored (rotated) coordinate, j an original one; zero-padded to DP x DP. Its
-        # entries are ±1 (times the Helmert constants at head_dim 96), exact in fp16/bf16 but for those constants.
-        rot = tl.load(rot_ptr + d[:, None] * DP + d[None, :]).to(DOT)
-        # Codes arrive as u = 2·index + coset (load_e8_doubled): v = u/2 + K_OFF, so q·v = (q/2)·u + K_OFF·Σq.
+        # Compressed pages, keys along axis 0: logitsᵀ [PAGE, BLOCK_M] = (decoded codes) · (query blocks)ᵀ, and
+        # accᵀ [pairs, BLOCK_M] = (decoded value codes)ᵀ · (p·s)ᵀ, all in the rotated domain and pair order.
+        # v = lo + 4·hi + c/2 + OFF per coordinate (index planes lo/hi, coset flag c of its group of 8).
         K_OFF: tl.constexpr = 0.25 - (1 << (KBITS - 1))
         V_OFF: tl.constexpr = 0.25 - (1 << (VBITS - 1))
+        NWL: tl.constexpr = DP // 16  # low-plane words (2-bit fields), padded
+        KHI: tl.constexpr = 1 if KBITS == 3 else 2  # field bits of the high plane
+        VHI: tl.constexpr = 1 if VBITS == 3 else 2
         if ROPE_HALF == 0:
-            q_rot = (tl.dot(q, tl.trans(rot)) * (0.5 * INV_SQRT_N)).to(DOT)
-            q_off = tl.sum(q_rot.to(tl.float32), axis=1) * (2.0 * K_OFF)
+            q_c = _query_block(q, pk_ptr, 0, NG, DP, 0, INV_SQRT_N, DOT)  # ½ Σ_group q̃: the coset weights
+            q_off = tl.sum(q_c, axis=1) * (2.0 * K_OFF)
+            qt_c = tl.trans(q_c.to(tl.float16))
+            qt_lo = tl.trans(_query_block(q, pk_ptr, NG, DP, DP, 2, INV_SQRT_N, DOT).to(tl.float16))
+            if KBITS > 2:
+                qt_hi = tl.trans(_query_block(q, pk_ptr, NG + DP, DP, DP, KHI, INV_SQRT_N, DOT).to(tl.float16))
             if CENTER_K:
                 q_mean = tl.sum(q.to(tl.float32) * tl.load(kmean_ptr + b * smb + h * smh + d, mask=dmask,
                                                            other=0.0)[None, :], axis=1)
             else:
                 q_mean = tl.zeros((BLOCK_M,), tl.float32)
         else:
+            # Keys stored with RoPE undone: decode each tile to the original basis (one product with R), add the
+            # mean, re-apply RoPE at each key's position.
+            rot = tl.load(rot_ptr + d[:, None] * DP + d[None, :]).to(DOT)
+            rot_sum = tl.sum(rot.to(tl.float32), axis=0) * K_OFF  # Rᵀ(K_OFF·1)
             k_mean = tl.zeros((DP,), tl.float32)
-            rot_sum = tl.sum(rot.to(tl.float32), axis=0) * K_OFF  # Rᵀ(K_OFF·1): the offset in the original basis
             if CENTER_K:
                 k_mean = tl.load(kmean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)
         t = tl.arange(0, PAGE)
-        l_v = tl.zeros((BLOCK_M,), tl.float32)
+        acc_c = tl.zeros((NG, BLOCK_M), tl.float32)
+        acc_lo = tl.zeros((DP, BLOCK_M), tl.float32)
+        acc_hi = tl.zeros((DP, BLOCK_M), tl.float32)
+        # Σp and Σp·s_v stay per element until the end (a cross-thread sum per page would cost more than the page).
+        l_t = tl.zeros((PAGE, BLOCK_M), tl.float32)
+        l_vt = tl.zeros((PAGE, BLOCK_M), tl.float32)
         p_lo = split * pages_per_split
         p_hi = tl.minimum(p_lo + pages_per_split, tl.cdiv(comp, PAGE))
         for pg in range(p_lo, p_hi):
@@ -115,31 +162,51 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             tok = pg * PAGE + t
             tvalid = tok < comp
             k_index = n_sink + tok
-            uk = load_e8_doubled(kc_ptr + page * skc_p + h * skc_h + t[:, None] * skc_t, tvalid, D, DP, KBITS,
-                                 PAGE).to(DOT)
+            krow = kc_ptr + page * skc_p + h * skc_h + t[:, None] * skc_t
             ks = tl.load(ks_ptr + page * sks_p + h * sks_h + t, mask=tvalid, other=0.0).to(tl.float32)
             if ROPE_HALF == 0:
-                s = (tl.dot(q_rot, tl.trans(uk)) + q_off[:, None]) * ks[None, :] + q_mean[:, None]
+                wk = _words(krow, tvalid, 0, D // 16, NWL)
+                s = tl.dot(coset_pairs(wk, PAGE, NWL, NG, ASM), qt_c)
+                s = tl.dot(plane_pairs(restore_parity(wk), PAGE, NWL, 2, ASM), qt_lo, s)
+                if KBITS > 2:
+                    wh = _words(krow, tvalid, D // 16, D * (KBITS - 2) // 32, DP * KHI // 32)
+                    s = tl.dot(plane_pairs(wh, PAGE, DP * KHI // 32, KHI, ASM), qt_hi, s)
+                s = (s * SUBNORMAL_UNIT + q_off[None, :]) * ks[:, None] + q_mean[None, :]
             else:
-                # Back to the original basis, add the mean, re-apply RoPE at each key's position.
+                uk = load_e8_doubled(krow, tvalid, D, DP, KBITS, PAGE).to(DOT)
                 k = (tl.dot(uk, rot) * 0.5 + rot_sum[None, :]) * (ks * INV_SQRT_N)[:, None] + k_mean[None, :]
                 cos, sin, _ = rope_rows_at(cos_ptr, sin_ptr, k_index, tvalid, d, ROPE_HALF)
                 k = rope_rotate(k, rope_partner(k, d, ROPE_HALF), d, cos, sin, ROPE_HALF, False)
-                s = tl.dot(q, tl.trans(k.to(DOT)))
-            seen = _visible(tvalid, k_index, q_index, WINDOW, window)
-            p, alpha, m_i, l_i = _online_softmax(s, seen, m_i, l_i, sm_scale, SOFTCAP, softcap)
-            uv = load_e8_doubled(vc_ptr + page * svc_p + h * svc_h + t[:, None] * svc_t, tvalid, D, DP, VBITS,
-                                 PAGE).to(DOT)
+                s = tl.dot(k.to(DOT), tl.trans(q))
+            seen = _visible(tvalid, k_index, q_index, WINDOW, window, 0)
+            p, alpha, m_i = _online_softmax(s, seen, m_i, sm_scale, SOFTCAP, softcap, 0)
+            l_t = l_t * alpha[None, :] + p
+            vrow = vc_ptr + page * svc_p + h * svc_h + t[:, None] * svc_t
             vs = tl.load(vs_ptr + page * svs_p + h * svs_h + t, mask=tvalid, other=0.0).to(tl.float32)
-            pv = (p * vs[None, :]).to(DOT)
-            acc = acc * alpha[:, None] + tl.dot(pv, uv)
-            l_v = l_v * alpha + tl.sum(pv.to(tl.float32), axis=1)  # the same rounded weights as in the product
-        # Σ p s v = ½ Σ p s u + V_OFF Σ p s
-        acc = acc * 0.5 + (l_v * V_OFF)[:, None]
-        if CENTER_V:  # the value mean, rotated (R mean_v / √n), once per unit of probability mass
-            acc += l_i[:, None] * tl.load(vmean_ptr + b * svmb + h * svmh + d)[None, :]
+            pv = (p * vs[:, None]).to(tl.float16)
+            wv = _words(vrow, tvalid, 0, D // 16, NWL)
+            acc_c = acc_c * alpha[None, :] + tl.dot(tl.trans(coset_pairs(wv, PAGE, NWL, NG, ASM)), pv)
+            acc_lo = acc_lo * alpha[None, :] + tl.dot(tl.trans(plane_pairs(restore_parity(wv), PAGE, NWL, 2, ASM)),
+                                                      pv)
+            if VBITS > 2:
+                wh = _words(vrow, tvalid, D // 16, D * (VBITS - 2) // 32, DP * VHI // 32)
+                acc_hi = acc_hi * alpha[None, :] + tl.dot(tl.trans(plane_pairs(wh, PAGE, DP * VHI // 32, VHI, ASM)),
+                                                          pv)
+            l_vt = l_vt * alpha[None, :] + pv.to(tl.float32)  # the same rounded weights as in the products
+        l_i = tl.sum(l_t, axis=0)
+        l_v = tl.sum(l_vt, axis=0)
+        # Columns of this part's accumulator: [coset groups (NG) | low plane (DP) | high plane (DP)], pair order.
+        # The offset term V_OFF·Σp·s is carried by the coset block (its rows of the decode matrix sum to Rᵀ1 / 2).
+        kc = tl.arange(0, NG)
+        kd = tl.arange(0, DP)
+        base = acc_ptr + rows[None, :] * KCV
+        tl.store(base + kc[:, None], acc_c * SUBNORMAL_UNIT + (2.0 * V_OFF) * l_v[None, :])
+        tl.store(base + NG + kd[:, None], acc_lo * SUBNORMAL_UNIT)
+        if VBITS > 2:
+            tl.store(base + NG + DP + kd[:, None], acc_hi * SUBNORMAL_UNIT)
     else:
-        # The uncompressed sinks and window, in the original basis.
+        # The uncompressed sinks and window, in the original basis (columns 0..DP-1 of this part).
+        acc = tl.zeros((BLOCK_M, DP), tl.float32)
         j = tl.arange(0, BLOCK_N)
         for j0 in range(0, n_fp, BLOCK_N):
             jj = j0 + j
@@ -148,53 +215,79 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             row = b * sfb + h * sfh + jj[:, None] * sft + d[None, :]
             kv_mask = jvalid[:, None] & dmask[None, :]
             s = tl.dot(q, tl.trans(tl.load(fpk_ptr + row, mask=kv_mask, other=0.0).to(DOT)))
-            seen = _visible(jvalid, k_index, q_index, WINDOW, window)
-            p, alpha, m_i, l_i = _online_softmax(s, seen, m_i, l_i, sm_scale, SOFTCAP, softcap)
+            seen = _visible(jvalid, k_index, q_index, WINDOW, window, 1)
+            p, alpha, m_i = _online_softmax(s, seen, m_i, sm_scale, SOFTCAP, softcap, 1)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), tl.load(fpv_ptr + row, mask=kv_mask, other=0.0).to(DOT))
-    part = pid * (n_splits + 1) + split
-    tl.store(m_ptr + part * BLOCK_M + tl.arange(0, BLOCK_M), m_i)
-    tl.store(l_ptr + part * BLOCK_M + tl.arange(0, BLOCK_M), l_i)
-    tl.store(acc_ptr + (part * BLOCK_M + tl.arange(0, BLOCK_M))[:, None] * DP + d[None, :], acc)
+        tl.store(acc_ptr + rows[:, None] * KCV + d[None, :], acc)
+    tl.store(m_ptr + rows, m_i)
+    tl.store(l_ptr + rows, l_i)
 
 
 @triton.jit
-def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, rot_ptr, o_ptr, H, n_mblk, n_splits, soh_b, soh_t, soh_h,
-                        Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                        INV_SQRT_N: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr):
-    # Combine the splits of one (batch, KV head, row block): weights 2^(m_s - max), then one rotation back.
+def _rotate_block(u, pv_ptr, FIRST: tl.constexpr, ROWS: tl.constexpr, c0, RC: tl.constexpr, DP: tl.constexpr,
+                  FBITS: tl.constexpr):
+    """u [BM, ROWS] (pair order, fp32) times rows FIRST.. of the decode matrix, columns c0..c0+RC-1: the fp16 hi and
+    lo parts against the exact ±1 (±4, ½·sum) entries keep ~22 bits."""
+    kappa = tl.arange(0, ROWS)
+    if FBITS > 0:
+        u = u * _pair_inv_scale(kappa, FBITS)[None, :]
+    hi = u.to(tl.float16)
+    lo = (u - hi.to(tl.float32)).to(tl.float16)
+    blk = tl.load(pv_ptr + (FIRST + kappa)[:, None] * DP + (c0 + tl.arange(0, RC))[None, :]).to(tl.float16)
+    return tl.dot(hi, blk) + tl.dot(lo, blk)
+
+
+@triton.jit
+def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, pv_ptr, vmean_ptr, o_ptr, H, n_mblk, n_splits, svmb, svmh,
+                        soh_b, soh_t, soh_h, Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                        DP: tl.constexpr, VBITS: tl.constexpr, NG: tl.constexpr, KCV: tl.constexpr,
+                        CENTER_V: tl.constexpr, INV_SQRT_N: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr):
+    # Combine the splits of one (batch, KV head, row block) with weights 2^(m_s - max), then rotate back once.
     pid = tl.program_id(0)
     bh, mb = pid // n_mblk, pid % n_mblk
     b, h = bh // H, bh % H
+    VHI: tl.constexpr = 1 if VBITS == 3 else 2
     rows = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, DP)
+    kc = tl.arange(0, NG)
+    kd = tl.arange(0, DP)
     base = pid * (n_splits + 1)
     m_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     for s in range(n_splits + 1):
         m_max = tl.maximum(m_max, tl.load(m_ptr + (base + s) * BLOCK_M + rows))
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    l_sum = tl.zeros((BLOCK_M,), tl.float32)
-    acc_rot = tl.zeros((BLOCK_M, DP), tl.float32)
+    l_comp = tl.zeros((BLOCK_M,), tl.float32)
+    u_c = tl.zeros((BLOCK_M, NG), tl.float32)
+    u_lo = tl.zeros((BLOCK_M, DP), tl.float32)
+    u_hi = tl.zeros((BLOCK_M, DP), tl.float32)
     for s in range(n_splits):
-        w = tl.exp2(tl.load(m_ptr + (base + s) * BLOCK_M + rows) - m_safe)
-        l_sum += w * tl.load(l_ptr + (base + s) * BLOCK_M + rows)
-        acc_rot += w[:, None] * tl.load(acc_ptr + ((base + s) * BLOCK_M + rows)[:, None] * DP + d[None, :])
-    w_fp = tl.exp2(tl.load(m_ptr + (base + n_splits) * BLOCK_M + rows) - m_safe)
-    l_sum += w_fp * tl.load(l_ptr + (base + n_splits) * BLOCK_M + rows)
+        prow = (base + s) * BLOCK_M + rows
+        w = tl.exp2(tl.load(m_ptr + prow) - m_safe)
+        l_comp += w * tl.load(l_ptr + prow)
+        u_c += w[:, None] * tl.load(acc_ptr + prow[:, None] * KCV + kc[None, :])
+        u_lo += w[:, None] * tl.load(acc_ptr + prow[:, None] * KCV + NG + kd[None, :])
+        if VBITS > 2:
+            u_hi += w[:, None] * tl.load(acc_ptr + prow[:, None] * KCV + NG + DP + kd[None, :])
+    fp_row = (base + n_splits) * BLOCK_M + rows
+    w_fp = tl.exp2(tl.load(m_ptr + fp_row) - m_safe)
+    l_sum = l_comp + w_fp * tl.load(l_ptr + fp_row)
     inv_l = 1.0 / tl.where(l_sum > 0.0, l_sum, 1.0)
-    # Rotate back once: the fp16 hi and lo parts of the normalised accumulator against the ±1 matrix keep ~22 bits.
-    u = acc_rot * (inv_l * INV_SQRT_N)[:, None]
-    hi = u.to(tl.float16)
-    lo = (u - hi.to(tl.float32)).to(tl.float16)
+    scale = (inv_l * INV_SQRT_N)[:, None]
+    u_c, u_lo, u_hi = u_c * scale, u_lo * scale, u_hi * scale
     r = mb * BLOCK_M + rows
     qi, g = r // GROUP, r % GROUP
     o_row = o_ptr + b * soh_b + qi[:, None] * soh_t + (h * GROUP + g)[:, None] * soh_h
     c = tl.arange(0, RC)
-    for c0 in tl.static_range(0, DP, RC):  # column blocks keep the rotation operand within shared memory
-        out = w_fp[:, None] * inv_l[:, None] * tl.load(acc_ptr + ((base + n_splits) * BLOCK_M + rows)[:, None] * DP
-                                                        + (c0 + c)[None, :])
+    for c0 in tl.static_range(0, DP, RC):  # column blocks keep the decode matrix within shared memory
+        out = (w_fp * inv_l)[:, None] * tl.load(acc_ptr + fp_row[:, None] * KCV + (c0 + c)[None, :])
         if n_splits > 0:
-            rot = tl.load(rot_ptr + d[:, None] * DP + (c0 + c)[None, :]).to(tl.float16)
-            out += tl.dot(hi, rot) + tl.dot(lo, rot)
+            out += _rotate_block(u_c, pv_ptr, 0, NG, c0, RC, DP, 0)
+            out += _rotate_block(u_lo, pv_ptr, NG, DP, c0, RC, DP, 2)
+            if VBITS > 2:
+                out += _rotate_block(u_hi, pv_ptr, NG + DP, DP, c0, RC, DP, VHI)
+            if CENTER_V:  # the value mean, once per unit of the compressed tokens' probability mass
+                out += (l_comp * inv_l)[:, None] * tl.load(vmean_ptr + b * svmb + h * svmh + c0 + c,
+                                                           mask=c0 + c < D, other=0.0)[None, :]
         tl.store(o_row + (c0 + c)[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=(qi < Q_LEN)[:, None] & (c0 + c < D)[None, :])
 
@@ -207,11 +300,37 @@ def _dot_dtype(q: torch.Tensor):
     return tl.float16
 
 
-# Untuned defaults: one stage (the code tiles are small; staging them only costs shared memory) and 8 warps from
-# head_dim 96 up (at 4 warps the key/value tiles spill registers, and head_dim 256 with RoPE re-applied overflows
-# shared memory).
-_DEFAULTS = {"attention": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 1, "programs_per_sm": 2},
-             "attention_d64": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2}}
+def _pair_order(n_words: int, fbits: int) -> torch.Tensor:
+    """For each element κ of ``lattice.plane_pairs`` over n_words words of fbits-bit fields: the plane coordinate
+    it holds (word j holds coordinates (32/fbits)·j ..)."""
+    per = 8 // fbits
+    kappa = torch.arange(n_words * 4 * per)
+    j, sh, k, h = kappa // (4 * per), kappa // (2 * per) % 2, kappa // 2 % per, kappa % 2
+    return 4 * per * j + per * sh + k + 2 * per * h
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_matrix(head_dim: int, bits: int, device: str) -> torch.Tensor:
+    """Rows of R (``reference.rotation_matrix``, zero-padded to [DP, DP]) in the order of the decoded operands, with
+    each plane's weight: [coset groups (NG rows: ½ Σ of the group's 8 rows) | low plane (DP rows, pair order) |
+    high plane (DP rows, pair order, ×4)], fp32 [NG + 2·DP, DP]. So a decoded tile (coset flags, 2-bit low index
+    fields, high index bits) times this matrix is Σ_d R[d]·(v_d − OFF) in the original basis (up to ``plane_pairs``'
+    powers of two), and the query times its transpose gives the logit weights of each decoded element."""
+    rot = _rotation(head_dim, "cpu")
+    dp = rot.shape[0]
+    nwl = dp // 16
+    ng = max(16, 2 * nwl)
+    groups = rot.reshape(dp // 8, 8, dp).sum(1) * 0.5
+    coset = torch.zeros(ng, dp)
+    coset[::ng // (2 * nwl)] = groups
+    hi_bits = 1 if bits == 3 else 2
+    hi = rot[_pair_order(dp * hi_bits // 32, hi_bits)] * 4.0 if bits > 2 else torch.zeros(dp, dp)
+    return torch.cat([coset, rot[_pair_order(nwl, 2)], hi]).to(device)
+
+
+# Untuned defaults: one warpgroup (the decoded 64-token tiles are the A operand of 64-row tensor-core products) and
+# one stage (the code tiles are small; staging them only costs shared memory).
+_DEFAULTS = {"attention": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2}}
 
 
 def _check_inputs(q, cache, softmax_scale, softcap, window):
@@ -288,7 +407,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     rows = q_len * group
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     n_mblk = triton.cdiv(rows, block_m)
-    default = _DEFAULTS["attention_d64" if D == 64 else "attention"]
+    default = _DEFAULTS["attention"]
     cfg = {**default, **lookup("attention", f"d{D}_k{codec.key_bits}v{codec.value_bits}", default, q.device)}
     P = codec.page_size
     max_pages = triton.cdiv(max(cache.compressed_lens()[:B]), P)
@@ -299,11 +418,15 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     pages_per_split = triton.cdiv(max_pages, num_splits) if num_splits else 0
     num_splits = triton.cdiv(max_pages, pages_per_split) if num_splits else 0
     DP = ref.next_pow2(D)
+    NG = max(16, DP // 8)
+    KCV = NG + DP * (2 if codec.value_bits > 2 else 1)
     n_parts = num_splits + 1
     m_part = torch.empty(B * H * n_mblk, n_parts, block_m, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(B * H * n_mblk, n_parts, block_m, DP, dtype=torch.float32, device=q.device)
-    rot = _rotation(D, str(q.device))
+    acc_part = torch.empty(B * H * n_mblk, n_parts, block_m, max(KCV, DP), dtype=torch.float32, device=q.device)
+    dev = str(q.device)
+    rot = _rotation(D, dev)
+    pk, pv = _decode_matrix(D, codec.key_bits, dev), _decode_matrix(D, codec.value_bits, dev)
     rope_half = 0
     cos = sin = rot  # placeholders, never read without RoPE
     if codec.rope is not None:
@@ -312,19 +435,20 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     inv_sqrt_n = 1.0 / math.sqrt(ref.transform_norm(D))
     _attn_split_kernel[(B * H * n_mblk, n_parts)](
         q, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths,
-        cache.k_mean, cache.v_mean_rot, rot, cos, sin, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
+        cache.k_mean, pk, rot, cos, sin, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
         H, n_mblk, num_splits, pages_per_split, cache.max_batch, scale, float(softcap or 1.0), int(window or 0),
         *q.stride()[:3], *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], *cache.v_codes.stride()[:3],
         *cache.v_scales.stride()[:2], cache.block_table.stride(0), *cache.fp_k.stride()[:3],
-        *cache.k_mean.stride()[:2], *cache.v_mean_rot.stride()[:2],
+        *cache.k_mean.stride()[:2],
         Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, VBITS=codec.value_bits, PAGE=P,
-        INV_SQRT_N=inv_sqrt_n, ROPE_HALF=rope_half, CENTER_K=codec.center_keys, CENTER_V=codec.center_values,
-        SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=_dot_dtype(q), BLOCK_M=block_m,
-        BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        INV_SQRT_N=inv_sqrt_n, NG=NG, KCV=acc_part.shape[-1], ROPE_HALF=rope_half, CENTER_K=codec.center_keys,
+        SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=_dot_dtype(q), ASM=q.is_cuda,
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _attn_reduce_kernel[(B * H * n_mblk,)](
-        m_part, l_part, acc_part, rot, out, H, n_mblk, num_splits, *out.stride()[:3],
-        Q_LEN=q_len, GROUP=group, D=D, DP=DP, INV_SQRT_N=inv_sqrt_n, BLOCK_M=block_m, RC=min(DP, 128),
-        num_warps=4)
+        m_part, l_part, acc_part, pv, cache.v_mean, out, H, n_mblk, num_splits, *cache.v_mean.stride()[:2],
+        *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP, VBITS=codec.value_bits, NG=NG,
+        KCV=acc_part.shape[-1], CENTER_V=codec.center_values, INV_SQRT_N=inv_sqrt_n, BLOCK_M=block_m,
+        RC=min(DP, 128), num_warps=4)
     return out
 
 

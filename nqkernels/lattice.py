@@ -294,3 +294,61 @@ def round_to(x, dtype: tl.constexpr):
         bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & -65536
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+# Codes as tensor-core operands without int->float conversions. A 16-bit half whose set bits all lie in bits 0..9 is
+# an fp16 subnormal worth (its integer value)·2^-24, so masking a word leaves two fp16 operands per instruction:
+# field values times a power of two times 2^-24, exact. Products with fp16 queries/probabilities are exact in the
+# fp32 accumulator, which the kernel multiplies by 2^24 once. Each mask takes one field per 16-bit half (the
+# field pair k, k + 16/FBITS of a word), after an optional byte shift, so a word of 32/FBITS fields becomes
+# 16/FBITS pairs in the "pair order" κ (``attention._pair_order`` is the host-side map).
+SUBNORMAL_UNIT = tl.constexpr(16777216.0)  # 2^24
+
+
+@triton.jit
+def fp16_halves(z, ASM: tl.constexpr):
+    """int32 [...] -> fp16 [..., 2]: the low and the high 16-bit half of each word, reinterpreted (no arithmetic).
+    With ASM a register move (pairs stay packed in one register); otherwise portable bit operations."""
+    if ASM:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [tl.join(z, z)], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    else:
+        lo = (z & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = ((z >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        return tl.join(lo, hi)
+
+
+@triton.jit
+def plane_pairs(w, BT: tl.constexpr, NW: tl.constexpr, FBITS: tl.constexpr, ASM: tl.constexpr):
+    """[BT, NW] words of FBITS-bit fields (field k of a word at bits FBITS·k) -> fp16 [BT, NW·32/FBITS] subnormals.
+
+    Element κ = (32/FBITS)·j + (16/FBITS)·sh + 2k + h holds field (8/FBITS)·sh + k + (16/FBITS)·h of word j,
+    times 2^(FBITS·k) · 2^-24 (sh: byte shift, k: field within the byte, h: 16-bit half).
+    """
+    # tl.join stacks along a new last axis, so the outermost join picks the lowest bit of the field index k.
+    x = tl.join(w, w >> 8)
+    if FBITS == 2:
+        z = tl.join(tl.join(x & 0x00030003, x & 0x00300030), tl.join(x & 0x000C000C, x & 0x00C000C0))
+    else:
+        z = tl.join(tl.join(tl.join(x & 0x00010001, x & 0x00100010), tl.join(x & 0x00040004, x & 0x00400040)),
+                    tl.join(tl.join(x & 0x00020002, x & 0x00200020), tl.join(x & 0x00080008, x & 0x00800080)))
+    return tl.reshape(fp16_halves(z, ASM), (BT, NW * 32 // FBITS))
+
+
+@triton.jit
+def coset_pairs(w, BT: tl.constexpr, NW: tl.constexpr, NG: tl.constexpr, ASM: tl.constexpr):
+    """Low-plane words [BT, NW] (before ``restore_parity``) -> the coset flags of their 2·NW lattice groups as fp16
+    subnormals c·2^-24 [BT, NG]: element 2j + h is group 2j + h; with NG > 2·NW every other element is zero."""
+    c = fp16_halves((w >> 14) & 0x00010001, ASM)
+    if NG > 2 * NW:
+        c = tl.join(c, tl.zeros_like(c))
+    return tl.reshape(c, (BT, NG))
+
+
+@triton.jit
+def restore_parity(w):
+    """Low-plane words: put each group's implied index bit back in bit 14 (resp. 30), where the coset flag is stored.
+    The bit is the parity of the low bits of the group's first seven indices (bits 0, 2, ..., 12 of the half)."""
+    y = (w << 2) ^ (w << 4) ^ (w << 6)  # bit 14: b12 ^ b10 ^ b8
+    z = y ^ (y << 6) ^ (w << 14)        # bit 14: ... ^ b6 ^ b4 ^ b2 ^ b0 (and likewise bit 30 for the high half)
+    return (w & -0x40004001) | (z & 0x40004000)  # -0x40004001 == ~0x40004000

@@ -19,10 +19,8 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
-from . import reference as ref
-from .codec import EncodedKV, _rotation, decode_kv, encode_kv
+from .codec import EncodedKV, decode_kv, encode_kv
 from .config import KVCodec
 
 
@@ -42,7 +40,7 @@ class PagedKVCache:
     Tensors (read by ``decode_attention``): ``k_codes``/``v_codes`` int32 ``[num_pages, H, P, D*bits/32]``,
     ``k_scales``/``v_scales`` ``[num_pages, H, P]``, ``block_table`` int32 ``[max_batch, max_pages_per_seq]``,
     ``lengths`` int32 ``[4, max_batch]`` (rows: tokens, compressed tokens, uncompressed tokens, sinks),
-    ``fp_k``/``fp_v``, ``k_mean``/``v_mean`` fp32 ``[max_batch, H, D]``, ``v_mean_rot``.
+    ``fp_k``/``fp_v``, ``k_mean``/``v_mean`` fp32 ``[max_batch, H, D]``.
 
     Example:
         >>> from nqkernels import KVCodec, PagedKVCache, decode_attention
@@ -92,8 +90,6 @@ class PagedKVCache:
         self.fp_v = torch.zeros(max_batch, H, cap, D, dtype=dtype, device=dev)
         self.k_mean = torch.zeros(max_batch, H, D, dtype=torch.float32, device=dev)
         self.v_mean = torch.zeros(max_batch, H, D, dtype=torch.float32, device=dev)
-        # R·v_mean/√n zero-padded to a power of two: the value mean in the rotated domain decode_attention sums in.
-        self.v_mean_rot = torch.zeros(max_batch, H, ref.next_pow2(D), dtype=torch.float32, device=dev)
         # Host mirrors of the bookkeeping, so appends and launches never wait on the device.
         self._len = [0] * max_batch
         self._comp = [0] * max_batch
@@ -117,8 +113,7 @@ class PagedKVCache:
     def nbytes(self) -> int:
         """Bytes allocated by this cache's tensors (codes, scales, fp buffers, means, tables)."""
         return sum(t.nbytes for t in (self.k_codes, self.v_codes, self.k_scales, self.v_scales, self.block_table,
-                                      self.lengths, self.fp_k, self.fp_v, self.k_mean, self.v_mean,
-                                      self.v_mean_rot))
+                                      self.lengths, self.fp_k, self.fp_v, self.k_mean, self.v_mean))
 
     def reset(self, slots: Optional[Sequence[int]] = None) -> None:
         """Empty the given slots (default all) and return their pages to the pool."""
@@ -200,9 +195,6 @@ class PagedKVCache:
                 self.k_mean[b] = enc_k.mean[0]
             if enc_v.mean is not None:
                 self.v_mean[b] = enc_v.mean[0]
-                rot = _rotation(self.codec.head_dim, str(self.device))
-                self.v_mean_rot[b] = F.pad(enc_v.mean[0], (0, rot.shape[0] - self.codec.head_dim)) @ rot.T \
-                    / ref.transform_norm(self.codec.head_dim) ** 0.5
         pages = [self._free.pop() for _ in range(n_pages)]
         idx = torch.tensor(pages, device=self.device, dtype=torch.long)
         for enc, codes, scales in ((enc_k, self.k_codes, self.k_scales), (enc_v, self.v_codes, self.v_scales)):

@@ -7,6 +7,8 @@
    rate-distortion bound 2^(-2R). Every method spends one fp16 scale per token per head (metadata equal).
 2. Continuation perplexity (perf.continuation) for ours at K4V4 / K3V3 / K3V2 / K2V2 under the least-squares and
    the unbiased scale rule (the default), with measured bytes, and the prior art's quant_only mode if installed. ``--chunks 40`` gives finer resolution.
+3. ``--key-modes``: only the key-mode comparison (keys stored post-RoPE vs with RoPE undone at encode and re-applied
+   at decode), default scale rule, continuation perplexity at every bit setting (docs/decisions.md).
 """
 from __future__ import annotations
 
@@ -95,6 +97,7 @@ def main():
     ap.add_argument("--text", default=os.path.join(FIXTURE, "text", "eval_pydocs.txt"))
     ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--skip-ppl", action="store_true")
+    ap.add_argument("--key-modes", action="store_true", help="only the key-mode perplexity comparison")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,6 +105,8 @@ def main():
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     chunks = load_chunks(tok, args.text, args.chunks, 2048)
+    if args.key_modes:
+        return key_mode_table(model, chunks, os.path.basename(args.text))
     print(mse_table("Gaussian, 4096 vectors of 128", torch.randn(4096, 128)))
     with torch.no_grad():
         layers = model(chunks[0][:, :1536], use_cache=True).past_key_values.layers
@@ -133,6 +138,23 @@ def main():
             continue
         print(f"| K{kb}V{vb}, prior art quant_only (fp16 in memory) | {p:.4f} | {100 * (p / base - 1):+.2f}% | 512 | "
               f"16 |", flush=True)
+
+
+def key_mode_table(model, chunks, text_name):
+    """Continuation perplexity with keys stored post-RoPE vs with RoPE undone, default scale rule."""
+    print(f"Key modes, continuation perplexity, {len(chunks)} chunks of {text_name}")
+    base, _ = continuation_ppl(model, chunks, None)
+    print(f"\nfp16 (no-op control): {base:.4f}\n")
+    print("| keys / values | post-RoPE keys | delta | RoPE undone | delta | bytes / token / head (K+V) |")
+    print("|---|---|---|---|---|---|")
+    rope = RopeSpec.from_hf_config(model.config)
+    for kb, vb in ((4, 4), (3, 3), (3, 2), (2, 2)):
+        cells = []
+        for mode in (None, rope):
+            codec = KVCodec(head_dim=128, key_bits=kb, value_bits=vb, rope=mode)
+            p, nbytes = continuation_ppl(model, chunks, codec_compressor(codec))
+            cells.append(f"{p:.4f} | {100 * (p / base - 1):+.2f}%")
+        print(f"| K{kb}V{vb} | {' | '.join(cells)} | {nbytes:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from autotune import lookup
-
 from . import reference as ref
-from .codec import _max_programs, _rope_tables, _rotation, _use_triton
+from .codec import _config, _max_programs, _rope_tables, _rotation, _use_triton
 from .lattice import (SUBNORMAL_UNIT, coset_pairs, load_e8_doubled, plane_pairs, restore_parity, rope_partner,
                       rope_rotate, rope_rows_at)
 from .paged import PagedKVCache
@@ -66,6 +64,19 @@ def _words(row, tmask, FIRST: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
     """Words FIRST..FIRST+N-1 of each token's codes (``row``: [BT, 1] pointers), zero-padded to NP columns."""
     w = tl.arange(0, NP)
     return tl.load(row + FIRST + w[None, :], mask=tmask[:, None] & (w < N)[None, :], other=0)
+
+
+@triton.jit
+def _page_codes(c_ptr, s_ptr, page, h, t, tmask, sc_p, sc_h, sc_t, ss_p, ss_h, D: tl.constexpr, DP: tl.constexpr,
+                BITS: tl.constexpr, HB: tl.constexpr):
+    """One page of one head: low-plane words [P, DP/16], high-plane words [P, DP·HB/32] (the low ones again when
+    BITS == 2, unused) and fp32 scales [P]; masked tokens read as zero."""
+    row = c_ptr + page * sc_p + h * sc_h + t[:, None] * sc_t
+    lo = _words(row, tmask, 0, D // 16, DP // 16)
+    hi = lo
+    if BITS > 2:
+        hi = _words(row, tmask, D // 16, D * (BITS - 2) // 32, DP * HB // 32)
+    return lo, hi, tl.load(s_ptr + page * ss_p + h * ss_h + t, mask=tmask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -122,16 +133,13 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
     if split < n_splits:
         # Compressed pages, keys along axis 0: logitsᵀ [PAGE, BLOCK_M] = (decoded codes) · (query blocks)ᵀ, and
         # accᵀ [pairs, BLOCK_M] = (decoded value codes)ᵀ · (p·s)ᵀ, all in the rotated domain and pair order.
-        # v = lo + 4·hi + c/2 + OFF per coordinate (index planes lo/hi, coset flag c of its group of 8).
-        K_OFF: tl.constexpr = 0.25 - (1 << (KBITS - 1))
-        V_OFF: tl.constexpr = 0.25 - (1 << (VBITS - 1))
+        # v = lo + 4·hi + (c/2 + OFF) per coordinate (index planes lo/hi; c the coset flag of its group of 8).
         NWL: tl.constexpr = DP // 16  # low-plane words (2-bit fields), padded
         KHI: tl.constexpr = 1 if KBITS == 3 else 2  # field bits of the high plane
         VHI: tl.constexpr = 1 if VBITS == 3 else 2
         if ROPE_HALF == 0:
-            q_c = _query_block(q, pk_ptr, 0, NG, DP, 0, INV_SQRT_N, DOT)  # ½ Σ_group q̃: the coset weights
-            q_off = tl.sum(q_c, axis=1) * (2.0 * K_OFF)
-            qt_c = tl.trans(q_c.to(tl.float16))
+            # ¼ Σ_group q̃: the weights of the per-group constants e = 4·(c/2 + K_OFF) (coset_pairs)
+            qt_c = tl.trans(_query_block(q, pk_ptr, 0, NG, DP, 0, INV_SQRT_N, DOT).to(tl.float16))
             qt_lo = tl.trans(_query_block(q, pk_ptr, NG, DP, DP, 2, INV_SQRT_N, DOT).to(tl.float16))
             if KBITS > 2:
                 qt_hi = tl.trans(_query_block(q, pk_ptr, NG + DP, DP, DP, KHI, INV_SQRT_N, DOT).to(tl.float16))
@@ -144,7 +152,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             # Keys stored with RoPE undone: decode each tile to the original basis (one product with R), add the
             # mean, re-apply RoPE at each key's position.
             rot = tl.load(rot_ptr + d[:, None] * DP + d[None, :]).to(DOT)
-            rot_sum = tl.sum(rot.to(tl.float32), axis=0) * K_OFF  # Rᵀ(K_OFF·1)
+            rot_sum = tl.sum(rot.to(tl.float32), axis=0) * (0.25 - (1 << (KBITS - 1)))  # Rᵀ(OFF·1)
             k_mean = tl.zeros((DP,), tl.float32)
             if CENTER_K:
                 k_mean = tl.load(kmean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)
@@ -154,25 +162,34 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         acc_hi = tl.zeros((DP, BLOCK_M), tl.float32)
         # Σp and Σp·s_v stay per element until the end (a cross-thread sum per page would cost more than the page).
         l_t = tl.zeros((PAGE, BLOCK_M), tl.float32)
-        l_vt = tl.zeros((PAGE, BLOCK_M), tl.float32)
         p_lo = split * pages_per_split
         p_hi = tl.minimum(p_lo + pages_per_split, tl.cdiv(comp, PAGE))
+        # Software prefetch: the next page's codes and scales are loaded while this page is computed.
+        page = tl.load(bt_ptr + b * sbt + tl.maximum(tl.minimum(p_lo, p_hi - 1), 0))  # in bounds; unused if empty
+        nvalid = (p_lo * PAGE + t < comp) & (p_lo * PAGE + t < p_hi * PAGE)
+        nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, t, nvalid, skc_p, skc_h, skc_t, sks_p, sks_h, D, DP,
+                                        KBITS, KHI)
+        nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, t, nvalid, svc_p, svc_h, svc_t, svs_p, svs_h, D, DP,
+                                        VBITS, VHI)
         for pg in range(p_lo, p_hi):
-            page = tl.load(bt_ptr + b * sbt + pg)
+            k_lo, k_hi, ks, v_lo, v_hi, vs, cur = nk_lo, nk_hi, nks, nv_lo, nv_hi, nvs, page
+            page = tl.load(bt_ptr + b * sbt + tl.minimum(pg + 1, p_hi - 1))
+            nvalid = ((pg + 1) * PAGE + t < comp) & ((pg + 1) * PAGE + t < p_hi * PAGE)
+            nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, t, nvalid, skc_p, skc_h, skc_t, sks_p, sks_h, D,
+                                            DP, KBITS, KHI)
+            nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, t, nvalid, svc_p, svc_h, svc_t, svs_p, svs_h, D,
+                                            DP, VBITS, VHI)
             tok = pg * PAGE + t
             tvalid = tok < comp
             k_index = n_sink + tok
-            krow = kc_ptr + page * skc_p + h * skc_h + t[:, None] * skc_t
-            ks = tl.load(ks_ptr + page * sks_p + h * sks_h + t, mask=tvalid, other=0.0).to(tl.float32)
             if ROPE_HALF == 0:
-                wk = _words(krow, tvalid, 0, D // 16, NWL)
-                s = tl.dot(coset_pairs(wk, PAGE, NWL, NG, ASM), qt_c)
-                s = tl.dot(plane_pairs(restore_parity(wk), PAGE, NWL, 2, ASM), qt_lo, s)
+                s = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM), qt_c)
+                s = tl.dot(plane_pairs(restore_parity(k_lo), PAGE, NWL, 2, ASM), qt_lo, s)
                 if KBITS > 2:
-                    wh = _words(krow, tvalid, D // 16, D * (KBITS - 2) // 32, DP * KHI // 32)
-                    s = tl.dot(plane_pairs(wh, PAGE, DP * KHI // 32, KHI, ASM), qt_hi, s)
-                s = (s * SUBNORMAL_UNIT + q_off[None, :]) * ks[:, None] + q_mean[None, :]
+                    s = tl.dot(plane_pairs(k_hi, PAGE, DP * KHI // 32, KHI, ASM), qt_hi, s)
+                s = s * SUBNORMAL_UNIT * ks[:, None] + q_mean[None, :]
             else:
+                krow = kc_ptr + cur * skc_p + h * skc_h + t[:, None] * skc_t
                 uk = load_e8_doubled(krow, tvalid, D, DP, KBITS, PAGE).to(DOT)
                 k = (tl.dot(uk, rot) * 0.5 + rot_sum[None, :]) * (ks * INV_SQRT_N)[:, None] + k_mean[None, :]
                 cos, sin, _ = rope_rows_at(cos_ptr, sin_ptr, k_index, tvalid, d, ROPE_HALF)
@@ -181,26 +198,19 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             seen = _visible(tvalid, k_index, q_index, WINDOW, window, 0)
             p, alpha, m_i = _online_softmax(s, seen, m_i, sm_scale, SOFTCAP, softcap, 0)
             l_t = l_t * alpha[None, :] + p
-            vrow = vc_ptr + page * svc_p + h * svc_h + t[:, None] * svc_t
-            vs = tl.load(vs_ptr + page * svs_p + h * svs_h + t, mask=tvalid, other=0.0).to(tl.float32)
             pv = (p * vs[:, None]).to(tl.float16)
-            wv = _words(vrow, tvalid, 0, D // 16, NWL)
-            acc_c = acc_c * alpha[None, :] + tl.dot(tl.trans(coset_pairs(wv, PAGE, NWL, NG, ASM)), pv)
-            acc_lo = acc_lo * alpha[None, :] + tl.dot(tl.trans(plane_pairs(restore_parity(wv), PAGE, NWL, 2, ASM)),
+            acc_c = acc_c * alpha[None, :] + tl.dot(tl.trans(coset_pairs(v_lo, PAGE, NWL, NG, VBITS, ASM)), pv)
+            acc_lo = acc_lo * alpha[None, :] + tl.dot(tl.trans(plane_pairs(restore_parity(v_lo), PAGE, NWL, 2, ASM)),
                                                       pv)
             if VBITS > 2:
-                wh = _words(vrow, tvalid, D // 16, D * (VBITS - 2) // 32, DP * VHI // 32)
-                acc_hi = acc_hi * alpha[None, :] + tl.dot(tl.trans(plane_pairs(wh, PAGE, DP * VHI // 32, VHI, ASM)),
+                acc_hi = acc_hi * alpha[None, :] + tl.dot(tl.trans(plane_pairs(v_hi, PAGE, DP * VHI // 32, VHI, ASM)),
                                                           pv)
-            l_vt = l_vt * alpha[None, :] + pv.to(tl.float32)  # the same rounded weights as in the products
         l_i = tl.sum(l_t, axis=0)
-        l_v = tl.sum(l_vt, axis=0)
         # Columns of this part's accumulator: [coset groups (NG) | low plane (DP) | high plane (DP)], pair order.
-        # The offset term V_OFF·Σp·s is carried by the coset block (its rows of the decode matrix sum to Rᵀ1 / 2).
         kc = tl.arange(0, NG)
         kd = tl.arange(0, DP)
         base = acc_ptr + rows[None, :] * KCV
-        tl.store(base + kc[:, None], acc_c * SUBNORMAL_UNIT + (2.0 * V_OFF) * l_v[None, :])
+        tl.store(base + kc[:, None], acc_c * SUBNORMAL_UNIT)
         tl.store(base + NG + kd[:, None], acc_lo * SUBNORMAL_UNIT)
         if VBITS > 2:
             tl.store(base + NG + DP + kd[:, None], acc_hi * SUBNORMAL_UNIT)
@@ -312,7 +322,7 @@ def _pair_order(n_words: int, fbits: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _decode_matrix(head_dim: int, bits: int, device: str) -> torch.Tensor:
     """Rows of R (``reference.rotation_matrix``, zero-padded to [DP, DP]) in the order of the decoded operands, with
-    each plane's weight: [coset groups (NG rows: ½ Σ of the group's 8 rows) | low plane (DP rows, pair order) |
+    each plane's weight: [per-group constants (NG rows: ¼ Σ of the group's 8 rows, ``coset_pairs``) | low plane (DP rows, pair order) |
     high plane (DP rows, pair order, ×4)], fp32 [NG + 2·DP, DP]. So a decoded tile (coset flags, 2-bit low index
     fields, high index bits) times this matrix is Σ_d R[d]·(v_d − OFF) in the original basis (up to ``plane_pairs``'
     powers of two), and the query times its transpose gives the logit weights of each decoded element."""
@@ -320,17 +330,12 @@ def _decode_matrix(head_dim: int, bits: int, device: str) -> torch.Tensor:
     dp = rot.shape[0]
     nwl = dp // 16
     ng = max(16, 2 * nwl)
-    groups = rot.reshape(dp // 8, 8, dp).sum(1) * 0.5
+    groups = rot.reshape(dp // 8, 8, dp).sum(1) * 0.25
     coset = torch.zeros(ng, dp)
     coset[::ng // (2 * nwl)] = groups
     hi_bits = 1 if bits == 3 else 2
     hi = rot[_pair_order(dp * hi_bits // 32, hi_bits)] * 4.0 if bits > 2 else torch.zeros(dp, dp)
     return torch.cat([coset, rot[_pair_order(nwl, 2)], hi]).to(device)
-
-
-# Untuned defaults: one warpgroup (the decoded 64-token tiles are the A operand of 64-row tensor-core products) and
-# one stage (the code tiles are small; staging them only costs shared memory).
-_DEFAULTS = {"attention": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2}}
 
 
 def _check_inputs(q, cache, softmax_scale, softcap, window):
@@ -407,8 +412,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     rows = q_len * group
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     n_mblk = triton.cdiv(rows, block_m)
-    default = _DEFAULTS["attention"]
-    cfg = {**default, **lookup("attention", f"d{D}_k{codec.key_bits}v{codec.value_bits}", default, q.device)}
+    cfg = _config("attention", f"d{D}_k{codec.key_bits}v{codec.value_bits}", q.device)
     P = codec.page_size
     max_pages = triton.cdiv(max(cache.compressed_lens()[:B]), P)
     if num_splits is None:

@@ -336,10 +336,14 @@ def plane_pairs(w, BT: tl.constexpr, NW: tl.constexpr, FBITS: tl.constexpr, ASM:
 
 
 @triton.jit
-def coset_pairs(w, BT: tl.constexpr, NW: tl.constexpr, NG: tl.constexpr, ASM: tl.constexpr):
-    """Low-plane words [BT, NW] (before ``restore_parity``) -> the coset flags of their 2·NW lattice groups as fp16
-    subnormals c·2^-24 [BT, NG]: element 2j + h is group 2j + h; with NG > 2·NW every other element is zero."""
-    c = fp16_halves((w >> 14) & 0x00010001, ASM)
+def coset_pairs(w, BT: tl.constexpr, NW: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """Low-plane words [BT, NW] (before ``restore_parity``) -> fp16 subnormals e·2^-24 [BT, NG], one per lattice group,
+    with e = 2c − (2^(BITS+1) − 1) = 4·(c/2 + OFF) for the group's coset flag c and the codebook offset
+    OFF = ¼ − 2^(BITS−1): the part of v that is constant across the group. Element 2j + h is group 2j + h; with
+    NG > 2·NW every other element is zero. (|e| = M xor 2c for M = 2^(BITS+1) − 1; the sign bit is set.)"""
+    M: tl.constexpr = (1 << (BITS + 1)) - 1
+    SIGNED_M: tl.constexpr = (0x8000 | M) * 0x10001 - (1 << 32)  # both halves, as an int32 literal
+    c = fp16_halves(((w >> 13) & 0x00020002) ^ SIGNED_M, ASM)
     if NG > 2 * NW:
         c = tl.join(c, tl.zeros_like(c))
     return tl.reshape(c, (BT, NG))

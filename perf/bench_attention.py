@@ -1,6 +1,6 @@
 """GPU benchmark of decode_attention over the paged HOT cache (one script, one device call).
 
-    python -m perf.bench_attention [--quick] [--out DIR]
+    python -m perf.bench_attention [--quick] [--tune] [--skip-check] [--out DIR]
 
 1. compiled kernels vs fp32 attention over the dequantized cache (||out - ref|| / ||ref||), every head_dim, both
    key modes, GQA ratios, q_len 1 and 4, fp16/bf16, softcap and sliding window;
@@ -9,7 +9,10 @@
    head_dim 64 and one 256 shape, contexts 1K-128K, batch 1-64, at K4V4/K3V3/K3V2/K2V2, beside torch SDPA over
    fp16 K/V with GQA (and FlashInfer's fp16 decode when it imports) in the same run. do_bench clears L2 before
    every call, so no run is served from cache. Achieved bandwidth counts the bytes the kernel must read: codes,
-   scales, the fp16 window, block table.
+   scales, the fp16 window, block table. "ours_fp16" is this kernel over an uncompressed cache (every token in the
+   fp16 window), which separates the kernel's quality from the compression.
+4. ``--tune``: a search over launch configs (warps, pipeline stages, programs per SM) per (head_dim, bits) at
+   32K x 8 and 4K x 8; the winners are written to $OUT/tuned_attention.json and used for the measurements.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ import triton
 from triton.testing import do_bench
 
 from autotune.store import gpu_key
+import autotune.store as store
+import nqkernels.codec as codec_mod
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
 from nqkernels.attention import _reference_attention
 
@@ -116,10 +121,57 @@ def bench_decode(dev, Hq, H, D, B, T, copy_gbps, quick):
         nbytes = cache_bytes_read(cache, B)
         rows.append(dict(method=f"K{kb}V{vb}", head_dim=D, batch=B, context=T, us=ms * 1e3, bytes=nbytes,
                          GBps=nbytes / ms / 1e6, pct_copy=100 * nbytes / ms / 1e6 / copy_gbps))
+    if not quick:  # the same kernel with every token uncompressed (fp16 window), to separate kernel from format
+        cache, _ = build_cache(KVCodec(head_dim=D), H, B, T, dev, x=x, recent=T)
+        ms = do_bench(lambda: decode_attention(q, cache), warmup=25, rep=100, return_mode="median")
+        rows.append(dict(method="ours_fp16", head_dim=D, batch=B, context=T, us=ms * 1e3, bytes=fp16_bytes,
+                         GBps=fp16_bytes / ms / 1e6, pct_copy=100 * fp16_bytes / ms / 1e6 / copy_gbps))
     base = rows[0]["us"]
     for r in rows:
         r["speedup_vs_sdpa"] = base / r["us"]
     return rows
+
+
+def tune(dev, quick):
+    """Search launch configs per (head_dim, bits); score = sum of latencies at 32K x 8 and 4K x 8 (q_len 1, GQA 4)."""
+    cands = [dict(BLOCK_N=64, num_warps=w, num_stages=ns, programs_per_sm=pps)
+             for w, ns, pps in ((4, 1, 2), (4, 1, 4), (4, 1, 8), (8, 1, 2), (8, 1, 4), (4, 2, 4))]
+    found = {}
+    for d in ((128,) if quick else (64, 128, 256)):
+        for kb, vb in (((3, 2),) if quick else SETTINGS):
+            codec = KVCodec(head_dim=d, key_bits=kb, value_bits=vb)
+            caches = []
+            for B, T in ((8, 32768), (8, 4096)):
+                q = torch.randn(B, 1, 32, d, device=dev, dtype=torch.float16)
+                caches.append((q, build_cache(codec, 8, B, T, dev)[0]))
+            best = None
+            for cfg in cands:
+                codec_mod._TUNE_OVERRIDE = cfg
+                try:
+                    t = sum(do_bench(lambda: decode_attention(q, c), warmup=10, rep=50, return_mode="median")
+                            for q, c in caches)
+                except Exception as e:  # noqa: BLE001 - a config that does not compile or fit just loses
+                    log(f"  d{d} K{kb}V{vb} {cfg}: failed {type(e).__name__}: {str(e)[:80]}")
+                    continue
+                log(f"  d{d} K{kb}V{vb} {cfg}: {t * 1e3:.1f} us")
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+            codec_mod._TUNE_OVERRIDE = None
+            found[f"d{d}_k{kb}v{vb}"] = best[1]
+            del caches
+    return {"attention": found}
+
+
+def use_tuned(entries, out_dir):
+    """Merge tuned entries into this device's store file (so the measurements use them) and save a copy."""
+    path = store.CONFIG_DIR / f"{store.gpu_key(torch.device('cuda'))}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    for kernel, buckets in entries.items():
+        data.setdefault(kernel, {}).update(buckets)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    store._load.cache_clear()
+    with open(os.path.join(out_dir, "tuned_attention.json"), "w") as f:
+        json.dump(data, f, indent=1)
 
 
 def _import_flashinfer():
@@ -156,6 +208,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="search launch configs first and measure with the winners")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -173,6 +226,9 @@ def main():
         for r in res["check"]:
             if r["rel_err"] > 1e-2 or not r["finite"]:
                 log("  BAD", r)
+    if args.tune:
+        res["tuned"] = tune(dev, args.quick)
+        use_tuned(res["tuned"], args.out)
     res["copy_GBps"] = copy_bandwidth(dev)
     log(f"copy: {res['copy_GBps']:.0f} GB/s")
     res["decode"] = []

@@ -71,6 +71,7 @@ def _page_codes(c_ptr, s_ptr, page, h, t, tmask, sc_p, sc_h, sc_t, ss_p, ss_h, D
                 BITS: tl.constexpr, HB: tl.constexpr):
     """One page of one head: low-plane words [P, DP/16], high-plane words [P, DP·HB/32] (the low ones again when
     BITS == 2, unused) and fp32 scales [P]; masked tokens read as zero."""
+    page = page.to(tl.int64)  # large pools overflow 32-bit offsets
     row = c_ptr + page * sc_p + h * sc_h + t[:, None] * sc_t
     lo = _words(row, tmask, 0, D // 16, DP // 16)
     hi = lo
@@ -189,7 +190,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                     s = tl.dot(plane_pairs(k_hi, PAGE, DP * KHI // 32, KHI, ASM), qt_hi, s)
                 s = s * SUBNORMAL_UNIT * ks[:, None] + q_mean[None, :]
             else:
-                krow = kc_ptr + cur * skc_p + h * skc_h + t[:, None] * skc_t
+                krow = kc_ptr + cur.to(tl.int64) * skc_p + h * skc_h + t[:, None] * skc_t
                 uk = load_e8_doubled(krow, tvalid, D, DP, KBITS, PAGE).to(DOT)
                 k = (tl.dot(uk, rot) * 0.5 + rot_sum[None, :]) * (ks * INV_SQRT_N)[:, None] + k_mean[None, :]
                 cos, sin, _ = rope_rows_at(cos_ptr, sin_ptr, k_index, tvalid, d, ROPE_HALF)
@@ -222,7 +223,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             jj = j0 + j
             jvalid = jj < n_fp
             k_index = tl.where(jj < n_sink, jj, comp + jj)
-            row = b * sfb + h * sfh + jj[:, None] * sft + d[None, :]
+            row = b.to(tl.int64) * sfb + h * sfh + jj[:, None] * sft + d[None, :]  # long windows pass 2^31
             kv_mask = jvalid[:, None] & dmask[None, :]
             s = tl.dot(q, tl.trans(tl.load(fpk_ptr + row, mask=kv_mask, other=0.0).to(DOT)))
             seen = _visible(jvalid, k_index, q_index, WINDOW, window, 1)

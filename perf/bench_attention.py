@@ -209,6 +209,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--tune", action="store_true", help="search launch configs first and measure with the winners")
+    ap.add_argument("--shapes", help="only these decode shapes, 'HQxHxDxBxT,...' (e.g. 32x8x128x8x32768)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -237,6 +238,8 @@ def main():
     shapes += [(32, 8, 64, 8, 32768), (16, 8, 256, 8, 32768)]
     if args.quick:
         shapes = [(32, 8, 128, 8, 4096), (32, 8, 128, 8, 32768), (32, 8, 128, 1, 131072)]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     for Hq, H, D, B, T in shapes:
         rows = bench_decode(dev, Hq, H, D, B, T, res["copy_GBps"], args.quick)
         res["decode"].extend(rows)

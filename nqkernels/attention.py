@@ -2,16 +2,19 @@
 
 Math. A stored token decodes as x = Rᵀ v · s / √n (R = σ·T, ``reference.rotation_matrix``), so
     q·k   = (R q / √n) · v_k · s_k + q·mean_k           (keys stored post-RoPE)
-    Σ p v = Rᵀ (Σ p s_v v_v + (Σ p) · R mean_v / √n) / √n
-The query is rotated once per program, keys are never rotated back, and values are accumulated in the rotated
-domain and rotated once, in the reduce. Codes become fp16/bf16 lattice values in registers (exact: multiples of
-¼ below 8) and go straight into tensor-core products; fp16 K/V never reach memory. Keys stored with RoPE undone
-are decoded to the original basis per tile (one product with R) so RoPE can be re-applied at each key's position.
+    Σ p v = Rᵀ (Σ p s_v v_v) / √n + (Σ p) · mean_v
+Codes become tensor-core operands without conversions: one mask of a code word yields two fp16 subnormals
+(``lattice.plane_pairs``), in an order ("pair order") that the contraction does not care about. So the query is
+multiplied by the rows of R in pair order once per program (``_decode_matrix``), keys are never rotated back, and
+values are accumulated in pair order and rotated back once, in the reduce. fp16 K/V never reach memory. Keys
+stored with RoPE undone are decoded to the original basis per page (one product with R) and RoPE is re-applied at
+each key's position.
 
-Grid: (batch · kv_heads · row blocks, splits + 1). Programs 0..splits-1 each take a run of pages; the last one
-takes the uncompressed sinks and window. Each writes (running max, sum, accumulator); the reduce combines them.
-Rows are (query position, query head of the group) pairs, so the codes of a KV head are read once for all its
-query heads (GQA) and all positions of a chunk (q_len > 1, causal inside the chunk).
+Grid: (batch · kv_heads · row blocks, splits + 1). Programs 0..splits-1 each take a run of pages (64-token pages
+are the A operand of the logit product, keys along axis 0); the last one takes the uncompressed sinks and window.
+Each writes (running max, sum, accumulator); the reduce combines them. Rows are (query position, query head of the
+group) pairs, so the codes of a KV head are read once for all its query heads (GQA) and all positions of a chunk
+(q_len > 1, causal inside the chunk).
 """
 from __future__ import annotations
 

@@ -212,4 +212,4 @@ def test_pair_decode_matches_reference(d, bits):
         got += (hi.double() * inv(1 if bits == 3 else 2)) @ m[ng + dp:]
     want = R.e8_values(idx, bits).double() @ _rotation(d, "cpu")[:d].double()
     # exact but for head_dim 96, whose Helmert constants are fp32-rounded (group sums round once more)
-    torch.testing.assert_close(got * 2.0 ** 24, want, rtol=0 if d != 96 else 1e-5, atol=1e-9)
+    torch.testing.assert_close(got * 2.0 ** 24, want, rtol=0, atol=1e-9 if d != 96 else 1e-4)

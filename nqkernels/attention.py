@@ -164,7 +164,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         acc_c = tl.zeros((NG, BLOCK_M), tl.float32)
         acc_lo = tl.zeros((DP, BLOCK_M), tl.float32)
         acc_hi = tl.zeros((DP, BLOCK_M), tl.float32)
-        # Σp and Σp·s_v stay per element until the end (a cross-thread sum per page would cost more than the page).
+        # Σp stays per element until the end of the split (a cross-thread sum per page costs more than the page).
         l_t = tl.zeros((PAGE, BLOCK_M), tl.float32)
         p_lo = split * pages_per_split
         p_hi = tl.minimum(p_lo + pages_per_split, tl.cdiv(comp, PAGE))
@@ -242,7 +242,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
 def _rotate_block(u, pv_ptr, FIRST: tl.constexpr, ROWS: tl.constexpr, c0, RC: tl.constexpr, DP: tl.constexpr,
                   FBITS: tl.constexpr):
     """u [BM, ROWS] (pair order, fp32) times rows FIRST.. of the decode matrix, columns c0..c0+RC-1: the fp16 hi and
-    lo parts against the exact ±1 (±4, ½·sum) entries keep ~22 bits."""
+    lo parts against the exact entries (±1, ±4, ¼·sums of ±1) keep ~22 bits."""
     kappa = tl.arange(0, ROWS)
     if FBITS > 0:
         u = u * _pair_inv_scale(kappa, FBITS)[None, :]
@@ -326,10 +326,10 @@ def _pair_order(n_words: int, fbits: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _decode_matrix(head_dim: int, bits: int, device: str) -> torch.Tensor:
     """Rows of R (``reference.rotation_matrix``, zero-padded to [DP, DP]) in the order of the decoded operands, with
-    each plane's weight: [per-group constants (NG rows: ¼ Σ of the group's 8 rows, ``coset_pairs``) | low plane (DP rows, pair order) |
-    high plane (DP rows, pair order, ×4)], fp32 [NG + 2·DP, DP]. So a decoded tile (coset flags, 2-bit low index
-    fields, high index bits) times this matrix is Σ_d R[d]·(v_d − OFF) in the original basis (up to ``plane_pairs``'
-    powers of two), and the query times its transpose gives the logit weights of each decoded element."""
+    each block's weight, fp32: [per-group constants (NG rows: ¼ Σ of the group's 8 rows, ``coset_pairs``) | low
+    plane (DP rows, pair order) | high plane (DP rows, pair order, ×4; only for 3 and 4 bits)]. A decoded tile times
+    this matrix is Σ_d R[d]·v_d in the original basis (up to ``plane_pairs``' powers of two and 2^-24), and the
+    query times its transpose gives the logit weight of each decoded element."""
     rot = _rotation(head_dim, "cpu")
     dp = rot.shape[0]
     nwl = dp // 16
@@ -337,9 +337,11 @@ def _decode_matrix(head_dim: int, bits: int, device: str) -> torch.Tensor:
     groups = rot.reshape(dp // 8, 8, dp).sum(1) * 0.25
     coset = torch.zeros(ng, dp)
     coset[::ng // (2 * nwl)] = groups
-    hi_bits = 1 if bits == 3 else 2
-    hi = rot[_pair_order(dp * hi_bits // 32, hi_bits)] * 4.0 if bits > 2 else torch.zeros(dp, dp)
-    return torch.cat([coset, rot[_pair_order(nwl, 2)], hi]).to(device)
+    blocks = [coset, rot[_pair_order(nwl, 2)]]
+    if bits > 2:
+        hi_bits = 1 if bits == 3 else 2
+        blocks.append(rot[_pair_order(dp * hi_bits // 32, hi_bits)] * 4.0)
+    return torch.cat(blocks).to(device)
 
 
 def _check_inputs(q, cache, softmax_scale, softcap, window):

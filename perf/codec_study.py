@@ -6,7 +6,8 @@
    scalar, the prior art's relaxed E8 with an amax scale (if nexusquant-kv is installed), and ours, beside the
    rate-distortion bound 2^(-2R). Every method spends one fp16 scale per token per head (metadata equal).
 2. Continuation perplexity (perf.continuation) for ours at K4V4 / K3V3 / K3V2 / K2V2 under the least-squares and
-   the unbiased scale rule (the default), with measured bytes, and the prior art's quant_only mode if installed. ``--chunks 40`` gives finer resolution.
+   the unbiased scale rule (the default), with measured bytes, and the prior art's quant_only mode if installed.
+   ``--chunks 40`` gives finer resolution.
 3. ``--key-modes``: only the key-mode comparison (keys stored post-RoPE vs with RoPE undone at encode and re-applied
    at decode), default scale rule, continuation perplexity at every bit setting (docs/decisions.md).
 """
@@ -55,7 +56,8 @@ def ours(fit):
 
 METHODS = {"scalar uniform": scalar_uniform, "Hadamard + scalar": hadamard_scalar,
            "prior art relaxed E8 (amax)": prior_art_relaxed_e8,
-           "ours, least-squares scale (rms_lsq)": ours("lsq"), "ours, unbiased scale (rms_unbiased, default)": ours("unbiased")}
+           "ours, least-squares scale (rms_lsq)": ours("lsq"),
+           "ours, unbiased scale (rms_unbiased, default)": ours("unbiased")}
 
 
 def prior_art_compressor(model, key_bits, value_bits):

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ("nqkernels.codec", "nqkernels.paged", "nqkernels.attention")
+MODULES = ("nqkernels.codec", "nqkernels.paged", "nqkernels.attention", "integrations.flash")
 
 
 @pytest.mark.parametrize("name", MODULES)

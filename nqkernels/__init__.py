@@ -7,14 +7,19 @@ Public API:
     EncodedKV              codes + scales (+ centering mean) of one K or V tensor
     PagedKVCache           one layer's paged HOT cache with uncompressed sinks and recent window
     decode_attention       attention over a PagedKVCache, codes decoded in registers (split-K + reduce)
+    save_cache, load_cache the COLD format: lossless delta/shuffle filter + zstd frames, to a file or stream
+    filter_codes, unfilter_codes   the COLD filter kernels (delta, zigzag, byte shuffle) and their inverse
     reference              the pure-torch oracle of every stage
 """
 from . import reference
 from .attention import decode_attention
+from .cold import ColdFormatError, load_cache, save_cache
+from .delta import filter_codes, unfilter_codes
 from .codec import EncodedKV, centering_mean, decode_kv, encode_kv
 from .config import KVCodec, RopeSpec
-from .paged import PagedKVCache
+from .paged import PagedKVCache, SlotState
 
 __all__ = ["KVCodec", "RopeSpec", "EncodedKV", "encode_kv", "decode_kv", "centering_mean", "PagedKVCache",
-           "decode_attention", "reference"]
+           "SlotState", "decode_attention", "save_cache", "load_cache", "ColdFormatError", "filter_codes",
+           "unfilter_codes", "reference"]
 __version__ = "0.1.0"

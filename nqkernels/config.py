@@ -121,6 +121,29 @@ class KVCodec:
         """int32 words of codes per token per head: head_dim * bits / 32."""
         return self.head_dim * bits // 32
 
+    def to_dict(self) -> dict:
+        """JSON-safe form (``from_dict`` inverts it); saved in COLD file headers."""
+        rope = None
+        if self.rope is not None:
+            rope = {"theta": self.rope.theta, "rotary_dim": self.rope.rotary_dim,
+                    "scaling": [list(kv) for kv in self.rope.scaling or ()],
+                    "max_position_embeddings": self.rope.max_position_embeddings}
+        return {"head_dim": self.head_dim, "key_bits": self.key_bits, "value_bits": self.value_bits, "rope": rope,
+                "center_keys": self.center_keys, "center_values": self.center_values, "scale_rule": self.scale_rule,
+                "scale_dtype": str(self.scale_dtype).removeprefix("torch."), "page_size": self.page_size,
+                "alpha": {str(b): a for b, a in self.alpha.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KVCodec":
+        d = dict(d)
+        if d.get("rope") is not None:
+            r = dict(d["rope"])
+            r["scaling"] = tuple(tuple(kv) for kv in r.get("scaling") or ()) or None
+            d["rope"] = RopeSpec(**r)
+        d["scale_dtype"] = {"float16": torch.float16, "bfloat16": torch.bfloat16}[d["scale_dtype"]]
+        d["alpha"] = {int(b): float(a) for b, a in d["alpha"].items()}
+        return cls(**d)
+
     def bytes_per_token(self, bits: int) -> int:
         """HOT bytes per token per head for one of K/V: packed codes plus the scale."""
         return 4 * self.words_per_token(bits) + 2

@@ -16,12 +16,37 @@ a sequence carries the same offset (attention is invariant to it) and values get
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from .codec import EncodedKV, decode_kv, encode_kv
 from .config import KVCodec
+
+
+class SlotState(NamedTuple):
+    """One sequence's content in token order, detached from pages (``PagedKVCache.export_slot``): what is saved,
+    offloaded and restored. H heads, C compressed tokens, F uncompressed tokens (sinks then window)."""
+    k_codes: torch.Tensor   # int32 [H, C, W_k]
+    k_scales: torch.Tensor  # [H, C]
+    v_codes: torch.Tensor   # int32 [H, C, W_v]
+    v_scales: torch.Tensor  # [H, C]
+    fp_k: torch.Tensor      # [H, F, D] in the cache dtype
+    fp_v: torch.Tensor      # [H, F, D]
+    k_mean: torch.Tensor    # fp32 [H, D]
+    v_mean: torch.Tensor    # fp32 [H, D]
+    sinks: int              # of the F uncompressed tokens, how many are sinks (the rest is the window)
+
+    @property
+    def length(self) -> int:
+        return self.k_codes.shape[1] + self.fp_k.shape[1]
+
+    def to(self, device, pin_memory: bool = False) -> "SlotState":
+        def move(t):
+            if pin_memory:
+                return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            return t.to(device, non_blocking=True)
+        return SlotState(*(move(t) for t in self[:8]), self.sinks)
 
 
 class PagedKVCache:
@@ -118,8 +143,7 @@ class PagedKVCache:
     def reset(self, slots: Optional[Sequence[int]] = None) -> None:
         """Empty the given slots (default all) and return their pages to the pool."""
         for b in range(self.max_batch) if slots is None else slots:
-            if not 0 <= b < self.max_batch:
-                raise ValueError(f"slot {b} is out of range [0, {self.max_batch})")
+            self._check_slot(b)
             self._free.extend(reversed(self._pages[b]))
             self._pages[b] = []
             self._len[b] = self._comp[b] = self._fp[b] = self._sink[b] = 0
@@ -236,6 +260,78 @@ class PagedKVCache:
         if len(counts) != B or any(c < 0 or c > T for c in counts):
             raise ValueError(f"lengths must hold {B} ints in [0, {T}], got {counts}")
         return counts
+
+    # ----------------------------------------------------------------------------------------------------------
+    def export_slot(self, b: int) -> SlotState:
+        """Slot b's content in token order (codes gathered from its pages), on the cache's device."""
+        self._check_slot(b)
+        P, H = self.codec.page_size, self.num_kv_heads
+        idx = torch.tensor(self._pages[b], device=self.device, dtype=torch.long)
+
+        def stream(t):  # [pages, H, P, ...] -> [H, pages·P, ...]
+            x = t[idx].transpose(0, 1)
+            return x.reshape(H, len(self._pages[b]) * P, *t.shape[3:]).contiguous()
+        fp = self._fp[b]
+        return SlotState(stream(self.k_codes), stream(self.k_scales), stream(self.v_codes), stream(self.v_scales),
+                         self.fp_k[b, :, :fp].clone(), self.fp_v[b, :, :fp].clone(), self.k_mean[b].clone(),
+                         self.v_mean[b].clone(), self._sink[b])
+
+    def import_slot(self, b: int, state: SlotState) -> None:
+        """Fill the empty slot b with ``state`` (from ``export_slot``, ``offload`` or ``load_cache``), on fresh
+        pages. Raises before changing anything if the state does not fit this cache."""
+        self._check_slot(b)
+        if self._len[b]:
+            raise ValueError(f"slot {b} holds {self._len[b]} tokens; reset it before importing into it")
+        P, H, D = self.codec.page_size, self.num_kv_heads, self.codec.head_dim
+        C, F = state.k_codes.shape[1], state.fp_k.shape[1]
+        want = {"k_codes": (H, C, self.k_codes.shape[-1]), "k_scales": (H, C), "v_codes": (H, C, self.v_codes.shape[-1]),
+                "v_scales": (H, C), "fp_k": (H, F, D), "fp_v": (H, F, D), "k_mean": (H, D), "v_mean": (H, D)}
+        for name, shape in want.items():
+            if tuple(getattr(state, name).shape) != shape:
+                raise ValueError(f"state.{name} has shape {list(getattr(state, name).shape)}; this cache needs "
+                                 f"{list(shape)}")
+        if C % P or F > self.fp_k.shape[2] or state.sinks > min(F, self.sink_tokens):
+            raise ValueError(f"state does not fit: {C} compressed tokens (a multiple of page_size={P} is needed), "
+                             f"{F} uncompressed of which {state.sinks} sinks (this cache holds at most "
+                             f"{self.fp_k.shape[2]} uncompressed, {self.sink_tokens} sinks)")
+        n_pages = C // P
+        if n_pages > len(self._free) or n_pages > self.block_table.shape[1]:
+            raise RuntimeError(f"PagedKVCache is out of pages: slot {b} needs {n_pages}, {len(self._free)} free "
+                               f"(max_pages_per_seq={self.block_table.shape[1]})")
+        pages = [self._free.pop() for _ in range(n_pages)]
+        if n_pages:
+            idx = torch.tensor(pages, device=self.device, dtype=torch.long)
+            for src, dst in ((state.k_codes, self.k_codes), (state.k_scales, self.k_scales),
+                             (state.v_codes, self.v_codes), (state.v_scales, self.v_scales)):
+                src = src.to(self.device, non_blocking=True)
+                dst[idx] = src.reshape(H, n_pages, P, *src.shape[2:]).transpose(0, 1).to(dst.dtype)
+            self.block_table[b, :n_pages] = idx.to(torch.int32)
+        self.fp_k[b, :, :F] = state.fp_k.to(self.device, non_blocking=True)
+        self.fp_v[b, :, :F] = state.fp_v.to(self.device, non_blocking=True)
+        self.k_mean[b] = state.k_mean.to(self.device, non_blocking=True)
+        self.v_mean[b] = state.v_mean.to(self.device, non_blocking=True)
+        self._pages[b] = pages
+        self._len[b], self._comp[b], self._fp[b], self._sink[b] = C + F, C, F, state.sinks
+        self._sync_lengths()
+
+    def offload(self, slots: Sequence[int]) -> list[SlotState]:
+        """Move the given slots to pinned host memory and free their pages; ``restore`` brings them back."""
+        states = [self.export_slot(b).to("cpu", pin_memory=self.device.type == "cuda") for b in slots]
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.reset(slots)
+        return states
+
+    def restore(self, states: Sequence[SlotState], slots: Sequence[int]) -> None:
+        """Import offloaded states into the given (empty) slots."""
+        if len(states) != len(slots):
+            raise ValueError(f"got {len(states)} states for {len(slots)} slots")
+        for state, b in zip(states, slots):
+            self.import_slot(b, state)
+
+    def _check_slot(self, b: int) -> None:
+        if not isinstance(b, int) or not 0 <= b < self.max_batch:
+            raise ValueError(f"slot {b!r} is out of range [0, {self.max_batch})")
 
     # ----------------------------------------------------------------------------------------------------------
     def dense(self, batch: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

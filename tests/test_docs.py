@@ -4,7 +4,8 @@ import importlib
 
 import pytest
 
-MODULES = ("nqkernels.codec", "nqkernels.paged", "nqkernels.attention", "integrations.flash")
+MODULES = ("nqkernels.codec", "nqkernels.paged", "nqkernels.attention", "nqkernels.delta", "nqkernels.cold",
+           "integrations.flash")
 
 
 @pytest.mark.parametrize("name", MODULES)

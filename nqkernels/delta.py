@@ -1,0 +1,348 @@
+"""Delta + zigzag + byte-shuffle of HOT codes and scales along the token axis: the lossless filter in front of zstd
+(the COLD format, ``nqkernels.cold``).
+
+A token's *record* is its code words (little-endian bytes, ``4·W`` of them) followed by the two bytes of its scale:
+``RB = 4·W + 2`` bytes. A stream (one sequence, one KV head, K or V) of T records is cut into chunks of ``chunk``
+tokens, each filtered on its own (so the inverse runs in parallel over chunks), in one of three modes per stream:
+
+    0  RAW      the records as they are, token-major ``[len, RB]``: zstd's matches find repeated tokens
+                (layer-0 values and RoPE-undone keys depend on the token id alone);
+    1  SHUFFLE  byte-transposed ``[RB, len]`` (Blosc's shuffle with the record as the element): bytes of equal
+                significance of all tokens are adjacent, so zstd's entropy stage sees each column's own statistics;
+    2  DELTA    per coordinate, the lattice index minus the previous token's (mod 2^bits), zigzagged so small
+                changes of either sign become small numbers; the scale's 16 bits likewise; then SHUFFLE.
+                The first token of a chunk is coded against zero.
+
+Every step is a bijection on the bits, so the inverse restores the HOT codes bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference as ref
+from .codec import _use_triton
+from .lattice import pack_plane, unpack_plane
+
+RAW, SHUFFLE, DELTA = 0, 1, 2
+MODES = (RAW, SHUFFLE, DELTA)
+DEFAULT_CHUNK = 1024
+
+
+def record_bytes(head_dim: int, bits: int) -> int:
+    """Bytes of one token's record: its code words and its 16-bit scale."""
+    return head_dim * bits // 8 + 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device helpers: zigzag of b-bit residues, the record's bytes and where each lands.
+
+@triton.jit
+def _zigzag(r, B: tl.constexpr):
+    """A residue r mod 2^B read as a signed number s in [-2^(B-1), 2^(B-1)) -> 2s (s >= 0) or -2s-1 (s < 0)."""
+    return ((r << 1) ^ (0 - (r >> (B - 1)))) & ((1 << B) - 1)
+
+
+@triton.jit
+def _unzigzag(z, B: tl.constexpr):
+    return ((z >> 1) ^ (0 - (z & 1))) & ((1 << B) - 1)
+
+
+@triton.jit
+def _word_bytes(w, BT: tl.constexpr, NW: tl.constexpr):
+    """[BT, NW] int32 words -> [BT, 4·NW] bytes, byte k of word j in column 4j + k (little-endian)."""
+    b0, b1, b2, b3 = w & 255, (w >> 8) & 255, (w >> 16) & 255, (w >> 24) & 255
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BT, 4 * NW))
+
+
+@triton.jit
+def _offsets(tc, col, chunk_len, RB: tl.constexpr, MODE_RAW):
+    """Byte offsets inside a chunk of token tc (in-chunk index, [BT, 1]) and record column col ([1, N])."""
+    return tl.where(MODE_RAW, tc * RB + col, col * chunk_len + tc)
+
+
+@triton.jit
+def _store_record(out, tc, tmask, chunk_len, lo, hi, sc, MODE_RAW, BT: tl.constexpr, W: tl.constexpr,
+                  WL: tl.constexpr, WLP: tl.constexpr, WHP: tl.constexpr, RB: tl.constexpr):
+    """Store the bytes of [BT] records: low-plane words lo [BT, WLP], high-plane words hi [BT, WHP], scales sc [BT]."""
+    col = tl.arange(0, 4 * WLP)[None, :]
+    tl.store(out + _offsets(tc, col, chunk_len, RB, MODE_RAW), _word_bytes(lo, BT, WLP).to(tl.uint8),
+             mask=tmask & (col < 4 * WL))
+    if W > WL:
+        col = tl.arange(0, 4 * WHP)[None, :]
+        tl.store(out + _offsets(tc, 4 * WL + col, chunk_len, RB, MODE_RAW), _word_bytes(hi, BT, WHP).to(tl.uint8),
+                 mask=tmask & (col < 4 * (W - WL)))
+    for k in tl.static_range(2):
+        tl.store(out + _offsets(tc, 4 * W + k, chunk_len, RB, MODE_RAW), ((sc[:, None] >> (8 * k)) & 255).to(tl.uint8),
+                 mask=tmask)
+
+
+@triton.jit
+def _load_words(src, tc, tmask, chunk_len, FIRST: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+                RB: tl.constexpr, MODE_RAW):
+    """Words FIRST..FIRST+N-1 of [BT] records from their bytes -> [BT, NP] int32 (zero-padded)."""
+    j = tl.arange(0, NP)[None, :]
+    w = tl.zeros((tc.shape[0], NP), dtype=tl.int32)
+    for k in tl.static_range(4):
+        b = tl.load(src + _offsets(tc, 4 * (FIRST + j) + k, chunk_len, RB, MODE_RAW), mask=tmask & (j < N), other=0)
+        w = w | (b.to(tl.int32) << (8 * k))
+    return w
+
+
+@triton.jit
+def _indices(lo, hi, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
+    """Bit-plane words -> per-coordinate indices [BT, DP] (as stored: the 8th low bit of a group is the coset)."""
+    idx = unpack_plane(lo, BT, DP, 2)
+    if BITS > 2:
+        idx = idx | (unpack_plane(hi, BT, DP, BITS - 2) << 2)
+    return idx
+
+
+@triton.jit
+def _planes(idx, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
+    lo = pack_plane(idx & 3, BT, DP, 2)
+    hi = lo
+    if BITS > 2:
+        hi = pack_plane(idx >> 2, BT, DP, BITS - 2)
+    return lo, hi
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _filter_kernel(codes_ptr, scales_ptr, modes_ptr, out_ptr, T, chunk, sc_s, sc_t, ss_s, ss_t,
+                   D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr):
+    """Grid (streams, token blocks): each program filters BT tokens of one stream into out [S, T·RB] (uint8)."""
+    W: tl.constexpr = D * BITS // 32
+    WL: tl.constexpr = D // 16
+    WLP: tl.constexpr = DP // 16
+    WHP: tl.constexpr = DP * (BITS - 2) // 32 if BITS > 2 else 1
+    RB: tl.constexpr = 4 * W + 2
+    s = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BT + tl.arange(0, BT)
+    tmask = t < T
+    mode = tl.load(modes_ptr + s)
+    c0 = t // chunk * chunk  # first token of each token's chunk
+    has_prev = (t > c0) & tmask & ((t * 0 + mode) == 2)  # (scalar bool & tensor upsets the interpreter)
+    row = codes_ptr + s * sc_s
+    jl = tl.arange(0, WLP)[None, :]
+    lo = tl.load(row + t[:, None] * sc_t + jl, mask=tmask[:, None] & (jl < WL), other=0)
+    lo_p = tl.load(row + (t[:, None] - 1) * sc_t + jl, mask=has_prev[:, None] & (jl < WL), other=0)
+    hi = lo
+    hi_p = lo_p
+    if BITS > 2:
+        jh = tl.arange(0, WHP)[None, :]
+        hi = tl.load(row + t[:, None] * sc_t + WL + jh, mask=tmask[:, None] & (jh < W - WL), other=0)
+        hi_p = tl.load(row + (t[:, None] - 1) * sc_t + WL + jh, mask=has_prev[:, None] & (jh < W - WL), other=0)
+    sc = tl.load(scales_ptr + s * ss_s + t * ss_t, mask=tmask, other=0).to(tl.int32) & 0xFFFF
+    sc_p = tl.load(scales_ptr + s * ss_s + (t - 1) * ss_t, mask=has_prev, other=0).to(tl.int32) & 0xFFFF
+    if mode == 2:
+        # Subtracting the previous token's indices (zero at a chunk start) and zigzagging are bijections mod 2^BITS.
+        d = _zigzag((_indices(lo, hi, BT, DP, BITS) - _indices(lo_p, hi_p, BT, DP, BITS)) & ((1 << BITS) - 1), BITS)
+        lo, hi = _planes(d, BT, DP, BITS)
+        sc = _zigzag((sc - sc_p) & 0xFFFF, 16)
+    chunk_len = tl.minimum(T - c0, chunk)[:, None]
+    out = out_ptr + s * T * RB + c0[:, None].to(tl.int64) * RB
+    _store_record(out, (t - c0)[:, None], tmask[:, None], chunk_len, lo, hi, sc, mode == 0, BT, W, WL, WLP, WHP, RB)
+
+
+@triton.jit
+def _unfilter_kernel(src_ptr, modes_ptr, codes_ptr, scales_ptr, T, chunk, sc_s, sc_t, ss_s, ss_t,
+                     D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr):
+    """Grid (streams, chunks): each program restores one chunk block by block; deltas are summed along tokens
+    (a prefix sum inside the block plus the previous block's last row as carry)."""
+    W: tl.constexpr = D * BITS // 32
+    WL: tl.constexpr = D // 16
+    WLP: tl.constexpr = DP // 16
+    WHP: tl.constexpr = DP * (BITS - 2) // 32 if BITS > 2 else 1
+    RB: tl.constexpr = 4 * W + 2
+    s = tl.program_id(0).to(tl.int64)
+    c0 = tl.program_id(1) * chunk
+    mode = tl.load(modes_ptr + s)
+    chunk_len = tl.minimum(T - c0, chunk)
+    src = src_ptr + s * T * RB + c0.to(tl.int64) * RB
+    carry = tl.zeros((DP,), dtype=tl.int32)
+    carry_sc = 0
+    last = tl.arange(0, BT)[:, None] == BT - 1
+    for b0 in range(0, chunk_len, BT):
+        tc = b0 + tl.arange(0, BT)
+        tmask = tc < chunk_len
+        lo = _load_words(src, tc[:, None], tmask[:, None], chunk_len, 0, WL, WLP, RB, mode == 0)
+        hi = lo
+        if BITS > 2:
+            hi = _load_words(src, tc[:, None], tmask[:, None], chunk_len, WL, W - WL, WHP, RB, mode == 0)
+        sc = tl.zeros((BT,), dtype=tl.int32)
+        for k in tl.static_range(2):
+            b = tl.load(src + _offsets(tc, 4 * W + k, chunk_len, RB, mode == 0), mask=tmask, other=0)
+            sc = sc | (b.to(tl.int32) << (8 * k))
+        if mode == 2:
+            d = tl.where(tmask[:, None], _unzigzag(_indices(lo, hi, BT, DP, BITS), BITS), 0)
+            idx = (tl.cumsum(d, axis=0) + carry[None, :]) & ((1 << BITS) - 1)
+            carry = tl.sum(tl.where(last, idx, 0), axis=0)
+            lo, hi = _planes(idx, BT, DP, BITS)
+            ds = tl.where(tmask, _unzigzag(sc, 16), 0)
+            sc = (tl.cumsum(ds, axis=0) + carry_sc) & 0xFFFF
+            carry_sc = tl.sum(tl.where(tl.arange(0, BT) == BT - 1, sc, 0), axis=0)
+        t = c0 + tc
+        row = codes_ptr + s * sc_s + t[:, None] * sc_t
+        jl = tl.arange(0, WLP)[None, :]
+        tl.store(row + jl, lo, mask=tmask[:, None] & (jl < WL))
+        if BITS > 2:
+            jh = tl.arange(0, WHP)[None, :]
+            tl.store(row + WL + jh, hi, mask=tmask[:, None] & (jh < W - WL))
+        tl.store(scales_ptr + s * ss_s + t * ss_t, ((sc << 16) >> 16).to(tl.int16), mask=tmask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check(codes: torch.Tensor, scales: torch.Tensor, modes: torch.Tensor, head_dim: int, bits: int, chunk: int):
+    if bits not in (2, 3, 4):
+        raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
+    if head_dim not in (64, 96, 128, 256):
+        raise ValueError(f"head_dim must be 64, 96, 128 or 256, got {head_dim!r}")
+    W = head_dim * bits // 32
+    if codes.dim() != 3 or codes.dtype != torch.int32 or codes.shape[-1] != W:
+        raise ValueError(f"codes must be int32 [streams, tokens, {W}] (head_dim {head_dim} at {bits} bits), got "
+                         f"{codes.dtype} {list(codes.shape)}")
+    if scales.shape != codes.shape[:2] or scales.element_size() != 2:
+        raise ValueError(f"scales must be a 16-bit tensor [streams, tokens] = {list(codes.shape[:2])}, got "
+                         f"{scales.dtype} {list(scales.shape)}")
+    if modes.shape != codes.shape[:1] or modes.dtype != torch.int32:
+        raise ValueError(f"modes must be int32 [streams] = {list(codes.shape[:1])}, got {modes.dtype} "
+                         f"{list(modes.shape)}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    if len({codes.device, scales.device, modes.device}) != 1:
+        raise ValueError("codes, scales and modes must be on one device")
+
+
+def filter_codes(codes: torch.Tensor, scales: torch.Tensor, modes: torch.Tensor, head_dim: int, bits: int,
+                 chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Filter HOT codes and scales of S streams for an entropy coder (see the module docstring).
+
+    Args:
+        codes: int32 ``[S, T, W]`` (W = head_dim·bits/32; any strides with unit word stride), one stream per row.
+        scales: ``[S, T]`` fp16/bf16 (or int16).
+        modes: int32 ``[S]``, each RAW (0), SHUFFLE (1) or DELTA (2).
+        head_dim, bits: the codec's.
+        chunk: tokens per independently filtered chunk.
+    Returns:
+        uint8 ``[S, T·RB]`` (RB = ``record_bytes(head_dim, bits)``).
+
+    Example:
+        >>> codes = torch.randint(-2**31, 2**31 - 1, (2, 100, 12), dtype=torch.int32)
+        >>> scales = torch.rand(2, 100).half()
+        >>> modes = torch.tensor([0, 2], dtype=torch.int32)
+        >>> out = filter_codes(codes, scales, modes, 128, 3, chunk=64)
+        >>> c, s = unfilter_codes(out, modes, 128, 3, chunk=64, scale_dtype=torch.float16)
+        >>> torch.equal(c, codes) and torch.equal(s, scales)
+        True
+    """
+    _check(codes, scales, modes, head_dim, bits, chunk)
+    if codes.numel() and int(modes.min()) < 0 or codes.numel() and int(modes.max()) > 2:
+        raise ValueError(f"modes must each be 0 (RAW), 1 (SHUFFLE) or 2 (DELTA), got {modes.unique().tolist()}")
+    S, T, W = codes.shape
+    if codes.stride(-1) != 1:
+        codes = codes.contiguous()
+    sc16 = scales.view(torch.int16)
+    if not _use_triton(codes) or S * T == 0:
+        return filter_reference(codes, sc16, modes, head_dim, bits, chunk)
+    out = torch.empty(S, T * record_bytes(head_dim, bits), dtype=torch.uint8, device=codes.device)
+    BT = 64
+    _filter_kernel[(S, triton.cdiv(T, BT))](codes, sc16, modes, out, T, chunk, codes.stride(0), codes.stride(1),
+                                           sc16.stride(0), sc16.stride(1), D=head_dim, DP=ref.next_pow2(head_dim),
+                                           BITS=bits, BT=BT, num_warps=4)
+    return out
+
+
+def unfilter_codes(data: torch.Tensor, modes: torch.Tensor, head_dim: int, bits: int, chunk: int = DEFAULT_CHUNK,
+                   scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``filter_codes``: uint8 ``[S, T·RB]`` -> (codes int32 ``[S, T, W]``, scales ``[S, T]``)."""
+    RB = record_bytes(head_dim, bits)
+    if data.dim() != 2 or data.dtype != torch.uint8 or data.shape[1] % RB:
+        raise ValueError(f"data must be uint8 [streams, tokens * {RB}], got {data.dtype} {list(data.shape)}")
+    S, T = data.shape[0], data.shape[1] // RB
+    W = head_dim * bits // 32
+    codes = torch.empty(S, T, W, dtype=torch.int32, device=data.device)
+    scales = torch.empty(S, T, dtype=torch.int16, device=data.device)
+    _check(codes, scales, modes, head_dim, bits, chunk)
+    data = data.contiguous()
+    if not _use_triton(data) or S * T == 0:
+        codes, scales = unfilter_reference(data, modes, head_dim, bits, chunk)
+    else:
+        _unfilter_kernel[(S, triton.cdiv(T, chunk))](data, modes, codes, scales, T, chunk, codes.stride(0),
+                                                    codes.stride(1), scales.stride(0), scales.stride(1), D=head_dim,
+                                                    DP=ref.next_pow2(head_dim), BITS=bits, BT=64, num_warps=4)
+    return codes, scales.view(scale_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The torch reference (oracle and CPU path).
+
+def _zigzag_ref(r: torch.Tensor, b: int) -> torch.Tensor:
+    return ((r << 1) ^ -(r >> (b - 1))) & ((1 << b) - 1)
+
+
+def _unzigzag_ref(z: torch.Tensor, b: int) -> torch.Tensor:
+    return ((z >> 1) ^ -(z & 1)) & ((1 << b) - 1)
+
+
+def _records(codes: torch.Tensor, sc16: torch.Tensor) -> torch.Tensor:
+    """[S, T, W] int32 + [S, T] int16 -> [S, T, RB] uint8 (little-endian)."""
+    shifts = torch.arange(4, device=codes.device) * 8
+    cb = (codes.to(torch.int64)[..., None] >> shifts) & 255
+    sb = (sc16.to(torch.int64)[..., None] >> shifts[:2]) & 255
+    return torch.cat((cb.flatten(-2), sb), dim=-1).to(torch.uint8)
+
+
+def _chunk_views(T: int, chunk: int):
+    return [(c0, min(T, c0 + chunk)) for c0 in range(0, T, chunk)]
+
+
+def filter_reference(codes, sc16, modes, head_dim: int, bits: int, chunk: int) -> torch.Tensor:
+    S, T, W = codes.shape
+    idx = ref.unpack_codes(codes, bits, head_dim)  # [S, T, D] int64
+    sc = sc16.to(torch.int64) & 0xFFFF
+    prev, prev_sc = torch.zeros_like(idx), torch.zeros_like(sc)
+    prev[:, 1:], prev_sc[:, 1:] = idx[:, :-1], sc[:, :-1]
+    prev[:, ::chunk], prev_sc[:, ::chunk] = 0, 0  # each chunk starts against zero
+    delta = ref.pack_codes(_zigzag_ref((idx - prev) & ((1 << bits) - 1), bits), bits)
+    delta_sc = _zigzag_ref((sc - prev_sc) & 0xFFFF, 16)
+    rec = _records(codes, sc16)
+    rec_delta = _records(delta, delta_sc.to(torch.int16))
+    out = []
+    for s in range(S):
+        r = rec_delta[s] if int(modes[s]) == DELTA else rec[s]
+        parts = [r[a:b] if int(modes[s]) == RAW else r[a:b].T for a, b in _chunk_views(T, chunk)]
+        out.append(torch.cat([p.reshape(-1) for p in parts]) if parts else r.reshape(-1))
+    return torch.stack(out) if out else torch.empty(0, T * (4 * W + 2), dtype=torch.uint8, device=codes.device)
+
+
+def unfilter_reference(data, modes, head_dim: int, bits: int, chunk: int):
+    RB = record_bytes(head_dim, bits)
+    S, T = data.shape[0], data.shape[1] // RB
+    rec = torch.empty(S, T, RB, dtype=torch.uint8, device=data.device)
+    for s in range(S):
+        pos = 0
+        for a, b in _chunk_views(T, chunk):
+            part = data[s, pos:pos + (b - a) * RB]
+            rec[s, a:b] = part.view(b - a, RB) if int(modes[s]) == RAW else part.view(RB, b - a).T
+            pos += (b - a) * RB
+    shifts = torch.arange(4, device=data.device) * 8
+    r = rec.to(torch.int64)
+    words = (r[..., :RB - 2].reshape(S, T, -1, 4) << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    sc = r[..., RB - 2] | (r[..., RB - 1] << 8)
+    for s in range(S):
+        if int(modes[s]) != DELTA:
+            continue
+        d = _unzigzag_ref(ref.unpack_codes(words[s], bits, head_dim), bits)
+        ds = _unzigzag_ref(sc[s], 16)
+        for a, b in _chunk_views(T, chunk):
+            d[a:b] = d[a:b].cumsum(0) & ((1 << bits) - 1)
+            ds[a:b] = ds[a:b].cumsum(0) & 0xFFFF
+        words[s] = ref.pack_codes(d, bits).to(torch.int64)
+        sc[s] = ds
+    sc = torch.where(sc >= 2**15, sc - 2**16, sc)
+    return words.to(torch.int32), sc.to(torch.int16)

@@ -17,6 +17,7 @@ import json
 import os
 import struct
 import sys
+import threading
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,36 @@ class ColdFormatError(ValueError):
     """A COLD file that cannot be loaded as asked; the message names the problem."""
 
 
+_LOCAL = threading.local()  # one zstd context per thread and level: creating one costs more than a small frame
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = _LOCAL.__dict__.setdefault("compressors", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=True)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_LOCAL, "decompressor"):
+        _LOCAL.decompressor = zstandard.ZstdDecompressor()
+    return _LOCAL.decompressor
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of t; from the GPU into pinned memory (torch caches the blocks), so it runs at PCIe speed. The
+    copy is asynchronous: synchronize before reading it."""
+    if t.device.type != "cuda":
+        return t.contiguous()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def _threads(threads: Optional[int]) -> int:
     return max(1, threads or min(16, os.cpu_count() or 1))
 
@@ -52,20 +83,19 @@ def _report(progress: bool, what: str, i: int, n: int, unit: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # save
 
-def _choose_modes(codes, scales, head_dim, bits, chunk, level, sample) -> torch.Tensor:
+def _choose_modes(codes, scales, head_dim, bits, chunk, level, sample, pool) -> torch.Tensor:
     """Per head, the mode whose filtered sample (the first ``sample`` tokens) zstd compresses smallest."""
     H, T = codes.shape[:2]
     n = min(T, sample)
     if n == 0:
         return torch.full((H,), SHUFFLE, dtype=torch.int32, device=codes.device)
-    zc = zstandard.ZstdCompressor(level=level)
-    sizes = []
+    trials = []
     for mode in MODES:
         modes = torch.full((H,), mode, dtype=torch.int32, device=codes.device)
-        data = filter_codes(codes[:, :n], scales[:, :n], modes, head_dim, bits, chunk).cpu().numpy()
-        sizes.append([len(zc.compress(data[h])) for h in range(H)])
-    best = torch.tensor(sizes).argmin(0).to(torch.int32)
-    return best.to(codes.device)
+        trials.extend(_to_host(filter_codes(codes[:, :n], scales[:, :n], modes, head_dim, bits, chunk)))
+    _sync(codes.device)
+    sizes = list(pool.map(lambda a: len(_compressor(level).compress(a.numpy())), trials))
+    return torch.tensor(sizes).view(len(MODES), H).argmin(0).to(torch.int32).to(codes.device)
 
 
 def _parse_modes(modes) -> Union[str, dict]:
@@ -96,7 +126,7 @@ def _check_caches(caches) -> list[PagedKVCache]:
 
 def save_cache(caches: Union[PagedKVCache, Sequence[PagedKVCache]], file: Union[str, os.PathLike, BinaryIO], *,
                level: int = 3, threads: Optional[int] = None, modes: Union[str, dict] = "auto",
-               chunk: int = DEFAULT_CHUNK, sample: int = 2048, progress: bool = False) -> dict:
+               chunk: int = DEFAULT_CHUNK, sample: int = 2048, fsync: bool = True, progress: bool = False) -> dict:
     """Write compressed caches (one ``PagedKVCache`` per layer, or one) to a COLD file; lossless.
 
     Args:
@@ -107,10 +137,12 @@ def save_cache(caches: Union[PagedKVCache, Sequence[PagedKVCache]], file: Union[
         modes: ``"auto"`` (per head, the filter whose sample compresses smallest), ``"raw"``, ``"shuffle"``,
             ``"delta"``, or a dict ``{"key": ..., "value": ...}`` of those.
         chunk: tokens per independently filtered chunk; sample: tokens tried per head by ``"auto"``.
+        fsync: with a path, flush the file to disk before the rename (durable; costs the disk's write time).
         progress: print per-layer progress to stderr.
     Returns:
-        ``{"file_bytes", "hot_bytes", "frames", "modes"}``: bytes written, bytes of the saved state as held in
-        memory (codes, scales, uncompressed tokens, means), frame count, and how many head streams took each mode.
+        ``{"file_bytes", "hot_bytes", "frames", "modes", "part_bytes"}``: bytes written, bytes of the saved state
+        as held in memory (codes, scales, uncompressed tokens, means), frame count, how many head streams took each
+        mode, and the compressed bytes of the K, V and uncompressed-token ("fp") frames.
 
     Example:
         >>> import io, torch
@@ -138,7 +170,8 @@ def save_cache(caches: Union[PagedKVCache, Sequence[PagedKVCache]], file: Union[
             with open(tmp, "wb") as f:
                 stats = _save(caches, f, level, threads, modes, chunk, sample, progress)
                 f.flush()
-                os.fsync(f.fileno())
+                if fsync:
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -168,37 +201,40 @@ def _save(caches, f, level, threads, modes, chunk, sample, progress) -> dict:
         nonlocal offset
         while pending and (block or pending[0][1].done()):
             entry, fut = pending.popleft()
-            blob = fut.result()
+            blob, crc = fut.result()
             f.write(blob)
-            index.append({**entry, "offset": offset, "size": len(blob), "crc": zlib.crc32(blob)})
+            index.append({**entry, "offset": offset, "size": len(blob), "crc": crc})
             offset += len(blob)
 
-    def compress(data):
-        return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
+    def compress(data: torch.Tensor):  # in the pool: zstd and crc32 release the GIL
+        blob = _compressor(level).compress(data.numpy())
+        return blob, zlib.crc32(blob)
 
     with ThreadPoolExecutor(_threads(threads)) as pool:
         for layer, cache in enumerate(caches):
             for b in slots:
                 st = cache.export_slot(b)
                 hot += sum(t.nbytes for t in st[:8])
+                jobs = []
                 for part, codes, scales, bits in (("k", st.k_codes, st.k_scales, codec.key_bits),
                                                   ("v", st.v_codes, st.v_scales, codec.value_bits)):
                     mode = modes if modes == "auto" else modes["key" if part == "k" else "value"]
                     if mode == "auto":
-                        m = _choose_modes(codes, scales, codec.head_dim, bits, chunk, level, sample)
+                        m = _choose_modes(codes, scales, codec.head_dim, bits, chunk, level, sample, pool)
                     else:
                         m = torch.full((codes.shape[0],), MODE_NAMES[mode], dtype=torch.int32, device=codes.device)
-                    data = filter_codes(codes, scales, m, codec.head_dim, bits, chunk).cpu().numpy()
+                    data = _to_host(filter_codes(codes, scales, m, codec.head_dim, bits, chunk))
                     m = m.tolist()
                     for name, value in MODE_NAMES.items():
                         used[name] += m.count(value)
-                    pending.append(({"layer": layer, "slot": b, "part": part, "raw": data.nbytes, "modes": m},
-                                    pool.submit(compress, data)))
-                fp = torch.cat([t.reshape(-1).view(torch.uint8) for t in (st.fp_k, st.fp_v, st.k_mean, st.v_mean)])
-                fp = fp.cpu().numpy()
-                pending.append(({"layer": layer, "slot": b, "part": "fp", "raw": fp.nbytes,
-                                 "compressed": st.k_codes.shape[1], "uncompressed": st.fp_k.shape[1],
-                                 "sinks": st.sinks}, pool.submit(compress, fp)))
+                    jobs.append(({"layer": layer, "slot": b, "part": part, "raw": data.nbytes, "modes": m}, data))
+                fp = _to_host(torch.cat([t.reshape(-1).view(torch.uint8)
+                                         for t in (st.fp_k, st.fp_v, st.k_mean, st.v_mean)]))
+                jobs.append(({"layer": layer, "slot": b, "part": "fp", "raw": fp.nbytes,
+                              "compressed": st.k_codes.shape[1], "uncompressed": st.fp_k.shape[1],
+                              "sinks": st.sinks}, fp))
+                _sync(first.device)
+                pending.extend((entry, pool.submit(compress, data)) for entry, data in jobs)
                 write_ready(block=len(pending) > 6 * _threads(threads))
             write_ready(block=False)
             _report(progress, "save_cache", layer + 1, len(caches), "layer")
@@ -206,7 +242,9 @@ def _save(caches, f, level, threads, modes, chunk, sample, progress) -> dict:
     idx = json.dumps(index).encode()
     f.write(idx)
     f.write(_FOOTER.pack(len(idx), zlib.crc32(idx), END_MAGIC))
-    return {"file_bytes": offset + len(idx) + _FOOTER.size, "hot_bytes": hot, "frames": len(index), "modes": used}
+    parts = {p: sum(e["size"] for e in index if e["part"] == p) for p in ("k", "v", "fp")}
+    return {"file_bytes": offset + len(idx) + _FOOTER.size, "hot_bytes": hot, "frames": len(index), "modes": used,
+            "part_bytes": parts}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,7 +356,7 @@ def _load(f, device, num_pages, codec, num_layers, num_kv_heads, threads, progre
         pending: deque = deque()
         for e in ordered:  # reads stay in this thread, in file order; the pool decompresses
             f.seek(e["offset"])
-            pending.append(pool.submit(_decompress, e, f.read(e["size"])))
+            pending.append(pool.submit(_decompress, e, f.read(e["size"]), caches[0].device.type == "cuda"))
             while pending and (pending[0].done() or len(pending) > 4 * _threads(threads)):
                 collect(pending.popleft())
         while pending:
@@ -328,19 +366,21 @@ def _load(f, device, num_pages, codec, num_layers, num_kv_heads, threads, progre
     return caches
 
 
-def _decompress(e: dict, blob: bytes):
+def _decompress(e: dict, blob: bytes, pin: bool):
     where = f"frame (layer {e['layer']}, slot {e['slot']}, {e['part']})"
     if len(blob) != e["size"]:
         raise ColdFormatError(f"COLD file is truncated inside {where}")
     if zlib.crc32(blob) != e["crc"]:
         raise ColdFormatError(f"checksum mismatch in {where}: the file is corrupted")
     try:
-        data = zstandard.ZstdDecompressor().decompress(blob, max_output_size=e["raw"])
+        data = _decompressor().decompress(blob, max_output_size=e["raw"])
     except zstandard.ZstdError as err:
         raise ColdFormatError(f"{where} does not decompress ({err}): the file is corrupted") from None
     if len(data) != e["raw"]:
         raise ColdFormatError(f"{where} decompressed to {len(data)} bytes, expected {e['raw']}")
-    return e, data
+    host = torch.empty(len(data), dtype=torch.uint8, pin_memory=pin)  # pinned: the upload runs at PCIe speed
+    host.numpy()[:] = memoryview(data)
+    return e, host
 
 
 def _collect(item, done: dict, caches, codec: KVCodec, chunk: int) -> None:
@@ -361,10 +401,10 @@ def _collect(item, done: dict, caches, codec: KVCodec, chunk: int) -> None:
         pe, raw = parts[part]
         if len(pe["modes"]) != H or pe["raw"] != H * C * record_bytes(D, bits):
             raise ColdFormatError(f"frame (layer {e['layer']}, slot {e['slot']}, {part}) has the wrong size")
-        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(H, -1).to(dev)
+        t = raw.view(H, -1).to(dev, non_blocking=True)
         modes = torch.tensor(pe["modes"], dtype=torch.int32, device=dev)
         streams.extend(unfilter_codes(t, modes, D, bits, chunk, codec.scale_dtype))
-    fpb = torch.frombuffer(bytearray(fp), dtype=torch.uint8).to(dev)
+    fpb = fp.to(dev, non_blocking=True)
     n_fp = H * F * D * cache.fp_k.element_size()
     if fpb.numel() != 2 * n_fp + 2 * H * D * 4:
         raise ColdFormatError(f"frame (layer {e['layer']}, slot {e['slot']}, fp) has the wrong size")

@@ -401,7 +401,7 @@ def _collect(item, done: dict, caches, codec: KVCodec, chunk: int) -> None:
         pe, raw = parts[part]
         if len(pe["modes"]) != H or pe["raw"] != H * C * record_bytes(D, bits):
             raise ColdFormatError(f"frame (layer {e['layer']}, slot {e['slot']}, {part}) has the wrong size")
-        t = raw.view(H, -1).to(dev, non_blocking=True)
+        t = raw.view(H, C * record_bytes(D, bits)).to(dev, non_blocking=True)
         modes = torch.tensor(pe["modes"], dtype=torch.int32, device=dev)
         streams.extend(unfilter_codes(t, modes, D, bits, chunk, codec.scale_dtype))
     fpb = fp.to(dev, non_blocking=True)

@@ -331,7 +331,7 @@ def unfilter_reference(data, modes, head_dim: int, bits: int, chunk: int):
             pos += (b - a) * RB
     shifts = torch.arange(4, device=data.device) * 8
     r = rec.to(torch.int64)
-    words = (r[..., :RB - 2].reshape(S, T, -1, 4) << shifts).sum(-1)
+    words = (r[..., :RB - 2].reshape(S, T, (RB - 2) // 4, 4) << shifts).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words)
     sc = r[..., RB - 2] | (r[..., RB - 1] << 8)
     for s in range(S):

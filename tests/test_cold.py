@@ -111,6 +111,14 @@ def test_round_trip_every_mode_both_key_modes(modes):
             _assert_same(a, b)
 
 
+def test_sequences_without_pages_round_trip():
+    for rope in (None, RopeSpec(theta=10000.0)):
+        caches = _caches(lengths=(10, 3, 1), sinks=2, recent=16, rope=rope)  # only sinks and window, no pages
+        assert caches[0].compressed_lens() == [0, 0, 0]
+        for a, b in zip(caches, load_cache(io.BytesIO(_saved(caches)), device="cpu")):
+            _assert_same(a, b)
+
+
 def test_save_to_path_is_atomic_and_loads(tmp_path, monkeypatch):
     caches = _caches()
     path = tmp_path / "cache.nqkv"

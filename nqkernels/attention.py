@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import reference as ref
 from .codec import _config, _max_programs, _rope_tables, _rotation, _use_triton
-from .lattice import (SUBNORMAL_UNIT, coset_pairs, load_e8_doubled, plane_pairs, restore_parity, rope_partner,
+from .lattice import (SUBNORMAL_UNIT, coset_pairs, load_e8_doubled, load_words, plane_pairs, restore_parity, rope_partner,
                       rope_rotate, rope_rows_at)
 from .paged import PagedKVCache
 
@@ -63,23 +63,16 @@ def _visible(valid, k_index, q_index, WINDOW: tl.constexpr, window, AXIS: tl.con
 
 
 @triton.jit
-def _words(row, tmask, FIRST: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
-    """Words FIRST..FIRST+N-1 of each token's codes (``row``: [BT, 1] pointers), zero-padded to NP columns."""
-    w = tl.arange(0, NP)
-    return tl.load(row + FIRST + w[None, :], mask=tmask[:, None] & (w < N)[None, :], other=0)
-
-
-@triton.jit
 def _page_codes(c_ptr, s_ptr, page, h, t, tmask, sc_p, sc_h, sc_t, ss_p, ss_h, D: tl.constexpr, DP: tl.constexpr,
                 BITS: tl.constexpr, HB: tl.constexpr):
     """One page of one head: low-plane words [P, DP/16], high-plane words [P, DP·HB/32] (the low ones again when
     BITS == 2, unused) and fp32 scales [P]; masked tokens read as zero."""
     page = page.to(tl.int64)  # large pools overflow 32-bit offsets
     row = c_ptr + page * sc_p + h * sc_h + t[:, None] * sc_t
-    lo = _words(row, tmask, 0, D // 16, DP // 16)
+    lo = load_words(row, tmask, 0, D // 16, DP // 16)
     hi = lo
     if BITS > 2:
-        hi = _words(row, tmask, D // 16, D * (BITS - 2) // 32, DP * HB // 32)
+        hi = load_words(row, tmask, D // 16, D * (BITS - 2) // 32, DP * HB // 32)
     return lo, hi, tl.load(s_ptr + page * ss_p + h * ss_h + t, mask=tmask, other=0.0).to(tl.float32)
 
 

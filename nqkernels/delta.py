@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import reference as ref
 from .codec import _use_triton
-from .lattice import pack_plane, unpack_plane
+from .lattice import load_words, pack_plane, unpack_plane
 
 RAW, SHUFFLE, DELTA = 0, 1, 2
 MODES = (RAW, SHUFFLE, DELTA)
@@ -33,6 +33,14 @@ DEFAULT_CHUNK = 1024
 def record_bytes(head_dim: int, bits: int) -> int:
     """Bytes of one token's record: its code words and its 16-bit scale."""
     return head_dim * bits // 8 + 2
+
+
+def _layout(head_dim: int, bits: int) -> dict:
+    """The kernels' constexprs: W words per token, WL of them in the low plane, both planes' widths padded to
+    powers of two (WLP, WHP), RB record bytes."""
+    dp = ref.next_pow2(head_dim)
+    return dict(D=head_dim, DP=dp, BITS=bits, W=head_dim * bits // 32, WL=head_dim // 16, WLP=dp // 16,
+                WHP=dp * (bits - 2) // 32 if bits > 2 else 1, RB=record_bytes(head_dim, bits))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,7 +87,7 @@ def _store_record(out, tc, tmask, chunk_len, lo, hi, sc, MODE_RAW, BT: tl.conste
 
 
 @triton.jit
-def _load_words(src, tc, tmask, chunk_len, FIRST: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+def _record_words(src, tc, tmask, chunk_len, FIRST: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
                 RB: tl.constexpr, MODE_RAW):
     """Words FIRST..FIRST+N-1 of [BT] records from their bytes -> [BT, NP] int32 (zero-padded)."""
     j = tl.arange(0, NP)[None, :]
@@ -112,29 +120,23 @@ def _planes(idx, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _filter_kernel(codes_ptr, scales_ptr, modes_ptr, out_ptr, T, chunk, sc_s, sc_t, ss_s, ss_t,
-                   D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr):
+                   D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, WL: tl.constexpr,
+                   WLP: tl.constexpr, WHP: tl.constexpr, RB: tl.constexpr, BT: tl.constexpr):
     """Grid (streams, token blocks): each program filters BT tokens of one stream into out [S, T·RB] (uint8)."""
-    W: tl.constexpr = D * BITS // 32
-    WL: tl.constexpr = D // 16
-    WLP: tl.constexpr = DP // 16
-    WHP: tl.constexpr = DP * (BITS - 2) // 32 if BITS > 2 else 1
-    RB: tl.constexpr = 4 * W + 2
     s = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
     tmask = t < T
     mode = tl.load(modes_ptr + s)
     c0 = t // chunk * chunk  # first token of each token's chunk
     has_prev = (t > c0) & tmask & ((t * 0 + mode) == 2)  # (scalar bool & tensor upsets the interpreter)
-    row = codes_ptr + s * sc_s
-    jl = tl.arange(0, WLP)[None, :]
-    lo = tl.load(row + t[:, None] * sc_t + jl, mask=tmask[:, None] & (jl < WL), other=0)
-    lo_p = tl.load(row + (t[:, None] - 1) * sc_t + jl, mask=has_prev[:, None] & (jl < WL), other=0)
+    row = codes_ptr + s * sc_s + t[:, None] * sc_t
+    lo = load_words(row, tmask, 0, WL, WLP)
+    lo_p = load_words(row - sc_t, has_prev, 0, WL, WLP)
     hi = lo
     hi_p = lo_p
     if BITS > 2:
-        jh = tl.arange(0, WHP)[None, :]
-        hi = tl.load(row + t[:, None] * sc_t + WL + jh, mask=tmask[:, None] & (jh < W - WL), other=0)
-        hi_p = tl.load(row + (t[:, None] - 1) * sc_t + WL + jh, mask=has_prev[:, None] & (jh < W - WL), other=0)
+        hi = load_words(row, tmask, WL, W - WL, WHP)
+        hi_p = load_words(row - sc_t, has_prev, WL, W - WL, WHP)
     sc = tl.load(scales_ptr + s * ss_s + t * ss_t, mask=tmask, other=0).to(tl.int32) & 0xFFFF
     sc_p = tl.load(scales_ptr + s * ss_s + (t - 1) * ss_t, mask=has_prev, other=0).to(tl.int32) & 0xFFFF
     if mode == 2:
@@ -149,14 +151,10 @@ def _filter_kernel(codes_ptr, scales_ptr, modes_ptr, out_ptr, T, chunk, sc_s, sc
 
 @triton.jit
 def _unfilter_kernel(src_ptr, modes_ptr, codes_ptr, scales_ptr, T, chunk, sc_s, sc_t, ss_s, ss_t,
-                     D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr):
+                     D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, WL: tl.constexpr,
+                     WLP: tl.constexpr, WHP: tl.constexpr, RB: tl.constexpr, BT: tl.constexpr):
     """Grid (streams, chunks): each program restores one chunk block by block; deltas are summed along tokens
     (a prefix sum inside the block plus the previous block's last row as carry)."""
-    W: tl.constexpr = D * BITS // 32
-    WL: tl.constexpr = D // 16
-    WLP: tl.constexpr = DP // 16
-    WHP: tl.constexpr = DP * (BITS - 2) // 32 if BITS > 2 else 1
-    RB: tl.constexpr = 4 * W + 2
     s = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(1) * chunk
     mode = tl.load(modes_ptr + s)
@@ -168,10 +166,10 @@ def _unfilter_kernel(src_ptr, modes_ptr, codes_ptr, scales_ptr, T, chunk, sc_s, 
     for b0 in range(0, chunk_len, BT):
         tc = b0 + tl.arange(0, BT)
         tmask = tc < chunk_len
-        lo = _load_words(src, tc[:, None], tmask[:, None], chunk_len, 0, WL, WLP, RB, mode == 0)
+        lo = _record_words(src, tc[:, None], tmask[:, None], chunk_len, 0, WL, WLP, RB, mode == 0)
         hi = lo
         if BITS > 2:
-            hi = _load_words(src, tc[:, None], tmask[:, None], chunk_len, WL, W - WL, WHP, RB, mode == 0)
+            hi = _record_words(src, tc[:, None], tmask[:, None], chunk_len, WL, W - WL, WHP, RB, mode == 0)
         sc = tl.zeros((BT,), dtype=tl.int32)
         for k in tl.static_range(2):
             b = tl.load(src + _offsets(tc, 4 * W + k, chunk_len, RB, mode == 0), mask=tmask, other=0)
@@ -240,7 +238,7 @@ def filter_codes(codes: torch.Tensor, scales: torch.Tensor, modes: torch.Tensor,
         True
     """
     _check(codes, scales, modes, head_dim, bits, chunk)
-    if codes.numel() and int(modes.min()) < 0 or codes.numel() and int(modes.max()) > 2:
+    if modes.numel() and (int(modes.min()) < 0 or int(modes.max()) > 2):
         raise ValueError(f"modes must each be 0 (RAW), 1 (SHUFFLE) or 2 (DELTA), got {modes.unique().tolist()}")
     S, T, W = codes.shape
     if codes.stride(-1) != 1:
@@ -251,8 +249,8 @@ def filter_codes(codes: torch.Tensor, scales: torch.Tensor, modes: torch.Tensor,
     out = torch.empty(S, T * record_bytes(head_dim, bits), dtype=torch.uint8, device=codes.device)
     BT = 64
     _filter_kernel[(S, triton.cdiv(T, BT))](codes, sc16, modes, out, T, chunk, codes.stride(0), codes.stride(1),
-                                           sc16.stride(0), sc16.stride(1), D=head_dim, DP=ref.next_pow2(head_dim),
-                                           BITS=bits, BT=BT, num_warps=4)
+                                           sc16.stride(0), sc16.stride(1), **_layout(head_dim, bits), BT=BT,
+                                           num_warps=4)
     return out
 
 
@@ -272,8 +270,8 @@ def unfilter_codes(data: torch.Tensor, modes: torch.Tensor, head_dim: int, bits:
         codes, scales = unfilter_reference(data, modes, head_dim, bits, chunk)
     else:
         _unfilter_kernel[(S, triton.cdiv(T, chunk))](data, modes, codes, scales, T, chunk, codes.stride(0),
-                                                    codes.stride(1), scales.stride(0), scales.stride(1), D=head_dim,
-                                                    DP=ref.next_pow2(head_dim), BITS=bits, BT=64, num_warps=4)
+                                                    codes.stride(1), scales.stride(0), scales.stride(1),
+                                                    **_layout(head_dim, bits), BT=64, num_warps=4)
     return codes, scales.view(scale_dtype)
 
 

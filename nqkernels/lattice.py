@@ -271,6 +271,14 @@ def load_e8_doubled(row, tmask, D: tl.constexpr, DP: tl.constexpr, BITS: tl.cons
 
 
 @triton.jit
+def load_words(row, tmask, FIRST: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
+    """Words FIRST..FIRST+N-1 of each token's codes (``row``: [BT, 1] pointers), zero-padded to NP columns; masked
+    tokens read as zero."""
+    w = tl.arange(0, NP)
+    return tl.load(row + FIRST + w[None, :], mask=tmask[:, None] & (w < N)[None, :], other=0)
+
+
+@triton.jit
 def pack_plane(p, BT: tl.constexpr, DP: tl.constexpr, PBITS: tl.constexpr):
     """[BT, DP] values of PBITS bits -> [BT, DP*PBITS/32] int32 words, coordinate k of a word at bit k*PBITS."""
     PER: tl.constexpr = 32 // PBITS

@@ -8,7 +8,7 @@ Codes become tensor-core operands without conversions: one mask of a code word y
 multiplied by the rows of R in pair order once per program (``_decode_matrix``), keys are never rotated back, and
 values are accumulated in pair order and rotated back once, in the reduce. fp16 K/V never reach memory. Keys
 stored with RoPE undone are decoded to the original basis per page (one product with R) and RoPE is re-applied at
-each key's position.
+each key's stored position (``PagedKVCache.positions``).
 
 Grid: (batch · kv_heads · row blocks, splits + 1). Programs 0..splits-1 each take a run of pages (64-token pages
 are the A operand of the logit product, keys along axis 0); the last one takes the uncompressed sinks and window.
@@ -98,10 +98,10 @@ def _query_block(q, p_ptr, FIRST: tl.constexpr, ROWS: tl.constexpr, DP: tl.const
 
 @triton.jit
 def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, kmean_ptr, pk_ptr, rot_ptr,
-                       cos_ptr, sin_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr,
+                       cos_ptr, sin_ptr, pos_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr,
                        H, n_mblk, n_splits, pages_per_split, max_batch, sm_scale, softcap, window,
                        sqb, sqt, sqh, skc_p, skc_h, skc_t, sks_p, sks_h, svc_p, svc_h, svc_t, svs_p, svs_h,
-                       sbt, sfb, sfh, sft, smb, smh,
+                       spos_p, spos_h, sbt, sfb, sfh, sft, smb, smh,
                        Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                        KBITS: tl.constexpr, VBITS: tl.constexpr, PAGE: tl.constexpr, INV_SQRT_N: tl.constexpr,
                        NG: tl.constexpr, KCV: tl.constexpr, ROPE_HALF: tl.constexpr, CENTER_K: tl.constexpr,
@@ -189,7 +189,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                 krow = kc_ptr + cur.to(tl.int64) * skc_p + h * skc_h + t[:, None] * skc_t
                 uk = load_e8_doubled(krow, tvalid, D, DP, KBITS, PAGE).to(DOT)
                 k = (tl.dot(uk, rot) * 0.5 + rot_sum[None, :]) * (ks * INV_SQRT_N)[:, None] + k_mean[None, :]
-                cos, sin, _ = rope_rows_at(cos_ptr, sin_ptr, k_index, tvalid, d, ROPE_HALF)
+                k_pos = tl.load(pos_ptr + cur.to(tl.int64) * spos_p + h * spos_h + t, mask=tvalid, other=0)
+                cos, sin, _ = rope_rows_at(cos_ptr, sin_ptr, k_pos, tvalid, d, ROPE_HALF)
                 k = rope_rotate(k, rope_partner(k, d, ROPE_HALF), d, cos, sin, ROPE_HALF, False)
                 s = tl.dot(k.to(DOT), tl.trans(q))
             seen = _visible(tvalid, k_index, q_index, WINDOW, window, 0)
@@ -432,16 +433,17 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     pk, pv = _decode_matrix(D, codec.key_bits, dev), _decode_matrix(D, codec.value_bits, dev)
     rope_half = 0
     cos = sin = rot  # placeholders, never read without RoPE
+    positions = cache.k_scales if cache.positions is None else cache.positions  # placeholder without RoPE
     if codec.rope is not None:
-        cos, sin = _rope_tables(codec, max(cache.seq_lens()[:B]), q.device)
+        cos, sin = _rope_tables(codec, max(cache.next_positions()[:B]), q.device)
         rope_half = (codec.rope.rotary_dim or D) // 2
     inv_sqrt_n = 1.0 / math.sqrt(ref.transform_norm(D))
     _attn_split_kernel[(B * H * n_mblk, n_parts)](
         q, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths,
-        cache.k_mean, pk, rot, cos, sin, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
+        cache.k_mean, pk, rot, cos, sin, positions, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
         H, n_mblk, num_splits, pages_per_split, cache.max_batch, scale, float(softcap or 1.0), int(window or 0),
         *q.stride()[:3], *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], *cache.v_codes.stride()[:3],
-        *cache.v_scales.stride()[:2], cache.block_table.stride(0), *cache.fp_k.stride()[:3],
+        *cache.v_scales.stride()[:2], *positions.stride()[:2], cache.block_table.stride(0), *cache.fp_k.stride()[:3],
         *cache.k_mean.stride()[:2],
         Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, VBITS=codec.value_bits, PAGE=P,
         INV_SQRT_N=inv_sqrt_n, NG=NG, KCV=acc_part.shape[-1], ROPE_HALF=rope_half, CENTER_K=codec.center_keys,

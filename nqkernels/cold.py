@@ -30,7 +30,7 @@ from .config import KVCodec
 from .delta import DEFAULT_CHUNK, DELTA, MODES, RAW, SHUFFLE, filter_codes, record_bytes, unfilter_codes
 from .paged import PagedKVCache, SlotState
 
-MAGIC, END_MAGIC, VERSION = b"NQKVCOLD", b"NQKVEND1", 1
+MAGIC, END_MAGIC, VERSION = b"NQKVCOLD", b"NQKVEND1", 2
 _PREFIX = struct.Struct("<8sHHII")  # magic, version, reserved, header length, header crc32
 _FOOTER = struct.Struct("<QI8s")    # index length, index crc32, end magic
 MODE_NAMES = {"raw": RAW, "shuffle": SHUFFLE, "delta": DELTA}
@@ -189,7 +189,7 @@ def _save(caches, f, level, threads, modes, chunk, sample, progress) -> dict:
               "num_kv_heads": first.num_kv_heads, "head_dim": codec.head_dim, "dtype": str(first.dtype)[6:],
               "max_batch": first.max_batch, "num_pages": first.k_codes.shape[0], "sink_tokens": first.sink_tokens, "recent_tokens": first.recent_tokens,
               "chunk": chunk, "level": level,
-              "sequences": [{"slot": b, "positions": [0, first.seq_lens()[b]]} for b in slots]}
+              "sequences": [{"slot": b, "tokens": first.seq_lens()[b]} for b in slots]}
     raw = json.dumps(header).encode()
     f.write(_PREFIX.pack(MAGIC, VERSION, 0, len(raw), zlib.crc32(raw)))
     f.write(raw)
@@ -228,11 +228,11 @@ def _save(caches, f, level, threads, modes, chunk, sample, progress) -> dict:
                     for name, value in MODE_NAMES.items():
                         used[name] += m.count(value)
                     jobs.append(({"layer": layer, "slot": b, "part": part, "raw": data.nbytes, "modes": m}, data))
-                fp = _to_host(torch.cat([t.reshape(-1).view(torch.uint8)
-                                         for t in (st.fp_k, st.fp_v, st.k_mean, st.v_mean)]))
+                fp = _to_host(torch.cat([t.reshape(-1).view(torch.uint8) for t in (
+                    st.fp_k, st.fp_v, st.k_mean, st.v_mean, st.positions, st.fp_positions) if t is not None]))
                 jobs.append(({"layer": layer, "slot": b, "part": "fp", "raw": fp.nbytes,
                               "compressed": st.k_codes.shape[1], "uncompressed": st.fp_k.shape[1],
-                              "sinks": st.sinks}, fp))
+                              "sinks": st.sinks, "next_position": st.next_position}, fp))
                 _sync(first.device)
                 pending.extend((entry, pool.submit(compress, data)) for entry, data in jobs)
                 write_ready(block=len(pending) > 6 * _threads(threads))
@@ -405,10 +405,16 @@ def _collect(item, done: dict, caches, codec: KVCodec, chunk: int) -> None:
         modes = torch.tensor(pe["modes"], dtype=torch.int32, device=dev)
         streams.extend(unfilter_codes(t, modes, D, bits, chunk, codec.scale_dtype))
     fpb = fp.to(dev, non_blocking=True)
-    n_fp = H * F * D * cache.fp_k.element_size()
-    if fpb.numel() != 2 * n_fp + 2 * H * D * 4:
+    n_fp, n_mean = H * F * D * cache.fp_k.element_size(), 2 * H * D * 4
+    n_pos = 4 * H * (C + F) if cache.positions is not None else 0
+    if fpb.numel() != 2 * n_fp + n_mean + n_pos:
         raise ColdFormatError(f"frame (layer {e['layer']}, slot {e['slot']}, fp) has the wrong size")
     fp_k = fpb[:n_fp].view(cache.dtype).view(H, F, D)
     fp_v = fpb[n_fp:2 * n_fp].view(cache.dtype).view(H, F, D)
-    means = fpb[2 * n_fp:].view(torch.float32).view(2, H, D)
-    cache.import_slot(e["slot"], SlotState(*streams, fp_k, fp_v, means[0], means[1], fp_e["sinks"]))
+    means = fpb[2 * n_fp:2 * n_fp + n_mean].view(torch.float32).view(2, H, D)
+    pos = fp_pos = None
+    if n_pos:
+        all_pos = fpb[2 * n_fp + n_mean:].view(torch.int32)
+        pos, fp_pos = all_pos[:H * C].view(H, C), all_pos[H * C:].view(H, F)
+    cache.import_slot(e["slot"], SlotState(*streams, fp_k, fp_v, means[0], means[1], fp_e["sinks"],
+                                           fp_e["next_position"], pos, fp_pos))

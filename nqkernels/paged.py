@@ -10,6 +10,12 @@ Each sequence (a batch slot) holds, in token order:
             and moved to freshly allocated pages.
 Sinks and window share one buffer per sequence, ``fp_k`` / ``fp_v`` ``[max_batch, H, S + R + P, D]``.
 
+Positions. Tokens may be appended with explicit positions (per sequence, or per sequence and head after an
+eviction, ``eviction.Selection``); by default each sequence continues one past its last position. Keys stored
+post-RoPE carry their rotation, so positions are not stored; a cache whose codec undoes RoPE stores each token's
+position (int32 ``positions`` ``[num_pages, H, P]`` and ``fp_pos``), undoes RoPE at it on encode and re-applies it
+in attention.
+
 The centering means (per sequence and KV head) are taken from the first tokens a sequence compresses (its prompt,
 minus sinks and window, when the prompt is appended in one call) and reused for every later page, so every key of
 a sequence carries the same offset (attention is invariant to it) and values get it back exactly.
@@ -36,6 +42,9 @@ class SlotState(NamedTuple):
     k_mean: torch.Tensor    # fp32 [H, D]
     v_mean: torch.Tensor    # fp32 [H, D]
     sinks: int              # of the F uncompressed tokens, how many are sinks (the rest is the window)
+    next_position: int      # position the next appended token gets
+    positions: Optional[torch.Tensor] = None     # int32 [H, C]: positions of the compressed tokens (RoPE undone)
+    fp_positions: Optional[torch.Tensor] = None  # int32 [H, F]: positions of the uncompressed tokens (RoPE undone)
 
     @property
     def length(self) -> int:
@@ -43,10 +52,13 @@ class SlotState(NamedTuple):
 
     def to(self, device, pin_memory: bool = False) -> "SlotState":
         def move(t):
+            if t is None:
+                return None
             if pin_memory:
                 return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
             return t.to(device, non_blocking=True)
-        return SlotState(*(move(t) for t in self[:8]), self.sinks)
+        return SlotState(*(move(t) for t in self[:8]), self.sinks, self.next_position, move(self.positions),
+                         move(self.fp_positions))
 
 
 class PagedKVCache:
@@ -115,11 +127,16 @@ class PagedKVCache:
         self.fp_v = torch.zeros(max_batch, H, cap, D, dtype=dtype, device=dev)
         self.k_mean = torch.zeros(max_batch, H, D, dtype=torch.float32, device=dev)
         self.v_mean = torch.zeros(max_batch, H, D, dtype=torch.float32, device=dev)
+        self.positions = self.fp_pos = None
+        if codec.rope is not None:
+            self.positions = torch.zeros(num_pages, H, P, dtype=torch.int32, device=dev)
+            self.fp_pos = torch.zeros(max_batch, H, cap, dtype=torch.int32, device=dev)
         # Host mirrors of the bookkeeping, so appends and launches never wait on the device.
         self._len = [0] * max_batch
         self._comp = [0] * max_batch
         self._fp = [0] * max_batch
         self._sink = [0] * max_batch
+        self._next = [0] * max_batch
         self._pages: list[list[int]] = [[] for _ in range(max_batch)]
         self._free = list(range(num_pages - 1, -1, -1))
 
@@ -135,10 +152,15 @@ class PagedKVCache:
     def free_pages(self) -> int:
         return len(self._free)
 
+    def next_positions(self) -> list[int]:
+        """Position the next appended token of each slot gets by default."""
+        return list(self._next)
+
     def nbytes(self) -> int:
-        """Bytes allocated by this cache's tensors (codes, scales, fp buffers, means, tables)."""
+        """Bytes allocated by this cache's tensors (codes, scales, fp buffers, means, positions, tables)."""
         return sum(t.nbytes for t in (self.k_codes, self.v_codes, self.k_scales, self.v_scales, self.block_table,
-                                      self.lengths, self.fp_k, self.fp_v, self.k_mean, self.v_mean))
+                                      self.lengths, self.fp_k, self.fp_v, self.k_mean, self.v_mean, self.positions,
+                                      self.fp_pos) if t is not None)
 
     def reset(self, slots: Optional[Sequence[int]] = None) -> None:
         """Empty the given slots (default all) and return their pages to the pool."""
@@ -146,60 +168,73 @@ class PagedKVCache:
             self._check_slot(b)
             self._free.extend(reversed(self._pages[b]))
             self._pages[b] = []
-            self._len[b] = self._comp[b] = self._fp[b] = self._sink[b] = 0
+            self._len[b] = self._comp[b] = self._fp[b] = self._sink[b] = self._next[b] = 0
         self._sync_lengths()
 
     # ----------------------------------------------------------------------------------------------------------
-    def append(self, k: torch.Tensor, v: torch.Tensor, lengths: Optional[Sequence[int]] = None) -> None:
+    def append(self, k: torch.Tensor, v: torch.Tensor, lengths: Optional[Sequence[int]] = None,
+               positions: Optional[torch.Tensor] = None) -> None:
         """Append new tokens: k, v ``[B, T, H, D]`` (post-RoPE keys, as the model made them) for slots 0..B-1.
 
         ``lengths`` (default T for every sequence): how many of the T tokens are real for each sequence (the rest
-        is padding and ignored). Full pages of the window are encoded as they fill. Tokens containing NaN/Inf are
-        stored as zeros, so they cannot corrupt other tokens.
+        is padding and ignored). ``positions``: int ``[B, T]`` or, when each head kept its own tokens
+        (``Selection.positions``), ``[B, H, T]``: the tokens' positions in the uncompressed sequence; default: each
+        sequence continues one past its last position. Full pages of the window are encoded as they fill. Tokens
+        containing NaN/Inf are stored as zeros, so they cannot corrupt other tokens.
         """
         B, T = self._check_new(k, v)
         counts = self._check_lengths(lengths, B, T)
+        pos = self._check_positions(positions, B, T, counts)
         for b in range(B):
             n = counts[b]
             if n:
+                p = (torch.arange(self._next[b], self._next[b] + n, device=self.device, dtype=torch.int32)
+                     .expand(self.num_kv_heads, n) if pos is None else pos[b, :, :n])
                 self._append_one(b, _zero_nonfinite(k[b, :n].transpose(0, 1).to(self.dtype)),
-                                 _zero_nonfinite(v[b, :n].transpose(0, 1).to(self.dtype)))
+                                 _zero_nonfinite(v[b, :n].transpose(0, 1).to(self.dtype)), p)
+                self._next[b] = (self._next[b] + n if pos is None else int(p.max()) + 1)
         self._sync_lengths()
 
-    def _append_one(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        # k, v: [H, n, D] of one sequence.
+    def _append_one(self, b: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        # k, v: [H, n, D] of one sequence; pos: int32 [H, n].
         P, S, R = self.codec.page_size, self.sink_tokens, self.recent_tokens
         n = k.shape[1]
         take = min(S - self._sink[b], n)
         if take > 0:  # sinks fill first; the window is empty until they are complete
-            self.fp_k[b, :, self._fp[b]:self._fp[b] + take] = k[:, :take]
-            self.fp_v[b, :, self._fp[b]:self._fp[b] + take] = v[:, :take]
+            self._put_fp(b, self._fp[b], k[:, :take], v[:, :take], pos[:, :take])
             self._sink[b] += take
             self._fp[b] += take
             self._len[b] += take
-            k, v, n = k[:, take:], v[:, take:], n - take
+            k, v, pos, n = k[:, take:], v[:, take:], pos[:, take:], n - take
         if n == 0:
             return
         sink, win = self._sink[b], self._fp[b] - self._sink[b]
         n_flush = (win + n - R) // P * P if win + n >= R + P else 0
         if n_flush == 0:
-            self.fp_k[b, :, self._fp[b]:self._fp[b] + n] = k
-            self.fp_v[b, :, self._fp[b]:self._fp[b] + n] = v
+            self._put_fp(b, self._fp[b], k, v, pos)
             self._fp[b] += n
             self._len[b] += n
             return
         # Window + new tokens; the oldest n_flush go to pages, the rest stays in the window.
         all_k = torch.cat((self.fp_k[b, :, sink:sink + win], k), dim=1)
         all_v = torch.cat((self.fp_v[b, :, sink:sink + win], v), dim=1)
-        self._compress(b, all_k[:, :n_flush], all_v[:, :n_flush])
+        all_p = torch.cat((self.fp_pos[b, :, sink:sink + win], pos), dim=1) if self.fp_pos is not None else pos
+        self._compress(b, all_k[:, :n_flush], all_v[:, :n_flush], all_p[:, :n_flush])
         rest = all_k.shape[1] - n_flush
-        self.fp_k[b, :, sink:sink + rest] = all_k[:, n_flush:]
-        self.fp_v[b, :, sink:sink + rest] = all_v[:, n_flush:]
+        self._put_fp(b, sink, all_k[:, n_flush:], all_v[:, n_flush:], all_p[:, n_flush:])
         self._fp[b] = sink + rest
         self._len[b] += n
 
-    def _compress(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        # Encode [H, n, D] (n a multiple of the page size) into new pages of slot b.
+    def _put_fp(self, b: int, at: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        n = k.shape[1]
+        self.fp_k[b, :, at:at + n] = k
+        self.fp_v[b, :, at:at + n] = v
+        if self.fp_pos is not None:
+            self.fp_pos[b, :, at:at + n] = pos
+
+    def _compress(self, b: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        # Encode [H, n, D] (n a multiple of the page size; positions [H, n]) into new pages of slot b. Heads are the
+        # batch of the encode call ([H, 1, n, D]), so each head may carry its own positions.
         P, H = self.codec.page_size, self.num_kv_heads
         n_pages = k.shape[1] // P
         if n_pages > len(self._free):
@@ -209,21 +244,22 @@ class PagedKVCache:
             raise RuntimeError(f"slot {b} would hold {len(self._pages[b]) + n_pages} pages, more than "
                                f"max_pages_per_seq={self.block_table.shape[1]}")
         first = self._comp[b] == 0
-        start = self._sink[b] + self._comp[b]
-        positions = torch.arange(start, start + k.shape[1], device=self.device, dtype=torch.int32)[None]
-        enc_k = encode_kv(k[None], self.codec, "key", positions=positions,
-                          mean=None if first else self.k_mean[b:b + 1])
-        enc_v = encode_kv(v[None], self.codec, "value", mean=None if first else self.v_mean[b:b + 1])
+        positions = pos.to(torch.int32) if self.positions is not None else None
+        enc_k = encode_kv(k[:, None], self.codec, "key", positions=positions,
+                          mean=None if first else self.k_mean[b, :, None])
+        enc_v = encode_kv(v[:, None], self.codec, "value", mean=None if first else self.v_mean[b, :, None])
         if first:
             if enc_k.mean is not None:
-                self.k_mean[b] = enc_k.mean[0]
+                self.k_mean[b] = enc_k.mean[:, 0]
             if enc_v.mean is not None:
-                self.v_mean[b] = enc_v.mean[0]
+                self.v_mean[b] = enc_v.mean[:, 0]
         pages = [self._free.pop() for _ in range(n_pages)]
         idx = torch.tensor(pages, device=self.device, dtype=torch.long)
         for enc, codes, scales in ((enc_k, self.k_codes, self.k_scales), (enc_v, self.v_codes, self.v_scales)):
-            codes[idx] = enc.codes[0].reshape(H, n_pages, P, -1).transpose(0, 1)
-            scales[idx] = enc.scales[0].reshape(H, n_pages, P).transpose(0, 1)
+            codes[idx] = enc.codes[:, 0].reshape(H, n_pages, P, -1).transpose(0, 1)
+            scales[idx] = enc.scales[:, 0].reshape(H, n_pages, P).transpose(0, 1)
+        if self.positions is not None:
+            self.positions[idx] = positions.reshape(H, n_pages, P).transpose(0, 1)
         used = len(self._pages[b])
         self.block_table[b, used:used + n_pages] = idx.to(torch.int32)
         self._pages[b].extend(pages)
@@ -252,6 +288,23 @@ class PagedKVCache:
             raise ValueError(f"batch {B} exceeds the cache's max_batch={self.max_batch}")
         return B, T
 
+    def _check_positions(self, positions, B: int, T: int, counts: list[int]) -> Optional[torch.Tensor]:
+        """positions as int32 [B, H, T] on the cache's device, or None (continue each sequence)."""
+        if positions is None:
+            return None
+        H = self.num_kv_heads
+        if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64) or \
+                tuple(positions.shape) not in ((B, T), (B, H, T)):
+            raise ValueError(f"positions must be an int32/int64 tensor [batch, tokens] = {[B, T]} or [batch, "
+                             f"kv_heads, tokens] = {[B, H, T]}, got {getattr(positions, 'dtype', None)} "
+                             f"{list(getattr(positions, 'shape', []))}")
+        pos = positions.to(self.device, torch.int32)
+        pos = pos[:, None].expand(B, H, T) if pos.dim() == 2 else pos
+        for b, n in enumerate(counts):
+            if n and int(pos[b, :, :n].min()) < 0:
+                raise ValueError(f"positions of sequence {b} must be >= 0")
+        return pos
+
     @staticmethod
     def _check_lengths(lengths, B, T) -> list[int]:
         if lengths is None:
@@ -272,9 +325,12 @@ class PagedKVCache:
             x = t[idx].transpose(0, 1)
             return x.reshape(H, len(self._pages[b]) * P, *t.shape[3:]).contiguous()
         fp = self._fp[b]
+        has_pos = self.positions is not None
         return SlotState(stream(self.k_codes), stream(self.k_scales), stream(self.v_codes), stream(self.v_scales),
                          self.fp_k[b, :, :fp].clone(), self.fp_v[b, :, :fp].clone(), self.k_mean[b].clone(),
-                         self.v_mean[b].clone(), self._sink[b])
+                         self.v_mean[b].clone(), self._sink[b], self._next[b],
+                         stream(self.positions) if has_pos else None,
+                         self.fp_pos[b, :, :fp].clone() if has_pos else None)
 
     def import_slot(self, b: int, state: SlotState) -> None:
         """Fill the empty slot b with ``state`` (from ``export_slot``, ``offload`` or ``load_cache``), on fresh
@@ -286,6 +342,12 @@ class PagedKVCache:
         C, F = state.k_codes.shape[1], state.fp_k.shape[1]
         want = {"k_codes": (H, C, self.k_codes.shape[-1]), "k_scales": (H, C), "v_codes": (H, C, self.v_codes.shape[-1]),
                 "v_scales": (H, C), "fp_k": (H, F, D), "fp_v": (H, F, D), "k_mean": (H, D), "v_mean": (H, D)}
+        has_pos = self.positions is not None
+        if has_pos:
+            want.update(positions=(H, C), fp_positions=(H, F))
+        if (state.positions is not None) != has_pos or (state.fp_positions is not None) != has_pos:
+            raise ValueError("state and cache disagree on token positions: a cache that undoes RoPE needs "
+                             "state.positions and state.fp_positions, a post-RoPE cache takes none")
         for name, shape in want.items():
             if tuple(getattr(state, name).shape) != shape:
                 raise ValueError(f"state.{name} has shape {list(getattr(state, name).shape)}; this cache needs "
@@ -301,8 +363,11 @@ class PagedKVCache:
         pages = [self._free.pop() for _ in range(n_pages)]
         if n_pages:
             idx = torch.tensor(pages, device=self.device, dtype=torch.long)
-            for src, dst in ((state.k_codes, self.k_codes), (state.k_scales, self.k_scales),
-                             (state.v_codes, self.v_codes), (state.v_scales, self.v_scales)):
+            pairs = [(state.k_codes, self.k_codes), (state.k_scales, self.k_scales),
+                     (state.v_codes, self.v_codes), (state.v_scales, self.v_scales)]
+            if has_pos:
+                pairs.append((state.positions, self.positions))
+            for src, dst in pairs:
                 src = src.to(self.device, non_blocking=True)
                 dst[idx] = src.reshape(H, n_pages, P, *src.shape[2:]).transpose(0, 1).to(dst.dtype)
             self.block_table[b, :n_pages] = idx.to(torch.int32)
@@ -310,8 +375,11 @@ class PagedKVCache:
         self.fp_v[b, :, :F] = state.fp_v.to(self.device, non_blocking=True)
         self.k_mean[b] = state.k_mean.to(self.device, non_blocking=True)
         self.v_mean[b] = state.v_mean.to(self.device, non_blocking=True)
+        if has_pos:
+            self.fp_pos[b, :, :F] = state.fp_positions.to(self.device, non_blocking=True)
         self._pages[b] = pages
         self._len[b], self._comp[b], self._fp[b], self._sink[b] = C + F, C, F, state.sinks
+        self._next[b] = state.next_position
         self._sync_lengths()
 
     def offload(self, slots: Sequence[int]) -> list[SlotState]:
@@ -364,10 +432,13 @@ class PagedKVCache:
         s = scales[idx].transpose(0, 1).reshape(H, -1)[None, :, :comp]
         center = self.codec.center_keys if kind == "key" else self.codec.center_values
         mean = (self.k_mean if kind == "key" else self.v_mean)[b:b + 1] if center else None
-        positions = torch.arange(self._sink[b], self._sink[b] + comp, device=self.device, dtype=torch.int32)[None]
-        x = decode_kv(EncodedKV(c.contiguous(), s.contiguous(), mean), self.codec, kind, positions=positions,
-                      dtype=torch.float32)
-        return x[0].transpose(0, 1)
+        positions = None
+        if self.positions is not None and kind == "key":  # heads as the batch: each head has its own positions
+            positions = self.positions[idx].transpose(0, 1).reshape(H, -1)[:, :comp].contiguous()
+        x = decode_kv(EncodedKV(c.transpose(0, 1).contiguous(), s.transpose(0, 1).contiguous(),
+                                None if mean is None else mean.transpose(0, 1).contiguous()),
+                      self.codec, kind, positions=positions, dtype=torch.float32)
+        return x[:, 0].transpose(0, 1)
 
 
 def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:

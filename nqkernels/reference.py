@@ -339,3 +339,29 @@ def attention(q, k, v, q_index, k_index, k_valid, *, scale: float, softcap=None,
     logits = logits.masked_fill(~seen[:, None], float("-inf"))
     p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return torch.einsum("bhmn,bnhd->bmhd", p, v)
+
+
+def window_scores(q, k, seq_lens, *, scale: float, aggregate: str) -> torch.Tensor:
+    """Observation-window token scores: the oracle of ``score_tokens`` (before pooling).
+
+    q ``[B, W, Hq, D]`` (row w is the query at position seq_lens[b] - W + w), k ``[B, T, Hk, D]``, seq_lens ``[B]``.
+    Softmax over the keys each query sees (causal, inside its sequence, finite logits), then sum/mean/max over
+    the (window position, query head) rows of each KV group. Returns fp32 ``[B, Hk, T]``.
+    """
+    B, W, Hq, D = q.shape
+    T, Hk = k.shape[1], k.shape[2]
+    group = Hq // Hk
+    logits = torch.einsum("bwhd,bthd->bhwt", q.to(F32), k.to(F32).repeat_interleave(group, dim=2)) * scale
+    lens = seq_lens.to(q.device).long()
+    qpos = lens[:, None] - W + torch.arange(W, device=q.device)[None]
+    t = torch.arange(T, device=q.device)
+    seen = (t[None, None] <= qpos[:, :, None]) & (qpos[:, :, None] >= 0) & (t[None, None] < lens[:, None, None])
+    seen = seen[:, None] & torch.isfinite(logits)
+    p = torch.softmax(logits.masked_fill(~seen, float("-inf")), dim=-1).nan_to_num(0.0)
+    p = p.reshape(B, Hk, group, W, T)
+    if aggregate == "max":
+        return p.amax(dim=(2, 3))
+    total = p.sum(dim=(2, 3))
+    if aggregate == "mean":
+        total = total / (group * torch.clamp(lens, max=W)).to(F32)[:, None, None]
+    return total

@@ -81,9 +81,10 @@ def _assert_same(a: PagedKVCache, b: PagedKVCache):
         if not a.seq_lens()[slot]:
             continue
         sa, sb = a.export_slot(slot), b.export_slot(slot)
-        assert sa.sinks == sb.sinks
-        for x, y in zip(sa[:8], sb[:8]):
-            assert x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+        assert sa.sinks == sb.sinks and sa.next_position == sb.next_position
+        for x, y in zip(sa[:8] + sa[10:], sb[:8] + sb[10:]):
+            assert (x is None) == (y is None)
+            assert x is None or (x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8)))
 
 
 def _saved(caches, **kw) -> bytes:

@@ -26,7 +26,7 @@ from .codec import _max_programs, _use_triton
 
 AGGREGATES = {"sum": 0, "mean": 1, "max": 2}
 POOLS = ("max", "avg")
-LOG2E = 1.4426950408889634
+MAX_SPLITS = 64  # pass 1 splits of the keys; pass 2 folds them in one [SPLITS, BLOCK_M] tile
 
 
 @triton.jit
@@ -87,7 +87,7 @@ def _window_stats_kernel(q_ptr, k_ptr, lens_ptr, m_ptr, l_ptr, H, W, n_mblk, n_s
 def _window_scores_kernel(q_ptr, k_ptr, lens_ptr, m_ptr, l_ptr, out_ptr, H, W, T, n_mblk, n_splits, sm_scale,
                           sqb, sqt, sqh, sqd, skb, skt, skh, skd, sob, soh,
                           GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, AGG: tl.constexpr, DOT: tl.constexpr):
+                          BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, AGG: tl.constexpr, DOT: tl.constexpr):
     bh, tb = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     seq_len = tl.load(lens_ptr + b)
@@ -96,18 +96,16 @@ def _window_scores_kernel(q_ptr, k_ptr, lens_ptr, m_ptr, l_ptr, out_ptr, H, W, T
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for mb in range(n_mblk):
         q, qpos, rmask = _window_rows(q_ptr, b, h, mb, W, seq_len, sqb, sqt, sqh, sqd, GROUP, D, DP, BLOCK_M, DOT)
-        # Each row's log2-sum-exp2 over all its keys, from the splits of pass 1.
-        m_r = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_r = tl.zeros((BLOCK_M,), tl.float32)
-        for sp in range(n_splits):
-            rows = ((bh * n_mblk + mb) * n_splits + sp) * BLOCK_M + tl.arange(0, BLOCK_M)
-            m_s, l_s = tl.load(m_ptr + rows), tl.load(l_ptr + rows)
-            m_new = tl.maximum(m_r, m_s)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_r = l_r * tl.exp2(m_r - m_safe) + l_s * tl.exp2(m_s - m_safe)
-            m_r = m_new
+        # Each row's log2-sum-exp2 over all its keys, from the splits of pass 1 (one [SPLITS, BLOCK_M] load).
+        sp = tl.arange(0, SPLITS)
+        at = ((bh * n_mblk + mb) * n_splits + sp[:, None]) * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        m_s = tl.load(m_ptr + at, mask=(sp < n_splits)[:, None], other=float("-inf"))
+        l_s = tl.load(l_ptr + at, mask=(sp < n_splits)[:, None], other=0.0)
+        m_r = tl.max(m_s, axis=0)
+        m_safe = tl.where(m_r == float("-inf"), 0.0, m_r)
+        l_r = tl.sum(l_s * tl.exp2(m_s - m_safe[None, :]), axis=0)
         live = l_r > 0  # rows that see at least one finite logit
-        lse = tl.where(live, m_r + tl.log2(tl.where(live, l_r, 1.0)), 0.0)
+        lse = tl.where(live, m_safe + tl.log2(tl.where(live, l_r, 1.0)), 0.0)
         s, seen = _window_logits(q, k_ptr, b, h, t, tmask, qpos, rmask & live, sm_scale, skb, skt, skh, skd, D, DP,
                                  DOT)
         p = tl.where(seen, tl.exp2(s - lse[:, None]), 0.0)
@@ -118,6 +116,29 @@ def _window_scores_kernel(q_ptr, k_ptr, lens_ptr, m_ptr, l_ptr, out_ptr, H, W, T
     if AGG == 1:
         acc = acc / (GROUP * tl.minimum(W, seq_len)).to(tl.float32)
     tl.store(out_ptr + b * sob + h * soh + t, acc, mask=t < T)
+
+
+@triton.jit
+def _pool_kernel(x_ptr, lens_ptr, out_ptr, H, T, sxb, sxh, POOL: tl.constexpr, MAX: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Max or average over POOL neighbouring scores (the window clipped at the ends for max, zero-padded and divided
+    by POOL for the average, as torch's pooling does), zero at or after the sequence's length."""
+    bh, tb = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t = tb * BLOCK + tl.arange(0, BLOCK)
+    row = x_ptr + b * sxb + h * sxh
+    acc = tl.full((BLOCK,), float("-inf") if MAX else 0.0, tl.float32)
+    for j in tl.static_range(POOL):
+        u = t + (j - POOL // 2)
+        inside = (u >= 0) & (u < T)
+        if MAX:
+            acc = tl.maximum(acc, tl.load(row + u, mask=inside, other=float("-inf")))
+        else:
+            acc += tl.load(row + u, mask=inside, other=0.0)
+    if not MAX:
+        acc = acc / POOL
+    acc = tl.where(t < tl.load(lens_ptr + b), acc, 0.0)
+    tl.store(out_ptr + b * sxb + h * sxh + t, acc, mask=t < T)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,6 +194,11 @@ def pool_scores(scores: torch.Tensor, lens: torch.Tensor, pool: int, pool_mode: 
     if pool <= 1:
         return scores
     B, H, T = scores.shape
+    if _use_triton(scores):
+        out = torch.empty_like(scores)
+        _pool_kernel[(B * H, triton.cdiv(T, 256))](scores, lens, out, H, T, *scores.stride()[:2], POOL=pool,
+                                                    MAX=pool_mode == "max", BLOCK=256)
+        return out
     x = scores.reshape(B * H, 1, T)
     if pool_mode == "max":
         x = F.max_pool1d(x, pool, stride=1, padding=pool // 2)
@@ -227,7 +253,7 @@ def score_tokens(q: torch.Tensor, k: torch.Tensor, *, seq_lens: Optional[Union[t
     block_n = 64 if DP <= 128 else 32
     # Pass 1 splits the keys so that B · H · row blocks · splits programs fill the GPU.
     want = triton.cdiv(_max_programs(k.device, 4), B * H * n_mblk)
-    n_splits = max(1, min(triton.cdiv(T, block_n), want))
+    n_splits = max(1, min(triton.cdiv(T, block_n), want, MAX_SPLITS))
     keys_per_split = triton.cdiv(triton.cdiv(T, n_splits), block_n) * block_n
     n_splits = triton.cdiv(T, keys_per_split)
     m_part = torch.empty(B * H * n_mblk * n_splits * block_m, dtype=torch.float32, device=k.device)
@@ -239,7 +265,7 @@ def score_tokens(q: torch.Tensor, k: torch.Tensor, *, seq_lens: Optional[Union[t
         q, k, lens, m_part, l_part, H, W, n_mblk, n_splits, keys_per_split, scale, *q.stride(), *k.stride(), **common)
     _window_scores_kernel[(B * H, triton.cdiv(T, block_n))](
         q, k, lens, m_part, l_part, out, H, W, T, n_mblk, n_splits, scale, *q.stride(), *k.stride(),
-        *out.stride()[:2], AGG=AGGREGATES[aggregate], **common)
+        *out.stride()[:2], SPLITS=triton.next_power_of_2(n_splits), AGG=AGGREGATES[aggregate], **common)
     return pool_scores(out, lens, pool, pool_mode)
 
 

@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 MODULES = ("nqkernels.codec", "nqkernels.paged", "nqkernels.attention", "nqkernels.delta", "nqkernels.cold",
-           "integrations.flash")
+           "nqkernels.scoring", "nqkernels.eviction", "integrations.flash")
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,390 @@
+"""The quality harness: continuation perplexity and passkey retrieval through a compressed cache.
+
+    python -m perf.quality --model DIR --text FILE --preset k3v2 --preset evict50 [--passkey 40] [--json]
+
+Protocol (per chunk of P + C tokens of the text): prefill P tokens uncompressed, compress the cache, then feed the
+next C tokens through the compressed cache in one forward and score the C - 1 targets after the first
+(continuation perplexity). Passkey: a line "The pass key is NNNNN. Remember it." hidden at a random depth of a
+``--passkey-length``-token stretch of the text, followed by "What is the pass key? The pass key is"; everything
+but the last prompt token is prefilled and compressed, so every generated token (greedy) comes from the
+compressed cache. The uncompressed no-op control (``fp16``) always runs first through the same harness and must
+reproduce the plain model (one forward over each whole chunk) to 4 decimals.
+
+Attention during the harness is the model's causal attention with the keys of the (possibly shorter) cache all
+visible to new tokens, and RoPE at the tokens' true positions, so evicted caches are attended correctly.
+
+Presets: ``fp16`` (no-op); ``kXvY`` (quant only, X/Y in 2..4 bits: the HOT format in a ``PagedKVCache``, attention
+over what it stores); ``evictNN`` (NN% of tokens evicted, default scorer, fp16 kept tokens); ``kXvY-evictNN``;
+scorer variants ``evictNN-<scorer>`` with scorer in window (default), window-max, knorm, random, and a layer schedule
+``-pyramid``; named presets (``NAMED``); kvpress presses ``kvpress-<press>-NN`` with press in snapkv, expected,
+knorm, streaming, tova, random (needs ``pip install --no-deps kvpress``; see perf/results/quality_fixture.md).
+Bytes per token are measured from the cache tensors (codes, scales, means, positions, fp16 sinks/window buffers,
+block tables), over all layers, per prefix token; kept fp K/V count 2 bytes per element (the fp16 a server stores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from nqkernels import (KVCodec, PagedKVCache, key_norm_scores, layer_budgets, random_scores, score_tokens,
+                       select_tokens)
+
+NAMED = {"near-lossless": "k4v4", "balanced": "k3v2", "compact": "k2v2", "balanced-evict50": "k3v2-evict50",
+         "compact-evict75": "k2v2-evict75"}
+SCORERS = ("window", "window-max", "window-layer", "knorm", "random")
+PRESSES = {"snapkv": "SnapKVPress", "expected": "ExpectedAttentionPress", "knorm": "KnormPress",
+           "streaming": "StreamingLLMPress", "tova": "TOVAPress", "random": "RandomPress"}
+NEEDLE, QUESTION = " The pass key is {key}. Remember it. ", " What is the pass key? The pass key is"
+
+
+@dataclass
+class Preset:
+    """A parsed preset: quantization bits (None: fp16), eviction fraction, scorer, layer schedule, or a press."""
+    name: str
+    bits: Optional[tuple] = None
+    evict: float = 0.0
+    scorer: str = "window"
+    schedule: str = "uniform"
+    press: Optional[str] = None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def noop(self) -> bool:
+        return self.bits is None and self.evict == 0.0 and self.press is None
+
+
+def parse_preset(name: str) -> Preset:
+    """``fp16`` | ``kXvY`` | ``evictNN[-scorer][-pyramid]`` | ``kXvY-evictNN[...]`` | ``kvpress-<press>-NN`` | a
+    named preset. Raises ValueError naming what is allowed."""
+    spelled = NAMED.get(name, name)
+    if spelled == "fp16":
+        return Preset(name)
+    m = re.fullmatch(r"kvpress-([a-z]+)-(\d{1,2})", spelled)
+    if m:
+        if m.group(1) not in PRESSES:
+            raise ValueError(f"unknown kvpress press {m.group(1)!r}; allowed: {tuple(PRESSES)}")
+        return Preset(name, evict=int(m.group(2)) / 100, press=m.group(1))
+    m = re.fullmatch(r"(?:k([2-4])v([2-4]))?-?(?:evict(\d{1,2})((?:-[a-z-]+)?))?", spelled)
+    if not m or not (m.group(1) or m.group(3)):
+        raise ValueError(f"unknown preset {name!r}; allowed: fp16, kXvY (X, Y in 2..4), evictNN, kXvY-evictNN, "
+                         f"evictNN-<scorer> ({', '.join(SCORERS)}), ...-pyramid, kvpress-<press>-NN "
+                         f"({', '.join(PRESSES)}), or one of {tuple(NAMED)}")
+    p = Preset(name, bits=(int(m.group(1)), int(m.group(2))) if m.group(1) else None,
+               evict=int(m.group(3)) / 100 if m.group(3) else 0.0)
+    rest = (m.group(4) or "").lstrip("-")
+    if rest.endswith("pyramid"):
+        p.schedule, rest = "pyramid", rest[:-len("pyramid")].rstrip("-")
+    if rest:
+        if rest not in SCORERS:
+            raise ValueError(f"unknown scorer {rest!r} in preset {name!r}; allowed: {SCORERS}")
+        p.scorer = rest
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class _EvalAttention:
+    """Causal attention in which a new chunk sees every cached key (however many were evicted), registered with
+    transformers' attention interface; optionally keeps the last ``window`` queries of each layer (post-RoPE)."""
+    name = "nq_quality"
+
+    def __init__(self, window: int):
+        self.window, self.capture = window, None
+
+    def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if self.capture is not None:
+            self.capture[module.layer_idx] = query[:, :, -self.window:].transpose(1, 2)
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+        q_len, kv_len = query.shape[2], key.shape[2]
+        mask = None
+        if q_len > 1:
+            mask = (torch.arange(kv_len, device=query.device)[None, :]
+                    <= torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len))
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def _register(attn: _EvalAttention) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(attn.name, attn)
+    AttentionMaskInterface.register(attn.name, lambda *args, **kwargs: None)  # the function masks by itself
+
+
+class Harness:
+    """Runs presets through the protocol on one model. ``sinks``/``recent``: tokens every eviction keeps;
+    ``window``: observation-window queries of the default scorer; ``pool``: its pooling kernel."""
+
+    def __init__(self, model, *, sinks: int = 4, recent: int = 32, window: int = 32, pool: int = 31,
+                 page_size: int = 64):
+        from nqkernels import RopeSpec
+
+        self.model = model
+        cfg = model.config
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.rope = RopeSpec.from_hf_config(cfg)
+        self.sinks, self.recent, self.window, self.pool, self.page_size = sinks, recent, window, pool, page_size
+        self.attn = _EvalAttention(window)
+        _register(self.attn)
+        self.plain_impl = model.config._attn_implementation
+
+    @property
+    def fp16_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+
+    # -- compression ---------------------------------------------------------------------------------------------
+    def scores(self, preset: Preset, cache, queries) -> list:
+        """Per layer ``[B, H, T]`` token scores. ``window`` / ``window-max``: the observation window's attention
+        (mean / max over its rows) of every layer, averaged over layers, so all layers keep the tokens any layer's
+        window attends to (docs/decisions.md); ``window-layer``: each layer its own (SnapKV's rule)."""
+        keys = [layer.keys.transpose(1, 2) for layer in cache.layers]  # [B, T, H, D]
+        if preset.scorer == "knorm":
+            return [key_norm_scores(k) for k in keys]
+        if preset.scorer == "random":
+            return [random_scores(k, generator=torch.Generator().manual_seed(1234 + li)) for li, k in enumerate(keys)]
+        aggregate = "max" if preset.scorer == "window-max" else "mean"
+        per_layer = [score_tokens(queries[li].to(k.dtype), k, aggregate=aggregate, pool=self.pool)
+                     for li, k in enumerate(keys)]
+        if preset.scorer == "window-layer":
+            return per_layer
+        shared = torch.stack(per_layer).mean(0)
+        return [shared] * len(keys)
+
+    def compress(self, preset: Preset, cache, queries) -> tuple:
+        """Replace a prefilled DynamicCache by what the preset keeps. Returns (new cache, bytes held)."""
+        from transformers import DynamicCache
+
+        new, nbytes = DynamicCache(), 0
+        keeps = layer_budgets(self.num_layers, 1.0 - preset.evict, preset.schedule) if preset.evict else None
+        scores = self.scores(preset, cache, queries) if keeps is not None else None
+        for li, layer in enumerate(cache.layers):
+            k, v = layer.keys.transpose(1, 2), layer.values.transpose(1, 2)  # [B, T, H, D]
+            positions = None
+            if keeps is not None:
+                sel = select_tokens(scores[li], evict=1.0 - keeps[li], sinks=self.sinks, recent=self.recent)
+                k, v, positions = sel.gather(k), sel.gather(v), sel.positions
+            if preset.bits is None:
+                k, v = k.half(), v.half()
+                nbytes += k.nbytes + v.nbytes
+                k, v = k.float(), v.float()
+            else:
+                codec = KVCodec(head_dim=self.head_dim, key_bits=preset.bits[0], value_bits=preset.bits[1],
+                                page_size=self.page_size)
+                T = k.shape[1]
+                hot = PagedKVCache(codec, num_kv_heads=self.num_kv_heads, max_batch=k.shape[0],
+                                   num_pages=k.shape[0] * max(1, T // self.page_size), sink_tokens=0,
+                                   recent_tokens=0, dtype=torch.float16, device=k.device)
+                hot.append(k, v, positions=positions)
+                nbytes += hot.nbytes()
+                k, v, _ = hot.dense()
+            new.update(k.transpose(1, 2).to(layer.keys.dtype), v.transpose(1, 2).to(layer.values.dtype), li)
+        return new, nbytes
+
+    def prefill(self, preset: Preset, ids: torch.Tensor):
+        """Prefill ``ids`` and compress. Returns (cache, bytes held per prefix token)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        self.attn.capture = {} if (preset.evict and preset.press is None) else None
+        try:
+            if preset.press is not None:
+                with _press(preset)(self.model):  # kvpress reads cache_position, which transformers >= 5.3 dropped
+                    self.model(ids, past_key_values=cache, use_cache=True,
+                               cache_position=torch.arange(ids.shape[1], device=ids.device))
+                nbytes = sum(2 * (l.keys.numel() + l.values.numel()) for l in cache.layers)
+                return cache, nbytes / ids.shape[1]
+            self.model(ids, past_key_values=cache, use_cache=True)
+            queries = self.attn.capture
+        finally:
+            self.attn.capture = None
+        if preset.noop:
+            return cache, self.fp16_bytes_per_token
+        cache, nbytes = self.compress(preset, cache, queries)
+        return cache, nbytes / ids.shape[1]
+
+    def step(self, ids: torch.Tensor, cache, start: int):
+        """Feed ``ids`` through ``cache`` at true positions start.. ; returns logits."""
+        pos = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
+        return self.model(ids, past_key_values=cache, position_ids=pos, use_cache=True).logits
+
+    # -- protocol ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def continuation(self, preset: Preset, chunks, prefix: int, progress=None) -> tuple:
+        """(perplexity over the continuation targets, bytes per prefix token)."""
+        self.model.set_attn_implementation(self.attn.name)
+        nll, n, bpt = 0.0, 0, []
+        for i, ids in enumerate(chunks):
+            cache, b = self.prefill(preset, ids[:, :prefix])
+            bpt.append(b)
+            logits = self.step(ids[:, prefix:], cache, prefix)[0, :-1].float()
+            nll += F.cross_entropy(logits, ids[0, prefix + 1:], reduction="sum").item()
+            n += ids.shape[1] - prefix - 1
+            if progress:
+                progress(i + 1)
+        return math.exp(nll / n), sum(bpt) / len(bpt)
+
+    @torch.no_grad()
+    def plain_ppl(self, chunks, prefix: int) -> float:
+        """The plain model's own attention, one forward per whole chunk, same targets."""
+        self.model.set_attn_implementation(self.plain_impl)
+        nll, n = 0.0, 0
+        for ids in chunks:
+            logits = self.model(ids).logits[0, prefix:-1].float()
+            nll += F.cross_entropy(logits, ids[0, prefix + 1:], reduction="sum").item()
+            n += ids.shape[1] - prefix - 1
+        return math.exp(nll / n)
+
+    @torch.no_grad()
+    def passkey(self, preset: Preset, prompts, progress=None) -> float:
+        """Fraction of prompts whose greedy answer (from the compressed cache) starts with the key."""
+        self.model.set_attn_implementation(self.attn.name)
+        hits = 0
+        for i, (ids, key, tok) in enumerate(prompts):
+            cache, _ = self.prefill(preset, ids[:, :-1])
+            nxt, pos, out = ids[:, -1:], ids.shape[1] - 1, []
+            for _ in range(6):
+                nxt = self.step(nxt, cache, pos)[:, -1].argmax(-1, keepdim=True)
+                pos += 1
+                out.append(nxt.item())
+            hits += tok.decode(out).strip().startswith(key)
+            if progress:
+                progress(i + 1)
+        return hits / len(prompts)
+
+
+def _press(preset: Preset):
+    try:
+        import kvpress
+    except ImportError as e:
+        raise SystemExit(f"preset {preset.name!r} needs kvpress: pip install --no-deps kvpress==0.5.5 cachetools "
+                         f"datasets fire termcolor (kvpress pins transformers<5.3 but works with transformers 5: "
+                         f"see perf/results/quality_fixture.md) [{e}]")
+    cls = getattr(kvpress, PRESSES[preset.press])
+    return cls(compression_ratio=preset.evict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def load_chunks(tok, path: str, n_chunks: int, length: int) -> list:
+    with open(path) as f:
+        ids = tok(f.read(), return_tensors="pt").input_ids[0]
+    if len(ids) < n_chunks * length:
+        raise SystemExit(f"{path} has {len(ids)} tokens, fewer than --chunks {n_chunks} × {length}")
+    return [ids[i * length:(i + 1) * length][None] for i in range(n_chunks)]
+
+
+def passkey_prompts(tok, path: str, n: int, length: int, seed: int = 0) -> list:
+    """n prompts of ``length`` tokens: BOS, text with the needle at a uniform random depth, the question."""
+    with open(path) as f:
+        text_ids = tok(f.read()).input_ids
+    rng = random.Random(seed)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    question = tok(QUESTION, add_special_tokens=False).input_ids
+    prompts = []
+    for _ in range(n):
+        key = str(rng.randint(10000, 99999))
+        needle = tok(NEEDLE.format(key=key), add_special_tokens=False).input_ids
+        filler = length - len(bos) - len(needle) - len(question)
+        if filler < 1:
+            raise SystemExit(f"--passkey-length {length} leaves no room for text around the needle")
+        start = rng.randrange(len(text_ids) - filler)
+        body = text_ids[start:start + filler]
+        depth = rng.randint(0, filler)
+        ids = bos + body[:depth] + needle + body[depth:] + question
+        prompts.append((torch.tensor([ids]), key, tok))
+    return prompts
+
+
+def _bar(label: str, total: int):
+    start = time.time()
+
+    def update(done: int):
+        if not sys.stderr.isatty() and done < total:
+            return
+        width = 24
+        fill = width * done // total
+        sys.stderr.write(f"\r  {label:<28} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} "
+                         f"{time.time() - start:5.1f}s")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return update
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m perf.quality", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a transformers model directory (or hub id available offline)")
+    ap.add_argument("--text", required=True, help="a held-out text file")
+    ap.add_argument("--chunks", type=int, default=6, help="chunks of prefix + continuation tokens (default 6)")
+    ap.add_argument("--prefix", type=int, default=1536, help="prefilled, then compressed, tokens (default 1536)")
+    ap.add_argument("--continuation", type=int, default=512, help="scored tokens after the prefix (default 512)")
+    ap.add_argument("--preset", action="append", default=[], help="repeatable; see the module doc")
+    ap.add_argument("--passkey", type=int, default=0, help="passkey trials per preset (default 0: off)")
+    ap.add_argument("--passkey-length", type=int, default=1536, help="tokens per passkey prompt (default 1536)")
+    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--recent", type=int, default=32)
+    ap.add_argument("--window", type=int, default=32, help="observation-window queries of the default scorer")
+    ap.add_argument("--pool", type=int, default=31, help="max-pooling kernel of the window scorers (odd; 0 off)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = ap.parse_args(argv)
+    presets = [parse_preset(p) for p in ["fp16"] + [p for p in args.preset if p != "fp16"]]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    chunks = [c.to(args.device) for c in load_chunks(tok, args.text, args.chunks, args.prefix + args.continuation)]
+    prompts = [(p.to(args.device), k, t) for p, k, t in passkey_prompts(tok, args.text, args.passkey,
+                                                                        args.passkey_length)] if args.passkey else []
+    h = Harness(model, sinks=args.sinks, recent=args.recent, window=args.window, pool=args.pool)
+    plain = h.plain_ppl(chunks, args.prefix)
+    rows, base = {}, None
+    for p in presets:
+        ppl, bpt = h.continuation(p, chunks, args.prefix, _bar(f"{p.name} ppl", len(chunks)))
+        acc = h.passkey(p, prompts, _bar(f"{p.name} passkey", len(prompts))) if prompts else None
+        if base is None:
+            base = ppl
+            if round(ppl, 4) != round(plain, 4):
+                raise SystemExit(f"harness broken: the no-op control gives {ppl:.4f}, the plain model {plain:.4f}")
+        rows[p.name] = {"ppl": ppl, "ppl_delta_pct": 100.0 * (ppl / base - 1.0), "passkey_acc": acc,
+                        "bytes_per_token": bpt, "compression_ratio": h.fp16_bytes_per_token / bpt}
+    result = {"model": args.model, "text": args.text, "plain_model_ppl": plain,
+              "protocol": {"chunks": args.chunks, "prefix": args.prefix, "continuation": args.continuation,
+                           "passkey": args.passkey, "passkey_length": args.passkey_length, "sinks": args.sinks,
+                           "recent": args.recent, "window": args.window, "pool": args.pool, "dtype": args.dtype},
+              "presets": rows}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_table(result))
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"plain model: PPL {result['plain_model_ppl']:.4f} (one forward per chunk)", "",
+             "| preset | PPL | ΔPPL | passkey | bytes/token | ratio vs fp16 |", "|---|---|---|---|---|---|"]
+    for name, r in result["presets"].items():
+        acc = "—" if r["passkey_acc"] is None else f"{100 * r['passkey_acc']:.1f}%"
+        lines.append(f"| {name} | {r['ppl']:.4f} | {r['ppl_delta_pct']:+.2f}% | {acc} | {r['bytes_per_token']:.0f} | "
+                     f"{r['compression_ratio']:.2f}× |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""perf.quality: preset parsing, the harness's no-op control (must reproduce the plain model), compressed presets on a
+tiny random Llama (kernels under the interpreter), and the fixture's evict50 row (torch reference path)."""
+import json
+import os
+
+import pytest
+import torch
+
+from perf.codec_study import FIXTURE
+from perf.quality import Harness, Preset, load_chunks, main, parse_preset, passkey_prompts
+
+transformers = pytest.importorskip("transformers")
+MODEL = os.path.join(FIXTURE, "llama-tiny-hd128")
+
+
+def test_parse_presets():
+    assert parse_preset("fp16").noop
+    assert parse_preset("k3v2") == Preset("k3v2", bits=(3, 2))
+    assert parse_preset("evict50") == Preset("evict50", evict=0.5)
+    p = parse_preset("k2v4-evict75-knorm-pyramid")
+    assert (p.bits, p.evict, p.scorer, p.schedule) == ((2, 4), 0.75, "knorm", "pyramid")
+    assert parse_preset("evict25-window-layer").scorer == "window-layer"
+    assert parse_preset("kvpress-tova-50").press == "tova"
+    assert parse_preset("balanced").bits == (3, 2)
+    for bad, match in (("k5v2", "unknown preset"), ("evict50-foo", "unknown scorer"),
+                       ("kvpress-bar-50", "kvpress press"), ("q8", "unknown preset")):
+        with pytest.raises(ValueError, match=match):
+            parse_preset(bad)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=64, vocab_size=97, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    chunks = [torch.randint(3, 97, (1, 160)) for _ in range(2)]
+    return model, chunks
+
+
+def test_noop_control_and_presets_on_a_tiny_model(tiny):
+    model, chunks = tiny
+    h = Harness(model, sinks=2, recent=8, window=8, pool=5, page_size=16)
+    plain = h.plain_ppl(chunks, 128)
+    noop, bpt = h.continuation(parse_preset("fp16"), chunks, 128)
+    assert round(noop, 4) == round(plain, 4) and bpt == h.fp16_bytes_per_token == 2 * 2 * 2 * 64 * 2
+    for name in ("k3v2", "evict50", "k3v2-evict50", "evict50-knorm", "evict50-window-layer-pyramid"):
+        ppl, bpt = h.continuation(parse_preset(name), chunks, 128)
+        assert ppl > 1.0 and 0 < bpt < h.fp16_bytes_per_token, name
+    # bytes are the allocated tensors': K3V2 codes+scales (24+2 and 16+2 bytes at head_dim 64) plus buffers
+    _, bpt = h.continuation(parse_preset("k3v2"), chunks, 128)
+    assert bpt >= 2 * 2 * (26 + 18)
+
+
+def test_passkey_prompts_and_retrieval_runs(tiny):
+    model, _ = tiny
+
+    class Tok:  # a byte-level stand-in tokenizer
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=True, return_tensors=None):
+            return type("E", (), {"input_ids": [3 + (b % 90) for b in text.encode()]})()
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+    prompts = passkey_prompts(Tok(), __file__, 3, 200)
+    assert all(ids.shape == (1, 200) for ids, _, _ in prompts)
+    acc = Harness(model, sinks=2, recent=8, window=8, pool=5, page_size=16).passkey(parse_preset("evict50"), prompts)
+    assert 0.0 <= acc <= 1.0
+
+
+@pytest.mark.skipif(not os.path.isdir(MODEL), reason="fixture model not found (set NQ_FIXTURE_DIR)")
+def test_fixture_control_and_evict50(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the torch reference path; the kernel equals it (test_scoring)
+    text = os.path.join(FIXTURE, "text", "eval_pydocs.txt")
+    result = main(["--model", MODEL, "--text", text, "--chunks", "2", "--preset", "evict50", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["presets"].keys() == {"fp16", "evict50"}
+    assert round(result["presets"]["fp16"]["ppl"], 4) == round(result["plain_model_ppl"], 4)
+    row = result["presets"]["evict50"]
+    assert row["compression_ratio"] == 2.0 and 0 < row["ppl_delta_pct"] < 2.0

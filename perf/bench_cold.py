@@ -32,11 +32,8 @@ from nqkernels import KVCodec, PagedKVCache, filter_codes, load_cache, save_cach
 from nqkernels import reference as R
 from nqkernels.cold import _compressor, _decompressor
 from nqkernels.delta import filter_reference, record_bytes
-from perf.bench_attention import copy_bandwidth
+from perf.bench_attention import copy_bandwidth, log
 
-
-def log(*a):
-    print(*a, flush=True)
 
 
 def check(dev):
@@ -111,13 +108,19 @@ def llama8b_config():
                        rope_theta=500000.0)
 
 
-def prefill_seconds(dev, T):
+def llama8b_model(dev):
+    """A Llama-3-8B-shaped model with random bf16 weights (seed 0) on ``dev``."""
     from transformers import LlamaForCausalLM
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(dev):
         model = LlamaForCausalLM(llama8b_config()).eval()
     torch.set_default_dtype(torch.float32)
+    return model
+
+
+def prefill_seconds(dev, T):
+    model = llama8b_model(dev)
     ids = torch.randint(0, 128256, (1, T), device=dev)
     times = []
     with torch.no_grad():

@@ -28,14 +28,12 @@ from triton.testing import do_bench
 
 from nqkernels import reference as R
 from nqkernels import score_tokens, select_tokens
-from perf.bench_cold import llama8b_config
+from perf.bench_attention import log
+from perf.bench_cold import llama8b_model
 
 LAYERS, HQ, HKV, D, W = 32, 32, 8, 128, 32
 POOL = 31  # the quality harness's default (docs/decisions.md)
 
-
-def log(*a):
-    print(*a, flush=True)
 
 
 def check(dev):
@@ -108,12 +106,7 @@ def prefill_with_scoring(dev, T, runs=5):
     """Seconds of (a) the prefill alone and (b) the prefill followed by scoring its cache (32 window-query blocks,
     score_tokens over each layer's cached keys, cross-layer mean, one select_tokens), alternated on one model: the
     difference is what scoring adds to a real prefill, whose GPU queue hides the launch overhead."""
-    from transformers import LlamaForCausalLM
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(dev):
-        model = LlamaForCausalLM(llama8b_config()).eval()
-    torch.set_default_dtype(torch.float32)
+    model = llama8b_model(dev)
     ids = torch.randint(0, 128256, (1, T), device=dev)
     queries = [torch.randn(1, W, HQ, D, device=dev, dtype=torch.bfloat16) for _ in range(LAYERS)]
     plain, scored = [], []

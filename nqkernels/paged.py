@@ -184,28 +184,31 @@ class PagedKVCache:
         """
         B, T = self._check_new(k, v)
         counts = self._check_lengths(lengths, B, T)
-        pos = self._check_positions(positions, B, T, counts)
+        pos, last = self._check_positions(positions, B, T, counts)
         for b in range(B):
             n = counts[b]
             if n:
-                p = (torch.arange(self._next[b], self._next[b] + n, device=self.device, dtype=torch.int32)
-                     .expand(self.num_kv_heads, n) if pos is None else pos[b, :, :n])
+                p = None  # positions are needed only where they are stored (keys with RoPE undone)
+                if self.positions is not None:
+                    p = (torch.arange(self._next[b], self._next[b] + n, device=self.device, dtype=torch.int32)
+                         .expand(self.num_kv_heads, n) if pos is None else pos[b, :, :n])
                 self._append_one(b, _zero_nonfinite(k[b, :n].transpose(0, 1).to(self.dtype)),
                                  _zero_nonfinite(v[b, :n].transpose(0, 1).to(self.dtype)), p)
-                self._next[b] = (self._next[b] + n if pos is None else int(p.max()) + 1)
+                self._next[b] = self._next[b] + n if pos is None else last[b] + 1
         self._sync_lengths()
 
-    def _append_one(self, b: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        # k, v: [H, n, D] of one sequence; pos: int32 [H, n].
+    def _append_one(self, b: int, k: torch.Tensor, v: torch.Tensor, pos: Optional[torch.Tensor]) -> None:
+        # k, v: [H, n, D] of one sequence; pos: int32 [H, n], or None when the cache stores no positions.
         P, S, R = self.codec.page_size, self.sink_tokens, self.recent_tokens
         n = k.shape[1]
         take = min(S - self._sink[b], n)
         if take > 0:  # sinks fill first; the window is empty until they are complete
-            self._put_fp(b, self._fp[b], k[:, :take], v[:, :take], pos[:, :take])
+            self._put_fp(b, self._fp[b], k[:, :take], v[:, :take], None if pos is None else pos[:, :take])
             self._sink[b] += take
             self._fp[b] += take
             self._len[b] += take
-            k, v, pos, n = k[:, take:], v[:, take:], pos[:, take:], n - take
+            k, v, n = k[:, take:], v[:, take:], n - take
+            pos = None if pos is None else pos[:, take:]
         if n == 0:
             return
         sink, win = self._sink[b], self._fp[b] - self._sink[b]
@@ -218,23 +221,23 @@ class PagedKVCache:
         # Window + new tokens; the oldest n_flush go to pages, the rest stays in the window.
         all_k = torch.cat((self.fp_k[b, :, sink:sink + win], k), dim=1)
         all_v = torch.cat((self.fp_v[b, :, sink:sink + win], v), dim=1)
-        all_p = torch.cat((self.fp_pos[b, :, sink:sink + win], pos), dim=1) if self.fp_pos is not None else pos
-        self._compress(b, all_k[:, :n_flush], all_v[:, :n_flush], all_p[:, :n_flush])
+        all_p = None if pos is None else torch.cat((self.fp_pos[b, :, sink:sink + win], pos), dim=1)
+        self._compress(b, all_k[:, :n_flush], all_v[:, :n_flush], None if pos is None else all_p[:, :n_flush])
         rest = all_k.shape[1] - n_flush
-        self._put_fp(b, sink, all_k[:, n_flush:], all_v[:, n_flush:], all_p[:, n_flush:])
+        self._put_fp(b, sink, all_k[:, n_flush:], all_v[:, n_flush:], None if pos is None else all_p[:, n_flush:])
         self._fp[b] = sink + rest
         self._len[b] += n
 
-    def _put_fp(self, b: int, at: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+    def _put_fp(self, b: int, at: int, k: torch.Tensor, v: torch.Tensor, pos: Optional[torch.Tensor]) -> None:
         n = k.shape[1]
         self.fp_k[b, :, at:at + n] = k
         self.fp_v[b, :, at:at + n] = v
-        if self.fp_pos is not None:
+        if pos is not None:
             self.fp_pos[b, :, at:at + n] = pos
 
-    def _compress(self, b: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        # Encode [H, n, D] (n a multiple of the page size; positions [H, n]) into new pages of slot b. Heads are the
-        # batch of the encode call ([H, 1, n, D]), so each head may carry its own positions.
+    def _compress(self, b: int, k: torch.Tensor, v: torch.Tensor, pos: Optional[torch.Tensor]) -> None:
+        # Encode [H, n, D] (n a multiple of the page size; positions [H, n] or None) into new pages of slot b. Heads
+        # are the batch of the encode call ([H, 1, n, D]), so each head may carry its own positions.
         P, H = self.codec.page_size, self.num_kv_heads
         n_pages = k.shape[1] // P
         if n_pages > len(self._free):
@@ -244,8 +247,7 @@ class PagedKVCache:
             raise RuntimeError(f"slot {b} would hold {len(self._pages[b]) + n_pages} pages, more than "
                                f"max_pages_per_seq={self.block_table.shape[1]}")
         first = self._comp[b] == 0
-        positions = pos.to(torch.int32) if self.positions is not None else None
-        enc_k = encode_kv(k[:, None], self.codec, "key", positions=positions,
+        enc_k = encode_kv(k[:, None], self.codec, "key", positions=pos,
                           mean=None if first else self.k_mean[b, :, None])
         enc_v = encode_kv(v[:, None], self.codec, "value", mean=None if first else self.v_mean[b, :, None])
         if first:
@@ -259,7 +261,7 @@ class PagedKVCache:
             codes[idx] = enc.codes[:, 0].reshape(H, n_pages, P, -1).transpose(0, 1)
             scales[idx] = enc.scales[:, 0].reshape(H, n_pages, P).transpose(0, 1)
         if self.positions is not None:
-            self.positions[idx] = positions.reshape(H, n_pages, P).transpose(0, 1)
+            self.positions[idx] = pos.reshape(H, n_pages, P).transpose(0, 1)
         used = len(self._pages[b])
         self.block_table[b, used:used + n_pages] = idx.to(torch.int32)
         self._pages[b].extend(pages)
@@ -288,10 +290,11 @@ class PagedKVCache:
             raise ValueError(f"batch {B} exceeds the cache's max_batch={self.max_batch}")
         return B, T
 
-    def _check_positions(self, positions, B: int, T: int, counts: list[int]) -> Optional[torch.Tensor]:
-        """positions as int32 [B, H, T] on the cache's device, or None (continue each sequence)."""
+    def _check_positions(self, positions, B: int, T: int, counts: list[int]):
+        """(positions as int32 [B, H, T] on the cache's device, each sequence's last position), or (None, None):
+        continue each sequence. One host sync for the checks."""
         if positions is None:
-            return None
+            return None, None
         H = self.num_kv_heads
         if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64) or \
                 tuple(positions.shape) not in ((B, T), (B, H, T)):
@@ -300,10 +303,15 @@ class PagedKVCache:
                              f"{list(getattr(positions, 'shape', []))}")
         pos = positions.to(self.device, torch.int32)
         pos = pos[:, None].expand(B, H, T) if pos.dim() == 2 else pos
-        for b, n in enumerate(counts):
-            if n and int(pos[b, :, :n].min()) < 0:
-                raise ValueError(f"positions of sequence {b} must be >= 0")
-        return pos
+        n_real = torch.tensor(counts, device=self.device)[:, None, None]
+        real = torch.arange(T, device=self.device)[None, None, :] < n_real
+        lo = torch.where(real, pos, torch.iinfo(torch.int32).max).amin(dim=(1, 2))
+        hi = torch.where(real, pos, -1).amax(dim=(1, 2))
+        lo, hi = torch.stack((lo, hi)).tolist()
+        bad = [b for b, (n, m) in enumerate(zip(counts, lo)) if n and m < 0]
+        if bad:
+            raise ValueError(f"positions of sequences {bad} must be >= 0")
+        return pos, hi
 
     @staticmethod
     def _check_lengths(lengths, B, T) -> list[int]:
@@ -318,19 +326,19 @@ class PagedKVCache:
     def export_slot(self, b: int) -> SlotState:
         """Slot b's content in token order (codes gathered from its pages), on the cache's device."""
         self._check_slot(b)
-        P, H = self.codec.page_size, self.num_kv_heads
-        idx = torch.tensor(self._pages[b], device=self.device, dtype=torch.long)
-
-        def stream(t):  # [pages, H, P, ...] -> [H, pages·P, ...]
-            x = t[idx].transpose(0, 1)
-            return x.reshape(H, len(self._pages[b]) * P, *t.shape[3:]).contiguous()
         fp = self._fp[b]
         has_pos = self.positions is not None
-        return SlotState(stream(self.k_codes), stream(self.k_scales), stream(self.v_codes), stream(self.v_scales),
+        return SlotState(*(self._stream(t, b) for t in (self.k_codes, self.k_scales, self.v_codes, self.v_scales)),
                          self.fp_k[b, :, :fp].clone(), self.fp_v[b, :, :fp].clone(), self.k_mean[b].clone(),
                          self.v_mean[b].clone(), self._sink[b], self._next[b],
-                         stream(self.positions) if has_pos else None,
+                         self._stream(self.positions, b) if has_pos else None,
                          self.fp_pos[b, :, :fp].clone() if has_pos else None)
+
+    def _stream(self, t: torch.Tensor, b: int) -> torch.Tensor:
+        """Slot b's pages of a per-page tensor ``[num_pages, H, P, ...]`` as one token stream ``[H, pages·P, ...]``."""
+        idx = torch.tensor(self._pages[b], device=self.device, dtype=torch.long)
+        x = t[idx].transpose(0, 1)
+        return x.reshape(self.num_kv_heads, len(self._pages[b]) * self.codec.page_size, *t.shape[3:]).contiguous()
 
     def import_slot(self, b: int, state: SlotState) -> None:
         """Fill the empty slot b with ``state`` (from ``export_slot``, ``offload`` or ``load_cache``), on fresh
@@ -425,21 +433,13 @@ class PagedKVCache:
         return K, V, valid
 
     def _decode_pages(self, b: int, kind: str) -> torch.Tensor:
-        idx = torch.tensor(self._pages[b], device=self.device, dtype=torch.long)
+        # Heads are the batch of the decode call ([H, 1, C, ...]), so each head may carry its own positions.
         codes, scales = (self.k_codes, self.k_scales) if kind == "key" else (self.v_codes, self.v_scales)
-        H, comp = self.num_kv_heads, self._comp[b]
-        c = codes[idx].transpose(0, 1).reshape(H, -1, codes.shape[-1])[None, :, :comp]
-        s = scales[idx].transpose(0, 1).reshape(H, -1)[None, :, :comp]
         center = self.codec.center_keys if kind == "key" else self.codec.center_values
-        mean = (self.k_mean if kind == "key" else self.v_mean)[b:b + 1] if center else None
-        positions = None
-        if self.positions is not None and kind == "key":  # heads as the batch: each head has its own positions
-            positions = self.positions[idx].transpose(0, 1).reshape(H, -1)[:, :comp].contiguous()
-        x = decode_kv(EncodedKV(c.transpose(0, 1).contiguous(), s.transpose(0, 1).contiguous(),
-                                None if mean is None else mean.transpose(0, 1).contiguous()),
-                      self.codec, kind, positions=positions, dtype=torch.float32)
-        return x[:, 0].transpose(0, 1)
-
+        mean = (self.k_mean if kind == "key" else self.v_mean)[b, :, None] if center else None
+        positions = self._stream(self.positions, b) if self.positions is not None and kind == "key" else None
+        enc = EncodedKV(self._stream(codes, b)[:, None], self._stream(scales, b)[:, None], mean)
+        return decode_kv(enc, self.codec, kind, positions=positions, dtype=torch.float32)[:, 0].transpose(0, 1)
 
 def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
     bad = ~torch.isfinite(x).all(dim=-1, keepdim=True)

@@ -6,8 +6,8 @@
    sum/mean/max (max relative error);
 2. the cost of scoring a Llama-3-8B-shaped prompt (32 layers, 32 query / 8 KV heads, head_dim 128, a 32-query
    observation window, bf16) at 8K-128K tokens: ``score_tokens`` (max-pooled over 31 tokens) over every layer's own
-   keys (so nothing is served from L2), then the cross-layer mean and one ``select_tokens`` (50% eviction), beside the same scores computed the way
-   kvpress's SnapKV does (torch: the window's attention matrix materialised, softmax, mean, pooling) and beside the
+   keys (so nothing is served from L2), then the cross-layer mean and one ``select_tokens`` (50% eviction), beside
+   the same scores computed the way kvpress's SnapKV does (torch: the window's attention matrix materialised, softmax, mean, pooling) and beside the
    prefill they follow: a forward pass of a Llama-3-8B-shaped model (random bf16 weights, SDPA) over the same tokens.
    FLOPs: two passes of 2·W·Hq·T·D each per layer. Three views of the cost: the kernels' GPU time (profiler),
    the steps timed alone (launch-bound at small sizes), and the time added to a real prefill.

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 from nqkernels import (KVCodec, PagedKVCache, key_norm_scores, layer_budgets, random_scores, score_tokens,
                        select_tokens)
+from perf.continuation import load_chunks
 
 NAMED = {"near-lossless": "k4v4", "balanced": "k3v2", "compact": "k2v2", "balanced-evict50": "k3v2-evict50",
          "compact-evict75": "k2v2-evict75"}
@@ -249,11 +249,12 @@ class Harness:
         return math.exp(nll / n)
 
     @torch.no_grad()
-    def passkey(self, preset: Preset, prompts, progress=None) -> float:
-        """Fraction of prompts whose greedy answer (from the compressed cache) starts with the key."""
+    def passkey(self, preset: Preset, prompts, tok, progress=None) -> float:
+        """Fraction of prompts ``(ids, key)`` whose greedy answer (from the compressed cache, decoded by ``tok``)
+        starts with the key."""
         self.model.set_attn_implementation(self.attn.name)
         hits = 0
-        for i, (ids, key, tok) in enumerate(prompts):
+        for i, (ids, key) in enumerate(prompts):
             cache, _ = self.prefill(preset, ids[:, :-1])
             nxt, pos, out = ids[:, -1:], ids.shape[1] - 1, []
             for _ in range(6):
@@ -278,16 +279,8 @@ def _press(preset: Preset):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def load_chunks(tok, path: str, n_chunks: int, length: int) -> list:
-    with open(path) as f:
-        ids = tok(f.read(), return_tensors="pt").input_ids[0]
-    if len(ids) < n_chunks * length:
-        raise SystemExit(f"{path} has {len(ids)} tokens, fewer than --chunks {n_chunks} × {length}")
-    return [ids[i * length:(i + 1) * length][None] for i in range(n_chunks)]
-
-
 def passkey_prompts(tok, path: str, n: int, length: int, seed: int = 0) -> list:
-    """n prompts of ``length`` tokens: BOS, text with the needle at a uniform random depth, the question."""
+    """n prompts ``(ids [1, length], key)``: BOS, text with the needle at a uniform random depth, the question."""
     with open(path) as f:
         text_ids = tok(f.read()).input_ids
     rng = random.Random(seed)
@@ -304,7 +297,7 @@ def passkey_prompts(tok, path: str, n: int, length: int, seed: int = 0) -> list:
         body = text_ids[start:start + filler]
         depth = rng.randint(0, filler)
         ids = bos + body[:depth] + needle + body[depth:] + question
-        prompts.append((torch.tensor([ids]), key, tok))
+        prompts.append((torch.tensor([ids]), key))
     return prompts
 
 
@@ -350,14 +343,14 @@ def main(argv=None) -> dict:
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     chunks = [c.to(args.device) for c in load_chunks(tok, args.text, args.chunks, args.prefix + args.continuation)]
-    prompts = [(p.to(args.device), k, t) for p, k, t in passkey_prompts(tok, args.text, args.passkey,
+    prompts = [(p.to(args.device), k) for p, k in passkey_prompts(tok, args.text, args.passkey,
                                                                         args.passkey_length)] if args.passkey else []
     h = Harness(model, sinks=args.sinks, recent=args.recent, window=args.window, pool=args.pool)
     plain = h.plain_ppl(chunks, args.prefix)
     rows, base = {}, None
     for p in presets:
         ppl, bpt = h.continuation(p, chunks, args.prefix, _bar(f"{p.name} ppl", len(chunks)))
-        acc = h.passkey(p, prompts, _bar(f"{p.name} passkey", len(prompts))) if prompts else None
+        acc = h.passkey(p, prompts, tok, _bar(f"{p.name} passkey", len(prompts))) if prompts else None
         if base is None:
             base = ppl
             if round(ppl, 4) != round(plain, 4):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from perf.codec_study import FIXTURE
-from perf.quality import Harness, Preset, load_chunks, main, parse_preset, passkey_prompts
+from perf.quality import Harness, Preset, main, parse_preset, passkey_prompts
 
 transformers = pytest.importorskip("transformers")
 MODEL = os.path.join(FIXTURE, "llama-tiny-hd128")
@@ -64,8 +64,9 @@ def test_passkey_prompts_and_retrieval_runs(tiny):
         def decode(self, ids):
             return "".join(chr(i) for i in ids)
     prompts = passkey_prompts(Tok(), __file__, 3, 200)
-    assert all(ids.shape == (1, 200) for ids, _, _ in prompts)
-    acc = Harness(model, sinks=2, recent=8, window=8, pool=5, page_size=16).passkey(parse_preset("evict50"), prompts)
+    assert all(ids.shape == (1, 200) for ids, _ in prompts)
+    acc = Harness(model, sinks=2, recent=8, window=8, pool=5, page_size=16).passkey(parse_preset("evict50"), prompts,
+                                                                                     Tok())
     assert 0.0 <= acc <= 1.0
 
 

@@ -162,6 +162,54 @@ class PagedKVCache:
                                       self.lengths, self.fp_k, self.fp_v, self.k_mean, self.v_mean, self.positions,
                                       self.fp_pos) if t is not None)
 
+    def pages_needed(self, new_tokens: Sequence[int]) -> tuple[int, int]:
+        """(pages the pool must still gain, widest block-table row needed) for appending ``new_tokens[b]`` tokens
+        to slot b: what ``grow`` takes before an append that would otherwise run out of pages."""
+        P, S, R = self.codec.page_size, self.sink_tokens, self.recent_tokens
+        total, widest = 0, self.block_table.shape[1]
+        for b, n in enumerate(new_tokens):
+            compressible = max(0, self._len[b] + n - min(S, self._len[b] + n) - R)  # beyond sinks and window
+            pages = compressible // P
+            total += max(0, pages - len(self._pages[b]))
+            widest = max(widest, pages)
+        return max(0, total - len(self._free)), widest
+
+    def grow(self, extra_pages: int, max_pages_per_seq: Optional[int] = None) -> None:
+        """Add ``extra_pages`` free pages to the pool and widen ``block_table`` to ``max_pages_per_seq`` (existing
+        pages keep their numbers, so block tables stay valid). Copies the pool once: grow in large steps."""
+        if not isinstance(extra_pages, int) or extra_pages < 0:
+            raise ValueError(f"extra_pages must be an int >= 0, got {extra_pages!r}")
+        old = self.k_codes.shape[0]
+        if extra_pages:
+            for name in ("k_codes", "v_codes", "k_scales", "v_scales", "positions"):
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, torch.cat((t, t.new_zeros(extra_pages, *t.shape[1:]))))
+            self._free[:0] = range(old + extra_pages - 1, old - 1, -1)  # popped from the end: old free pages first
+        width = self.block_table.shape[1]
+        if max_pages_per_seq is not None and max_pages_per_seq > width:
+            self.block_table = torch.cat((self.block_table, self.block_table.new_zeros(
+                self.max_batch, max_pages_per_seq - width)), dim=1)
+
+    def crop(self, tokens: int) -> None:
+        """Drop the last ``tokens`` tokens of every non-empty slot (rejected speculative tokens). They must still be
+        uncompressed (in the recent window; at most ``recent_tokens`` are guaranteed to be); compressed pages are
+        never rewritten."""
+        if not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"tokens must be an int >= 0, got {tokens!r}")
+        if tokens == 0:
+            return
+        held = [b for b in range(self.max_batch) if self._len[b]]
+        short = [b for b in held if self._fp[b] - self._sink[b] < tokens]
+        if short:
+            raise ValueError(f"cannot crop {tokens} tokens: slots {short} hold fewer uncompressed recent tokens "
+                             f"(the last {self.recent_tokens} always are; compressed pages are never rewritten)")
+        for b in held:
+            self._fp[b] -= tokens
+            self._len[b] -= tokens
+            self._next[b] -= tokens
+        self._sync_lengths()
+
     def reset(self, slots: Optional[Sequence[int]] = None) -> None:
         """Empty the given slots (default all) and return their pages to the pool."""
         for b in range(self.max_batch) if slots is None else slots:

@@ -233,6 +233,9 @@ class PagedKVCache:
         B, T = self._check_new(k, v)
         counts = self._check_lengths(lengths, B, T)
         pos, last = self._check_positions(positions, B, T, counts)
+        if self._window_only(counts):  # the decode-step case: one batched write, no page fills
+            self._append_window(k, v, pos, last, T)
+            return
         for b in range(B):
             n = counts[b]
             if n:
@@ -243,6 +246,30 @@ class PagedKVCache:
                 self._append_one(b, _zero_nonfinite(k[b, :n].transpose(0, 1).to(self.dtype)),
                                  _zero_nonfinite(v[b, :n].transpose(0, 1).to(self.dtype)), p)
                 self._next[b] = self._next[b] + n if pos is None else last[b] + 1
+        self._sync_lengths()
+
+    def _window_only(self, counts: list) -> bool:
+        """Every slot takes all T > 0 new tokens into its window: sinks complete, no page fills."""
+        P, S, R, T = self.codec.page_size, self.sink_tokens, self.recent_tokens, counts[0]
+        return T > 0 and all(n == T and self._sink[b] == S and self._fp[b] - S + T < R + P
+                             for b, n in enumerate(counts))
+
+    def _append_window(self, k: torch.Tensor, v: torch.Tensor, pos: Optional[torch.Tensor], last, T: int) -> None:
+        # k, v [B, T, H, D] written at each slot's window end (fp_k[b, :, fp_b + t]) with one index_put each.
+        B = k.shape[0]
+        at = self.lengths[2, :B].long()[:, None] + torch.arange(T, device=self.device)[None]
+        rows = torch.arange(B, device=self.device)[:, None].expand(B, T)
+        self.fp_k[rows, :, at] = _zero_nonfinite(k.to(self.dtype))
+        self.fp_v[rows, :, at] = _zero_nonfinite(v.to(self.dtype))
+        if self.positions is not None:
+            if pos is None:
+                nxt = torch.tensor(self._next[:B], device=self.device, dtype=torch.int32)
+                pos = (nxt[:, None] + torch.arange(T, device=self.device, dtype=torch.int32)[None])[:, None]
+            self.fp_pos[rows, :, at] = pos.expand(B, self.num_kv_heads, T).transpose(1, 2)
+        for b in range(B):
+            self._next[b] = self._next[b] + T if last is None else last[b] + 1
+            self._fp[b] += T
+            self._len[b] += T
         self._sync_lengths()
 
     def _append_one(self, b: int, k: torch.Tensor, v: torch.Tensor, pos: Optional[torch.Tensor]) -> None:

@@ -144,6 +144,36 @@ def test_pages_are_freed_and_reused():
     _check(torch.randn(2, 1, 4, 128, dtype=torch.float16), cache)
 
 
+def test_window_appends_equal_one_by_one_and_grow_and_crop():
+    # Batched decode-step appends (one write for all slots) equal per-slot appends; growing the pool keeps every
+    # page; crop drops window tokens only.
+    rope = RopeSpec(theta=10000.0)
+    a, b = _cache(recent=6, sinks=2, rope=rope, pages=8), _cache(recent=6, sinks=2, rope=rope, pages=8)
+    for cache in (a, b):
+        torch.manual_seed(1)
+        _fill(cache, [21, 9])
+    for step in range(12):
+        k = torch.randn(2, 1, 2, 128, dtype=torch.float16)
+        v = torch.randn_like(k)
+        need, widest = a.pages_needed([1, 1])
+        if need or widest > a.block_table.shape[1]:
+            a.grow(need + 1, widest + 1)
+        a.append(k, v)
+        for slot in (0, 1):  # slot by slot: the per-sequence path
+            b.append(k[slot:slot + 1].expand(2, -1, -1, -1), v[slot:slot + 1].expand(2, -1, -1, -1),
+                     lengths=[1 if i == slot else 0 for i in (0, 1)])
+    for x, y in zip(a.dense(), b.dense()):
+        assert torch.equal(x, y)
+    assert a.next_positions() == b.next_positions() == [33, 21] and torch.equal(a.lengths, b.lengths)
+    a.grow(5, a.block_table.shape[1] + 3)
+    assert all(torch.equal(x, y) for x, y in zip(a.dense(), b.dense()))
+    _check(torch.randn(2, 3, 4, 128, dtype=torch.float16), a)
+    a.crop(3)
+    assert a.seq_lens() == [30, 18] and a.next_positions() == [30, 18]
+    with pytest.raises(ValueError, match="cannot crop"):
+        a.crop(20)
+
+
 def test_bad_inputs():
     cache = _cache()
     _fill(cache, [20, 20])

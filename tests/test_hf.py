@@ -49,7 +49,7 @@ def oracle_cache(model, cache: NQCache, drop: int, before: dict) -> DynamicCache
             if layer.kept_k is not None:
                 comp, keep = cache.head_split
                 n = layer.kept_lens[0]
-                full = torch.empty(K.shape[0], K.shape[1], cache.num_kv_heads, K.shape[3])
+                full = K.new_empty(K.shape[0], K.shape[1], cache.num_kv_heads, K.shape[3])
                 fullv = torch.empty_like(full)
                 full[:, :, comp], fullv[:, :, comp] = K, V
                 full[:, :, keep] = layer.kept_k[:, :, :n].transpose(1, 2).float()
@@ -59,15 +59,15 @@ def oracle_cache(model, cache: NQCache, drop: int, before: dict) -> DynamicCache
             K, V = K[:, :, :-drop], V[:, :, :-drop]
         else:
             K, V = before[i]
-        dc.update(K.contiguous(), V.contiguous(), i)
+        dc.update(K.to(model.dtype).contiguous(), V.to(model.dtype).contiguous(), i)
     return dc
 
 
 def step_vs_oracle(model, preset, ids, nxt=None, **options):
     """Logits of one decode step (``nxt``, default one token) through the compressed cache, and through the plain
     model over what that step attended to (the dequantized cache) at the same, true positions."""
-    nxt = prompt(1, ids.shape[0], seed=9) if nxt is None else nxt
-    pos = torch.arange(ids.shape[1], ids.shape[1] + nxt.shape[1]).expand(ids.shape[0], -1)
+    nxt = (prompt(1, ids.shape[0], seed=9) if nxt is None else nxt).to(ids.device)
+    pos = torch.arange(ids.shape[1], ids.shape[1] + nxt.shape[1], device=ids.device).expand(ids.shape[0], -1)
     with compress(model, preset, **options) as state, torch.no_grad():
         cache = state.new_cache(model)
         model(ids, past_key_values=cache, use_cache=True)
@@ -120,6 +120,16 @@ def test_kernels_under_interpreter():
     model = tiny("llama")
     got, want, _ = step_vs_oracle(model, "k3v2-evict50", prompt(61), **SMALL)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (compiled kernels)")
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+@pytest.mark.parametrize("preset", ["k3v2", "k2v2-evict50"])
+def test_cuda_kernels_match_oracle(arch, preset):
+    model = tiny(arch, head_dim=128).to("cuda", torch.float16)
+    got, want, _ = step_vs_oracle(model, preset, prompt(200).cuda(), nxt=prompt(3, seed=4), compress_sliding=True,
+                                  **SMALL)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_speculative_chunk_and_crop(reference_mode):

@@ -1,11 +1,13 @@
 """A transformers ``Cache`` whose layers hold HOT pages (``PagedKVCache``) after the prompt.
 
 Life of a compressed layer (``CompressedLayer``):
-    prefill   the first forward stores K/V like ``DynamicLayer`` and the model's own attention runs over them;
-              the last ``window`` queries are kept when evicting. After the last compressed layer of that forward,
-              ``NQCache`` compresses every layer at once: left padding dropped per sequence, tokens scored (window
-              attention averaged over layers) and selected per sequence, kept tokens encoded into a
-              ``PagedKVCache`` (fp16 sinks and recent window, HOT pages in between), fp16 K/V freed.
+    prefill   the first forward stores K/V like ``DynamicLayer`` and the model's own attention runs over them.
+              Then the layer is compressed: left padding dropped per sequence, tokens encoded into a
+              ``PagedKVCache`` (fp16 sinks and recent window, HOT pages in between), fp16 K/V freed. Quantization
+              only: each layer right after its attention (the prompt's peak memory is one layer's fp16 K/V above
+              the compressed rest). Eviction: every layer keeps its last ``window`` queries, and after the last
+              compressed layer ``NQCache`` scores the tokens (window attention averaged over layers), selects per
+              sequence and compresses all layers (the peak is the whole fp16 cache, as with ``DynamicCache``).
     decode    every later forward (one token, a speculative chunk, a new turn) appends its K/V to the pages and
               attends with ``decode_attention``. Pages are never compressed twice; rejected speculative tokens are
               cropped from the fp16 window.
@@ -115,10 +117,12 @@ class CompressedLayer(CacheLayerMixin):
         do. Before compression: the model's own attention (``base``), then compression after the last layer."""
         if self.hot is None:
             out = base(module, query, key, value, attention_mask, **kwargs)
-            if self.cache.policy.evict:
-                self.queries = query[:, :, -self.cache.policy.window:].transpose(1, 2)
-                self.scale = kwargs.get("scaling")
-            if self.index == self.cache.last_compressed:
+            if not self.cache.policy.evict:  # quantization only: each layer compresses at once (lower peak)
+                self.cache.compress([self])
+                return out
+            self.queries = query[:, :, -self.cache.policy.window:].transpose(1, 2)
+            self.scale = kwargs.get("scaling")
+            if self.index == self.cache.last_compressed:  # eviction: one selection from every layer's scores
                 self.cache.compress()
             return out
         q = query.transpose(1, 2)
@@ -296,9 +300,10 @@ class NQCache(Cache):
         return pads
 
     @torch.no_grad()
-    def compress(self) -> None:
-        """Compress every compressed layer's prompt (called after the first forward's last compressed layer)."""
-        layers = [l for l in self.layers if isinstance(l, CompressedLayer)]
+    def compress(self, layers: Optional[list] = None) -> None:
+        """Compress the prompt of ``layers`` (default: every compressed layer, as eviction needs; called after the
+        first forward's last compressed layer)."""
+        layers = layers or [l for l in self.layers if isinstance(l, CompressedLayer)]
         B, _, T, _ = layers[0].keys.shape
         device = layers[0].keys.device
         pads = self._padding(B, T, device)

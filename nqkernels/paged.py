@@ -343,8 +343,11 @@ class PagedKVCache:
         self._comp[b] += k.shape[1]
 
     def _sync_lengths(self) -> None:
-        host = torch.tensor([self._len, self._comp, self._fp, self._sink], dtype=torch.int32)
-        self.lengths.copy_(host, non_blocking=False)
+        # From pinned memory and asynchronous: a copy from pageable memory would wait for the stream (one device sync
+        # per layer per decode step). PyTorch's pinned-memory cache keeps the block until the copy has run.
+        pinned = self.device.type == "cuda"
+        host = torch.tensor([self._len, self._comp, self._fp, self._sink], dtype=torch.int32, pin_memory=pinned)
+        self.lengths.copy_(host, non_blocking=pinned)
 
     def _check_new(self, k, v):
         for name, t in (("k", k), ("v", v)):

@@ -61,8 +61,8 @@ class CompressedLayer(CacheLayerMixin):
     # -- the CacheLayerMixin API ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states[..., :0, :]
-        self.values = value_states[..., :0, :]
+        B, H, _, D = key_states.shape
+        self.keys, self.values = key_states.new_empty(B, H, 0, D), value_states.new_empty(B, H, 0, D)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -92,6 +92,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last tokens (negative: that many; positive: keep that many, the transformers < 5.18 form)."""
+        tokens_to_remove = int(tokens_to_remove)  # transformers < 5.18 passes a 0-d tensor
         n = -tokens_to_remove if tokens_to_remove <= 0 else max(0, self.seen - tokens_to_remove)
         if n == 0 or not self.is_initialized:
             return
@@ -120,7 +121,7 @@ class CompressedLayer(CacheLayerMixin):
             if not self.cache.policy.evict:  # quantization only: each layer compresses at once (lower peak)
                 self.cache.compress([self])
                 return out
-            self.queries = query[:, :, -self.cache.policy.window:].transpose(1, 2)
+            self.queries = query[:, :, -self.cache.policy.window:].transpose(1, 2).clone()  # not a view of all
             self.scale = kwargs.get("scaling")
             if self.index == self.cache.last_compressed:  # eviction: one selection from every layer's scores
                 self.cache.compress()
@@ -177,7 +178,8 @@ class CompressedLayer(CacheLayerMixin):
             self.kept_k[:, :, :T] = k[:, :, keep].transpose(1, 2)
             self.kept_v[:, :, :T] = v[:, :, keep].transpose(1, 2)
             self.kept_lens = list(lens)
-        self.keys, self.values = self.keys[..., :0, :], self.values[..., :0, :]
+        B, H, _, D = self.keys.shape  # new empty tensors: a zero-length view would keep the whole prompt alive
+        self.keys, self.values = self.keys.new_empty(B, H, 0, D), self.values.new_empty(B, H, 0, D)
         self.queries = None
 
     def _append(self, key_states, value_states) -> None:

@@ -17,13 +17,16 @@ Presets: ``fp16`` (no-op); ``kXvY`` (quant only, X/Y in 2..4 bits: the HOT forma
 over what it stores); ``evictNN`` (NN% of tokens evicted, default scorer, fp16 kept tokens); ``kXvY-evictNN``;
 scorer variants ``evictNN-<scorer>`` with scorer in window (default), window-max, knorm, random, and a layer schedule
 ``-pyramid``; named presets (``NAMED``); kvpress presses ``kvpress-<press>-NN`` with press in snapkv, expected,
-knorm, streaming, tova, random (needs ``pip install --no-deps kvpress``; see perf/results/quality_fixture.md).
+knorm, streaming, tova, random (needs ``pip install --no-deps kvpress``; see perf/results/quality_fixture.md);
+``hf-<preset>[+<variant>]``: an ``integrations.hf`` preset through the real ``NQCache`` and patched model (the path
+users run; fp16 sinks and recent window), variants the per-layer policies of ``HF_VARIANTS``.
 Bytes per token are measured from the cache tensors (codes, scales, means, positions, fp16 sinks/window buffers,
 block tables), over all layers, per prefix token; kept fp K/V count 2 bytes per element (the fp16 a server stores).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -38,10 +41,15 @@ import torch.nn.functional as F
 
 from nqkernels import (KVCodec, PagedKVCache, key_norm_scores, layer_budgets, random_scores, score_tokens,
                        select_tokens)
+from integrations.hf import NQCache
 from perf.continuation import load_chunks
 
 NAMED = {"near-lossless": "k4v4", "balanced": "k3v2", "compact": "k2v2", "balanced-evict50": "k3v2-evict50",
          "compact-evict75": "k2v2-evict75"}
+# Per-layer policies of integrations.hf presets (``hf-<preset>+<variant>``); "graduated" is filled per model.
+HF_VARIANTS = {"boundary1-fp16": {"boundary_layers": 1},
+               "boundary1-k4v4": {"boundary_layers": 1, "boundary_bits": (4, 4)}, "graduated": {"layer_bits": "graduated"}, "keep-head0": {"keep_heads": (0,)},
+               "keep-layer0": {"keep_layers": (0,)}}
 SCORERS = ("window", "window-max", "window-layer", "knorm", "random")
 PRESSES = {"snapkv": "SnapKVPress", "expected": "ExpectedAttentionPress", "knorm": "KnormPress",
            "streaming": "StreamingLLMPress", "tova": "TOVAPress", "random": "RandomPress"}
@@ -58,10 +66,11 @@ class Preset:
     schedule: str = "uniform"
     press: Optional[str] = None
     options: dict = field(default_factory=dict)
+    hf: Optional[str] = None  # an integrations.hf preset run through NQCache; options: its per-layer policy
 
     @property
     def noop(self) -> bool:
-        return self.bits is None and self.evict == 0.0 and self.press is None
+        return self.bits is None and self.evict == 0.0 and self.press is None and self.hf is None
 
 
 def parse_preset(name: str) -> Preset:
@@ -70,6 +79,13 @@ def parse_preset(name: str) -> Preset:
     spelled = NAMED.get(name, name)
     if spelled == "fp16":
         return Preset(name)
+    m = re.fullmatch(r"hf-([a-z0-9-]+?)(?:\+([a-z0-9-]+))?", spelled)
+    if m:
+        from integrations.hf import resolve
+        resolve(m.group(1))  # raises for an unknown preset
+        if m.group(2) and m.group(2) not in HF_VARIANTS:
+            raise ValueError(f"unknown policy variant {m.group(2)!r}; allowed: {tuple(HF_VARIANTS)}")
+        return Preset(name, hf=m.group(1), options=dict(HF_VARIANTS.get(m.group(2), {})))
     m = re.fullmatch(r"kvpress-([a-z]+)-(\d{1,2})", spelled)
     if m:
         if m.group(1) not in PRESSES:
@@ -198,6 +214,10 @@ class Harness:
         """Prefill ``ids`` and compress. Returns (cache, bytes held per prefix token)."""
         from transformers import DynamicCache
 
+        if preset.hf is not None:
+            cache = NQCache(self.model, preset.hf, **self.hf_options(preset))
+            self.model(ids, past_key_values=cache, use_cache=True)
+            return cache, hf_bytes(cache) / ids.shape[1]
         cache = DynamicCache()
         self.attn.capture = {} if (preset.evict and preset.press is None) else None
         try:
@@ -216,6 +236,26 @@ class Harness:
         cache, nbytes = self.compress(preset, cache, queries)
         return cache, nbytes / ids.shape[1]
 
+    def hf_options(self, preset: Preset) -> dict:
+        opts = dict(preset.options)
+        if opts.get("layer_bits") == "graduated":
+            from integrations.hf import graduated_bits
+            opts["layer_bits"] = graduated_bits(self.num_layers)
+        return opts
+
+    @contextlib.contextmanager
+    def attention(self, preset: Preset):
+        """The attention a preset's cache is read with: the patched model (integrations.hf presets) or the harness's
+        own attention over a DynamicCache."""
+        if preset.hf is None:
+            self.model.set_attn_implementation(self.attn.name)
+            yield
+            return
+        from integrations.hf import compress
+        self.model.set_attn_implementation(self.plain_impl)
+        with compress(self.model, preset.hf, **self.hf_options(preset)):
+            yield
+
     def step(self, ids: torch.Tensor, cache, start: int):
         """Feed ``ids`` through ``cache`` at true positions start.. ; returns logits."""
         pos = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
@@ -225,16 +265,16 @@ class Harness:
     @torch.no_grad()
     def continuation(self, preset: Preset, chunks, prefix: int, progress=None) -> tuple:
         """(perplexity over the continuation targets, bytes per prefix token)."""
-        self.model.set_attn_implementation(self.attn.name)
         nll, n, bpt = 0.0, 0, []
-        for i, ids in enumerate(chunks):
-            cache, b = self.prefill(preset, ids[:, :prefix])
-            bpt.append(b)
-            logits = self.step(ids[:, prefix:], cache, prefix)[0, :-1].float()
-            nll += F.cross_entropy(logits, ids[0, prefix + 1:], reduction="sum").item()
-            n += ids.shape[1] - prefix - 1
-            if progress:
-                progress(i + 1)
+        with self.attention(preset):
+            for i, ids in enumerate(chunks):
+                cache, b = self.prefill(preset, ids[:, :prefix])
+                bpt.append(b)
+                logits = self.step(ids[:, prefix:], cache, prefix)[0, :-1].float()
+                nll += F.cross_entropy(logits, ids[0, prefix + 1:], reduction="sum").item()
+                n += ids.shape[1] - prefix - 1
+                if progress:
+                    progress(i + 1)
         return math.exp(nll / n), sum(bpt) / len(bpt)
 
     @torch.no_grad()
@@ -252,19 +292,32 @@ class Harness:
     def passkey(self, preset: Preset, prompts, tok, progress=None) -> float:
         """Fraction of prompts ``(ids, key)`` whose greedy answer (from the compressed cache, decoded by ``tok``)
         starts with the key."""
-        self.model.set_attn_implementation(self.attn.name)
         hits = 0
-        for i, (ids, key) in enumerate(prompts):
-            cache, _ = self.prefill(preset, ids[:, :-1])
-            nxt, pos, out = ids[:, -1:], ids.shape[1] - 1, []
-            for _ in range(6):
-                nxt = self.step(nxt, cache, pos)[:, -1].argmax(-1, keepdim=True)
-                pos += 1
-                out.append(nxt.item())
-            hits += tok.decode(out).strip().startswith(key)
-            if progress:
-                progress(i + 1)
+        with self.attention(preset):
+            for i, (ids, key) in enumerate(prompts):
+                cache, _ = self.prefill(preset, ids[:, :-1])
+                nxt, pos, out = ids[:, -1:], ids.shape[1] - 1, []
+                for _ in range(6):
+                    nxt = self.step(nxt, cache, pos)[:, -1].argmax(-1, keepdim=True)
+                    pos += 1
+                    out.append(nxt.item())
+                hits += tok.decode(out).strip().startswith(key)
+                if progress:
+                    progress(i + 1)
         return hits / len(prompts)
+
+
+def hf_bytes(cache) -> int:
+    """Bytes an ``NQCache`` holds, with uncompressed K/V counted at 2 bytes per element (the fp16 a server stores;
+    the harness may run the model in fp32): pages, scales, means, fp16 sinks/window, block tables, kept layers."""
+    from integrations.hf import CompressedLayer
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, CompressedLayer):
+            total += layer.hot.nbytes() + sum(2 * t.numel() for t in (layer.kept_k, layer.kept_v) if t is not None)
+        else:
+            total += 2 * (layer.keys.numel() + layer.values.numel())
+    return total
 
 
 def _press(preset: Preset):

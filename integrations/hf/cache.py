@@ -192,7 +192,7 @@ class CompressedLayer(CacheLayerMixin):
         need, widest = self.hot.pages_needed([T] * B)
         if need or widest > self.hot.block_table.shape[1]:
             pool = self.hot.k_codes.shape[0]
-            self.hot.grow(max(need, pool // 8, B), widest + max(1, widest // 8))
+            self.hot.grow(max(need, pool // 64, B), widest + max(1, widest // 8))  # small steps: little slack
         positions = self.cache.positions(B, T, self.seen, k.device) if self.plan.codec.rope is not None else None
         self.hot.append(k[:, :, comp], v[:, :, comp], positions=positions)
         if keep:

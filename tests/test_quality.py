@@ -22,8 +22,11 @@ def test_parse_presets():
     assert parse_preset("evict25-window-layer").scorer == "window-layer"
     assert parse_preset("kvpress-tova-50").press == "tova"
     assert parse_preset("balanced").bits == (3, 2)
+    assert parse_preset("hf-balanced+boundary1-k4v4") == Preset("hf-balanced+boundary1-k4v4", hf="balanced", options={
+        "boundary_layers": 1, "boundary_bits": (4, 4)})
     for bad, match in (("k5v2", "unknown preset"), ("evict50-foo", "unknown scorer"),
-                       ("kvpress-bar-50", "kvpress press"), ("q8", "unknown preset")):
+                       ("kvpress-bar-50", "kvpress press"), ("q8", "unknown preset"), ("hf-huge", "unknown preset"),
+                       ("hf-balanced+foo", "unknown policy variant")):
         with pytest.raises(ValueError, match=match):
             parse_preset(bad)
 
@@ -50,6 +53,19 @@ def test_noop_control_and_presets_on_a_tiny_model(tiny):
     # bytes are the allocated tensors': K3V2 codes+scales (24+2 and 16+2 bytes at head_dim 64) plus buffers
     _, bpt = h.continuation(parse_preset("k3v2"), chunks, 128)
     assert bpt >= 2 * 2 * (26 + 18)
+
+
+def test_hf_presets_run_through_the_integration(tiny):
+    model, chunks = tiny
+    h = Harness(model, sinks=2, recent=8, window=8, pool=5, page_size=16)
+    plain_impl = model.config._attn_implementation
+    plain = h.plain_ppl(chunks, 128)
+    for name in ("hf-k4v4", "hf-k4v4+keep-head0", "hf-balanced-evict50", "hf-balanced+graduated"):
+        ppl, bpt = h.continuation(parse_preset(name), chunks, 128)
+        assert ppl > 1.0 and bpt > 0, name
+        if name.startswith("hf-k4v4"):  # the prompt fits the fp16 sinks + window; 64 tokens are quantized later
+            assert abs(ppl - plain) < 2e-3 * plain, name
+    assert model.config._attn_implementation == plain_impl and getattr(model, "_nq_patch", None) is None
 
 
 def test_passkey_prompts_and_retrieval_runs(tiny):

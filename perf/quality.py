@@ -50,6 +50,7 @@ NAMED = {"near-lossless": "k4v4", "balanced": "k3v2", "compact": "k2v2", "balanc
 HF_VARIANTS = {"boundary1-fp16": {"boundary_layers": 1},
                "boundary1-k4v4": {"boundary_layers": 1, "boundary_bits": (4, 4)}, "graduated": {"layer_bits": "graduated"}, "keep-head0": {"keep_heads": (0,)},
                "keep-layer0": {"keep_layers": (0,)}}
+HF_STEP = 16  # continuation tokens per forward through an NQCache (at most its fp16 window minus a margin)
 SCORERS = ("window", "window-max", "window-layer", "knorm", "random")
 PRESSES = {"snapkv": "SnapKVPress", "expected": "ExpectedAttentionPress", "knorm": "KnormPress",
            "streaming": "StreamingLLMPress", "tova": "TOVAPress", "random": "RandomPress"}
@@ -256,6 +257,15 @@ class Harness:
         with compress(self.model, preset.hf, **self.hf_options(preset)):
             yield
 
+    def continue_(self, preset: Preset, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
+        """Logits of the continuation ``ids``. Through an NQCache it is fed ``HF_STEP`` tokens at a time, as decoding
+        would see it: a forward appends its tokens before attending, so one 512-token forward would quantize most
+        of the chunk's own recent tokens, which decoding keeps in the fp16 window."""
+        if preset.hf is None:
+            return self.step(ids, cache, start)
+        return torch.cat([self.step(ids[:, i:i + HF_STEP], cache, start + i) for i in range(0, ids.shape[1], HF_STEP)],
+                         dim=1)
+
     def step(self, ids: torch.Tensor, cache, start: int):
         """Feed ``ids`` through ``cache`` at true positions start.. ; returns logits."""
         pos = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
@@ -270,7 +280,7 @@ class Harness:
             for i, ids in enumerate(chunks):
                 cache, b = self.prefill(preset, ids[:, :prefix])
                 bpt.append(b)
-                logits = self.step(ids[:, prefix:], cache, prefix)[0, :-1].float()
+                logits = self.continue_(preset, ids[:, prefix:], cache, prefix)[0, :-1].float()
                 nll += F.cross_entropy(logits, ids[0, prefix + 1:], reduction="sum").item()
                 n += ids.shape[1] - prefix - 1
                 if progress:

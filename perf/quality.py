@@ -41,11 +41,13 @@ import torch.nn.functional as F
 
 from nqkernels import (KVCodec, PagedKVCache, key_norm_scores, layer_budgets, random_scores, score_tokens,
                        select_tokens)
+from integrations.hf import PRESETS as HF_PRESETS
 from integrations.hf import NQCache
 from perf.continuation import load_chunks
 
-NAMED = {"near-lossless": "k4v4", "balanced": "k3v2", "compact": "k2v2", "balanced-evict50": "k3v2-evict50",
-         "compact-evict75": "k2v2-evict75"}
+# The named presets of integrations.hf, spelled in the harness's grammar (one definition of what they are).
+NAMED = {name: f"k{p.key_bits}v{p.value_bits}" + (f"-evict{round(100 * p.evict)}" if p.evict else "")
+         for name, p in HF_PRESETS.items()}
 # Per-layer policies of integrations.hf presets (``hf-<preset>+<variant>``); "graduated" is filled per model.
 HF_VARIANTS = {"boundary1-fp16": {"boundary_layers": 1},
                "boundary1-k4v4": {"boundary_layers": 1, "boundary_bits": (4, 4)}, "graduated": {"layer_bits": "graduated"}, "keep-head0": {"keep_heads": (0,)},
@@ -218,7 +220,7 @@ class Harness:
         if preset.hf is not None:
             cache = NQCache(self.model, preset.hf, **self.hf_options(preset))
             self.model(ids, past_key_values=cache, use_cache=True)
-            return cache, hf_bytes(cache) / ids.shape[1]
+            return cache, cache.nbytes(fp_element_bytes=2) / ids.shape[1]  # fp16 a server holds
         cache = DynamicCache()
         self.attn.capture = {} if (preset.evict and preset.press is None) else None
         try:
@@ -315,19 +317,6 @@ class Harness:
                 if progress:
                     progress(i + 1)
         return hits / len(prompts)
-
-
-def hf_bytes(cache) -> int:
-    """Bytes an ``NQCache`` holds, with uncompressed K/V counted at 2 bytes per element (the fp16 a server stores;
-    the harness may run the model in fp32): pages, scales, means, fp16 sinks/window, block tables, kept layers."""
-    from integrations.hf import CompressedLayer
-    total = 0
-    for layer in cache.layers:
-        if isinstance(layer, CompressedLayer):
-            total += layer.hot.nbytes() + sum(2 * t.numel() for t in (layer.kept_k, layer.kept_v) if t is not None)
-        else:
-            total += 2 * (layer.keys.numel() + layer.values.numel())
-    return total
 
 
 def _press(preset: Preset):

@@ -271,8 +271,10 @@ def test_errors():
     patch(model, "k3v2")
     with pytest.raises(RuntimeError, match="already patched"):
         patch(model, "k3v2")
-    with pytest.raises(NotImplementedError, match="beam search"):
+    with pytest.raises(ValueError, match="beam search"):
         model.generate(prompt(40), max_new_tokens=3, num_beams=2, do_sample=False)
+    with pytest.raises(ValueError, match="does not reorder"):
+        NQCache(model).layers[0].reorder_cache(torch.tensor([0]))
     unpatch(model)
     with pytest.raises(RuntimeError, match="not patched"):
         unpatch(model)

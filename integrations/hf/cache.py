@@ -107,8 +107,11 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = self.values = self.hot = self.queries = self.kept_k = self.kept_v = None
         self.kept_lens, self.seen, self.is_initialized = [], 0, False
 
-    def reorder_cache(self, beam_idx):
-        raise NotImplementedError("beam search is not supported on the compressed cache (its pages are per slot)")
+    def reorder_cache(self, *args):
+        # Beams would share and fork pages (reference counts, copy-on-write); generate refuses beam search before
+        # it starts (patch.py), this guards direct calls.
+        raise ValueError("the compressed cache does not reorder or repeat its sequences (beam search, contrastive "
+                         "search): each sequence owns its pages")
 
     batch_repeat_interleave = batch_select_indices = reorder_cache
 
@@ -210,11 +213,12 @@ class CompressedLayer(CacheLayerMixin):
             self.kept_v[b, :, n:n + T] = v[b].transpose(0, 1)
         self.kept_lens = [n + T for n in self.kept_lens]
 
-    def nbytes(self) -> int:
-        """Bytes held: the pages and fp buffers once compressed, else the dense K/V."""
-        if self.hot is None:
-            return sum(t.nbytes for t in (self.keys, self.values) if t is not None)
-        return self.hot.nbytes() + sum(t.nbytes for t in (self.kept_k, self.kept_v) if t is not None)
+    def nbytes(self, fp_element_bytes: Optional[int] = None) -> int:
+        """Bytes held: the pages and fp buffers once compressed, else the dense K/V (uncompressed K/V counted at
+        ``fp_element_bytes`` per element when given)."""
+        dense = (self.keys, self.values) if self.hot is None else (self.kept_k, self.kept_v)
+        size = sum(t.numel() * (fp_element_bytes or t.element_size()) for t in dense if t is not None)
+        return size + (0 if self.hot is None else self.hot.nbytes())
 
 
 class NQCache(Cache):
@@ -260,15 +264,16 @@ class NQCache(Cache):
         """Whether the prompt has been compressed (after the first forward)."""
         return any(isinstance(l, CompressedLayer) and l.hot is not None for l in self.layers)
 
-    def nbytes(self) -> int:
+    def nbytes(self, fp_element_bytes: Optional[int] = None) -> int:
         """Bytes the cache's tensors hold, all layers, all metadata (pages, scales, means, positions, fp16 sinks and
-        window, block tables; uncompressed layers' K/V)."""
+        window, block tables; uncompressed layers' K/V). ``fp_element_bytes``: count uncompressed K/V at that many
+        bytes per element (2: what an fp16 deployment holds, for a model run in fp32)."""
         total = 0
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):
-                total += layer.nbytes()
+                total += layer.nbytes(fp_element_bytes)
             elif getattr(layer, "keys", None) is not None:
-                total += layer.keys.nbytes + layer.values.nbytes
+                total += sum(t.numel() * (fp_element_bytes or t.element_size()) for t in (layer.keys, layer.values))
         return total
 
     def observe(self, attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]) -> None:

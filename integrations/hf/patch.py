@@ -93,6 +93,9 @@ def patch(model, preset="balanced", **options) -> Patched:
     prepare = model._prepare_cache_for_generation
 
     def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
+        if getattr(generation_config, "num_beams", 1) > 1:
+            raise ValueError("beam search (num_beams > 1) is not supported on the compressed cache: its sequences "
+                             "own their pages; use greedy, sampling or assisted decoding, or unpatch(model)")
         prepare(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
         if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):

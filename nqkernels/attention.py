@@ -250,8 +250,11 @@ def _rotate_block(u, pv_ptr, FIRST: tl.constexpr, ROWS: tl.constexpr, c0, RC: tl
 def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, pv_ptr, vmean_ptr, o_ptr, H, n_mblk, n_splits, svmb, svmh,
                         soh_b, soh_t, soh_h, Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                         DP: tl.constexpr, VBITS: tl.constexpr, NG: tl.constexpr, KCV: tl.constexpr,
-                        CENTER_V: tl.constexpr, INV_SQRT_N: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr):
+                        CENTER_V: tl.constexpr, INV_SQRT_N: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr,
+                        SPLITS: tl.constexpr):
     # Combine the splits of one (batch, KV head, row block) with weights 2^(m_s - max), then rotate back once.
+    # The split loops are unrolled SPLITS times: those partials' loads are independent and issued together, so a
+    # reduce over many splits costs a few memory latencies, not one per split.
     pid = tl.program_id(0)
     bh, mb = pid // n_mblk, pid % n_mblk
     b, h = bh // H, bh % H
@@ -261,21 +264,27 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, pv_ptr, vmean_ptr, o_ptr, H, n_mb
     kd = tl.arange(0, DP)
     base = pid * (n_splits + 1)
     m_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for s in range(n_splits + 1):
-        m_max = tl.maximum(m_max, tl.load(m_ptr + (base + s) * BLOCK_M + rows))
+    for s0 in range(0, n_splits + 1, SPLITS):
+        for j in tl.static_range(SPLITS):
+            m_max = tl.maximum(m_max, tl.load(m_ptr + (base + s0 + j) * BLOCK_M + rows,
+                                              mask=(s0 + j) * BLOCK_M + rows < (n_splits + 1) * BLOCK_M,
+                                              other=float("-inf")))
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     l_comp = tl.zeros((BLOCK_M,), tl.float32)
     u_c = tl.zeros((BLOCK_M, NG), tl.float32)
     u_lo = tl.zeros((BLOCK_M, DP), tl.float32)
     u_hi = tl.zeros((BLOCK_M, DP), tl.float32)
-    for s in range(n_splits):
-        prow = (base + s) * BLOCK_M + rows
-        w = tl.exp2(tl.load(m_ptr + prow) - m_safe)
-        l_comp += w * tl.load(l_ptr + prow)
-        u_c += w[:, None] * tl.load(acc_ptr + prow[:, None] * KCV + kc[None, :])
-        u_lo += w[:, None] * tl.load(acc_ptr + prow[:, None] * KCV + NG + kd[None, :])
-        if VBITS > 2:
-            u_hi += w[:, None] * tl.load(acc_ptr + prow[:, None] * KCV + NG + DP + kd[None, :])
+    for s0 in range(0, n_splits, SPLITS):
+        for j in tl.static_range(SPLITS):
+            valid = (s0 + j) * BLOCK_M + rows < n_splits * BLOCK_M  # rows of splits s0 + j < n_splits
+            prow = (base + s0 + j) * BLOCK_M + rows
+            w = tl.exp2(tl.load(m_ptr + prow, mask=valid, other=float("-inf")) - m_safe)  # 0 past the last split
+            l_comp += w * tl.load(l_ptr + prow, mask=valid, other=0.0)
+            part = acc_ptr + prow[:, None] * KCV
+            u_c += w[:, None] * tl.load(part + kc[None, :], mask=valid[:, None], other=0.0)
+            u_lo += w[:, None] * tl.load(part + NG + kd[None, :], mask=valid[:, None], other=0.0)
+            if VBITS > 2:
+                u_hi += w[:, None] * tl.load(part + NG + DP + kd[None, :], mask=valid[:, None], other=0.0)
     fp_row = (base + n_splits) * BLOCK_M + rows
     w_fp = tl.exp2(tl.load(m_ptr + fp_row) - m_safe)
     l_sum = l_comp + w_fp * tl.load(l_ptr + fp_row)
@@ -298,6 +307,9 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, pv_ptr, vmean_ptr, o_ptr, H, n_mb
                                                            mask=c0 + c < D, other=0.0)[None, :]
         tl.store(o_row + (c0 + c)[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=(qi < Q_LEN)[:, None] & (c0 + c < D)[None, :])
+
+
+_REDUCE_SPLITS = 4  # the reduce's unrolling: partials whose loads are in flight together
 
 
 def _dot_dtype(q: torch.Tensor):
@@ -415,9 +427,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     cfg = _config("attention", f"d{D}_k{codec.key_bits}v{codec.value_bits}", q.device)
     P = codec.page_size
     max_pages = triton.cdiv(max(cache.compressed_lens()[:B]), P)
-    if num_splits is None:
+    if num_splits is None:  # fill the GPU, but give each split a few pages (its prologue and partial cost a page)
         want = triton.cdiv(_max_programs(q.device, cfg["programs_per_sm"]), B * H * n_mblk)
-        num_splits = min(max_pages, max(1, want))
+        num_splits = min(triton.cdiv(max_pages, cfg["min_pages_per_split"]), max(1, want))
     num_splits = min(int(num_splits), max_pages)
     pages_per_split = triton.cdiv(max_pages, num_splits) if num_splits else 0
     num_splits = triton.cdiv(max_pages, pages_per_split) if num_splits else 0
@@ -453,7 +465,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         m_part, l_part, acc_part, pv, cache.v_mean, out, H, n_mblk, num_splits, *cache.v_mean.stride()[:2],
         *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP, VBITS=codec.value_bits, NG=NG,
         KCV=acc_part.shape[-1], CENTER_V=codec.center_values, INV_SQRT_N=inv_sqrt_n, BLOCK_M=block_m,
-        RC=min(DP, 128), num_warps=4)
+        RC=min(DP, 128), SPLITS=_REDUCE_SPLITS, num_warps=4)
     return out
 
 

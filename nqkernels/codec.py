@@ -189,7 +189,8 @@ _TUNE_OVERRIDE: Optional[dict] = None  # set by tuning scripts to force a launch
 # (the next page is prefetched by hand) and 8 programs per SM (short splits balance the SMs; H100, K3V2).
 _DEFAULTS = {"encode": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2},
              "decode": {"BLOCK_T": 32, "num_warps": 4},
-             "attention": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8}}
+             "attention": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8,
+                           "min_pages_per_split": 4}}
 
 
 def _config(kernel: str, bucket: str, device) -> dict:

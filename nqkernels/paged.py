@@ -25,8 +25,10 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
+import triton
+import triton.language as tl
 
-from .codec import EncodedKV, decode_kv, encode_kv
+from .codec import EncodedKV, _use_triton, decode_kv, encode_kv
 from .config import KVCodec
 
 
@@ -259,8 +261,14 @@ class PagedKVCache:
         B = k.shape[0]
         at = self.lengths[2, :B].long()[:, None] + torch.arange(T, device=self.device)[None]
         rows = torch.arange(B, device=self.device)[:, None].expand(B, T)
-        self.fp_k[rows, :, at] = _zero_nonfinite(k.to(self.dtype))
-        self.fp_v[rows, :, at] = _zero_nonfinite(v.to(self.dtype))
+        if _use_triton(k):  # one launch instead of ~10 small ones: a decode step runs this once per layer
+            D = self.codec.head_dim
+            _window_write_kernel[(B * T, self.num_kv_heads)](
+                k, v, self.fp_k, self.fp_v, self.lengths, self.max_batch, T, *k.stride()[:3], *v.stride()[:3],
+                *self.fp_k.stride()[:3], D=D, DP=triton.next_power_of_2(D), num_warps=1)
+        else:
+            self.fp_k[rows, :, at] = _zero_nonfinite(k.to(self.dtype))
+            self.fp_v[rows, :, at] = _zero_nonfinite(v.to(self.dtype))
         if self.positions is not None:
             if pos is None:
                 nxt = torch.tensor(self._next[:B], device=self.device, dtype=torch.int32)
@@ -518,6 +526,30 @@ class PagedKVCache:
         positions = self._stream(self.positions, b) if self.positions is not None and kind == "key" else None
         enc = EncodedKV(self._stream(codes, b)[:, None], self._stream(scales, b)[:, None], mean)
         return decode_kv(enc, self.codec, kind, positions=positions, dtype=torch.float32)[:, 0].transpose(0, 1)
+
+@triton.jit
+def _finite_row(src, out, dst, d, dmask):
+    # One row cast to the cache dtype, stored as zeros if any element is NaN/Inf after the cast.
+    x = tl.load(src + d, mask=dmask, other=0.0).to(out.dtype.element_ty)
+    y = x.to(tl.float32)
+    finite = tl.min(((y - y) == 0.0).to(tl.int32), axis=0)  # inf - inf and NaN - NaN are NaN
+    tl.store(out + dst, tl.where(finite == 1, x, 0.0).to(out.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _window_write_kernel(k_ptr, v_ptr, fpk_ptr, fpv_ptr, lens_ptr, max_batch, T, skb, skt, skh, svb, svt, svh,
+                         sfb, sfh, sft, D: tl.constexpr, DP: tl.constexpr):
+    # One (sequence b, new token t, KV head h) per program: its key and value rows go to the end of b's window,
+    # fp[b, h, n_fp[b] + t] (n_fp: lengths[2]); a row holding NaN/Inf cannot corrupt other tokens.
+    pid, h = tl.program_id(0), tl.program_id(1)
+    b, t = pid // T, pid % T
+    d = tl.arange(0, DP)
+    dmask = d < D
+    at = tl.load(lens_ptr + 2 * max_batch + b) + t
+    dst = b.to(tl.int64) * sfb + h * sfh + at.to(tl.int64) * sft + d
+    _finite_row(k_ptr + b.to(tl.int64) * skb + t * skt + h * skh, fpk_ptr, dst, d, dmask)
+    _finite_row(v_ptr + b.to(tl.int64) * svb + t * svt + h * svh, fpv_ptr, dst, d, dmask)
+
 
 def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
     bad = ~torch.isfinite(x).all(dim=-1, keepdim=True)

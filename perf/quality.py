@@ -20,8 +20,14 @@ scorer variants ``evictNN-<scorer>`` with scorer in window (default), window-max
 knorm, streaming, tova, random (needs ``pip install --no-deps kvpress``; see perf/results/quality_fixture.md);
 ``hf-<preset>[+<variant>]``: an ``integrations.hf`` preset through the real ``NQCache`` and patched model (the path
 users run; fp16 sinks and recent window), variants the per-layer policies of ``HF_VARIANTS``.
+Peers: ``nexusquant-kXvY`` (the prior art, ``nexusquant-kv``'s quant_only mode: it writes the dequantized fp16 back
+into the DynamicCache; ``pip install --no-deps nexusquant-kv``), ``quanto-intN`` (N in 2, 4) and ``hqq-intN`` (N in
+2, 3, 4): transformers' ``QuantizedCache`` with its defaults (groups of 64, a 128-token fp16 residual;
+``pip install optimum-quanto`` / ``pip install hqq``). Integration presets and QuantizedCache peers are fed the
+continuation ``HF_STEP`` tokens per forward, as decoding feeds them.
 Bytes per token are measured from the cache tensors (codes, scales, means, positions, fp16 sinks/window buffers,
-block tables), over all layers, per prefix token; kept fp K/V count 2 bytes per element (the fp16 a server stores).
+block tables; a peer's quantized tensors, scales and zero points), over all layers, per prefix token; floating-point
+tensors count 2 bytes per element (the fp16 a server stores), integer tensors their real size.
 """
 from __future__ import annotations
 
@@ -56,6 +62,7 @@ HF_STEP = 16  # continuation tokens per forward through an NQCache (at most its 
 SCORERS = ("window", "window-max", "window-layer", "knorm", "random")
 PRESSES = {"snapkv": "SnapKVPress", "expected": "ExpectedAttentionPress", "knorm": "KnormPress",
            "streaming": "StreamingLLMPress", "tova": "TOVAPress", "random": "RandomPress"}
+QUANTIZED_CACHE_BITS = {"quanto": (2, 4), "hqq": (2, 3, 4)}  # transformers' QuantizedCache backends
 NEEDLE, QUESTION = " The pass key is {key}. Remember it. ", " What is the pass key? The pass key is"
 
 
@@ -70,10 +77,16 @@ class Preset:
     press: Optional[str] = None
     options: dict = field(default_factory=dict)
     hf: Optional[str] = None  # an integrations.hf preset run through NQCache; options: its per-layer policy
+    peer: Optional[str] = None  # a peer's cache: "nexusquant", "quanto" or "hqq" (bits: its key/value bits)
 
     @property
     def noop(self) -> bool:
-        return self.bits is None and self.evict == 0.0 and self.press is None and self.hf is None
+        return self.bits is None and self.evict == 0.0 and self.press is None and self.hf is None and self.peer is None
+
+    @property
+    def streams(self) -> bool:
+        """Whether the cache quantizes what a forward appends (fed ``HF_STEP`` tokens per forward, as decoding)."""
+        return self.hf is not None or self.peer in QUANTIZED_CACHE_BITS
 
 
 def parse_preset(name: str) -> Preset:
@@ -89,6 +102,15 @@ def parse_preset(name: str) -> Preset:
         if m.group(2) and m.group(2) not in HF_VARIANTS:
             raise ValueError(f"unknown policy variant {m.group(2)!r}; allowed: {tuple(HF_VARIANTS)}")
         return Preset(name, hf=m.group(1), options=dict(HF_VARIANTS.get(m.group(2), {})))
+    m = re.fullmatch(r"nexusquant-k([2-4])v([2-4])", spelled)
+    if m:
+        return Preset(name, bits=(int(m.group(1)), int(m.group(2))), peer="nexusquant")
+    m = re.fullmatch(r"(quanto|hqq)-int(\d)", spelled)
+    if m:
+        if int(m.group(2)) not in QUANTIZED_CACHE_BITS[m.group(1)]:
+            raise ValueError(f"{m.group(1)} QuantizedCache bits must be one of {QUANTIZED_CACHE_BITS[m.group(1)]}, "
+                             f"got {m.group(2)} in {name!r}")
+        return Preset(name, bits=(int(m.group(2)),) * 2, peer=m.group(1))
     m = re.fullmatch(r"kvpress-([a-z]+)-(\d{1,2})", spelled)
     if m:
         if m.group(1) not in PRESSES:
@@ -98,7 +120,8 @@ def parse_preset(name: str) -> Preset:
     if not m or not (m.group(1) or m.group(3)):
         raise ValueError(f"unknown preset {name!r}; allowed: fp16, kXvY (X, Y in 2..4), evictNN, kXvY-evictNN, "
                          f"evictNN-<scorer> ({', '.join(SCORERS)}), ...-pyramid, kvpress-<press>-NN "
-                         f"({', '.join(PRESSES)}), or one of {tuple(NAMED)}")
+                         f"({', '.join(PRESSES)}), nexusquant-kXvY, quanto-intN, hqq-intN, hf-<preset>[+<variant>], "
+                         f"or one of {tuple(NAMED)}")
     p = Preset(name, bits=(int(m.group(1)), int(m.group(2))) if m.group(1) else None,
                evict=int(m.group(3)) / 100 if m.group(3) else 0.0)
     rest = (m.group(4) or "").lstrip("-")
@@ -160,6 +183,7 @@ class Harness:
         self.attn = _EvalAttention(window)
         _register(self.attn)
         self.plain_impl = model.config._attn_implementation
+        self.decode_bytes = None  # while a continuation runs: bytes held per cached token after each forward
 
     @property
     def fp16_bytes_per_token(self) -> int:
@@ -221,6 +245,8 @@ class Harness:
             cache = NQCache(self.model, preset.hf, **self.hf_options(preset))
             self.model(ids, past_key_values=cache, use_cache=True)
             return cache, cache.nbytes(fp_element_bytes=2) / ids.shape[1]  # fp16 a server holds
+        if preset.peer is not None:
+            return self.prefill_peer(preset, ids)
         cache = DynamicCache()
         self.attn.capture = {} if (preset.evict and preset.press is None) else None
         try:
@@ -239,6 +265,24 @@ class Harness:
         cache, nbytes = self.compress(preset, cache, queries)
         return cache, nbytes / ids.shape[1]
 
+    def prefill_peer(self, preset: Preset, ids: torch.Tensor):
+        """Prefill through a peer's cache. Returns (cache, bytes held per prefix token)."""
+        from transformers import DynamicCache, QuantizedCache
+
+        if preset.peer == "nexusquant":
+            nexusquant = _import_peer("nexusquant", "pip install --no-deps nexusquant-kv")
+            cache = DynamicCache()
+            self.model(ids, past_key_values=cache, use_cache=True)
+            nexusquant.compress_kv_cache(cache, mode="quant_only", head_dim=self.head_dim, key_bits=preset.bits[0],
+                                         value_bits=preset.bits[1], rope_base=self.rope.theta,
+                                         model_config=self.model.config)
+            return cache, held_bytes([(layer.keys, layer.values) for layer in cache.layers]) / ids.shape[1]
+        _import_peer("optimum.quanto" if preset.peer == "quanto" else "hqq",
+                     "pip install optimum-quanto" if preset.peer == "quanto" else "pip install hqq")
+        cache = QuantizedCache(backend=preset.peer, config=self.model.config, nbits=preset.bits[0])
+        self.model(ids, past_key_values=cache, use_cache=True)
+        return cache, self.held(preset, cache) / ids.shape[1]
+
     def hf_options(self, preset: Preset) -> dict:
         opts = dict(preset.options)
         if opts.get("layer_bits") == "graduated":
@@ -250,6 +294,10 @@ class Harness:
     def attention(self, preset: Preset):
         """The attention a preset's cache is read with: the patched model (integrations.hf presets) or the harness's
         own attention over a DynamicCache."""
+        if preset.peer is not None:
+            self.model.set_attn_implementation(self.plain_impl)
+            yield
+            return
         if preset.hf is None:
             self.model.set_attn_implementation(self.attn.name)
             yield
@@ -260,13 +308,25 @@ class Harness:
             yield
 
     def continue_(self, preset: Preset, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
-        """Logits of the continuation ``ids``. Through an NQCache it is fed ``HF_STEP`` tokens at a time, as decoding
-        would see it: a forward appends its tokens before attending, so one 512-token forward would quantize most
-        of the chunk's own recent tokens, which decoding keeps in the fp16 window."""
-        if preset.hf is None:
+        """Logits of the continuation ``ids``. A cache that quantizes what a forward appends (an NQCache, a
+        QuantizedCache) is fed ``HF_STEP`` tokens at a time, as decoding would feed it: one 512-token forward would
+        quantize (NQCache) or keep fp16 (QuantizedCache's residual) the whole chunk, unlike decoding."""
+        if not preset.streams:
             return self.step(ids, cache, start)
-        return torch.cat([self.step(ids[:, i:i + HF_STEP], cache, start + i) for i in range(0, ids.shape[1], HF_STEP)],
-                         dim=1)
+        logits = []
+        for i in range(0, ids.shape[1], HF_STEP):
+            logits.append(self.step(ids[:, i:i + HF_STEP], cache, start + i))
+            if self.decode_bytes is not None:
+                self.decode_bytes.append(self.held(preset, cache) / (start + i + logits[-1].shape[1]))
+        return torch.cat(logits, dim=1)
+
+    @staticmethod
+    def held(preset: Preset, cache) -> int:
+        """Bytes a streaming cache holds now (floating-point elements at 2 bytes)."""
+        if preset.hf is not None:
+            return cache.nbytes(fp_element_bytes=2)
+        return held_bytes([(layer._quantized_keys, layer._quantized_values, layer.keys, layer.values)
+                           for layer in cache.layers])
 
     def step(self, ids: torch.Tensor, cache, start: int):
         """Feed ``ids`` through ``cache`` at true positions start.. ; returns logits."""
@@ -276,8 +336,10 @@ class Harness:
     # -- protocol ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def continuation(self, preset: Preset, chunks, prefix: int, progress=None) -> tuple:
-        """(perplexity over the continuation targets, bytes per prefix token)."""
+        """(perplexity over the continuation targets, bytes per prefix token, mean bytes per cached token after each
+        forward of the continuation: a streaming cache's fp16 buffers fill and drain while decoding; else None)."""
         nll, n, bpt = 0.0, 0, []
+        self.decode_bytes = [] if preset.streams else None
         with self.attention(preset):
             for i, ids in enumerate(chunks):
                 cache, b = self.prefill(preset, ids[:, :prefix])
@@ -287,7 +349,9 @@ class Harness:
                 n += ids.shape[1] - prefix - 1
                 if progress:
                     progress(i + 1)
-        return math.exp(nll / n), sum(bpt) / len(bpt)
+        decode = sum(self.decode_bytes) / len(self.decode_bytes) if self.decode_bytes else None
+        self.decode_bytes = None
+        return math.exp(nll / n), sum(bpt) / len(bpt), decode
 
     @torch.no_grad()
     def plain_ppl(self, chunks, prefix: int) -> float:
@@ -317,6 +381,40 @@ class Harness:
                 if progress:
                     progress(i + 1)
         return hits / len(prompts)
+
+
+def nominal_bits(preset: Preset) -> Optional[str]:
+    """The preset's key/value bit budget ("K3V2"), None for fp16 K/V."""
+    bits = preset.bits
+    if preset.hf is not None:
+        from integrations.hf import resolve
+        policy = resolve(preset.hf)
+        bits = (policy.key_bits, policy.value_bits)
+    return None if bits is None else f"K{bits[0]}V{bits[1]}"
+
+
+def held_bytes(obj, fp_element_bytes: int = 2) -> int:
+    """Bytes of every tensor in ``obj`` (nested tuples, lists, dicts; tensor subclasses such as quanto's packed
+    tensors through their inner tensors). Floating-point tensors count ``fp_element_bytes`` per element, integer
+    tensors their real size."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+            names, _ = obj.__tensor_flatten__()
+            return sum(held_bytes(getattr(obj, n), fp_element_bytes) for n in names)
+        return obj.numel() * (fp_element_bytes if obj.is_floating_point() else obj.element_size())
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(held_bytes(o, fp_element_bytes) for o in obj)
+    return 0
+
+
+def _import_peer(module: str, install: str):
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise SystemExit(f"this peer preset needs {module}: {install} [{e}]")
 
 
 def _press(preset: Preset):
@@ -401,14 +499,15 @@ def main(argv=None) -> dict:
     plain = h.plain_ppl(chunks, args.prefix)
     rows, base = {}, None
     for p in presets:
-        ppl, bpt = h.continuation(p, chunks, args.prefix, _bar(f"{p.name} ppl", len(chunks)))
+        ppl, bpt, decode_bpt = h.continuation(p, chunks, args.prefix, _bar(f"{p.name} ppl", len(chunks)))
         acc = h.passkey(p, prompts, tok, _bar(f"{p.name} passkey", len(prompts))) if prompts else None
         if base is None:
             base = ppl
             if round(ppl, 4) != round(plain, 4):
                 raise SystemExit(f"harness broken: the no-op control gives {ppl:.4f}, the plain model {plain:.4f}")
-        rows[p.name] = {"ppl": ppl, "ppl_delta_pct": 100.0 * (ppl / base - 1.0), "passkey_acc": acc,
-                        "bytes_per_token": bpt, "compression_ratio": h.fp16_bytes_per_token / bpt}
+        rows[p.name] = {"bits": nominal_bits(p), "ppl": ppl, "ppl_delta_pct": 100.0 * (ppl / base - 1.0), "passkey_acc": acc,
+                        "bytes_per_token": bpt, "compression_ratio": h.fp16_bytes_per_token / bpt,
+                        "bytes_per_token_decoding": decode_bpt}
     result = {"model": args.model, "text": args.text, "plain_model_ppl": plain,
               "protocol": {"chunks": args.chunks, "prefix": args.prefix, "continuation": args.continuation,
                            "passkey": args.passkey, "passkey_length": args.passkey_length, "sinks": args.sinks,
@@ -421,13 +520,18 @@ def main(argv=None) -> dict:
     return result
 
 
+def _opt(x) -> str:
+    return "—" if x is None else f"{x:.0f}"
+
+
 def format_table(result: dict) -> str:
     lines = [f"plain model: PPL {result['plain_model_ppl']:.4f} (one forward per chunk)", "",
-             "| preset | PPL | ΔPPL | passkey | bytes/token | ratio vs fp16 |", "|---|---|---|---|---|---|"]
+             "| preset | bits | PPL | ΔPPL | passkey | bytes/token | ratio vs fp16 | bytes/token decoding |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in result["presets"].items():
         acc = "—" if r["passkey_acc"] is None else f"{100 * r['passkey_acc']:.1f}%"
-        lines.append(f"| {name} | {r['ppl']:.4f} | {r['ppl_delta_pct']:+.2f}% | {acc} | {r['bytes_per_token']:.0f} | "
-                     f"{r['compression_ratio']:.2f}× |")
+        lines.append(f"| {name} | {r.get('bits') or 'fp16'} | {r['ppl']:.4f} | {r['ppl_delta_pct']:+.2f}% | {acc} | {r['bytes_per_token']:.0f} | "
+                     f"{r['compression_ratio']:.2f}× | {_opt(r.get('bytes_per_token_decoding'))} |")
     return "\n".join(lines)
 
 

@@ -95,6 +95,16 @@ def test_decode_steps_splits_softcap_sliding_window():
     _check(torch.randn(2, 4, 8, 128, dtype=torch.float16), cache, window=20, softcap=5.0)
 
 
+@pytest.mark.parametrize("splits", (12, 9, 8, 5))
+def test_reduce_over_blocks_of_splits(splits):
+    # The reduce takes 4 splits per iteration: 12, 9, 8 and 5 splits (+ the window part), ragged page counts (some splits of
+    # the shorter sequence hold no tokens).
+    cache = _cache(recent=3, sinks=2, pages=32)
+    _fill(cache, [200, 77])
+    assert cache.compressed_lens() == [192, 64]
+    _check(torch.randn(2, 1, 8, 128, dtype=torch.float16), cache, num_splits=splits)
+
+
 def test_uncompressed_cache_is_plain_attention():
     # Nothing compressed yet: the kernel must equal plain attention over the appended fp16 K/V.
     cache = _cache(recent=64)
@@ -172,6 +182,28 @@ def test_window_appends_equal_one_by_one_and_grow_and_crop():
     assert a.seq_lens() == [30, 18] and a.next_positions() == [30, 18]
     with pytest.raises(ValueError, match="cannot crop"):
         a.crop(20)
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_window_write_kernel_equals_per_slot_appends(d, dtype):
+    # The batched window write (a Triton kernel) vs the per-slot path: fp32 input cast to the cache dtype, a chunk of
+    # 3 tokens, a non-contiguous input, a NaN row and a row that overflows fp16 are zeroed alone.
+    a, b = (_cache(d=d, recent=9, sinks=2, dtype=dtype, pages=8, kv_heads=3, batch=3) for _ in range(2))
+    for cache in (a, b):
+        torch.manual_seed(2)
+        _fill(cache, [21, 5, 40])
+    k = torch.randn(3, 3, 2 * d, 3)[:, :, ::2].transpose(2, 3)  # [B, T, H, D], strided
+    v = torch.randn(3, 3, 3, d)
+    k[1, 2, 0, 5], v[2, 0, 1, 3] = float("nan"), 1e6 if dtype == torch.float16 else float("inf")
+    a.append(k, v)
+    for slot in range(3):
+        b.append(k, v, lengths=[3 if i == slot else 0 for i in range(3)])
+    for x, y in zip(a.dense(), b.dense()):
+        assert torch.equal(x, y)
+    kd, vd, _ = a.dense()
+    assert kd[1, 5 + 2, 0].abs().sum() == 0 and kd[1, 5 + 2, 1].abs().sum() > 0
+    assert vd[2, 40, 1].abs().sum() == 0 and torch.isfinite(vd).all() and torch.isfinite(kd).all()
 
 
 def test_bad_inputs():

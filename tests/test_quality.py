@@ -1,13 +1,14 @@
 """perf.quality: preset parsing, the harness's no-op control (must reproduce the plain model), compressed presets on a
 tiny random Llama (kernels under the interpreter), and the fixture's evict50 row (torch reference path)."""
 import json
+import math
 import os
 
 import pytest
 import torch
 
 from perf.codec_study import FIXTURE
-from perf.quality import Harness, Preset, main, parse_preset, passkey_prompts
+from perf.quality import Harness, Preset, held_bytes, main, nominal_bits, parse_preset, passkey_prompts
 
 transformers = pytest.importorskip("transformers")
 MODEL = os.path.join(FIXTURE, "llama-tiny-hd128")
@@ -24,9 +25,16 @@ def test_parse_presets():
     assert parse_preset("balanced").bits == (3, 2)
     assert parse_preset("hf-balanced+boundary1-k4v4") == Preset("hf-balanced+boundary1-k4v4", hf="balanced", options={
         "boundary_layers": 1, "boundary_bits": (4, 4)})
+    assert parse_preset("nexusquant-k3v2") == Preset("nexusquant-k3v2", bits=(3, 2), peer="nexusquant")
+    assert parse_preset("hqq-int3") == Preset("hqq-int3", bits=(3, 3), peer="hqq")
+    assert parse_preset("quanto-int2").streams and parse_preset("hf-k3v2").streams
+    assert not parse_preset("nexusquant-k4v4").streams and not parse_preset("nexusquant-k4v4").noop
+    assert [nominal_bits(parse_preset(n)) for n in ("fp16", "balanced", "hf-near-lossless", "quanto-int4")] == [
+        None, "K3V2", "K4V4", "K4V4"]
     for bad, match in (("k5v2", "unknown preset"), ("evict50-foo", "unknown scorer"),
                        ("kvpress-bar-50", "kvpress press"), ("q8", "unknown preset"), ("hf-huge", "unknown preset"),
-                       ("hf-balanced+foo", "unknown policy variant")):
+                       ("hf-balanced+foo", "unknown policy variant"), ("quanto-int3", "must be one of \\(2, 4\\)"),
+                       ("hqq-int5", "must be one of"), ("nexusquant-k5v2", "unknown preset")):
         with pytest.raises(ValueError, match=match):
             parse_preset(bad)
 
@@ -45,13 +53,13 @@ def test_noop_control_and_presets_on_a_tiny_model(tiny):
     model, chunks = tiny
     h = Harness(model, sinks=2, recent=8, window=8, pool=5, page_size=16)
     plain = h.plain_ppl(chunks, 128)
-    noop, bpt = h.continuation(parse_preset("fp16"), chunks, 128)
+    noop, bpt, _ = h.continuation(parse_preset("fp16"), chunks, 128)
     assert round(noop, 4) == round(plain, 4) and bpt == h.fp16_bytes_per_token == 2 * 2 * 2 * 64 * 2
     for name in ("k3v2", "evict50", "k3v2-evict50", "evict50-knorm", "evict50-window-layer-pyramid"):
-        ppl, bpt = h.continuation(parse_preset(name), chunks, 128)
+        ppl, bpt, _ = h.continuation(parse_preset(name), chunks, 128)
         assert ppl > 1.0 and 0 < bpt < h.fp16_bytes_per_token, name
     # bytes are the allocated tensors': K3V2 codes+scales (24+2 and 16+2 bytes at head_dim 64) plus buffers
-    _, bpt = h.continuation(parse_preset("k3v2"), chunks, 128)
+    _, bpt, _ = h.continuation(parse_preset("k3v2"), chunks, 128)
     assert bpt >= 2 * 2 * (26 + 18)
 
 
@@ -61,11 +69,35 @@ def test_hf_presets_run_through_the_integration(tiny):
     plain_impl = model.config._attn_implementation
     plain = h.plain_ppl(chunks, 128)
     for name in ("hf-k4v4", "hf-k4v4+keep-head0", "hf-balanced-evict50", "hf-balanced+graduated"):
-        ppl, bpt = h.continuation(parse_preset(name), chunks, 128)
+        ppl, bpt, _ = h.continuation(parse_preset(name), chunks, 128)
         assert ppl > 1.0 and bpt > 0, name
         if name.startswith("hf-k4v4"):  # the prompt fits the fp16 sinks + window; 64 tokens are quantized later
             assert abs(ppl - plain) < 2e-3 * plain, name
     assert model.config._attn_implementation == plain_impl and getattr(model, "_nq_patch", None) is None
+
+
+def test_held_bytes_counts_fp_elements_at_two_bytes_and_walks_containers():
+    fp, codes = torch.randn(3, 5), torch.zeros(7, dtype=torch.uint8)
+    assert held_bytes(fp) == 30 and held_bytes(fp.double(), fp_element_bytes=4) == 60
+    assert held_bytes([(fp, codes), {"scale": fp, "shape": (3, 5)}, None]) == 30 + 7 + 30
+
+
+@pytest.mark.parametrize("name", ["quanto-int4", "hqq-int4", "hqq-int2", "nexusquant-k4v4", "nexusquant-k2v2"])
+def test_peer_presets_run_through_the_harness(tiny, name):
+    pytest.importorskip({"quanto": "optimum.quanto", "hqq": "hqq", "nexusquant": "nexusquant"}[name.split("-")[0]])
+    model, chunks = tiny
+    h = Harness(model, sinks=2, recent=8, window=8, pool=5, page_size=16)
+    plain = h.plain_ppl(chunks, 128)
+    ppl, bpt, decoding = h.continuation(parse_preset(name), chunks, 128)
+    assert math.isfinite(ppl) and ppl > 1.0
+    if name.startswith("nexusquant"):  # it writes dequantized fp16 back: nothing saved
+        assert bpt == h.fp16_bytes_per_token and decoding is None
+    else:  # packed codes plus fp16 scale and zero point per group of 64; the fp16 residual fills while decoding
+        bits = int(name[-1])
+        assert bpt == h.fp16_bytes_per_token * (bits + 0.5) / 16 and decoding > bpt
+    if name.endswith(("int4", "k4v4")):
+        assert abs(ppl / plain - 1) < 0.05, name
+    assert model.config._attn_implementation == h.plain_impl
 
 
 def test_passkey_prompts_and_retrieval_runs(tiny):

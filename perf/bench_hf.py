@@ -1,7 +1,7 @@
 """GPU benchmark of integrations.hf on a Llama-3-8B-shaped model (random bf16 weights, SDPA): cache memory and
 decode speed against transformers' DynamicCache (one script, one device call).
 
-    python -m perf.bench_hf [--quick] [--out DIR]
+    python -m perf.bench_hf [--quick] [--preset NAME ...] [--out DIR]
 
 1. memory: ``torch.cuda.memory_allocated`` held after the prompt (batch 1, 8K-128K tokens) by a DynamicCache and by
    the NQCache of each preset (the difference of memory_allocated before and after the forward, the logits of the
@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from integrations.hf import PRESETS as HF_PRESETS
 from integrations.hf import NQCache, patch, unpatch
 from perf.bench_attention import log
 from perf.bench_cold import llama8b_model
@@ -141,6 +142,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m perf.bench_hf", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="8K and 32K at batch 1, 8K at batch 16")
     ap.add_argument("--steps", type=int, default=16, help="timed decode steps per row (default 16)")
+    ap.add_argument("--preset", action="append", choices=("dynamic",) + tuple(HF_PRESETS),
+                    help=f"repeatable; default: {', '.join(PRESETS)}")
     ap.add_argument("--out", default="perf/results")
     args = ap.parse_args(argv)
     # Expandable segments: memory_allocated then counts the cache's tensors. The default allocator hands out whole
@@ -165,9 +168,11 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     name = meta["device"]
     tag = "h200" if "H200" in name else "h100" if "H100" in name else name.lower().replace(" ", "-")
+    if args.preset:
+        tag += "_" + "_".join(args.preset)
     rows = []
     for B, T in shapes:
-        for p in PRESETS:
+        for p in args.preset or PRESETS:
             rows.append(run(model, p, B, T, args.steps))
             with open(os.path.join(args.out, f"hf_{tag}.json"), "w") as f:  # after every row: a cut run keeps them
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)

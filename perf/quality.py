@@ -57,7 +57,8 @@ NAMED = {name: f"k{p.key_bits}v{p.value_bits}" + (f"-evict{round(100 * p.evict)}
 # Per-layer policies of integrations.hf presets (``hf-<preset>+<variant>``); "graduated" is filled per model.
 HF_VARIANTS = {"boundary1-fp16": {"boundary_layers": 1},
                "boundary1-k4v4": {"boundary_layers": 1, "boundary_bits": (4, 4)}, "graduated": {"layer_bits": "graduated"}, "keep-head0": {"keep_heads": (0,)},
-               "keep-layer0": {"keep_layers": (0,)}, "fp-window16": {"fp_window": 16}}
+               "keep-layer0": {"keep_layers": (0,)}, "fp-window16": {"fp_window": 16},
+               "page32": {"page_size": 32}}
 HF_STEP = 16  # continuation tokens per forward through an NQCache (at most its fp16 window minus a margin)
 SCORERS = ("window", "window-max", "window-layer", "knorm", "random")
 PRESSES = {"snapkv": "SnapKVPress", "expected": "ExpectedAttentionPress", "knorm": "KnormPress",

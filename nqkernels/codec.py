@@ -186,7 +186,8 @@ _TUNE_OVERRIDE: Optional[dict] = None  # set by tuning scripts to force a launch
 
 # Untuned defaults. Encode: 64-token tiles give one 4-warp tensor-core (wgmma) tile per step on Hopper.
 # Attention: one warpgroup (decoded 64-token pages are the A operand of 64-row tensor-core products), one stage
-# (the next page is prefetched by hand) and 8 programs per SM (short splits balance the SMs; H100, K3V2).
+# (the next page is prefetched by hand) and 8 programs per SM (short splits balance the SMs; H100, K3V2), but at
+# least 4 pages per split (a split's prologue and partial cost about a page; docs/decisions.md, v3).
 _DEFAULTS = {"encode": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2},
              "decode": {"BLOCK_T": 32, "num_warps": 4},
              "attention": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8,

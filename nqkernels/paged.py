@@ -259,14 +259,16 @@ class PagedKVCache:
     def _append_window(self, k: torch.Tensor, v: torch.Tensor, pos: Optional[torch.Tensor], last, T: int) -> None:
         # k, v [B, T, H, D] written at each slot's window end (fp_k[b, :, fp_b + t]) with one index_put each.
         B = k.shape[0]
-        at = self.lengths[2, :B].long()[:, None] + torch.arange(T, device=self.device)[None]
-        rows = torch.arange(B, device=self.device)[:, None].expand(B, T)
-        if _use_triton(k):  # one launch instead of ~10 small ones: a decode step runs this once per layer
+        kernel = _use_triton(k)
+        if kernel:  # one launch instead of ~10 small ones: a decode step runs this once per layer
             D = self.codec.head_dim
             _window_write_kernel[(B * T, self.num_kv_heads)](
                 k, v, self.fp_k, self.fp_v, self.lengths, self.max_batch, T, *k.stride()[:3], *v.stride()[:3],
                 *self.fp_k.stride()[:3], D=D, DP=triton.next_power_of_2(D), num_warps=1)
-        else:
+        if not kernel or self.positions is not None:  # window slots [B, T]: (sequence, index in its buffer)
+            rows = torch.arange(B, device=self.device)[:, None].expand(B, T)
+            at = self.lengths[2, :B].long()[:, None] + torch.arange(T, device=self.device)[None]
+        if not kernel:
             self.fp_k[rows, :, at] = _zero_nonfinite(k.to(self.dtype))
             self.fp_v[rows, :, at] = _zero_nonfinite(v.to(self.dtype))
         if self.positions is not None:
@@ -526,6 +528,7 @@ class PagedKVCache:
         positions = self._stream(self.positions, b) if self.positions is not None and kind == "key" else None
         enc = EncodedKV(self._stream(codes, b)[:, None], self._stream(scales, b)[:, None], mean)
         return decode_kv(enc, self.codec, kind, positions=positions, dtype=torch.float32)[:, 0].transpose(0, 1)
+
 
 @triton.jit
 def _finite_row(src, out, dst, d, dmask):

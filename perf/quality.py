@@ -21,9 +21,9 @@ knorm, streaming, tova, random (needs ``pip install --no-deps kvpress``; see per
 ``hf-<preset>[+<variant>]``: an ``integrations.hf`` preset through the real ``NQCache`` and patched model (the path
 users run; fp16 sinks and recent window), variants the per-layer policies of ``HF_VARIANTS``.
 Peers: ``nexusquant-kXvY`` (the prior art, ``nexusquant-kv``'s quant_only mode: it writes the dequantized fp16 back
-into the DynamicCache; ``pip install --no-deps nexusquant-kv``), ``quanto-intN`` (N in 2, 4) and ``hqq-intN`` (N in
-2, 3, 4): transformers' ``QuantizedCache`` with its defaults (groups of 64, a 128-token fp16 residual;
-``pip install optimum-quanto`` / ``pip install hqq``). Integration presets and QuantizedCache peers are fed the
+into the DynamicCache), ``quanto-intN`` (N in 2, 4) and ``hqq-intN`` (N in
+2, 3, 4): transformers' ``QuantizedCache`` with its defaults (groups of 64, a 128-token fp16 residual); the
+``peers`` extra installs all three. Integration presets and QuantizedCache peers are fed the
 continuation ``HF_STEP`` tokens per forward, as decoding feeds them.
 Bytes per token are measured from the cache tensors (codes, scales, means, positions, fp16 sinks/window buffers,
 block tables; a peer's quantized tensors, scales and zero points), over all layers, per prefix token; floating-point
@@ -56,9 +56,9 @@ NAMED = {name: f"k{p.key_bits}v{p.value_bits}" + (f"-evict{round(100 * p.evict)}
          for name, p in HF_PRESETS.items()}
 # Per-layer policies of integrations.hf presets (``hf-<preset>+<variant>``); "graduated" is filled per model.
 HF_VARIANTS = {"boundary1-fp16": {"boundary_layers": 1},
-               "boundary1-k4v4": {"boundary_layers": 1, "boundary_bits": (4, 4)}, "graduated": {"layer_bits": "graduated"}, "keep-head0": {"keep_heads": (0,)},
-               "keep-layer0": {"keep_layers": (0,)}, "fp-window16": {"fp_window": 16},
-               "page32": {"page_size": 32}}
+               "boundary1-k4v4": {"boundary_layers": 1, "boundary_bits": (4, 4)},
+               "graduated": {"layer_bits": "graduated"}, "keep-head0": {"keep_heads": (0,)},
+               "keep-layer0": {"keep_layers": (0,)}, "fp-window16": {"fp_window": 16}, "page32": {"page_size": 32}}
 HF_STEP = 16  # continuation tokens per forward through an NQCache (at most its fp16 window minus a margin)
 SCORERS = ("window", "window-max", "window-layer", "knorm", "random")
 PRESSES = {"snapkv": "SnapKVPress", "expected": "ExpectedAttentionPress", "knorm": "KnormPress",
@@ -245,7 +245,7 @@ class Harness:
         if preset.hf is not None:
             cache = NQCache(self.model, preset.hf, **self.hf_options(preset))
             self.model(ids, past_key_values=cache, use_cache=True)
-            return cache, cache.nbytes(fp_element_bytes=2) / ids.shape[1]  # fp16 a server holds
+            return cache, self.held(preset, cache) / ids.shape[1]
         if preset.peer is not None:
             return self.prefill_peer(preset, ids)
         cache = DynamicCache()
@@ -271,7 +271,7 @@ class Harness:
         from transformers import DynamicCache, QuantizedCache
 
         if preset.peer == "nexusquant":
-            nexusquant = _import_peer("nexusquant", "pip install --no-deps nexusquant-kv")
+            nexusquant = _import_peer("nexusquant", "pip install nexusquant-kv")
             cache = DynamicCache()
             self.model(ids, past_key_values=cache, use_cache=True)
             nexusquant.compress_kv_cache(cache, mode="quant_only", head_dim=self.head_dim, key_bits=preset.bits[0],
@@ -293,19 +293,15 @@ class Harness:
 
     @contextlib.contextmanager
     def attention(self, preset: Preset):
-        """The attention a preset's cache is read with: the patched model (integrations.hf presets) or the harness's
-        own attention over a DynamicCache."""
-        if preset.peer is not None:
-            self.model.set_attn_implementation(self.plain_impl)
-            yield
-            return
-        if preset.hf is None:
+        """The attention a preset's cache is read with: the patched model (integrations.hf presets), the model's own
+        (peers) or the harness's own attention over a DynamicCache."""
+        if preset.hf is None and preset.peer is None:
             self.model.set_attn_implementation(self.attn.name)
             yield
             return
         from integrations.hf import compress
         self.model.set_attn_implementation(self.plain_impl)
-        with compress(self.model, preset.hf, **self.hf_options(preset)):
+        with compress(self.model, preset.hf, **self.hf_options(preset)) if preset.hf else contextlib.nullcontext():
             yield
 
     def continue_(self, preset: Preset, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
@@ -415,7 +411,7 @@ def _import_peer(module: str, install: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise SystemExit(f"this peer preset needs {module}: {install} [{e}]")
+        raise SystemExit(f"this peer preset needs {module}: {install}, or pip install -e \".[peers]\" [{e}]")
 
 
 def _press(preset: Preset):

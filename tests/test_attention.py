@@ -186,7 +186,8 @@ def test_window_appends_equal_one_by_one_and_grow_and_crop():
 
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
-def test_window_write_kernel_equals_per_slot_appends(d, dtype):
+@pytest.mark.parametrize("src", ("float32", "cache"))
+def test_window_write_kernel_equals_per_slot_appends(d, dtype, src):
     # The batched window write (a Triton kernel) vs the per-slot path: fp32 input cast to the cache dtype, a chunk of
     # 3 tokens, a non-contiguous input, a NaN row and a row that overflows fp16 are zeroed alone.
     a, b = (_cache(d=d, recent=9, sinks=2, dtype=dtype, pages=8, kv_heads=3, batch=3) for _ in range(2))
@@ -195,7 +196,9 @@ def test_window_write_kernel_equals_per_slot_appends(d, dtype):
         _fill(cache, [21, 5, 40])
     k = torch.randn(3, 3, 2 * d, 3)[:, :, ::2].transpose(2, 3)  # [B, T, H, D], strided
     v = torch.randn(3, 3, 3, d)
-    k[1, 2, 0, 5], v[2, 0, 1, 3] = float("nan"), 1e6 if dtype == torch.float16 else float("inf")
+    k[1, 2, 0, 5], v[2, 0, 1, 3] = float("nan"), 1e6 if dtype == torch.float16 and src == "float32" else float("inf")
+    if src == "cache":  # inputs already in the cache dtype (what a model in that dtype appends)
+        k, v = k.to(dtype), v.to(dtype)
     a.append(k, v)
     for slot in range(3):
         b.append(k, v, lengths=[3 if i == slot else 0 for i in range(3)])

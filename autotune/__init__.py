@@ -1,4 +1,4 @@
-"""Per-GPU kernel configurations: JSON files keyed by GPU name, kernel and shape bucket."""
-from .store import lookup, gpu_key
+"""Per-GPU kernel configurations: JSON files keyed by GPU name, kernel and shape bucket (``python -m autotune.tune``)."""
+from .store import gpu_key, lookup, override, untuned
 
-__all__ = ["lookup", "gpu_key"]
+__all__ = ["gpu_key", "lookup", "override", "untuned"]

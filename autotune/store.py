@@ -1,19 +1,28 @@
 """Config store: ``configs/<gpu>.json`` maps kernel name -> shape bucket -> launch config.
 
-Launchers call ``lookup(kernel, bucket, default)``; a GPU or bucket without a tuned entry falls back to the
-launcher's default with a one-line notice (once per GPU and kernel). Nothing is tuned at import.
+Launchers call ``lookup(kernel, buckets, default)`` with their buckets from the most specific to the coarsest
+(``["d128_k3v2_g4_t32k_b8", "d128_k3v2"]``); the first bucket the GPU's file holds wins. A GPU or shape without a
+tuned entry falls back to the launcher's default with a one-line notice (once per GPU and kernel), never an error.
+The file's ``"_meta"`` entry (device, versions, date of the search) is not a kernel. Nothing is tuned at import;
+``python -m autotune.tune`` writes the files.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
 import warnings
 from pathlib import Path
+from typing import Iterator, Sequence, Union
 
 import torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+_overrides: dict = {}  # kernel -> config forced by the tuner (``override``)
+_untuned = [False]  # ``untuned()``: every lookup answers its default, for tuned-vs-untuned measurements
+_noticed: set = set()
 
 
 def gpu_key(device=None) -> str:
@@ -23,24 +32,58 @@ def gpu_key(device=None) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
+def config_path(key: str) -> Path:
+    return CONFIG_DIR / f"{key}.json"
+
+
 @functools.lru_cache(maxsize=None)
 def _load(key: str) -> dict:
-    path = CONFIG_DIR / f"{key}.json"
+    path = config_path(key)
     if not path.exists():
         return {}
     return json.loads(path.read_text())
 
 
-_noticed: set = set()
+def reload() -> None:
+    """Forget the files read so far (after the tuner wrote one)."""
+    _load.cache_clear()
 
 
-def lookup(kernel: str, bucket: str, default: dict, device=None) -> dict:
-    """Tuned launch config for (GPU, kernel, bucket), else ``default`` (with a one-time notice on GPUs)."""
+def lookup(kernel: str, buckets: Union[str, Sequence[str]], default: dict, device=None) -> dict:
+    """Launch config for ``kernel``: the tuner's override, else the first of ``buckets`` (most specific first)
+    this GPU's file holds, over ``default``; only ``default`` on CPU or under ``untuned()``."""
+    if kernel in _overrides:
+        return {**default, **_overrides[kernel]}
     key = gpu_key(device)
-    entry = _load(key).get(kernel, {}).get(bucket)
-    if entry is not None:
-        return dict(entry)
-    if key != "cpu" and (key, kernel) not in _noticed:
+    if _untuned[0] or key == "cpu":
+        return dict(default)
+    buckets = [buckets] if isinstance(buckets, str) else list(buckets)
+    entries = _load(key).get(kernel, {})
+    for bucket in buckets:
+        if bucket in entries:
+            return {**default, **entries[bucket]}
+    if (key, kernel) not in _noticed:
         _noticed.add((key, kernel))
-        warnings.warn(f"nqkernels: no tuned config for {kernel} on {key}; using defaults", stacklevel=3)
+        warnings.warn(f"nqkernels: no tuned {kernel} config for {key} at {buckets[0]}; using defaults "
+                      f"(python -m autotune.tune writes them)", stacklevel=3)
     return dict(default)
+
+
+@contextlib.contextmanager
+def override(kernel: str, config: dict) -> Iterator[None]:
+    """Force ``config`` (over the launcher's default) for every launch of ``kernel`` inside the block."""
+    _overrides[kernel] = dict(config)
+    try:
+        yield
+    finally:
+        del _overrides[kernel]
+
+
+@contextlib.contextmanager
+def untuned() -> Iterator[None]:
+    """Launch every kernel with its launcher's default config inside the block (no notices)."""
+    _untuned[0] = True
+    try:
+        yield
+    finally:
+        _untuned[0] = False

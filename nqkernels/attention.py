@@ -32,6 +32,27 @@ from .lattice import (SUBNORMAL_UNIT, coset_pairs, load_e8_doubled, load_words, 
                       rope_rotate, rope_rows_at)
 from .paged import PagedKVCache
 
+# Shape buckets of the config store (autotune): ranges of the longest compressed sequence and of the batch, upper
+# bounds inclusive (None: unbounded). The split count that fills the GPU, and so the best launch, depends on both.
+CONTEXT_RANGES = {"t4k": 4096, "t32k": 32768, "tmax": None}
+BATCH_RANGES = {"b1": 1, "b16": 16, "bmax": None}
+
+
+def _range(x: int, ranges: dict) -> str:
+    return next(name for name, hi in ranges.items() if hi is None or x <= hi)
+
+
+def attention_buckets(head_dim: int, key_bits: int, value_bits: int, group: int, batch: int,
+                      context: int) -> list[str]:
+    """Config-store buckets of a decode_attention launch, most specific first: ``d128_k3v2_g4_t32k_b16``
+    (head_dim, bits, GQA ratio, context range, batch range); then the same range at GQA 4, and at K3V2 GQA 4 (the
+    H100 searches at K3V2 and K4V4 chose the same grid in every range: it follows the range, not the bits); then
+    ``d128_k3v2``."""
+    base = f"d{head_dim}_k{key_bits}v{value_bits}"
+    work = f"{_range(context, CONTEXT_RANGES)}_{_range(batch, BATCH_RANGES)}"
+    chain = [f"{base}_g{group}_{work}", f"{base}_g4_{work}", f"d{head_dim}_k3v2_g4_{work}", base]
+    return list(dict.fromkeys(chain))
+
 
 @triton.jit
 def _online_softmax(s, seen, m_i, sm_scale, SOFTCAP: tl.constexpr, softcap, AXIS: tl.constexpr):
@@ -424,9 +445,10 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     rows = q_len * group
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     n_mblk = triton.cdiv(rows, block_m)
-    cfg = _config("attention", f"d{D}_k{codec.key_bits}v{codec.value_bits}", q.device)
     P = codec.page_size
-    max_pages = triton.cdiv(max(cache.compressed_lens()[:B]), P)
+    longest = max(cache.compressed_lens()[:B])
+    max_pages = triton.cdiv(longest, P)
+    cfg = _config("attention", attention_buckets(D, codec.key_bits, codec.value_bits, group, B, longest), q.device)
     if num_splits is None:  # fill the GPU, but give each split a few pages (its prologue and partial cost a page)
         want = triton.cdiv(_max_programs(q.device, cfg["programs_per_sm"]), B * H * n_mblk)
         num_splits = min(triton.cdiv(max_pages, cfg["min_pages_per_split"]), max(1, want))

@@ -181,23 +181,25 @@ def _rotation(head_dim: int, device: str) -> torch.Tensor:
     return rot.to(device)
 
 
-_TUNE_OVERRIDE: Optional[dict] = None  # set by tuning scripts to force a launch config
-
-
-# Untuned defaults. Encode: 64-token tiles give one 4-warp tensor-core (wgmma) tile per step on Hopper.
-# Attention: one warpgroup (decoded 64-token pages are the A operand of 64-row tensor-core products), one stage
-# (the next page is prefetched by hand) and 8 programs per SM (short splits balance the SMs; H100, K3V2), but at
-# least 4 pages per split (a split's prologue and partial cost about a page; docs/decisions.md, v3).
+# Untuned defaults (autotune.store.lookup answers these where a GPU's file has no entry). Encode: 64-token tiles
+# give one 4-warp tensor-core (wgmma) tile per step on Hopper. Attention: one warpgroup (decoded 64-token pages
+# are the A operand of 64-row tensor-core products), one stage (the next page is prefetched by hand) and 8
+# programs per SM (short splits balance the SMs; H100, K3V2), but at least 4 pages per split (a split's prologue
+# and partial cost about a page; docs/decisions.md, v3). Scoring: 4 programs per SM over the key splits of pass 1
+# (BLOCK_N is chosen per head_dim by the launcher). Filter/unfilter: 64-token tiles.
 _DEFAULTS = {"encode": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2},
              "decode": {"BLOCK_T": 32, "num_warps": 4},
              "attention": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8,
-                           "min_pages_per_split": 4}}
+                           "min_pages_per_split": 4},
+             "scoring": {"num_warps": 4, "programs_per_sm": 4},
+             "filter": {"BT": 64, "num_warps": 4},
+             "unfilter": {"BT": 64, "num_warps": 4}}
 
 
-def _config(kernel: str, bucket: str, device) -> dict:
-    if _TUNE_OVERRIDE is not None:
-        return {**_DEFAULTS[kernel], **_TUNE_OVERRIDE}
-    return {**_DEFAULTS[kernel], **lookup(kernel, bucket, _DEFAULTS[kernel], device)}
+def _config(kernel: str, buckets, device, **default) -> dict:
+    """Launch config of ``kernel``: the config store's entry for the first of ``buckets`` (most specific first) this
+    GPU has, over ``_DEFAULTS[kernel]`` updated with ``default``."""
+    return lookup(kernel, buckets, {**_DEFAULTS[kernel], **default}, device)
 
 
 @functools.lru_cache(maxsize=None)

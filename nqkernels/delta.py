@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
-from .codec import _use_triton
+from .codec import _config, _use_triton
 from .lattice import load_words, pack_plane, unpack_plane
 
 RAW, SHUFFLE, DELTA = 0, 1, 2
@@ -247,10 +247,10 @@ def filter_codes(codes: torch.Tensor, scales: torch.Tensor, modes: torch.Tensor,
     if not _use_triton(codes) or S * T == 0:
         return filter_reference(codes, sc16, modes, head_dim, bits, chunk)
     out = torch.empty(S, T * record_bytes(head_dim, bits), dtype=torch.uint8, device=codes.device)
-    BT = 64
-    _filter_kernel[(S, triton.cdiv(T, BT))](codes, sc16, modes, out, T, chunk, codes.stride(0), codes.stride(1),
-                                           sc16.stride(0), sc16.stride(1), **_layout(head_dim, bits), BT=BT,
-                                           num_warps=4)
+    cfg = _config("filter", f"d{head_dim}_b{bits}", codes.device)
+    _filter_kernel[(S, triton.cdiv(T, cfg["BT"]))](codes, sc16, modes, out, T, chunk, codes.stride(0),
+                                                  codes.stride(1), sc16.stride(0), sc16.stride(1),
+                                                  **_layout(head_dim, bits), BT=cfg["BT"], num_warps=cfg["num_warps"])
     return out
 
 
@@ -269,9 +269,11 @@ def unfilter_codes(data: torch.Tensor, modes: torch.Tensor, head_dim: int, bits:
     if not _use_triton(data) or S * T == 0:
         codes, scales = unfilter_reference(data, modes, head_dim, bits, chunk)
     else:
+        cfg = _config("unfilter", f"d{head_dim}_b{bits}", data.device)
         _unfilter_kernel[(S, triton.cdiv(T, chunk))](data, modes, codes, scales, T, chunk, codes.stride(0),
                                                     codes.stride(1), scales.stride(0), scales.stride(1),
-                                                    **_layout(head_dim, bits), BT=64, num_warps=4)
+                                                    **_layout(head_dim, bits), BT=cfg["BT"],
+                                                    num_warps=cfg["num_warps"])
     return codes, scales.view(scale_dtype)
 
 

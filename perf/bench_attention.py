@@ -1,18 +1,19 @@
 """GPU benchmark of decode_attention over the paged HOT cache (one script, one device call).
 
-    python -m perf.bench_attention [--quick] [--tune] [--skip-check] [--out DIR]
+    python -m perf.bench_attention [--quick] [--skip-check] [--shapes ...] [--out DIR]
 
 1. compiled kernels vs fp32 attention over the dequantized cache (||out - ref|| / ||ref||), every head_dim, both
    key modes, GQA ratios, q_len 1 and 4, fp16/bf16, softcap and sliding window;
 2. a device-to-device copy (bytes read + written), the bandwidth ceiling;
 3. decode latency (q_len 1) for Llama-3-8B-shaped layers (32 query heads, 8 KV heads, head_dim 128), plus one
    head_dim 64 and one 256 shape, contexts 1K-128K, batch 1-64, at K4V4/K3V3/K3V2/K2V2, beside torch SDPA over
-   fp16 K/V with GQA (and FlashInfer's fp16 decode when it imports) in the same run. do_bench clears L2 before
-   every call, so no run is served from cache. Achieved bandwidth counts the bytes the kernel must read: codes,
+   fp16 K/V with GQA (and FlashInfer's fp16 decode when it imports) in the same run. Latency is the GPU time of
+   one call, replayed from a CUDA graph as a served model's decode step is (autotune.tune.bench_ms: the launcher's
+   Python time is not counted), with L2 cleared before every replay, so no run is served from cache. Achieved bandwidth counts the bytes the kernel must read: codes,
    scales, the fp16 window, block table. "ours_fp16" is this kernel over an uncompressed cache (every token in the
    fp16 window), which separates the kernel's quality from the compression.
-4. ``--tune``: a search over launch configs (warps, pipeline stages, programs per SM) per (head_dim, bits) at
-   32K x 8 and 4K x 8; the winners are written to $OUT/tuned_attention.json and used for the measurements.
+
+Launch configs come from the config store (``python -m autotune.tune`` searches them).
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ import triton
 from triton.testing import do_bench
 
 from autotune.store import gpu_key
-import autotune.store as store
-import nqkernels.codec as codec_mod
+from autotune.tasks import random_cache
+from autotune.tune import bench_ms
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
 from nqkernels.attention import _reference_attention
 
@@ -39,19 +40,6 @@ SETTINGS = ((4, 4), (3, 3), (3, 2), (2, 2))
 
 def log(*a):
     print(*a, flush=True)
-
-
-def build_cache(codec, H, B, T, dev, dtype=torch.float16, recent=None, sinks=0, x=None):
-    """A cache of B sequences of T tokens (random keys/values; the same tokens in every slot, separate pages)."""
-    P = codec.page_size
-    cache = PagedKVCache(codec, H, B, num_pages=B * (T // P + 1), sink_tokens=sinks, recent_tokens=recent,
-                         dtype=dtype, device=dev)
-    k, v = x if x is not None else (torch.randn(1, T, H, codec.head_dim, device=dev, dtype=dtype) for _ in range(2))
-    for b0 in range(0, B, 8):  # append 8 slots at a time: the cache addresses slots 0..n-1, so pad with length 0
-        n = min(8, B - b0)
-        lengths = [0] * b0 + [T] * n
-        cache.append(k.expand(b0 + n, -1, -1, -1), v.expand(b0 + n, -1, -1, -1), lengths=lengths)
-    return cache, (k, v)
 
 
 def check(dev):
@@ -107,8 +95,7 @@ def bench_decode(dev, Hq, H, D, B, T, copy_gbps, quick):
     k16 = x[0].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
     v16 = x[1].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
     qs = q.transpose(1, 2)
-    ms = do_bench(lambda: F.scaled_dot_product_attention(qs, k16, v16, enable_gqa=True), warmup=25, rep=100,
-                  return_mode="median")
+    ms = bench_ms(lambda: F.scaled_dot_product_attention(qs, k16, v16, enable_gqa=True))
     fp16_bytes = 2 * k16.nbytes
     rows.append(dict(method="sdpa_fp16", head_dim=D, batch=B, context=T, us=ms * 1e3, bytes=fp16_bytes,
                      GBps=fp16_bytes / ms / 1e6))
@@ -116,62 +103,20 @@ def bench_decode(dev, Hq, H, D, B, T, copy_gbps, quick):
         rows.append(flashinfer_decode(dev, q, x, B, T, H, D))
     for kb, vb in SETTINGS if not quick else ((3, 2),):
         codec = KVCodec(head_dim=D, key_bits=kb, value_bits=vb)
-        cache, _ = build_cache(codec, H, B, T, dev, x=x)
-        ms = do_bench(lambda: decode_attention(q, cache), warmup=25, rep=100, return_mode="median")
+        cache, _ = random_cache(codec, H, B, T, dev, x=x)
+        ms = bench_ms(lambda: decode_attention(q, cache))
         nbytes = cache_bytes_read(cache, B)
         rows.append(dict(method=f"K{kb}V{vb}", head_dim=D, batch=B, context=T, us=ms * 1e3, bytes=nbytes,
                          GBps=nbytes / ms / 1e6, pct_copy=100 * nbytes / ms / 1e6 / copy_gbps))
     if not quick:  # the same kernel with every token uncompressed (fp16 window), to separate kernel from format
-        cache, _ = build_cache(KVCodec(head_dim=D), H, B, T, dev, x=x, recent=T)
-        ms = do_bench(lambda: decode_attention(q, cache), warmup=25, rep=100, return_mode="median")
+        cache, _ = random_cache(KVCodec(head_dim=D), H, B, T, dev, x=x, recent=T)
+        ms = bench_ms(lambda: decode_attention(q, cache))
         rows.append(dict(method="ours_fp16", head_dim=D, batch=B, context=T, us=ms * 1e3, bytes=fp16_bytes,
                          GBps=fp16_bytes / ms / 1e6, pct_copy=100 * fp16_bytes / ms / 1e6 / copy_gbps))
     base = rows[0]["us"]
     for r in rows:
         r["speedup_vs_sdpa"] = base / r["us"]
     return rows
-
-
-def tune(dev, quick):
-    """Search launch configs per (head_dim, bits); score = sum of latencies at 32K x 8 and 4K x 8 (q_len 1, GQA 4)."""
-    cands = [dict(BLOCK_N=64, num_warps=w, num_stages=ns, programs_per_sm=pps)
-             for w, ns, pps in ((4, 1, 2), (4, 1, 4), (4, 1, 8), (8, 1, 2), (8, 1, 4), (4, 2, 4))]
-    found = {}
-    for d in ((128,) if quick else (64, 128, 256)):
-        for kb, vb in (((3, 2),) if quick else SETTINGS):
-            codec = KVCodec(head_dim=d, key_bits=kb, value_bits=vb)
-            caches = []
-            for B, T in ((8, 32768), (8, 4096)):
-                q = torch.randn(B, 1, 32, d, device=dev, dtype=torch.float16)
-                caches.append((q, build_cache(codec, 8, B, T, dev)[0]))
-            best = None
-            for cfg in cands:
-                codec_mod._TUNE_OVERRIDE = cfg
-                try:
-                    t = sum(do_bench(lambda: decode_attention(q, c), warmup=10, rep=50, return_mode="median")
-                            for q, c in caches)
-                except Exception as e:  # noqa: BLE001 - a config that does not compile or fit just loses
-                    log(f"  d{d} K{kb}V{vb} {cfg}: failed {type(e).__name__}: {str(e)[:80]}")
-                    continue
-                log(f"  d{d} K{kb}V{vb} {cfg}: {t * 1e3:.1f} us")
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-            codec_mod._TUNE_OVERRIDE = None
-            found[f"d{d}_k{kb}v{vb}"] = best[1]
-            del caches
-    return {"attention": found}
-
-
-def use_tuned(entries, out_dir):
-    """Merge tuned entries into this device's store file (so the measurements use them) and save a copy."""
-    path = store.CONFIG_DIR / f"{store.gpu_key(torch.device('cuda'))}.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    for kernel, buckets in entries.items():
-        data.setdefault(kernel, {}).update(buckets)
-    path.write_text(json.dumps(data, indent=1) + "\n")
-    store._load.cache_clear()
-    with open(os.path.join(out_dir, "tuned_attention.json"), "w") as f:
-        json.dump(data, f, indent=1)
 
 
 def _import_flashinfer():
@@ -198,7 +143,7 @@ def flashinfer_decode(dev, q, x, B, T, H, D):
     w = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
     w.plan(indptr, indices, last, q.shape[2], H, D, page, data_type=torch.float16)
     qq = q[:, 0].contiguous()
-    ms = do_bench(lambda: w.run(qq, kv), warmup=25, rep=100, return_mode="median")
+    ms = bench_ms(lambda: w.run(qq, kv), graph=False)
     return dict(method="flashinfer_fp16", head_dim=D, batch=B, context=T, us=ms * 1e3, bytes=kv.nbytes,
                 GBps=kv.nbytes / ms / 1e6)
 
@@ -208,7 +153,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--tune", action="store_true", help="search launch configs first and measure with the winners")
     ap.add_argument("--shapes", help="only these decode shapes, 'HQxHxDxBxT,...' (e.g. 32x8x128x8x32768)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -227,9 +171,6 @@ def main():
         for r in res["check"]:
             if r["rel_err"] > 1e-2 or not r["finite"]:
                 log("  BAD", r)
-    if args.tune:
-        res["tuned"] = tune(dev, args.quick)
-        use_tuned(res["tuned"], args.out)
     res["copy_GBps"] = copy_bandwidth(dev)
     log(f"copy: {res['copy_GBps']:.0f} GB/s")
     res["decode"] = []

@@ -101,6 +101,48 @@ def zstd_throughput(dev, threads):
     return rows
 
 
+def prior_art(dev, threads, S=32, T=2048, bits=3):
+    """Delta + zstd of the prior art (nexusquant-kv ``temporal_codec``: numpy deltas of int8 E8 coordinates, one
+    zstd stream per call, level 22 as it ships and level 3) beside ours (filter kernel + zstd level 3 on ``threads``
+    threads, the COLD path of save_cache/load_cache), on the same S streams x T tokens of head_dim 128 at ``bits``;
+    token-streams (tokens x streams) per second, both ways, GPU <-> host copies included for ours."""
+    try:
+        from nexusquant.core.temporal_codec import compress_indices, decompress_indices
+    except Exception as e:  # noqa: BLE001 - report why the peer did not run
+        return [dict(error=f"nexusquant-kv not importable: {e!r}")]
+    idx = torch.randint(0, 1 << bits, (S, T, 128))
+    codes, scales = R.pack_codes(idx, bits).to(dev), torch.randn(S, T, device=dev).half()
+    modes = torch.full((S,), 2, dtype=torch.int32, device=dev)
+    coords = [idx[s].to(torch.int8).numpy().ravel() for s in range(S)]
+    rows = []
+    with ThreadPoolExecutor(threads) as pool:
+        def ours_save():
+            data = filter_codes(codes, scales, modes, 128, bits).cpu().numpy()
+            return list(pool.map(lambda f: _compressor(3).compress(f), data))
+
+        def ours_load(blobs):
+            raw = list(pool.map(lambda b: _decompressor().decompress(b), blobs))
+            data = torch.frombuffer(bytearray(b"".join(raw)), dtype=torch.uint8).view(S, -1).to(dev)
+            unfilter_codes(data, modes, 128, bits)
+            torch.cuda.synchronize()
+        for name, save, load in [("ours (filter + zstd-3, %d threads)" % threads, ours_save, ours_load)] + [
+                (f"nexusquant temporal_codec (zstd-{lv}, 1 thread)",
+                 lambda lv=lv: [compress_indices(c, T, level=lv) for c in coords],
+                 lambda blobs: [decompress_indices(b) for b in blobs]) for lv in (22, 3)]:
+            blobs = save()  # warm-up
+            t0 = time.perf_counter()
+            blobs = save()
+            t_save = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            load(blobs)
+            t_load = time.perf_counter() - t0
+            rows.append(dict(method=name, bits=bits, streams=S, tokens=T, compressed_MB=sum(map(len, blobs)) / 1e6,
+                             save_Mtok_s=S * T / t_save / 1e6, load_Mtok_s=S * T / t_load / 1e6))
+            log(f"delta+zstd {name}: save {rows[-1]['save_Mtok_s']:.2f} M token-streams/s, load "
+                f"{rows[-1]['load_Mtok_s']:.2f}")
+    return rows
+
+
 def llama8b_config():
     from transformers import LlamaConfig
     return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -5,15 +5,15 @@
 1. compiled kernels vs the CPU reference: codes/scales bit-exact, decode within fp32 rounding;
 2. a device-to-device copy (bytes read + written), the bandwidth ceiling;
 3. encode throughput, (fp16 bytes read + code/scale bytes written) / median time, for Llama-3-8B-shaped
-   caches (8 KV heads, head_dim 128), inputs rotated so no run is served from L2;
-4. the prior art's compression step (nexusquant-kv quant_only K3V2, if importable) on 32 layers, beside ours;
-5. a small search over launch configs, written as an autotune store file.
+   caches (8 KV heads, head_dim 128), L2 cleared before every call;
+4. the prior art's compression step (nexusquant-kv quant_only K3V2, if importable) on 32 layers, beside ours.
+
+Launch configs come from the config store (``python -m autotune.tune`` searches them).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -24,8 +24,8 @@ import triton
 from triton.testing import do_bench
 
 from autotune.store import gpu_key
+from autotune.tune import bench_ms
 from nqkernels import KVCodec, RopeSpec, decode_kv, encode_kv
-from nqkernels import codec as codec_mod
 
 H, D = 8, 128
 
@@ -74,22 +74,13 @@ def encode_bytes(B, T, bits):
 
 
 def bench_encode(dev, codec, kind, B, T, with_mean=False):
-    """Median time of encode_kv (the mean given, as a cache that fixed it at prefill does; with_mean: computed by
-    centering_mean inside the call, one more read of x) and GB/s of the encode's own bytes."""
-    bits = codec.bits_for(kind)
-    per = B * H * T * D * 2
-    n_buf = max(1, min(8, math.ceil(256e6 / per)))
-    xs = [torch.randn(B, T, H, D, device=dev, dtype=torch.float16).transpose(1, 2) for _ in range(n_buf)]
-    means = [torch.randn(B, H, D, device=dev) * 0.1 for _ in range(n_buf)]
-    i = [0]
-
-    def run():
-        j = i[0] % n_buf
-        i[0] += 1
-        encode_kv(xs[j], codec, kind, mean=None if with_mean else means[j])
-
-    ms = do_bench(run, warmup=25, rep=200, return_mode="median")
-    return ms, encode_bytes(B, T, bits) / ms / 1e6
+    """GPU time of encode_kv (autotune.tune.bench_ms: a CUDA-graph replay, L2 cleared before each) with the mean
+    given, as a cache that fixed it at prefill does (with_mean: computed by centering_mean inside the call, one
+    more read of x), and GB/s of the encode's own bytes."""
+    x = torch.randn(B, T, H, D, device=dev, dtype=torch.float16).transpose(1, 2)
+    mean = torch.randn(B, H, D, device=dev) * 0.1
+    ms = bench_ms(lambda: encode_kv(x, codec, kind, mean=None if with_mean else mean))
+    return ms, encode_bytes(B, T, codec.bits_for(kind)) / ms / 1e6
 
 
 def prior_art(dev, T):
@@ -130,37 +121,9 @@ def prior_art(dev, T):
                 speedup=t_theirs / t_ours)
 
 
-def tune(dev, quick):
-    """Pick BLOCK_T / num_warps / programs per SM per (head_dim, bits) at a large shape; returns store entries."""
-    store = {"encode": {}}
-    cands = [(64, 4, 2, 1), (64, 4, 4, 1), (128, 8, 1, 1), (128, 8, 2, 1), (64, 4, 1, 2)]
-    dims = (128,) if quick else (64, 96, 128, 256)
-    for d in dims:
-        for bits in (2, 3, 4):
-            codec = KVCodec(head_dim=d, key_bits=bits, value_bits=bits, rope=RopeSpec(theta=500000.0))
-            x = torch.randn(4, H, 16384, d, device=dev, dtype=torch.float16)
-            mean = torch.zeros(4, H, d, device=dev)
-            best = None
-            for bt, w, p, ns in cands:
-                codec_mod._TUNE_OVERRIDE = {"BLOCK_T": bt, "num_warps": w, "programs_per_sm": p, "num_stages": ns}
-                try:
-                    ms = do_bench(lambda: encode_kv(x, codec, "key", mean=mean), warmup=10, rep=60,
-                                  return_mode="median")
-                except Exception as e:  # noqa: BLE001 - a config that fails to compile just loses
-                    log(f"  d{d} b{bits} {codec_mod._TUNE_OVERRIDE}: failed {type(e).__name__}")
-                    continue
-                log(f"  d{d} b{bits} {codec_mod._TUNE_OVERRIDE}: {ms * 1e3:.1f} us")
-                if best is None or ms < best[0]:
-                    best = (ms, dict(codec_mod._TUNE_OVERRIDE))
-            codec_mod._TUNE_OVERRIDE = None
-            store["encode"][f"d{d}_b{bits}"] = best[1]
-    return store
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip-tune", action="store_true", help="measure with the shipped configs, search nothing")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -204,13 +167,7 @@ def main():
         log("prior art:", r)
     with open(os.path.join(args.out, "bench_encode.json"), "w") as f:
         json.dump(res, f, indent=1)
-    if args.skip_tune:
-        return 0
-    res["tuned"] = tune(dev, args.quick)
-    with open(os.path.join(args.out, f"{gpu_key(dev)}.json"), "w") as f:
-        json.dump(res["tuned"], f, indent=1)
-    with open(os.path.join(args.out, "bench_encode.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,62 +1,350 @@
-"""Latency/throughput tables: ``python -m perf.sweep [--quick] [--json]``.
+"""Latency and throughput tables to pick configurations from: ``python -m perf.sweep``.
 
-On a GPU this runs the encode benchmark (perf.bench_encode: bit-exactness, copy ceiling, encode GB/s, prior
-art). Without a GPU it runs a reduced sweep through the Triton interpreter: the kernels execute and are checked
-against the reference, but CPU timings mean nothing about GPU speed.
+    python -m perf.sweep [--quick] [--only encode,scoring,attention,cold] [--out DIR] [--json] [--csv]
+    python -m perf.sweep --from DIR/sweep.json [--out DIR]      # tables and plots again from a saved run
+
+On a GPU, in one run and beside the device-to-device copy ceiling:
+  encode     encode_kv GB/s (fp16 read + codes written) for K3V2 keys and values, batch x context; the prior art's
+             compression step (nexusquant-kv quant_only, 32 layers) beside ours;
+  scoring    score_tokens over a Llama-3-8B-shaped prompt (32 layers) beside kvpress-style torch SnapKV scoring;
+  attention  decode_attention latency over context x batch x bits (Llama-3-8B layer: 32 q / 8 KV heads, head_dim
+             128) beside SDPA over fp16 K/V and FlashInfer's fp16 decode where it imports;
+  cold       filter/unfilter kernel GB/s, zstd GB/s on the CPU, and delta + zstd end to end beside the prior art's.
+Every timing is a triton.testing.do_bench median (L2 cleared before each call). Our kernels are timed with the
+tuned configs of this GPU and again with the launchers' defaults (``autotune.store.untuned``): the ``tuned``
+column is the speed-up the config store gives. Writes ``sweep.md`` (tables), ``sweep.json``, one CSV per table
+(``--csv``) and PNG plots (latency vs context per batch, speed-up vs SDPA, encode and scoring) when matplotlib
+imports. Without a GPU it runs a reduced sweep through the Triton interpreter: every kernel runs and is checked
+against its reference, and it says that the timings mean nothing about GPU speed.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
+import platform
 import sys
 import time
+from pathlib import Path
+
+SECTIONS = ("encode", "scoring", "attention", "cold")
+
+# Columns of each table: (key, header, format).
+COLUMNS = {
+    "encode": [("kind", "kind", "{}"), ("bits", "bits", "{}"), ("batch", "batch", "{}"), ("tokens", "tokens", "{}"),
+               ("us", "time (us)", "{:.1f}"), ("GBps", "GB/s", "{:.0f}"), ("pct_copy", "% of copy", "{:.1f}"),
+               ("tuned", "tuned vs default", "{:.2f}x")],
+    "encode_prior_art": [("tokens", "tokens", "{}"), ("layers", "layers", "{}"), ("ours_ms", "ours (ms)", "{:.2f}"),
+                         ("nexusquant_ms", "nexusquant-kv (ms)", "{:.2f}"), ("speedup", "speed-up", "{:.1f}x")],
+    "scoring": [("tokens", "tokens", "{}"), ("score_ms", "score_tokens x32 (ms)", "{:.2f}"),
+                ("score_tflops", "TFLOP/s", "{:.0f}"), ("gpu_kernels_ms", "GPU time with select (ms)", "{:.2f}"),
+                ("snapkv_torch_ms", "torch SnapKV x32 (ms)", "{:.2f}"), ("speedup", "speed-up", "{:.1f}x")],
+    "attention": [("batch", "batch", "{}"), ("context", "context", "{}"), ("method", "method", "{}"),
+                  ("us", "latency (us)", "{:.1f}"), ("GBps", "GB/s read", "{:.0f}"), ("pct_copy", "% of copy", "{:.0f}"),
+                  ("speedup_vs_sdpa", "vs SDPA fp16", "{:.2f}x"), ("tuned", "tuned vs default", "{:.2f}x")],
+    "cold_kernels": [("bits", "bits", "{}"), ("mode", "mode", "{}"), ("filter_GBps", "filter GB/s", "{:.0f}"),
+                     ("filter_pct_copy", "% of copy", "{:.0f}"), ("unfilter_GBps", "unfilter GB/s", "{:.0f}"),
+                     ("unfilter_pct_copy", "% of copy", "{:.0f}"), ("filter_tuned", "filter tuned vs default", "{:.2f}x"),
+                     ("unfilter_tuned", "unfilter tuned vs default", "{:.2f}x")],
+    "zstd": [("level", "level", "{}"), ("threads", "threads", "{}"), ("compress_GBps", "compress GB/s", "{:.2f}"),
+             ("decompress_GBps", "decompress GB/s", "{:.2f}")],
+    "cold_prior_art": [("method", "method", "{}"), ("bits", "bits", "{}"), ("streams", "streams", "{}"),
+                       ("tokens", "tokens", "{}"), ("save_Mtok_s", "save (M token-streams/s)", "{:.2f}"),
+                       ("load_Mtok_s", "load (M token-streams/s)", "{:.2f}")],
+    "cpu": [("op", "op", "{}"), ("head_dim", "head_dim", "{}"), ("setting", "setting", "{}"),
+            ("check", "check vs reference", "{}"), ("error", "error", "{:.2e}"), ("interpreter_s", "interpreter (s)", "{:.2f}")],
+}
 
 
-def cpu_sweep(as_json: bool):
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def _timed_both(measure):
+    """(tuned result, default-config result) of ``measure()``."""
+    from autotune.store import untuned
+
+    tuned = measure()
+    with untuned():
+        return tuned, measure()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU sections: each returns {table name: rows}.
+
+def encode_section(dev, copy_gbps, quick):
+    from nqkernels import KVCodec, RopeSpec
+    from perf import bench_encode
+
+    codec = KVCodec(head_dim=128, key_bits=3, value_bits=2, rope=RopeSpec(theta=500000.0))
+    rows = []
+    for kind in ("key", "value"):
+        for B in (1, 4, 16):
+            for T in (4096, 32768) if quick else (1024, 4096, 16384, 32768, 131072):
+                if B * T > (1 << 21):
+                    continue
+                (ms, gbps), (ms_d, _) = _timed_both(lambda: bench_encode.bench_encode(dev, codec, kind, B, T))
+                rows.append(dict(kind=kind, bits=codec.bits_for(kind), batch=B, tokens=T, us=ms * 1e3, GBps=gbps,
+                                 pct_copy=100 * gbps / copy_gbps, tuned=ms_d / ms))
+                log(f"encode {kind} B={B} T={T}: {gbps:.0f} GB/s ({rows[-1]['pct_copy']:.1f}% of copy), "
+                    f"tuned {rows[-1]['tuned']:.2f}x")
+    prior = [bench_encode.prior_art(dev, T) for T in ((8192,) if quick else (1664, 8192))]
+    log("encode prior art:", prior)
+    return {"encode": rows, "encode_prior_art": prior}
+
+
+def scoring_section(dev, quick):
+    from perf import bench_scoring
+
+    rows = []
+    for T in (8192, 32768) if quick else (8192, 32768, 131072):
+        r = bench_scoring.time_scoring(dev, T)
+        r["speedup"] = r["snapkv_torch_ms"] / r["score_ms"] if r["snapkv_torch_ms"] else None
+        rows.append(r)
+        log(f"scoring T={T}: {r['score_ms']:.2f} ms x32 layers (torch SnapKV {r['snapkv_torch_ms']})")
+    return {"scoring": rows}
+
+
+def attention_shapes(quick):
+    if quick:
+        return [(B, T) for B in (1, 8) for T in (4096, 32768)]
+    return [(B, T) for B in (1, 8, 32, 64) for T in (1024, 4096, 16384, 32768, 131072) if B * T <= (1 << 21)]
+
+
+def attention_section(dev, copy_gbps, quick):
+    from perf import bench_attention
+
+    bench_attention.FLASHINFER = bench_attention._import_flashinfer()
+    rows = []
+    for B, T in attention_shapes(quick):
+        tuned, default = _timed_both(lambda: bench_attention.bench_decode(dev, 32, 8, 128, B, T, copy_gbps, quick))
+        for r, d in zip(tuned, default):
+            if r["method"] not in ("sdpa_fp16", "flashinfer_fp16"):
+                r["tuned"] = d["us"] / r["us"]
+            rows.append(r)
+        log(f"attention B={B} T={T}: " + "  ".join(f"{r['method']} {r['us']:.1f}us x{r['speedup_vs_sdpa']:.2f}"
+                                                   for r in tuned))
+    return {"attention": rows}
+
+
+def cold_section(dev, copy_gbps, quick):
+    from perf import bench_cold
+
+    tuned, default = _timed_both(lambda: bench_cold.kernel_throughput(dev, copy_gbps, quick))
+    for r, d in zip(tuned, default):
+        r["filter_tuned"] = d["filter_us"] / r["filter_us"]
+        r["unfilter_tuned"] = d["unfilter_us"] / r["unfilter_us"]
+    threads = min(16, os.cpu_count() or 1)
+    return {"cold_kernels": tuned, "zstd": bench_cold.zstd_throughput(dev, threads),
+            "cold_prior_art": bench_cold.prior_art(dev, threads)}
+
+
+def gpu_sweep(sections, quick, out: Path) -> dict:
+    import torch
+    import triton
+
+    from autotune.store import gpu_key
+    from perf.bench_attention import copy_bandwidth
+
+    dev = torch.device("cuda")
+    info = dict(device=torch.cuda.get_device_name(), gpu_key=gpu_key(dev), torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(), date=time.strftime("%Y-%m-%d"),
+                quick=quick)
+    log(json.dumps(info))
+    res = dict(info=info, copy_GBps=copy_bandwidth(dev), tables={})
+    log(f"copy: {res['copy_GBps']:.0f} GB/s")
+    for name in sections:
+        t0 = time.time()
+        if name == "encode":
+            res["tables"].update(encode_section(dev, res["copy_GBps"], quick))
+        elif name == "scoring":
+            res["tables"].update(scoring_section(dev, quick))
+        elif name == "attention":
+            res["tables"].update(attention_section(dev, res["copy_GBps"], quick))
+        else:
+            res["tables"].update(cold_section(dev, res["copy_GBps"], quick))
+        log(f"{name}: {time.time() - t0:.0f} s")
+        torch.cuda.empty_cache()
+        (out / "sweep.json").write_text(json.dumps(res, indent=1) + "\n")  # what is done survives a cut-off run
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU: a reduced sweep through the interpreter (correctness only).
+
+def cpu_sweep(sections, quick) -> dict:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from nqkernels import KVCodec, RopeSpec, decode_kv, encode_kv
+    from autotune.tasks import _attention, _cold, _encode, _scoring
 
-    print("No GPU: reduced sweep through the Triton interpreter. These timings say nothing about GPU speed.",
-          file=sys.stderr)
+    log("No GPU: reduced sweep through the Triton interpreter. Every kernel runs and is checked against its "
+        "reference; the timings say nothing about GPU speed.")
+    dev = torch.device("cpu")
+    cases = []
+    for d in (64,) if quick else (64, 128):
+        if "encode" in sections:
+            cases += [("encode", d, "K3", _encode(d, 3, 33, False), 2e-3), ("decode", d, "K3", _encode(d, 3, 33, True), 2e-3)]
+        if "scoring" in sections:
+            cases.append(("scoring", d, "GQA 4", _scoring(d, 4, 100), 1e-3))
+        if "attention" in sections:
+            cases.append(("attention", d, "K3V2 GQA 4", _attention(d, 3, 2, 4, 2, 200), 1e-2))
+        if "cold" in sections:
+            cases += [("filter", d, "K2", _cold(d, 2, 64, False), 0.0), ("unfilter", d, "K2", _cold(d, 2, 64, True), 0.0)]
     rows = []
-    for d in (64, 96, 128, 256):
-        for kb, vb in ((4, 4), (3, 2), (2, 2)):
-            codec = KVCodec(head_dim=d, key_bits=kb, value_bits=vb, rope=RopeSpec(theta=10000.0))
-            k, v = torch.randn(1, 2, 64, d), torch.randn(1, 2, 64, d)
-            t0 = time.perf_counter()
-            ek, ev = encode_kv(k, codec, "key"), encode_kv(v, codec, "value")
-            dt = time.perf_counter() - t0
-            err = max(((decode_kv(e, codec, kind, dtype=torch.float32) - x) ** 2).mean().item() / (x ** 2).mean().item()
-                      for e, x, kind in ((ek, k, "key"), (ev, v, "value")))
-            hot = sum(t.nbytes for e in (ek, ev) for t in e[:2]) / (2 * 64)
-            rows.append(dict(head_dim=d, setting=f"K{kb}V{vb}", bytes_per_token_head=hot,
-                             ratio_vs_fp16=4 * d / hot, worst_nmse=err, interpreter_s=dt))
-    if as_json:
-        print(json.dumps(rows, indent=1))
-        return
-    print("| head_dim | setting | HOT bytes/token/head (K+V) | vs fp16 | worst NMSE | interpreter time (s) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['head_dim']} | {r['setting']} | {r['bytes_per_token_head']:.0f} | {r['ratio_vs_fp16']:.2f}x | "
-              f"{r['worst_nmse']:.4f} | {r['interpreter_s']:.2f} |")
+    for op, d, setting, setup, tol in cases:
+        t0 = time.perf_counter()
+        run, check = setup(dev)
+        run()
+        err = check()
+        rows.append(dict(op=op, head_dim=d, setting=setting, check="pass" if err <= tol else "FAIL", error=err,
+                         interpreter_s=time.perf_counter() - t0))
+        log(f"{op} d{d} {setting}: error {err:.2e} ({rows[-1]['check']})")
+    info = dict(device="cpu (Triton interpreter: timings are not GPU speed)", torch=torch.__version__,
+                python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
+    return dict(info=info, tables={"cpu": rows})
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="fewer shapes")
-    ap.add_argument("--json", action="store_true", help="JSON instead of a markdown table (CPU sweep)")
-    args = ap.parse_args()
-    import torch
+# ---------------------------------------------------------------------------------------------------------------
+# Output: markdown, CSV, plots.
 
-    if not torch.cuda.is_available():
-        return cpu_sweep(args.json)
-    from perf import bench_encode
+def _cell(value, fmt):
+    if value is None:
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
 
-    sys.argv = [sys.argv[0]] + (["--quick"] if args.quick else [])
-    return bench_encode.main()
+
+def markdown(res: dict) -> str:
+    info = res["info"]
+    lines = [f"# perf.sweep on {info['device']}", "",
+             ", ".join(f"{k} {v}" for k, v in info.items() if k != "device"), ""]
+    if "copy_GBps" in res:
+        lines += [f"Copy ceiling (device-to-device, bytes read + written): {res['copy_GBps']:.0f} GB/s.", ""]
+    for name, rows in res["tables"].items():
+        cols = [c for c in COLUMNS[name] if any(c[0] in r for r in rows)]
+        if not cols:  # a peer that did not run: say why
+            lines += [f"## {name}", ""] + [f"- {r}" for r in rows] + [""]
+            continue
+        lines += [f"## {name}", "", "| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_cell(r.get(k), f) for k, _, f in cols) + " |" for r in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_csv(res: dict, out: Path) -> list[Path]:
+    paths = []
+    for name, rows in res["tables"].items():
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        path = out / f"sweep_{name}.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows([{k: r.get(k) for k in keys} for r in rows])
+        paths.append(path)
+    return paths
+
+
+def plot(res: dict, out: Path) -> list[Path]:
+    """PNG plots of a GPU sweep (nothing without matplotlib or GPU tables)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no plots (pip install matplotlib)")
+        return []
+    tables, dev, paths = res["tables"], res["info"]["device"], []
+    if tables.get("attention"):
+        rows = tables["attention"]
+        batches = sorted({r["batch"] for r in rows})
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), squeeze=False)
+        for ax, B in zip(axes[0], batches):
+            for m in methods:
+                pts = sorted((r["context"], r["us"]) for r in rows if r["batch"] == B and r["method"] == m)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=m, linestyle="--" if "fp16" in m else "-")
+            ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="latency (us)", title=f"batch {B}")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"decode attention, Llama-3-8B layer (32q/8kv, d128), {dev}")
+        paths.append(_save(fig, out / "sweep_attention_latency.png"))
+        fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), squeeze=False)
+        for ax, B in zip(axes[0], batches):
+            for m in methods:
+                pts = sorted((r["context"], r["speedup_vs_sdpa"]) for r in rows if r["batch"] == B and r["method"] == m)
+                if pts and m != "sdpa_fp16":
+                    ax.plot(*zip(*pts), marker="o", label=m)
+            ax.axhline(1.0, color="gray", linewidth=0.8)
+            ax.set(xscale="log", xlabel="context (tokens)", ylabel="speed-up vs SDPA fp16", title=f"batch {B}")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"decode attention speed-up vs SDPA over fp16 K/V, {dev}")
+        paths.append(_save(fig, out / "sweep_attention_speedup.png"))
+    if tables.get("encode"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for kind in ("key", "value"):
+            for B in sorted({r["batch"] for r in tables["encode"]}):
+                pts = sorted((r["tokens"], r["GBps"]) for r in tables["encode"] if r["kind"] == kind and r["batch"] == B)
+                ax.plot(*zip(*pts), marker="o", label=f"{kind} batch {B}")
+        ax.axhline(res["copy_GBps"], color="gray", linestyle="--", label="copy ceiling")
+        ax.set(xscale="log", xlabel="tokens per sequence", ylabel="GB/s", title=f"encode_kv K3V2 (8 KV heads, d128), {dev}")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out / "sweep_encode.png"))
+    if tables.get("scoring"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rows = tables["scoring"]
+        ax.plot([r["tokens"] for r in rows], [r["score_ms"] for r in rows], marker="o", label="score_tokens")
+        snap = [(r["tokens"], r["snapkv_torch_ms"]) for r in rows if r["snapkv_torch_ms"]]
+        if snap:
+            ax.plot(*zip(*snap), marker="o", label="torch SnapKV (kvpress-style)")
+        ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="ms (32 layers)", title=f"token scoring, {dev}")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out / "sweep_scoring.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer shapes (a few minutes on a GPU)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="folder for the outputs")
+    ap.add_argument("--json", action="store_true", help="also print the JSON to stdout")
+    ap.add_argument("--csv", action="store_true", help="also write one CSV per table")
+    ap.add_argument("--from", dest="from_json", type=Path, help="re-render tables, CSV and plots of a saved run")
+    args = ap.parse_args(argv)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = sorted(set(sections) - set(SECTIONS))
+    if bad:
+        ap.error(f"--only: unknown {bad}; allowed: {', '.join(SECTIONS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        res = json.loads(args.from_json.read_text())
+    else:
+        import torch
+
+        res = gpu_sweep(sections, args.quick, args.out) if torch.cuda.is_available() else cpu_sweep(sections, args.quick)
+        (args.out / "sweep.json").write_text(json.dumps(res, indent=1) + "\n")
+    text = markdown(res)
+    (args.out / "sweep.md").write_text(text + "\n")
+    print(json.dumps(res, indent=1) if args.json else text)
+    written = [args.out / "sweep.md", args.out / "sweep.json"]
+    if args.csv:
+        written += write_csv(res, args.out)
+    if "copy_GBps" in res:
+        written += plot(res, args.out)
+    log("wrote " + ", ".join(str(p) for p in written))
+    return 1 if any(r.get("check") == "FAIL" for r in res["tables"].get("cpu", [])) else 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,8 @@
 """encode_kv / decode_kv (Triton kernels under TRITON_INTERPRET=1, else the CPU fallback) vs the reference."""
-import warnings
 
 import pytest
 import torch
 
-from autotune import lookup
 from nqkernels import EncodedKV, KVCodec, RopeSpec, centering_mean, decode_kv, encode_kv
 from nqkernels import reference as R
 from nqkernels.codec import _rope_tables
@@ -152,12 +150,6 @@ def test_bad_inputs():
         decode_kv(enc, codec, "value")
     with pytest.raises(ValueError, match="mean"):
         decode_kv(enc._replace(mean=None), codec, "key")
-
-
-def test_autotune_lookup_falls_back_to_default():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert lookup("encode", "d128_b3", {"BLOCK_T": 32, "num_warps": 4}) == {"BLOCK_T": 32, "num_warps": 4}
 
 
 @pytest.mark.parametrize("d", HEAD_DIMS)

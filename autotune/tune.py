@@ -1,0 +1,182 @@
+"""Search launch configs for this GPU and write its config store: ``python -m autotune.tune``.
+
+    python -m autotune.tune [--kernels attention,encode,...] [--quick] [--budget-min 20] [--fresh]
+
+For every kernel and shape bucket (``autotune.tasks``) the search times the launcher's default first, then a few
+stages, each a grid over some launch parameters on top of the best config so far (compile-time parameters such as
+warps and pipeline stages first, then grid-size parameters such as programs per SM and pages per split). Before a
+candidate is timed it must reproduce the reference on a small problem with the same config: codes and COLD bytes
+bit for bit, attention and scores within fp32-accumulation error. A candidate that fails to compile, to launch or
+to match loses. A winner must beat the default by 2% (timing noise is about 1%), so an untuned bucket keeps the
+default. Timings are ``bench_ms``: do_bench medians of CUDA-graph replays (L2 cleared before every call).
+
+Results are written after every bucket: the winners into ``autotune/configs/<gpu>.json`` (merged with what the
+file holds, with a ``_meta`` entry naming the device and versions) and the search record (default and tuned time
+of every bucket) into ``perf/results/tune_<gpu>.json`` and ``.md``. A run stops when ``--budget-min`` is spent,
+between buckets; the next run skips the buckets the record already holds (``--fresh`` starts over).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import store
+from .tasks import KERNELS, Task, make_tasks
+
+NOISE = 1.02  # a candidate must be this much faster than the best so far to replace it
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "perf" / "results"
+
+
+def bench_ms(fn: Callable[[], object], graph: bool = True) -> float:
+    """Median GPU time (ms) of one call of ``fn`` (triton.testing.do_bench, L2 cleared before every call). With
+    ``graph`` the call is captured once in a CUDA graph and the replays are timed, so the launcher's Python time is
+    not counted (a decode step of a served model is one graph replay); ``fn`` must then never synchronize."""
+    from triton.testing import do_bench
+
+    if graph:
+        fn()  # compile and fill the launcher's caches outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
+    return do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def search(task: Task, device: torch.device, timer: Optional[Callable[[Callable], float]] = None,
+           log: Callable[[str], None] = print) -> dict:
+    """Time the default and each stage's grid; returns the record of the bucket (winner, times, failures)."""
+    run, check = task.setup(device)
+    timer = timer or (lambda fn: bench_ms(fn, task.graph))
+    failed = []
+
+    def measure(cfg: dict) -> Optional[float]:
+        with store.override(task.kernel, cfg):
+            try:
+                err = check()
+                if not err <= task.tol:
+                    failed.append(dict(config=cfg, why=f"error {err:.3g} > {task.tol:g}"))
+                    return None
+                return timer(run)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile or launch just loses
+                failed.append(dict(config=cfg, why=f"{type(e).__name__}: {str(e)[:120]}"))
+                return None
+
+    t_default = measure({})
+    if t_default is None:
+        raise RuntimeError(f"{task.kernel} {task.bucket}: the default config fails its check: {failed[-1]['why']}")
+    best, t_best, tried = {}, t_default, 1
+    for stage in task.stages:
+        base = dict(best)
+        for values in itertools.product(*stage.values()):
+            cfg = {**base, **dict(zip(stage, values))}
+            t = measure(cfg)
+            tried += 1
+            if t is not None and t * NOISE < t_best:
+                best, t_best = cfg, t
+    for cfg in failed:
+        log(f"    {task.kernel} {task.bucket}: {cfg['config']} lost: {cfg['why']}")
+    return dict(config=best, default_us=t_default * 1e3, tuned_us=t_best * 1e3, speedup=t_default / t_best,
+                tried=tried, failed=len(failed), shape=task.shape)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def write_store(path: Path, record: dict, meta: dict) -> None:
+    """Merge the record's winners into the store file (an empty winner: the default, stored as such)."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    for kernel, buckets in record["buckets"].items():
+        for bucket, r in buckets.items():
+            data.setdefault(kernel, {})[bucket] = r["config"]
+    data["_meta"] = meta
+    _write_json(path, data)
+
+
+def report_markdown(record: dict) -> str:
+    meta = record["meta"]
+    lines = [f"# Autotuning on {meta['device']}", "",
+             f"`python -m autotune.tune` ({meta['date']}; torch {meta['torch']}, triton {meta['triton']}). Each "
+             f"bucket's default and tuned time are do_bench medians of the bucket's shape in the same search; the "
+             f"winner had to reproduce the reference first and beat the default by 2%. Store: "
+             f"`autotune/configs/{meta['gpu_key']}.json`.", ""]
+    for kernel, buckets in record["buckets"].items():
+        speedups = [r["speedup"] for r in buckets.values()]
+        geo = float(torch.tensor(speedups).log().mean().exp())
+        lines += [f"## {kernel}: {len(buckets)} buckets, geometric-mean speed-up {geo:.2f}x "
+                  f"(best {max(speedups):.2f}x)", "",
+                  "| bucket | shape | default (us) | tuned (us) | speed-up | config |", "|---|---|---|---|---|---|"]
+        for bucket, r in buckets.items():
+            lines.append(f"| {bucket} | {r['shape']} | {r['default_us']:.1f} | {r['tuned_us']:.1f} | "
+                         f"{r['speedup']:.2f}x | {json.dumps(r['config']) if r['config'] else 'default'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated subset of {','.join(KERNELS)}")
+    ap.add_argument("--quick", action="store_true", help="head_dim 128 and the common bit widths only")
+    ap.add_argument("--budget-min", type=float, default=20.0, help="stop between buckets after this many minutes")
+    ap.add_argument("--fresh", action="store_true", help="ignore the search record and tune every bucket again")
+    ap.add_argument("--store", type=Path, help="config file to write (default autotune/configs/<gpu>.json)")
+    ap.add_argument("--record", type=Path, help="search record (default perf/results/tune_<gpu>.json)")
+    args = ap.parse_args(argv)
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    unknown = sorted(set(kernels) - set(KERNELS))
+    if unknown:
+        ap.error(f"--kernels: unknown {unknown}; allowed: {', '.join(KERNELS)}")
+    if not torch.cuda.is_available():
+        print("autotune.tune needs a CUDA GPU (configs are per GPU; CPU runs use the defaults).", file=sys.stderr)
+        return 2
+    import triton
+
+    warnings.filterwarnings("ignore", message="nqkernels: no tuned")  # every bucket is untuned until searched
+    device = torch.device("cuda")
+    key = store.gpu_key(device)
+    store_path = args.store or store.config_path(key)
+    record_path = args.record or RESULTS_DIR / f"tune_{key}.json"
+    meta = dict(device=torch.cuda.get_device_name(), gpu_key=key, torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
+    record = {"buckets": {}} if args.fresh or not record_path.exists() else json.loads(record_path.read_text())
+    record["meta"] = meta
+    tasks = make_tasks(kernels, quick=args.quick)
+    todo = [t for t in tasks if t.bucket not in record["buckets"].get(t.kernel, {})]
+    print(f"{meta['device']}: {len(tasks)} buckets, {len(tasks) - len(todo)} already in {record_path}, "
+          f"budget {args.budget_min:g} min", flush=True)
+    t0 = time.time()
+    for i, task in enumerate(todo):
+        spent = (time.time() - t0) / 60
+        if spent > args.budget_min:
+            print(f"budget spent ({spent:.1f} min): {i} of {len(todo)} buckets tuned this run; run again to resume",
+                  flush=True)
+            break
+        t1 = time.time()
+        r = search(task, device, log=lambda s: print(s, flush=True))
+        r["seconds"] = round(time.time() - t1, 1)
+        record["buckets"].setdefault(task.kernel, {})[task.bucket] = r
+        torch.cuda.empty_cache()
+        _write_json(record_path, record)
+        record_path.with_suffix(".md").write_text(report_markdown(record))
+        write_store(store_path, record, meta)
+        print(f"[{i + 1}/{len(todo)}] {task.kernel} {task.bucket}: {r['default_us']:.1f} -> {r['tuned_us']:.1f} us "
+              f"({r['speedup']:.2f}x) {r['config'] or 'default'} [{r['seconds']:.0f}s, {r['failed']} lost]",
+              flush=True)
+    store.reload()
+    print(f"store: {store_path}\nrecord: {record_path} (+ .md)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The config store (bucket fallback, overrides, untuned), the tuner's search and files, and perf.sweep's CPU path."""
+import json
+import time
+import warnings
+
+import pytest
+import torch
+
+import autotune.store as store
+from autotune import lookup, override, untuned
+from autotune.tasks import KERNELS, Task, _cold, make_tasks
+from autotune.tune import main as tune_main
+from autotune.tune import report_markdown, search, write_store
+from nqkernels.attention import attention_buckets
+from tests.conftest import interpreted
+
+
+def test_lookup_falls_back_to_default_on_cpu():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lookup("encode", "d128_b3", {"BLOCK_T": 32, "num_warps": 4}) == {"BLOCK_T": 32, "num_warps": 4}
+
+
+@pytest.fixture
+def fake_gpu(tmp_path, monkeypatch):
+    """A store directory with one GPU's file, and lookups that believe they run on that GPU."""
+    monkeypatch.setattr(store, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(store, "gpu_key", lambda device=None: "test-gpu")
+    monkeypatch.setattr(store, "_noticed", set())
+    store.reload()
+    (tmp_path / "test-gpu.json").write_text(json.dumps({
+        "_meta": {"device": "Test GPU"},
+        "attention": {"d128_k3v2_g4_t32k_b16": {"num_warps": 8}, "d128_k3v2": {"num_warps": 2}}}))
+    yield tmp_path
+    store.reload()
+
+
+def test_lookup_takes_the_most_specific_bucket_then_coarser_then_default(fake_gpu):
+    default = {"num_warps": 4, "num_stages": 1}
+    assert lookup("attention", ["d128_k3v2_g4_t32k_b16", "d128_k3v2"], default) == {"num_warps": 8, "num_stages": 1}
+    assert lookup("attention", ["d128_k3v2_g8_t4k_b1", "d128_k3v2"], default) == {"num_warps": 2, "num_stages": 1}
+    with pytest.warns(UserWarning, match="no tuned attention config for test-gpu at d64_k3v2_g4"):
+        assert lookup("attention", ["d64_k3v2_g4_t4k_b1", "d64_k3v2"], default) == default
+    with warnings.catch_warnings():  # one notice per GPU and kernel
+        warnings.simplefilter("error")
+        assert lookup("attention", "d64_k2v2", default) == default
+
+
+def test_override_and_untuned(fake_gpu):
+    default = {"num_warps": 4, "num_stages": 1}
+    with override("attention", {"num_stages": 2}):
+        assert lookup("attention", "d128_k3v2", default) == {"num_warps": 4, "num_stages": 2}
+    with untuned():
+        assert lookup("attention", "d128_k3v2", default) == default
+    assert lookup("attention", "d128_k3v2", default) == {"num_warps": 2, "num_stages": 1}
+
+
+def test_attention_buckets_cover_context_and_batch_ranges():
+    assert attention_buckets(128, 3, 2, 4, 1, 4096) == ["d128_k3v2_g4_t4k_b1", "d128_k3v2"]
+    assert attention_buckets(128, 3, 2, 4, 16, 4097)[0] == "d128_k3v2_g4_t32k_b16"
+    assert attention_buckets(64, 4, 4, 8, 17, 32769) == ["d64_k4v4_g8_tmax_bmax", "d64_k4v4_g4_tmax_bmax",
+                                                         "d64_k3v2_g4_tmax_bmax", "d64_k4v4"]
+
+
+def test_tasks_name_the_launchers_buckets():
+    tasks = make_tasks()
+    assert {t.kernel for t in tasks} == set(KERNELS)
+    assert len({(t.kernel, t.bucket) for t in tasks}) == len(tasks)
+    assert tasks[0].bucket.startswith("d128_")  # the common head_dim first, for a bounded run
+    quick = make_tasks(quick=True)
+    assert {t.bucket for t in quick if t.kernel == "encode"} == {"d128_b3", "d128_b2"}
+
+
+def _cpu_timer(fn):
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+@pytest.mark.skipif(not interpreted(), reason="the search launches kernels (Triton interpreter on CPU)")
+def test_search_checks_every_candidate_and_a_broken_one_loses():
+    # BT=24 is not a power of two: the kernel does not compile, so that candidate must lose, not crash the search.
+    task = Task("filter", "d64_b2", "test", [{"BT": [16, 24], "num_warps": [1]}], _cold(64, 2, 40, False), 0.0)
+    lines = []
+    r = search(task, torch.device("cpu"), timer=_cpu_timer, log=lines.append)
+    assert r["tried"] == 3 and r["failed"] == 1
+    assert r["config"] in ({}, {"BT": 16, "num_warps": 1})
+    assert r["speedup"] >= 1.0
+    assert any("'BT': 24" in line and "lost" in line for line in lines)
+
+
+def test_search_rejects_a_wrong_result():
+    calls = []
+
+    def setup(device):
+        def check():  # the "kernel" is wrong under num_warps=8
+            return 1.0 if store._overrides.get("filter", {}).get("num_warps") == 8 else 0.0
+        return (lambda: calls.append(1)), check
+
+    task = Task("filter", "d64_b2", "test", [{"num_warps": [2, 8]}], setup, 0.0)
+    times = iter([5.0, 4.0, 1.0])  # default, num_warps=2; num_warps=8 would be fastest but is never timed
+    r = search(task, torch.device("cpu"), timer=lambda fn: next(times), log=lambda s: None)
+    assert r["config"] == {"num_warps": 2} and r["failed"] == 1 and r["speedup"] == pytest.approx(1.25)
+
+
+def test_store_file_merges_and_report(tmp_path):
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"encode": {"d64_b2": {"BLOCK_T": 128}}}))
+    record = {"meta": {"device": "Test GPU", "gpu_key": "test-gpu", "date": "today", "torch": "t", "triton": "tr"},
+              "buckets": {"attention": {"d128_k3v2_g4_t4k_b1": dict(config={"num_warps": 8}, default_us=10.0,
+                                                                     tuned_us=8.0, speedup=1.25, tried=5, failed=0,
+                                                                     shape="1x4096")}}}
+    write_store(path, record, record["meta"])
+    data = json.loads(path.read_text())
+    assert data["encode"] == {"d64_b2": {"BLOCK_T": 128}}
+    assert data["attention"] == {"d128_k3v2_g4_t4k_b1": {"num_warps": 8}}
+    assert data["_meta"]["device"] == "Test GPU"
+    md = report_markdown(record)
+    assert "| d128_k3v2_g4_t4k_b1 | 1x4096 | 10.0 | 8.0 | 1.25x |" in md
+
+
+def test_tune_needs_a_gpu_and_names_bad_kernels(capsys):
+    if not torch.cuda.is_available():
+        assert tune_main([]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tune_main(["--kernels", "attention,warp"])
+    assert "unknown ['warp']" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not interpreted(), reason="the reduced sweep runs the kernels in the Triton interpreter")
+def test_sweep_cpu_reduced(tmp_path, capsys):
+    from perf import sweep
+
+    assert sweep.main(["--quick", "--only", "cold", "--out", str(tmp_path), "--csv"]) == 0
+    out = capsys.readouterr()
+    assert "timings say nothing about GPU speed" in out.err
+    assert "| filter | 64 | K2 | pass |" in out.out
+    rows = json.loads((tmp_path / "sweep.json").read_text())["tables"]["cpu"]
+    assert [r["op"] for r in rows] == ["filter", "unfilter"]
+    assert (tmp_path / "sweep_cpu.csv").read_text().startswith("op,head_dim,setting,check,error")
+    assert sweep.main(["--from", str(tmp_path / "sweep.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "sweep.md").read_text().startswith("# perf.sweep on cpu")
+    with pytest.raises(SystemExit):
+        sweep.main(["--only", "decode"])
+
+
+def test_sweep_plots_a_gpu_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    from perf import sweep
+
+    att = [dict(method=m, batch=B, context=T, us=T / s, speedup_vs_sdpa=s, GBps=1.0)
+           for m, s in (("sdpa_fp16", 1.0), ("K3V2", 2.0)) for B in (1, 8) for T in (4096, 32768)]
+    res = dict(info=dict(device="Test GPU"), copy_GBps=3000.0, tables=dict(
+        attention=att, encode=[dict(kind="key", batch=1, tokens=T, GBps=300.0) for T in (1024, 4096)],
+        scoring=[dict(tokens=T, score_ms=1.0, snapkv_torch_ms=None) for T in (8192, 32768)]))
+    paths = sweep.plot(res, tmp_path)
+    assert [p.name for p in paths] == ["sweep_attention_latency.png", "sweep_attention_speedup.png",
+                                       "sweep_encode.png", "sweep_scoring.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+    assert "| 8 | 32768 | K3V2 |" in sweep.markdown(res)

@@ -144,9 +144,9 @@ STAGES = {"attention": [{"num_warps": [4, 8], "num_stages": [1, 2]},
                         {"programs_per_sm": [2, 4, 8, 16], "min_pages_per_split": [1, 2, 4, 8]}],
           "encode": [{"BLOCK_T": [64, 128], "num_warps": [4, 8]}, {"programs_per_sm": [1, 2, 4, 8]}],
           "decode": [{"BLOCK_T": [16, 32, 64], "num_warps": [2, 4]}],
-          "scoring": [{"BLOCK_N": [32, 64, 128], "num_warps": [4, 8]}, {"programs_per_sm": [2, 4, 8]}],
-          "filter": [{"BT": [16, 32, 64, 128], "num_warps": [1, 2, 4, 8]}],
-          "unfilter": [{"BT": [16, 32, 64, 128], "num_warps": [1, 2, 4, 8]}]}
+          "scoring": [{"BLOCK_N": [64, 128], "num_warps": [4, 8]}, {"programs_per_sm": [2, 4, 8]}],
+          "filter": [{"BT": [16, 32, 64], "num_warps": [2, 4]}],
+          "unfilter": [{"BT": [16, 32, 64], "num_warps": [2, 4]}]}
 
 
 def make_tasks(kernels=KERNELS, quick: bool = False) -> list[Task]:

@@ -1,9 +1,11 @@
-"""What ``autotune.tune`` searches: per kernel, its shape buckets, the timed problem of each bucket, the small
+"""What ``autotune.tune`` searches: per kernel, its shape buckets, the timed problems of each bucket, the small
 problem every candidate must solve like the reference, and the parameter stages.
 
 Buckets are the launchers' own keys (``nqkernels.attention.attention_buckets`` for attention; ``d{head_dim}_b{bits}``
-for encode, decode, filter and unfilter; ``d{head_dim}_g{group}`` for scoring). Timed problems are Llama-3-shaped:
-8 KV heads, fp16 (bf16 for scoring, as in a prefill), large enough that nothing is served from L2.
+for encode, decode, filter and unfilter; ``d{head_dim}_g{group}`` for scoring). Each bucket times problems at both
+ends of the shapes it serves (a short and a long context, a small and a large batch), so a config that wins at one
+end and loses at the other does not win. Problems are Llama-3-shaped: 8 KV heads, fp16 (bf16 for scoring, as in
+a prefill).
 """
 from __future__ import annotations
 
@@ -22,19 +24,23 @@ KERNELS = ("attention", "encode", "scoring", "filter", "unfilter", "decode")
 HEAD_DIMS = (128, 64, 256, 96)  # tuning order: the common head_dim first, so a bounded run covers it
 SETTINGS = ((3, 2), (4, 4), (3, 3), (2, 2))
 KV_HEADS = 8
-# The shape timed for each context / batch range of decode attention.
-CONTEXT_SHAPE = {"t4k": 4096, "t32k": 16384, "tmax": 65536}
-BATCH_SHAPE = {"b1": 1, "b16": 8, "bmax": 32}
+# The shapes timed for each context / batch range of decode attention: both ends of the range.
+CONTEXT_SHAPE = {"t4k": (1024, 4096), "t32k": (8192, 32768), "tmax": (65536, 131072)}
+BATCH_SHAPE = {"b1": (1,), "b16": (4, 16), "bmax": (32,)}
 assert CONTEXT_SHAPE.keys() == CONTEXT_RANGES.keys() and BATCH_SHAPE.keys() == BATCH_RANGES.keys()
+CODEC_SHAPES = ((1, 4096), (4, 32768))  # (batch, tokens) of 8 KV heads: encode and decode_kv
+COLD_TOKENS = (2048, 16384)  # tokens of 64 streams: filter and unfilter
+SCORING_TOKENS = (8192, 65536)  # keys of a 32-query window: scoring
 
-Setup = Callable[[torch.device], tuple[Callable[[], object], Callable[[], float]]]
+Setup = Callable[[torch.device], tuple[list, Callable[[], float]]]
 
 
 @dataclass
 class Task:
-    """One bucket of one kernel: ``setup(device)`` builds (timed call, check); check returns the candidate's error
-    against the reference, which must be <= tol (0: bit-exact). ``graph``: the call can be captured in a CUDA
-    graph (it never synchronizes with the host), so its GPU time is measured without the launcher's host time."""
+    """One bucket of one kernel: ``setup(device)`` builds (timed calls, one per problem; check); check returns the
+    candidate's error against the reference, which must be <= tol (0: bit-exact). ``graph``: the calls can be
+    captured in a CUDA graph (they never synchronize with the host), so their GPU time is measured without the
+    launcher's host time."""
 
     kernel: str
     bucket: str
@@ -43,6 +49,10 @@ class Task:
     setup: Setup
     tol: float
     graph: bool = True
+
+
+def _shape(problems, what: str) -> str:
+    return ", ".join(f"{B}x{T}" for B, T in problems) + f" (batch x tokens), {what}"
 
 
 def random_cache(codec: KVCodec, kv_heads: int, batch: int, tokens: int, device, dtype=torch.float16,
@@ -63,36 +73,39 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
-def _attention(d: int, kb: int, vb: int, group: int, batch: int, tokens: int) -> Setup:
+def _attention(d: int, kb: int, vb: int, group: int, problems) -> Setup:
     def setup(device):
         torch.manual_seed(0)
         codec = KVCodec(head_dim=d, key_bits=kb, value_bits=vb)
-        cache, _ = random_cache(codec, KV_HEADS, batch, tokens, device)
-        q = torch.randn(batch, 1, KV_HEADS * group, d, device=device, dtype=torch.float16)
+        runs = []
+        for B, T in problems:
+            cache, _ = random_cache(codec, KV_HEADS, B, T, device)
+            q = torch.randn(B, 1, KV_HEADS * group, d, device=device, dtype=torch.float16)
+            runs.append(lambda q=q, cache=cache: decode_attention(q, cache))
         small = PagedKVCache(codec, 2, 3, num_pages=32, sink_tokens=4, device=device)
         k = torch.randn(3, 700, 2, d, device=device, dtype=torch.float16) + 0.2
         small.append(k, torch.randn_like(k), lengths=[700, 333, 90])
         qs = torch.randn(3, 1, 2 * group, d, device=device, dtype=torch.float16)
         ref = _reference_attention(qs, small, d ** -0.5, None, None)
-        return (lambda: decode_attention(q, cache)), (lambda: _rel(decode_attention(qs, small), ref))
+        return runs, (lambda: _rel(decode_attention(qs, small), ref))
     return setup
 
 
-def _encode(d: int, bits: int, tokens: int, decode: bool) -> Setup:
+def _encode(d: int, bits: int, problems, decode: bool) -> Setup:
     codec = KVCodec(head_dim=d, key_bits=bits, value_bits=bits, rope=RopeSpec(theta=500000.0))
 
     def setup(device):
         torch.manual_seed(0)
-        x = torch.randn(4, KV_HEADS, tokens, d, device=device, dtype=torch.float16)
+        xs = [torch.randn(B, KV_HEADS, T, d, device=device, dtype=torch.float16) for B, T in problems]
         small = (torch.randn(1, 2, 257, d) * 3 + 0.3).half()
         ref = encode_kv(small, codec, "key")  # CPU: the torch reference
         if decode:
-            enc = encode_kv(x, codec, "key")
+            encs = [encode_kv(x, codec, "key") for x in xs]
             ref_x = decode_kv(ref, codec, "key", dtype=torch.float32)
             ref_dev = type(ref)(*(t.to(device) for t in ref))
-            return (lambda: decode_kv(enc, codec, "key")), (
+            return [lambda e=e: decode_kv(e, codec, "key") for e in encs], (
                 lambda: _rel(decode_kv(ref_dev, codec, "key", dtype=torch.float32).cpu(), ref_x))
-        mean = torch.randn(4, KV_HEADS, d, device=device) * 0.1
+        means = [torch.randn(x.shape[0], KV_HEADS, d, device=device) * 0.1 for x in xs]
         small_dev, small_mean = small.to(device), ref.mean.to(device)
 
         def check():  # codes bit-exact; scales within an fp16 ulp (a last-bit rounding of the fit, seen at d256)
@@ -100,24 +113,25 @@ def _encode(d: int, bits: int, tokens: int, decode: bool) -> Setup:
             if not torch.equal(got.codes.cpu(), ref.codes):
                 return float("inf")
             return _rel(got.scales.cpu(), ref.scales)
-        return (lambda: encode_kv(x, codec, "key", mean=mean)), check
+        return [lambda x=x, m=m: encode_kv(x, codec, "key", mean=m) for x, m in zip(xs, means)], check
     return setup
 
 
-def _scoring(d: int, group: int, tokens: int) -> Setup:
+def _scoring(d: int, group: int, tokens) -> Setup:
     def setup(device):
         torch.manual_seed(0)
-        k = torch.randn(1, tokens, KV_HEADS, d, device=device, dtype=torch.bfloat16)
+        ks = [torch.randn(1, T, KV_HEADS, d, device=device, dtype=torch.bfloat16) for T in tokens]
         q = torch.randn(1, 32, KV_HEADS * group, d, device=device, dtype=torch.bfloat16)
-        ks = torch.randn(3, 2051, 2, d, device=device, dtype=torch.bfloat16)
-        qs = torch.randn(3, 33, 2 * group, d, device=device, dtype=torch.bfloat16)
+        k_small = torch.randn(3, 2051, 2, d, device=device, dtype=torch.bfloat16)
+        q_small = torch.randn(3, 33, 2 * group, d, device=device, dtype=torch.bfloat16)
         lens = torch.tensor([2051, 1000, 17], device=device)
-        ref = R.window_scores(qs, ks, lens, scale=d ** -0.5, aggregate="mean")
-        return (lambda: score_tokens(q, k)), (lambda: _rel(score_tokens(qs, ks, seq_lens=lens), ref))
+        ref = R.window_scores(q_small, k_small, lens, scale=d ** -0.5, aggregate="mean")
+        return [lambda k=k: score_tokens(q, k) for k in ks], (
+            lambda: _rel(score_tokens(q_small, k_small, seq_lens=lens), ref))
     return setup
 
 
-def _cold(d: int, bits: int, tokens: int, inverse: bool) -> Setup:
+def _cold(d: int, bits: int, tokens, inverse: bool) -> Setup:
     def setup(device):
         torch.manual_seed(0)
         W = d * bits // 32
@@ -125,18 +139,18 @@ def _cold(d: int, bits: int, tokens: int, inverse: bool) -> Setup:
         def streams(S, T):  # every filter mode, one per stream in turn
             return (torch.randint(-2**31, 2**31 - 1, (S, T, W), dtype=torch.int32, device=device),
                     torch.randn(S, T, device=device).half(), torch.arange(S, dtype=torch.int32, device=device) % 3)
-        codes, scales, modes = streams(64, tokens)
+        problems = [streams(64, T) for T in tokens]
         sc, ss, sm = streams(5, 1000)
         ref = filter_reference(sc, ss.view(torch.int16), sm, d, bits, 300)
         if not inverse:
-            return (lambda: filter_codes(codes, scales, modes, d, bits)), (
+            return [lambda p=p: filter_codes(*p, d, bits) for p in problems], (
                 lambda: float((filter_codes(sc, ss, sm, d, bits, chunk=300) != ref).sum()))
-        data = filter_codes(codes, scales, modes, d, bits)
+        data = [(filter_codes(*p, d, bits), p[2]) for p in problems]
 
         def check():
             c, s = unfilter_codes(ref, sm, d, bits, chunk=300)
             return float((c != sc).sum() + (s.view(torch.int16) != ss.view(torch.int16)).sum())
-        return (lambda: unfilter_codes(data, modes, d, bits)), check
+        return [lambda x=x, m=m: unfilter_codes(x, m, d, bits) for x, m in data], check
     return setup
 
 
@@ -158,23 +172,27 @@ def make_tasks(kernels=KERNELS, quick: bool = False) -> list[Task]:
         for kb, vb in SETTINGS:
             for group in (4, 8, 1) if d == 128 else (4,):
                 tier = 2 if d != 128 else int((kb, vb) not in SETTINGS[:2] or group != 4)
-                for ctx, T in CONTEXT_SHAPE.items():
-                    for bat, B in BATCH_SHAPE.items():
-                        bucket = attention_buckets(d, kb, vb, group, B, T)[0]
+                for ctx, Ts in CONTEXT_SHAPE.items():
+                    for bat, Bs in BATCH_SHAPE.items():
+                        bucket = attention_buckets(d, kb, vb, group, Bs[0], Ts[0])[0]
                         assert bucket.endswith(f"_{ctx}_{bat}")
-                        tasks.append((tier, Task("attention", bucket, f"{B}x{T} tokens, {KV_HEADS * group}q/{KV_HEADS}kv",
-                                                 STAGES["attention"], _attention(d, kb, vb, group, B, T), 1e-2)))
+                        problems = [(B, T) for B in Bs for T in Ts]
+                        tasks.append((tier, Task("attention", bucket, _shape(problems, f"{KV_HEADS * group}q/8kv"),
+                                                 STAGES["attention"], _attention(d, kb, vb, group, problems), 1e-2)))
         for bits in (3, 2, 4):
             tier = 2 if d != 128 else int(bits == 4)
-            coded = f"4x{KV_HEADS}x16384 tokens"
-            tasks += [(tier, Task("encode", f"d{d}_b{bits}", coded, STAGES["encode"], _encode(d, bits, 16384, False), 2e-3)),
+            coded = _shape(CODEC_SHAPES, "8 heads")
+            cold = ", ".join(f"64x{T}" for T in COLD_TOKENS) + " streams x tokens"
+            tasks += [(tier, Task("encode", f"d{d}_b{bits}", coded, STAGES["encode"],
+                                  _encode(d, bits, CODEC_SHAPES, False), 2e-3)),
                       (max(tier, 1), Task("decode", f"d{d}_b{bits}", coded, STAGES["decode"],
-                                          _encode(d, bits, 16384, True), 2e-3))]
-            tasks += [(tier, Task(k, f"d{d}_b{bits}", "64 streams x 8192 tokens", STAGES[k],
-                                  _cold(d, bits, 8192, k == "unfilter"), 0.0, graph=False)) for k in ("filter", "unfilter")]
+                                          _encode(d, bits, CODEC_SHAPES, True), 2e-3))]
+            tasks += [(tier, Task(k, f"d{d}_b{bits}", cold, STAGES[k], _cold(d, bits, COLD_TOKENS, k == "unfilter"),
+                                  0.0, graph=False)) for k in ("filter", "unfilter")]
         for group in (4, 8, 1) if d == 128 else (4,):
             tier = 2 if d != 128 else int(group != 4)
-            tasks.append((tier, Task("scoring", f"d{d}_g{group}", f"32 queries x 32768 keys, {KV_HEADS * group}q/8kv",
-                                     STAGES["scoring"], _scoring(d, group, 32768), 1e-3)))
+            shape = ", ".join(str(T) for T in SCORING_TOKENS) + f" keys, 32 queries, {KV_HEADS * group}q/8kv"
+            tasks.append((tier, Task("scoring", f"d{d}_g{group}", shape, STAGES["scoring"],
+                                     _scoring(d, group, SCORING_TOKENS), 1e-3)))
     tasks = [(tier, t) for tier, t in tasks if t.kernel in kernels and (tier == 0 or not quick)]
     return [t for _, t in sorted(tasks, key=lambda x: x[0])]

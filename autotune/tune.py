@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import platform
 import sys
 import time
@@ -51,41 +52,57 @@ def bench_ms(fn: Callable[[], object], graph: bool = True) -> float:
     return do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
+def _geomean(xs) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
 def search(task: Task, device: torch.device, timer: Optional[Callable[[Callable], float]] = None,
            log: Callable[[str], None] = print) -> dict:
-    """Time the default and each stage's grid; returns the record of the bucket (winner, times, failures)."""
-    run, check = task.setup(device)
+    """Time the default and each stage's grid; returns the record of the bucket (winner, times, failures).
+
+    A config's score is the geometric mean over the bucket's problems of its time / the default's time (short and
+    long problems weigh the same). The winner is timed again beside a fresh timing of the default and must still
+    beat it by ``NOISE``, or the bucket keeps the default."""
+    runs, check = task.setup(device)
     timer = timer or (lambda fn: bench_ms(fn, task.graph))
     failed = []
 
-    def measure(cfg: dict) -> Optional[float]:
+    def measure(cfg: dict) -> Optional[list]:
         with store.override(task.kernel, cfg):
             try:
                 err = check()
                 if not err <= task.tol:
                     failed.append(dict(config=cfg, why=f"error {err:.3g} > {task.tol:g}"))
                     return None
-                return timer(run)
+                return [timer(run) for run in runs]
             except Exception as e:  # noqa: BLE001 - a config that does not compile or launch just loses
                 failed.append(dict(config=cfg, why=f"{type(e).__name__}: {str(e)[:120]}"))
                 return None
 
+    def score(times, ref) -> float:
+        return _geomean([t / r for t, r in zip(times, ref)])
+
     t_default = measure({})
     if t_default is None:
         raise RuntimeError(f"{task.kernel} {task.bucket}: the default config fails its check: {failed[-1]['why']}")
-    best, t_best, tried = {}, t_default, 1
+    best, t_best, s_best, tried = {}, t_default, 1.0, 1
     for stage in task.stages:
         base = dict(best)
         for values in itertools.product(*stage.values()):
             cfg = {**base, **dict(zip(stage, values))}
             t = measure(cfg)
             tried += 1
-            if t is not None and t * NOISE < t_best:
-                best, t_best = cfg, t
+            if t is not None and score(t, t_default) * NOISE < s_best:
+                best, t_best, s_best = cfg, t, score(t, t_default)
+    if best:  # confirm: a win by timing noise is undone
+        t_default, t_best = measure({}), measure(best)
+        if score(t_best, t_default) * NOISE >= 1.0:
+            log(f"    {task.kernel} {task.bucket}: {best} did not confirm ({1 / score(t_best, t_default):.3f}x)")
+            best, t_best = {}, t_default
     for cfg in failed:
         log(f"    {task.kernel} {task.bucket}: {cfg['config']} lost: {cfg['why']}")
-    return dict(config=best, default_us=t_default * 1e3, tuned_us=t_best * 1e3, speedup=t_default / t_best,
-                tried=tried, failed=len(failed), shape=task.shape)
+    return dict(config=best, default_us=[t * 1e3 for t in t_default], tuned_us=[t * 1e3 for t in t_best],
+                speedup=1.0 / score(t_best, t_default), tried=tried, failed=len(failed), shape=task.shape)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -104,12 +121,17 @@ def write_store(path: Path, record: dict, meta: dict) -> None:
     _write_json(path, data)
 
 
+def _us(times) -> str:
+    return " / ".join(f"{t:.1f}" for t in times)
+
+
 def report_markdown(record: dict) -> str:
     meta = record["meta"]
     lines = [f"# Autotuning on {meta['device']}", "",
-             f"`python -m autotune.tune` ({meta['date']}; torch {meta['torch']}, triton {meta['triton']}). Each "
-             f"bucket's default and tuned time are do_bench medians of the bucket's shape in the same search; the "
-             f"winner had to reproduce the reference first and beat the default by 2%. Store: "
+             f"`python -m autotune.tune` ({meta['date']}; torch {meta['torch']}, triton {meta['triton']}). Times are "
+             f"GPU times (do_bench medians of CUDA-graph replays, L2 cleared) of each bucket's problems, the default "
+             f"and the winner timed again side by side after the search; the speed-up is their geometric mean. A "
+             f"winner had to reproduce the reference first and beat the default by 2% twice. Store: "
              f"`autotune/configs/{meta['gpu_key']}.json`.", ""]
     for kernel, buckets in record["buckets"].items():
         speedups = [r["speedup"] for r in buckets.values()]
@@ -118,7 +140,7 @@ def report_markdown(record: dict) -> str:
                   f"(best {max(speedups):.2f}x)", "",
                   "| bucket | shape | default (us) | tuned (us) | speed-up | config |", "|---|---|---|---|---|---|"]
         for bucket, r in buckets.items():
-            lines.append(f"| {bucket} | {r['shape']} | {r['default_us']:.1f} | {r['tuned_us']:.1f} | "
+            lines.append(f"| {bucket} | {r['shape']} | {_us(r['default_us'])} | {_us(r['tuned_us'])} | "
                          f"{r['speedup']:.2f}x | {json.dumps(r['config']) if r['config'] else 'default'} |")
         lines.append("")
     return "\n".join(lines)
@@ -170,7 +192,7 @@ def main(argv=None) -> int:
         _write_json(record_path, record)
         record_path.with_suffix(".md").write_text(report_markdown(record))
         write_store(store_path, record, meta)
-        print(f"[{i + 1}/{len(todo)}] {task.kernel} {task.bucket}: {r['default_us']:.1f} -> {r['tuned_us']:.1f} us "
+        print(f"[{i + 1}/{len(todo)}] {task.kernel} {task.bucket}: {_us(r['default_us'])} -> {_us(r['tuned_us'])} us "
               f"({r['speedup']:.2f}x) {r['config'] or 'default'} [{r['seconds']:.0f}s, {r['failed']} lost]",
               flush=True)
     store.reload()

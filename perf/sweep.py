@@ -185,18 +185,20 @@ def cpu_sweep(sections, quick) -> dict:
     cases = []
     for d in (64,) if quick else (64, 128):
         if "encode" in sections:
-            cases += [("encode", d, "K3", _encode(d, 3, 33, False), 2e-3), ("decode", d, "K3", _encode(d, 3, 33, True), 2e-3)]
+            cases += [("encode", d, "K3", _encode(d, 3, [(1, 33)], False), 2e-3),
+                      ("decode", d, "K3", _encode(d, 3, [(1, 33)], True), 2e-3)]
         if "scoring" in sections:
-            cases.append(("scoring", d, "GQA 4", _scoring(d, 4, 100), 1e-3))
+            cases.append(("scoring", d, "GQA 4", _scoring(d, 4, [100]), 1e-3))
         if "attention" in sections:
-            cases.append(("attention", d, "K3V2 GQA 4", _attention(d, 3, 2, 4, 2, 200), 1e-2))
+            cases.append(("attention", d, "K3V2 GQA 4", _attention(d, 3, 2, 4, [(2, 200)]), 1e-2))
         if "cold" in sections:
-            cases += [("filter", d, "K2", _cold(d, 2, 64, False), 0.0), ("unfilter", d, "K2", _cold(d, 2, 64, True), 0.0)]
+            cases += [("filter", d, "K2", _cold(d, 2, [64], False), 0.0), ("unfilter", d, "K2", _cold(d, 2, [64], True), 0.0)]
     rows = []
     for op, d, setting, setup, tol in cases:
         t0 = time.perf_counter()
-        run, check = setup(dev)
-        run()
+        runs, check = setup(dev)
+        for run in runs:
+            run()
         err = check()
         rows.append(dict(op=op, head_dim=d, setting=setting, check="pass" if err <= tol else "FAIL", error=err,
                          interpreter_s=time.perf_counter() - t0))

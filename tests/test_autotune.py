@@ -80,43 +80,65 @@ def _cpu_timer(fn):
 @pytest.mark.skipif(not interpreted(), reason="the search launches kernels (Triton interpreter on CPU)")
 def test_search_checks_every_candidate_and_a_broken_one_loses():
     # BT=24 is not a power of two: the kernel does not compile, so that candidate must lose, not crash the search.
-    task = Task("filter", "d64_b2", "test", [{"BT": [16, 24], "num_warps": [1]}], _cold(64, 2, 40, False), 0.0)
+    task = Task("filter", "d64_b2", "test", [{"BT": [16, 24], "num_warps": [1]}], _cold(64, 2, [40, 70], False), 0.0)
     lines = []
     r = search(task, torch.device("cpu"), timer=_cpu_timer, log=lines.append)
     assert r["tried"] == 3 and r["failed"] == 1
     assert r["config"] in ({}, {"BT": 16, "num_warps": 1})
-    assert r["speedup"] >= 1.0
+    assert len(r["default_us"]) == len(r["tuned_us"]) == 2
     assert any("'BT': 24" in line and "lost" in line for line in lines)
 
 
-def test_search_rejects_a_wrong_result():
-    calls = []
-
+def _fake_task(times, wrong_warps=8):
+    """A search over num_warps in (2, 8) of two problems whose timings come from ``times`` in call order; the
+    "kernel" is wrong under ``wrong_warps``, so that config is never timed."""
     def setup(device):
-        def check():  # the "kernel" is wrong under num_warps=8
-            return 1.0 if store._overrides.get("filter", {}).get("num_warps") == 8 else 0.0
-        return (lambda: calls.append(1)), check
+        def check():
+            return 1.0 if store._overrides.get("filter", {}).get("num_warps") == wrong_warps else 0.0
+        return [lambda: None, lambda: None], check
 
-    task = Task("filter", "d64_b2", "test", [{"num_warps": [2, 8]}], setup, 0.0)
-    times = iter([5.0, 4.0, 1.0])  # default, num_warps=2; num_warps=8 would be fastest but is never timed
-    r = search(task, torch.device("cpu"), timer=lambda fn: next(times), log=lambda s: None)
+    timer = iter(times)
+    return Task("filter", "d64_b2", "test", [{"num_warps": [2, 8]}], setup, 0.0), lambda fn: next(timer)
+
+
+def test_search_scores_by_geometric_mean_and_rejects_a_wrong_result():
+    # default (5, 50), num_warps=2 (4, 40): 1.25x on both problems; confirmed by (5, 50) vs (4, 40) again.
+    task, timer = _fake_task([5.0, 50.0, 4.0, 40.0, 5.0, 50.0, 4.0, 40.0])
+    r = search(task, torch.device("cpu"), timer=timer, log=lambda s: None)
     assert r["config"] == {"num_warps": 2} and r["failed"] == 1 and r["speedup"] == pytest.approx(1.25)
+    assert r["default_us"] == [5000.0, 50000.0] and r["tuned_us"] == [4000.0, 40000.0]
+
+
+def test_search_keeps_the_default_when_a_win_does_not_confirm():
+    lines = []
+    # default, num_warps=2 (a 1.25x win), num_warps=8 (no better); then default and num_warps=2 again: a tie.
+    task, timer = _fake_task([5.0, 50.0, 4.0, 40.0, 4.0, 40.0, 4.0, 40.0, 4.0, 40.0], wrong_warps=0)
+    r = search(task, torch.device("cpu"), timer=timer, log=lines.append)
+    assert r["config"] == {} and r["speedup"] == 1.0
+    assert any("did not confirm" in line for line in lines)
+
+
+def test_search_does_not_trade_one_end_for_the_other():
+    # num_warps=2 halves the short problem but doubles the long one: geometric mean 1.0, no win.
+    task, timer = _fake_task([5.0, 50.0, 2.5, 100.0], wrong_warps=8)
+    r = search(task, torch.device("cpu"), timer=timer, log=lambda s: None)
+    assert r["config"] == {} and r["tried"] == 3
 
 
 def test_store_file_merges_and_report(tmp_path):
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps({"encode": {"d64_b2": {"BLOCK_T": 128}}}))
     record = {"meta": {"device": "Test GPU", "gpu_key": "test-gpu", "date": "today", "torch": "t", "triton": "tr"},
-              "buckets": {"attention": {"d128_k3v2_g4_t4k_b1": dict(config={"num_warps": 8}, default_us=10.0,
-                                                                     tuned_us=8.0, speedup=1.25, tried=5, failed=0,
-                                                                     shape="1x4096")}}}
+              "buckets": {"attention": {"d128_k3v2_g4_t4k_b1": dict(config={"num_warps": 8}, default_us=[10.0, 20.0],
+                                                                     tuned_us=[8.0, 16.0], speedup=1.25, tried=5,
+                                                                     failed=0, shape="1x4096")}}}
     write_store(path, record, record["meta"])
     data = json.loads(path.read_text())
     assert data["encode"] == {"d64_b2": {"BLOCK_T": 128}}
     assert data["attention"] == {"d128_k3v2_g4_t4k_b1": {"num_warps": 8}}
     assert data["_meta"]["device"] == "Test GPU"
     md = report_markdown(record)
-    assert "| d128_k3v2_g4_t4k_b1 | 1x4096 | 10.0 | 8.0 | 1.25x |" in md
+    assert "| d128_k3v2_g4_t4k_b1 | 1x4096 | 10.0 / 20.0 | 8.0 / 16.0 | 1.25x |" in md
 
 
 def test_tune_needs_a_gpu_and_names_bad_kernels(capsys):

@@ -1,19 +1,20 @@
 """Search launch configs for this GPU and write its config store: ``python -m autotune.tune``.
 
-    python -m autotune.tune [--kernels attention,encode,...] [--quick] [--budget-min 20] [--fresh]
+    python -m autotune.tune [--kernels attention,encode,...] [--quick] [--buckets REGEX] [--budget-min 20] [--fresh]
 
 For every kernel and shape bucket (``autotune.tasks``) the search times the launcher's default first, then a few
 stages, each a grid over some launch parameters on top of the best config so far (compile-time parameters such as
 warps and pipeline stages first, then grid-size parameters such as programs per SM and pages per split). Before a
 candidate is timed it must reproduce the reference on a small problem with the same config: codes and COLD bytes
 bit for bit, attention and scores within fp32-accumulation error. A candidate that fails to compile, to launch or
-to match loses. A winner must beat the default by 2% (timing noise is about 1%), so an untuned bucket keeps the
-default. Timings are ``bench_ms``: do_bench medians of CUDA-graph replays (L2 cleared before every call).
+to match loses. A winner must beat the default by 2% (timing noise is about 1%) in the geometric mean of the
+bucket's problems, be no more than 3% slower on any of them, and confirm both in a second timing; otherwise the
+bucket keeps the default. Timings are ``bench_ms``: do_bench medians of CUDA-graph replays (L2 cleared before every call).
 
 Results are written after every bucket: the winners into ``autotune/configs/<gpu>.json`` (merged with what the
 file holds, with a ``_meta`` entry naming the device and versions) and the search record (default and tuned time
 of every bucket) into ``perf/results/tune_<gpu>.json`` and ``.md``. A run stops when ``--budget-min`` is spent,
-between buckets; the next run skips the buckets the record already holds (``--fresh`` starts over).
+between buckets; the next run skips the buckets the record already holds (``--fresh`` searches them again).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import itertools
 import json
 import math
 import platform
+import re
 import sys
 import time
 import warnings
@@ -34,6 +36,7 @@ from . import store
 from .tasks import KERNELS, Task, make_tasks
 
 NOISE = 1.02  # a candidate must be this much faster than the best so far to replace it
+GUARD = 1.03  # ... and no slower than the default by more than this on any of the bucket's problems
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "perf" / "results"
 
 
@@ -61,8 +64,9 @@ def search(task: Task, device: torch.device, timer: Optional[Callable[[Callable]
     """Time the default and each stage's grid; returns the record of the bucket (winner, times, failures).
 
     A config's score is the geometric mean over the bucket's problems of its time / the default's time (short and
-    long problems weigh the same). The winner is timed again beside a fresh timing of the default and must still
-    beat it by ``NOISE``, or the bucket keeps the default."""
+    long problems weigh the same); it may win only if it is also no slower than the default by more than ``GUARD``
+    on any problem (so a win at one end of the bucket never costs the other end). The winner is timed again beside
+    a fresh timing of the default and must still pass both tests, or the bucket keeps the default."""
     runs, check = task.setup(device)
     timer = timer or (lambda fn: bench_ms(fn, task.graph))
     failed = []
@@ -82,6 +86,9 @@ def search(task: Task, device: torch.device, timer: Optional[Callable[[Callable]
     def score(times, ref) -> float:
         return _geomean([t / r for t, r in zip(times, ref)])
 
+    def guarded(times, ref) -> bool:
+        return all(t <= r * GUARD for t, r in zip(times, ref))
+
     t_default = measure({})
     if t_default is None:
         raise RuntimeError(f"{task.kernel} {task.bucket}: the default config fails its check: {failed[-1]['why']}")
@@ -92,11 +99,11 @@ def search(task: Task, device: torch.device, timer: Optional[Callable[[Callable]
             cfg = {**base, **dict(zip(stage, values))}
             t = measure(cfg)
             tried += 1
-            if t is not None and score(t, t_default) * NOISE < s_best:
+            if t is not None and score(t, t_default) * NOISE < s_best and guarded(t, t_default):
                 best, t_best, s_best = cfg, t, score(t, t_default)
     if best:  # confirm: a win by timing noise is undone
         t_default, t_best = measure({}), measure(best)
-        if score(t_best, t_default) * NOISE >= 1.0:
+        if score(t_best, t_default) * NOISE >= 1.0 or not guarded(t_best, t_default):
             log(f"    {task.kernel} {task.bucket}: {best} did not confirm ({1 / score(t_best, t_default):.3f}x)")
             best, t_best = {}, t_default
     for cfg in failed:
@@ -131,7 +138,8 @@ def report_markdown(record: dict) -> str:
              f"`python -m autotune.tune` ({meta['date']}; torch {meta['torch']}, triton {meta['triton']}). Times are "
              f"GPU times (do_bench medians of CUDA-graph replays, L2 cleared) of each bucket's problems, the default "
              f"and the winner timed again side by side after the search; the speed-up is their geometric mean. A "
-             f"winner had to reproduce the reference first and beat the default by 2% twice. Store: "
+             f"winner had to reproduce the reference first, beat the default by 2% in that mean and be at most 3% "
+             f"slower on every problem, twice. Store: "
              f"`autotune/configs/{meta['gpu_key']}.json`.", ""]
     for kernel, buckets in record["buckets"].items():
         speedups = [r["speedup"] for r in buckets.values()]
@@ -151,7 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated subset of {','.join(KERNELS)}")
     ap.add_argument("--quick", action="store_true", help="head_dim 128 and the common bit widths only")
     ap.add_argument("--budget-min", type=float, default=20.0, help="stop between buckets after this many minutes")
-    ap.add_argument("--fresh", action="store_true", help="ignore the search record and tune every bucket again")
+    ap.add_argument("--buckets", help="only the buckets matching this regular expression (e.g. 'd128_k3v2_.*_b16')")
+    ap.add_argument("--fresh", action="store_true", help="search the selected buckets again, even those the record holds")
     ap.add_argument("--store", type=Path, help="config file to write (default autotune/configs/<gpu>.json)")
     ap.add_argument("--record", type=Path, help="search record (default perf/results/tune_<gpu>.json)")
     args = ap.parse_args(argv)
@@ -171,11 +180,11 @@ def main(argv=None) -> int:
     record_path = args.record or RESULTS_DIR / f"tune_{key}.json"
     meta = dict(device=torch.cuda.get_device_name(), gpu_key=key, torch=torch.__version__,
                 triton=triton.__version__, python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
-    record = {"buckets": {}} if args.fresh or not record_path.exists() else json.loads(record_path.read_text())
+    record = json.loads(record_path.read_text()) if record_path.exists() else {"buckets": {}}
     record["meta"] = meta
-    tasks = make_tasks(kernels, quick=args.quick)
-    todo = [t for t in tasks if t.bucket not in record["buckets"].get(t.kernel, {})]
-    print(f"{meta['device']}: {len(tasks)} buckets, {len(tasks) - len(todo)} already in {record_path}, "
+    tasks = [t for t in make_tasks(kernels, quick=args.quick) if not args.buckets or re.search(args.buckets, t.bucket)]
+    todo = [t for t in tasks if args.fresh or t.bucket not in record["buckets"].get(t.kernel, {})]
+    print(f"{meta['device']}: {len(tasks)} buckets selected, {len(tasks) - len(todo)} already in {record_path}, "
           f"budget {args.budget_min:g} min", flush=True)
     t0 = time.time()
     for i, task in enumerate(todo):

@@ -9,11 +9,12 @@ candidate is timed it must reproduce the reference on a small problem with the s
 bit for bit, attention and scores within fp32-accumulation error. A candidate that fails to compile, to launch or
 to match loses. A winner must beat the default by 2% (timing noise is about 1%) in the geometric mean of the
 bucket's problems, be no more than 3% slower on any of them, and confirm both in a second timing; otherwise the
-bucket keeps the default. Timings are ``bench_ms``: do_bench medians of CUDA-graph replays (L2 cleared before every call).
+bucket keeps the default. Timings are ``bench_ms``: do_bench medians of CUDA-graph replays (L2 cleared before
+every call).
 
-Results are written after every bucket: the winners into ``autotune/configs/<gpu>.json`` (merged with what the
-file holds, with a ``_meta`` entry naming the device and versions) and the search record (default and tuned time
-of every bucket) into ``perf/results/tune_<gpu>.json`` and ``.md``. A run stops when ``--budget-min`` is spent,
+Results are written after every bucket: the search record (default and tuned times of every bucket searched so
+far) into ``perf/results/tune_<gpu>.json`` and ``.md``, and its winners into ``autotune/configs/<gpu>.json`` (with a
+``_meta`` entry naming the device and versions). A run stops when ``--budget-min`` is spent,
 between buckets; the next run skips the buckets the record already holds (``--fresh`` searches them again).
 """
 from __future__ import annotations
@@ -119,13 +120,11 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def write_store(path: Path, record: dict, meta: dict) -> None:
-    """Merge the record's winners into the store file (an empty winner: the default, stored as such)."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    for kernel, buckets in record["buckets"].items():
-        for bucket, r in buckets.items():
-            data.setdefault(kernel, {})[bucket] = r["config"]
-    data["_meta"] = meta
-    _write_json(path, data)
+    """Write the record's winners as the store file (an empty winner: the default, stored as such), so the file
+    holds exactly the configs the record measured."""
+    data = {kernel: {bucket: r["config"] for bucket, r in buckets.items()}
+            for kernel, buckets in record["buckets"].items()}
+    _write_json(path, {"_meta": meta, **data})
 
 
 def _us(times) -> str:
@@ -160,7 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="head_dim 128 and the common bit widths only")
     ap.add_argument("--budget-min", type=float, default=20.0, help="stop between buckets after this many minutes")
     ap.add_argument("--buckets", help="only the buckets matching this regular expression (e.g. 'd128_k3v2_.*_b16')")
-    ap.add_argument("--fresh", action="store_true", help="search the selected buckets again, even those the record holds")
+    ap.add_argument("--fresh", action="store_true",
+                    help="search the selected buckets again, even those the record holds")
     ap.add_argument("--store", type=Path, help="config file to write (default autotune/configs/<gpu>.json)")
     ap.add_argument("--record", type=Path, help="search record (default perf/results/tune_<gpu>.json)")
     args = ap.parse_args(argv)

@@ -46,7 +46,8 @@ def attention_buckets(head_dim: int, key_bits: int, value_bits: int, group: int,
                       context: int) -> list[str]:
     """Config-store buckets of a decode_attention launch, most specific first: ``d128_k3v2_g4_t32k_b16``
     (head_dim, bits, GQA ratio, context range, batch range); then the same range at GQA 4, and at K3V2 GQA 4 (the
-    H100 searches at K3V2 and K4V4 chose the same grid in every range: it follows the range, not the bits); then
+    H100 and H200 searches at K3V2 and K4V4 chose the same grid in every range: it follows the range, not the
+    bits); then
     ``d128_k3v2``."""
     base = f"d{head_dim}_k{key_bits}v{value_bits}"
     work = f"{_range(context, CONTEXT_RANGES)}_{_range(batch, BATCH_RANGES)}"

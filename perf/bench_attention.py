@@ -9,8 +9,9 @@
    head_dim 64 and one 256 shape, contexts 1K-128K, batch 1-64, at K4V4/K3V3/K3V2/K2V2, beside torch SDPA over
    fp16 K/V with GQA (and FlashInfer's fp16 decode when it imports) in the same run. Latency is the GPU time of
    one call, replayed from a CUDA graph as a served model's decode step is (autotune.tune.bench_ms: the launcher's
-   Python time is not counted), with L2 cleared before every replay, so no run is served from cache. Achieved bandwidth counts the bytes the kernel must read: codes,
-   scales, the fp16 window, block table. "ours_fp16" is this kernel over an uncompressed cache (every token in the
+   Python time is not counted), with L2 cleared before every replay, so no run is served from cache. Achieved
+   bandwidth counts the bytes the kernel must read: codes, scales, the fp16 window, block table. "ours_fp16" is
+   this kernel over an uncompressed cache (every token in the
    fp16 window), which separates the kernel's quality from the compression.
 
 Launch configs come from the config store (``python -m autotune.tune`` searches them).

@@ -41,11 +41,13 @@ COLUMNS = {
                 ("score_tflops", "TFLOP/s", "{:.0f}"), ("gpu_kernels_ms", "GPU time with select (ms)", "{:.2f}"),
                 ("snapkv_torch_ms", "torch SnapKV x32 (ms)", "{:.2f}"), ("speedup", "speed-up", "{:.1f}x")],
     "attention": [("batch", "batch", "{}"), ("context", "context", "{}"), ("method", "method", "{}"),
-                  ("us", "latency (us)", "{:.1f}"), ("GBps", "GB/s read", "{:.0f}"), ("pct_copy", "% of copy", "{:.0f}"),
+                  ("us", "latency (us)", "{:.1f}"), ("GBps", "GB/s read", "{:.0f}"),
+                  ("pct_copy", "% of copy", "{:.0f}"),
                   ("speedup_vs_sdpa", "vs SDPA fp16", "{:.2f}x"), ("tuned", "tuned vs default", "{:.2f}x")],
     "cold_kernels": [("bits", "bits", "{}"), ("mode", "mode", "{}"), ("filter_GBps", "filter GB/s", "{:.0f}"),
                      ("filter_pct_copy", "% of copy", "{:.0f}"), ("unfilter_GBps", "unfilter GB/s", "{:.0f}"),
-                     ("unfilter_pct_copy", "% of copy", "{:.0f}"), ("filter_tuned", "filter tuned vs default", "{:.2f}x"),
+                     ("unfilter_pct_copy", "% of copy", "{:.0f}"),
+                     ("filter_tuned", "filter tuned vs default", "{:.2f}x"),
                      ("unfilter_tuned", "unfilter tuned vs default", "{:.2f}x")],
     "zstd": [("level", "level", "{}"), ("threads", "threads", "{}"), ("compress_GBps", "compress GB/s", "{:.2f}"),
              ("decompress_GBps", "decompress GB/s", "{:.2f}")],
@@ -53,7 +55,8 @@ COLUMNS = {
                        ("tokens", "tokens", "{}"), ("save_Mtok_s", "save (M token-streams/s)", "{:.2f}"),
                        ("load_Mtok_s", "load (M token-streams/s)", "{:.2f}")],
     "cpu": [("op", "op", "{}"), ("head_dim", "head_dim", "{}"), ("setting", "setting", "{}"),
-            ("check", "check vs reference", "{}"), ("error", "error", "{:.2e}"), ("interpreter_s", "interpreter (s)", "{:.2f}")],
+            ("check", "check vs reference", "{}"), ("error", "error", "{:.2e}"),
+            ("interpreter_s", "interpreter (s)", "{:.2f}")],
 }
 
 
@@ -192,7 +195,8 @@ def cpu_sweep(sections, quick) -> dict:
         if "attention" in sections:
             cases.append(("attention", d, "K3V2 GQA 4", _attention(d, 3, 2, 4, [(2, 200)]), 1e-2))
         if "cold" in sections:
-            cases += [("filter", d, "K2", _cold(d, 2, [64], False), 0.0), ("unfilter", d, "K2", _cold(d, 2, [64], True), 0.0)]
+            cases += [("filter", d, "K2", _cold(d, 2, [64], False), 0.0),
+                      ("unfilter", d, "K2", _cold(d, 2, [64], True), 0.0)]
     rows = []
     for op, d, setting, setup, tol in cases:
         t0 = time.perf_counter()
@@ -289,10 +293,12 @@ def plot(res: dict, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for kind in ("key", "value"):
             for B in sorted({r["batch"] for r in tables["encode"]}):
-                pts = sorted((r["tokens"], r["GBps"]) for r in tables["encode"] if r["kind"] == kind and r["batch"] == B)
+                pts = sorted((r["tokens"], r["GBps"]) for r in tables["encode"]
+                             if r["kind"] == kind and r["batch"] == B)
                 ax.plot(*zip(*pts), marker="o", label=f"{kind} batch {B}")
         ax.axhline(res["copy_GBps"], color="gray", linestyle="--", label="copy ceiling")
-        ax.set(xscale="log", xlabel="tokens per sequence", ylabel="GB/s", title=f"encode_kv K3V2 (8 KV heads, d128), {dev}")
+        ax.set(xscale="log", xlabel="tokens per sequence", ylabel="GB/s",
+               title=f"encode_kv K3V2 (8 KV heads, d128), {dev}")
         ax.legend(fontsize=7)
         paths.append(_save(fig, out / "sweep_encode.png"))
     if tables.get("scoring"):
@@ -302,7 +308,8 @@ def plot(res: dict, out: Path) -> list[Path]:
         snap = [(r["tokens"], r["snapkv_torch_ms"]) for r in rows if r["snapkv_torch_ms"]]
         if snap:
             ax.plot(*zip(*snap), marker="o", label="torch SnapKV (kvpress-style)")
-        ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="ms (32 layers)", title=f"token scoring, {dev}")
+        ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="ms (32 layers)",
+               title=f"token scoring, {dev}")
         ax.legend(fontsize=7)
         paths.append(_save(fig, out / "sweep_scoring.png"))
     return paths
@@ -335,7 +342,10 @@ def main(argv=None) -> int:
     else:
         import torch
 
-        res = gpu_sweep(sections, args.quick, args.out) if torch.cuda.is_available() else cpu_sweep(sections, args.quick)
+        if torch.cuda.is_available():
+            res = gpu_sweep(sections, args.quick, args.out)
+        else:
+            res = cpu_sweep(sections, args.quick)
         (args.out / "sweep.json").write_text(json.dumps(res, indent=1) + "\n")
     text = markdown(res)
     (args.out / "sweep.md").write_text(text + "\n")

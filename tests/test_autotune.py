@@ -126,16 +126,16 @@ def test_search_does_not_trade_one_end_for_the_other():
     assert r["config"] == {} and r["tried"] == 3
 
 
-def test_store_file_merges_and_report(tmp_path):
+def test_store_file_mirrors_the_record_and_report(tmp_path):
     path = tmp_path / "gpu.json"
-    path.write_text(json.dumps({"encode": {"d64_b2": {"BLOCK_T": 128}}}))
+    path.write_text(json.dumps({"encode": {"d64_b2": {"BLOCK_T": 128}}}))  # a config no record measured: dropped
     record = {"meta": {"device": "Test GPU", "gpu_key": "test-gpu", "date": "today", "torch": "t", "triton": "tr"},
               "buckets": {"attention": {"d128_k3v2_g4_t4k_b1": dict(config={"num_warps": 8}, default_us=[10.0, 20.0],
                                                                      tuned_us=[8.0, 16.0], speedup=1.25, tried=5,
                                                                      failed=0, shape="1x4096")}}}
     write_store(path, record, record["meta"])
     data = json.loads(path.read_text())
-    assert data["encode"] == {"d64_b2": {"BLOCK_T": 128}}
+    assert "encode" not in data
     assert data["attention"] == {"d128_k3v2_g4_t4k_b1": {"num_warps": 8}}
     assert data["_meta"]["device"] == "Test GPU"
     md = report_markdown(record)

@@ -327,7 +327,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer shapes (a few minutes on a GPU)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="folder for the outputs")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "sweep_results")),
+                    help="folder for the outputs (default: $OUT, else ./sweep_results)")
     ap.add_argument("--json", action="store_true", help="also print the JSON to stdout")
     ap.add_argument("--csv", action="store_true", help="also write one CSV per table")
     ap.add_argument("--from", dest="from_json", type=Path, help="re-render tables, CSV and plots of a saved run")

@@ -168,6 +168,10 @@ def main(argv=None) -> int:
     unknown = sorted(set(kernels) - set(KERNELS))
     if unknown:
         ap.error(f"--kernels: unknown {unknown}; allowed: {', '.join(KERNELS)}")
+    try:
+        pattern = re.compile(args.buckets or "")
+    except re.error as e:
+        ap.error(f"--buckets: not a regular expression ({e})")
     if not torch.cuda.is_available():
         print("autotune.tune needs a CUDA GPU (configs are per GPU; CPU runs use the defaults).", file=sys.stderr)
         return 2
@@ -182,7 +186,7 @@ def main(argv=None) -> int:
                 triton=triton.__version__, python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
     record = json.loads(record_path.read_text()) if record_path.exists() else {"buckets": {}}
     record["meta"] = meta
-    tasks = [t for t in make_tasks(kernels, quick=args.quick) if not args.buckets or re.search(args.buckets, t.bucket)]
+    tasks = [t for t in make_tasks(kernels, quick=args.quick) if pattern.search(t.bucket)]
     todo = [t for t in tasks if args.fresh or t.bucket not in record["buckets"].get(t.kernel, {})]
     print(f"{meta['device']}: {len(tasks)} buckets selected, {len(tasks) - len(todo)} already in {record_path}, "
           f"budget {args.budget_min:g} min", flush=True)

@@ -149,6 +149,9 @@ def test_tune_needs_a_gpu_and_names_bad_kernels(capsys):
     with pytest.raises(SystemExit):
         tune_main(["--kernels", "attention,warp"])
     assert "unknown ['warp']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tune_main(["--buckets", "d128_(k3"])
+    assert "--buckets: not a regular expression" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not interpreted(), reason="the reduced sweep runs the kernels in the Triton interpreter")

@@ -73,7 +73,7 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
-def _attention(d: int, kb: int, vb: int, group: int, problems) -> Setup:
+def attention_setup(d: int, kb: int, vb: int, group: int, problems) -> Setup:
     def setup(device):
         torch.manual_seed(0)
         codec = KVCodec(head_dim=d, key_bits=kb, value_bits=vb)
@@ -91,7 +91,7 @@ def _attention(d: int, kb: int, vb: int, group: int, problems) -> Setup:
     return setup
 
 
-def _encode(d: int, bits: int, problems, decode: bool) -> Setup:
+def codec_setup(d: int, bits: int, problems, decode: bool) -> Setup:
     codec = KVCodec(head_dim=d, key_bits=bits, value_bits=bits, rope=RopeSpec(theta=500000.0))
 
     def setup(device):
@@ -117,7 +117,7 @@ def _encode(d: int, bits: int, problems, decode: bool) -> Setup:
     return setup
 
 
-def _scoring(d: int, group: int, tokens) -> Setup:
+def scoring_setup(d: int, group: int, tokens) -> Setup:
     def setup(device):
         torch.manual_seed(0)
         ks = [torch.randn(1, T, KV_HEADS, d, device=device, dtype=torch.bfloat16) for T in tokens]
@@ -131,7 +131,7 @@ def _scoring(d: int, group: int, tokens) -> Setup:
     return setup
 
 
-def _cold(d: int, bits: int, tokens, inverse: bool) -> Setup:
+def cold_setup(d: int, bits: int, tokens, inverse: bool) -> Setup:
     def setup(device):
         torch.manual_seed(0)
         W = d * bits // 32
@@ -177,22 +177,24 @@ def make_tasks(kernels=KERNELS, quick: bool = False) -> list[Task]:
                         bucket = attention_buckets(d, kb, vb, group, Bs[0], Ts[0])[0]
                         assert bucket.endswith(f"_{ctx}_{bat}")
                         problems = [(B, T) for B in Bs for T in Ts]
+                        setup = attention_setup(d, kb, vb, group, problems)
                         tasks.append((tier, Task("attention", bucket, _shape(problems, f"{KV_HEADS * group}q/8kv"),
-                                                 STAGES["attention"], _attention(d, kb, vb, group, problems), 1e-2)))
+                                                 STAGES["attention"], setup, 1e-2)))
         for bits in (3, 2, 4):
             tier = 2 if d != 128 else int(bits == 4)
             coded = _shape(CODEC_SHAPES, "8 heads")
             cold = ", ".join(f"64x{T}" for T in COLD_TOKENS) + " streams x tokens"
             tasks += [(tier, Task("encode", f"d{d}_b{bits}", coded, STAGES["encode"],
-                                  _encode(d, bits, CODEC_SHAPES, False), 2e-3)),
+                                  codec_setup(d, bits, CODEC_SHAPES, False), 2e-3)),
                       (max(tier, 1), Task("decode", f"d{d}_b{bits}", coded, STAGES["decode"],
-                                          _encode(d, bits, CODEC_SHAPES, True), 2e-3))]
-            tasks += [(tier, Task(k, f"d{d}_b{bits}", cold, STAGES[k], _cold(d, bits, COLD_TOKENS, k == "unfilter"),
-                                  0.0, graph=False)) for k in ("filter", "unfilter")]
+                                          codec_setup(d, bits, CODEC_SHAPES, True), 2e-3))]
+            tasks += [(tier, Task(k, f"d{d}_b{bits}", cold, STAGES[k],
+                                  cold_setup(d, bits, COLD_TOKENS, k == "unfilter"), 0.0, graph=False))
+                      for k in ("filter", "unfilter")]
         for group in (4, 8, 1) if d == 128 else (4,):
             tier = 2 if d != 128 else int(group != 4)
             shape = ", ".join(str(T) for T in SCORING_TOKENS) + f" keys, 32 queries, {KV_HEADS * group}q/8kv"
             tasks.append((tier, Task("scoring", f"d{d}_g{group}", shape, STAGES["scoring"],
-                                     _scoring(d, group, SCORING_TOKENS), 1e-3)))
+                                     scoring_setup(d, group, SCORING_TOKENS), 1e-3)))
     tasks = [(tier, t) for tier, t in tasks if t.kernel in kernels and (tier == 0 or not quick)]
     return [t for _, t in sorted(tasks, key=lambda x: x[0])]

@@ -259,22 +259,25 @@ class PagedKVCache:
     def _append_window(self, k: torch.Tensor, v: torch.Tensor, pos: Optional[torch.Tensor], last, T: int) -> None:
         # k, v [B, T, H, D] written at each slot's window end (fp_k[b, :, fp_b + t]) with one index_put each.
         B = k.shape[0]
-        kernel = _use_triton(k)
-        if kernel:  # one launch instead of ~10 small ones: a decode step runs this once per layer
+
+        def slots():  # window slots [B, T]: (sequence, index in its buffer)
+            return (torch.arange(B, device=self.device)[:, None].expand(B, T),
+                    self.lengths[2, :B].long()[:, None] + torch.arange(T, device=self.device)[None])
+
+        if _use_triton(k):  # one launch instead of ~10 small ones: a decode step runs this once per layer
             D = self.codec.head_dim
             _window_write_kernel[(B * T, self.num_kv_heads)](
                 k, v, self.fp_k, self.fp_v, self.lengths, self.max_batch, T, *k.stride()[:3], *v.stride()[:3],
                 *self.fp_k.stride()[:3], D=D, DP=triton.next_power_of_2(D), num_warps=1)
-        if not kernel or self.positions is not None:  # window slots [B, T]: (sequence, index in its buffer)
-            rows = torch.arange(B, device=self.device)[:, None].expand(B, T)
-            at = self.lengths[2, :B].long()[:, None] + torch.arange(T, device=self.device)[None]
-        if not kernel:
+        else:
+            rows, at = slots()
             self.fp_k[rows, :, at] = _zero_nonfinite(k.to(self.dtype))
             self.fp_v[rows, :, at] = _zero_nonfinite(v.to(self.dtype))
         if self.positions is not None:
             if pos is None:
                 nxt = torch.tensor(self._next[:B], device=self.device, dtype=torch.int32)
                 pos = (nxt[:, None] + torch.arange(T, device=self.device, dtype=torch.int32)[None])[:, None]
+            rows, at = slots()
             self.fp_pos[rows, :, at] = pos.expand(B, self.num_kv_heads, T).transpose(1, 2)
         for b in range(B):
             self._next[b] = self._next[b] + T if last is None else last[b] + 1

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from autotune.store import gpu_key
+from autotune.store import gpu_key, untuned
 from autotune.tasks import random_cache
 from autotune.tune import bench_ms
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
@@ -88,8 +88,20 @@ def cache_bytes_read(cache, B):
     return comp * H * per_tok + fp * H * codec.head_dim * 2 * cache.fp_k.element_size()
 
 
-def bench_decode(dev, Hq, H, D, B, T, copy_gbps, quick):
+def bench_decode(dev, Hq, H, D, B, T, copy_gbps, quick, compare_untuned=False):
+    """Rows of SDPA (and FlashInfer), ours at each setting and ours over fp16; ``compare_untuned``: ours also timed
+    with the launchers' default configs (``tuned`` = default time / tuned time)."""
     rows = []
+
+    def ours(method, cache, nbytes):
+        ms = bench_ms(lambda: decode_attention(q, cache))
+        row = dict(method=method, head_dim=D, batch=B, context=T, us=ms * 1e3, bytes=nbytes, GBps=nbytes / ms / 1e6,
+                   pct_copy=100 * nbytes / ms / 1e6 / copy_gbps)
+        if compare_untuned:
+            with untuned():
+                row["tuned"] = bench_ms(lambda: decode_attention(q, cache)) / ms
+        rows.append(row)
+
     q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.float16)
     x = [torch.randn(1, T, H, D, device=dev, dtype=torch.float16) for _ in range(2)]
     # SDPA over fp16 K/V with GQA: [B, heads, T, D], one real copy per sequence.
@@ -103,17 +115,11 @@ def bench_decode(dev, Hq, H, D, B, T, copy_gbps, quick):
     if FLASHINFER is not None:
         rows.append(flashinfer_decode(dev, q, x, B, T, H, D))
     for kb, vb in SETTINGS if not quick else ((3, 2),):
-        codec = KVCodec(head_dim=D, key_bits=kb, value_bits=vb)
-        cache, _ = random_cache(codec, H, B, T, dev, x=x)
-        ms = bench_ms(lambda: decode_attention(q, cache))
-        nbytes = cache_bytes_read(cache, B)
-        rows.append(dict(method=f"K{kb}V{vb}", head_dim=D, batch=B, context=T, us=ms * 1e3, bytes=nbytes,
-                         GBps=nbytes / ms / 1e6, pct_copy=100 * nbytes / ms / 1e6 / copy_gbps))
+        cache, _ = random_cache(KVCodec(head_dim=D, key_bits=kb, value_bits=vb), H, B, T, dev, x=x)
+        ours(f"K{kb}V{vb}", cache, cache_bytes_read(cache, B))
     if not quick:  # the same kernel with every token uncompressed (fp16 window), to separate kernel from format
         cache, _ = random_cache(KVCodec(head_dim=D), H, B, T, dev, x=x, recent=T)
-        ms = bench_ms(lambda: decode_attention(q, cache))
-        rows.append(dict(method="ours_fp16", head_dim=D, batch=B, context=T, us=ms * 1e3, bytes=fp16_bytes,
-                         GBps=fp16_bytes / ms / 1e6, pct_copy=100 * fp16_bytes / ms / 1e6 / copy_gbps))
+        ours("ours_fp16", cache, fp16_bytes)
     base = rows[0]["us"]
     for r in rows:
         r["speedup_vs_sdpa"] = base / r["us"]

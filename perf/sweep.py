@@ -121,13 +121,10 @@ def attention_section(dev, copy_gbps, quick):
     bench_attention.FLASHINFER = bench_attention._import_flashinfer()
     rows = []
     for B, T in attention_shapes(quick):
-        tuned, default = _timed_both(lambda: bench_attention.bench_decode(dev, 32, 8, 128, B, T, copy_gbps, quick))
-        for r, d in zip(tuned, default):
-            if r["method"] not in ("sdpa_fp16", "flashinfer_fp16"):
-                r["tuned"] = d["us"] / r["us"]
-            rows.append(r)
+        shape_rows = bench_attention.bench_decode(dev, 32, 8, 128, B, T, copy_gbps, quick, compare_untuned=True)
+        rows += shape_rows
         log(f"attention B={B} T={T}: " + "  ".join(f"{r['method']} {r['us']:.1f}us x{r['speedup_vs_sdpa']:.2f}"
-                                                   for r in tuned))
+                                                   for r in shape_rows))
     return {"attention": rows}
 
 
@@ -180,7 +177,7 @@ def cpu_sweep(sections, quick) -> dict:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from autotune.tasks import _attention, _cold, _encode, _scoring
+    from autotune.tasks import attention_setup, codec_setup, cold_setup, scoring_setup
 
     log("No GPU: reduced sweep through the Triton interpreter. Every kernel runs and is checked against its "
         "reference; the timings say nothing about GPU speed.")
@@ -188,15 +185,15 @@ def cpu_sweep(sections, quick) -> dict:
     cases = []
     for d in (64,) if quick else (64, 128):
         if "encode" in sections:
-            cases += [("encode", d, "K3", _encode(d, 3, [(1, 33)], False), 2e-3),
-                      ("decode", d, "K3", _encode(d, 3, [(1, 33)], True), 2e-3)]
+            cases += [("encode", d, "K3", codec_setup(d, 3, [(1, 33)], False), 2e-3),
+                      ("decode", d, "K3", codec_setup(d, 3, [(1, 33)], True), 2e-3)]
         if "scoring" in sections:
-            cases.append(("scoring", d, "GQA 4", _scoring(d, 4, [100]), 1e-3))
+            cases.append(("scoring", d, "GQA 4", scoring_setup(d, 4, [100]), 1e-3))
         if "attention" in sections:
-            cases.append(("attention", d, "K3V2 GQA 4", _attention(d, 3, 2, 4, [(2, 200)]), 1e-2))
+            cases.append(("attention", d, "K3V2 GQA 4", attention_setup(d, 3, 2, 4, [(2, 200)]), 1e-2))
         if "cold" in sections:
-            cases += [("filter", d, "K2", _cold(d, 2, [64], False), 0.0),
-                      ("unfilter", d, "K2", _cold(d, 2, [64], True), 0.0)]
+            cases += [("filter", d, "K2", cold_setup(d, 2, [64], False), 0.0),
+                      ("unfilter", d, "K2", cold_setup(d, 2, [64], True), 0.0)]
     rows = []
     for op, d, setting, setup, tol in cases:
         t0 = time.perf_counter()

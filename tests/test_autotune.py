@@ -8,7 +8,7 @@ import torch
 
 import autotune.store as store
 from autotune import lookup, override, untuned
-from autotune.tasks import KERNELS, Task, _cold, make_tasks
+from autotune.tasks import KERNELS, Task, cold_setup, make_tasks
 from autotune.tune import main as tune_main
 from autotune.tune import report_markdown, search, write_store
 from nqkernels.attention import attention_buckets
@@ -80,7 +80,8 @@ def _cpu_timer(fn):
 @pytest.mark.skipif(not interpreted(), reason="the search launches kernels (Triton interpreter on CPU)")
 def test_search_checks_every_candidate_and_a_broken_one_loses():
     # BT=24 is not a power of two: the kernel does not compile, so that candidate must lose, not crash the search.
-    task = Task("filter", "d64_b2", "test", [{"BT": [16, 24], "num_warps": [1]}], _cold(64, 2, [40, 70], False), 0.0)
+    task = Task("filter", "d64_b2", "test", [{"BT": [16, 24], "num_warps": [1]}], cold_setup(64, 2, [40, 70], False),
+                0.0)
     lines = []
     r = search(task, torch.device("cpu"), timer=_cpu_timer, log=lines.append)
     assert r["tried"] == 3 and r["failed"] == 1

@@ -85,23 +85,51 @@ def _visible(valid, k_index, q_index, WINDOW: tl.constexpr, window, AXIS: tl.con
 
 
 @triton.jit
-def _page_codes(c_ptr, s_ptr, page, h, t, tmask, sc_p, sc_h, sc_t, ss_p, ss_h, D: tl.constexpr, DP: tl.constexpr,
-                BITS: tl.constexpr, HB: tl.constexpr):
-    """One page of one head: low-plane words [P, DP/16], high-plane words [P, DP·HB/32] (the low ones again when
-    BITS == 2, unused) and fp32 scales [P]; masked tokens read as zero."""
-    page = page.to(tl.int64)  # large pools overflow 32-bit offsets
-    row = c_ptr + page * sc_p + h * sc_h + t[:, None] * sc_t
-    lo = load_words(row, tmask, 0, D // 16, DP // 16)
-    hi = lo
-    if BITS > 2:
-        hi = load_words(row, tmask, D // 16, D * (BITS - 2) // 32, DP * HB // 32)
-    return lo, hi, tl.load(s_ptr + page * ss_p + h * ss_h + t, mask=tmask, other=0.0).to(tl.float32)
+def _page_words(row0, lim, sc_t, sc_w, FIRST: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+                PAGE: tl.constexpr):
+    """Words FIRST..FIRST+N-1 of a page's first ``lim`` tokens (``row0`` points at its first token; word stride sc_w),
+    zero-padded to NP columns; other tokens read as zero: [PAGE, NP]. Loaded as [C, 8, slabs, REP, J] (token
+    8·REP·slab + 8·rep + g, word J·c + jl): the load's layout then puts the words of a 16-token slab on one warp,
+    8 tokens across its lanes and a run of J words per thread, which is how a 64-row tensor-core product holds its A
+    operand in pair order (``lattice.plane_pairs``), so decoded pages never pass through shared memory. (sc_w is 1,
+    but a runtime value: were the runs provably adjacent, the compiler would give one thread all C·J words of a token
+    as a single vector and then exchange them through shared memory.)"""
+    C: tl.constexpr = min(4, NP)
+    J: tl.constexpr = NP // C
+    SLABS: tl.constexpr = min(4, PAGE // 16)
+    REP: tl.constexpr = PAGE // (8 * SLABS)
+    c = tl.arange(0, C)[:, None, None, None, None]
+    g = tl.arange(0, 8)[None, :, None, None, None]
+    slab = tl.arange(0, SLABS)[None, None, :, None, None]
+    rep = tl.arange(0, REP)[None, None, None, :, None]
+    jl = tl.arange(0, J)[None, None, None, None, :]
+    tok = 8 * REP * slab + 8 * rep + g
+    j = J * c + jl
+    w = tl.load(row0 + tok * sc_t + (FIRST + J * c) * sc_w + jl, mask=(tok < lim) & (j < N), other=0)
+    return tl.reshape(tl.permute(w, (2, 3, 1, 0, 4)), (PAGE, NP))
 
 
 @triton.jit
-def _pair_inv_scale(kappa, FBITS: tl.constexpr):
-    """1 / (the power of two ``plane_pairs`` puts on element kappa): 2^-(FBITS·k), k the field within its byte."""
-    return tl.exp2(-(FBITS * ((kappa >> 1) % (8 // FBITS))).to(tl.float32))
+def _page_codes(c_ptr, s_ptr, page, h, lim, sc_p, sc_h, sc_t, sc_w, ss_p, ss_h, D: tl.constexpr, DP: tl.constexpr,
+                BITS: tl.constexpr, HB: tl.constexpr, PAGE: tl.constexpr):
+    """One page of one head: low-plane words [PAGE, DP/16], high-plane words [PAGE, DP·HB/32] (the low ones again
+    when BITS == 2, unused) and fp32 scales [PAGE]; tokens from ``lim`` on read as zero."""
+    page = page.to(tl.int64)  # large pools overflow 32-bit offsets
+    row0 = c_ptr + page * sc_p + h * sc_h
+    lo = _page_words(row0, lim, sc_t, sc_w, 0, D // 16, DP // 16, PAGE)
+    hi = lo
+    if BITS > 2:
+        hi = _page_words(row0, lim, sc_t, sc_w, D // 16, D * (BITS - 2) // 32, DP * HB // 32, PAGE)
+    t = tl.arange(0, PAGE)
+    return lo, hi, tl.load(s_ptr + page * ss_p + h * ss_h + t, mask=t < lim, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pair_inv_scale(kappa, FBITS: tl.constexpr, DP: tl.constexpr):
+    """1 / (the power of two ``plane_pairs`` puts on element kappa of a plane of FBITS-bit fields): 2^-(FBITS·k), k
+    the field within its byte."""
+    C: tl.constexpr = min(4, DP * FBITS // 32)
+    return tl.exp2(-(FBITS * ((kappa >> 1) // C % (8 // FBITS))).to(tl.float32))
 
 
 @triton.jit
@@ -114,31 +142,70 @@ def _query_block(q, p_ptr, FIRST: tl.constexpr, ROWS: tl.constexpr, DP: tl.const
     blk = tl.load(p_ptr + (FIRST + kappa)[:, None] * DP + d[None, :]).to(DOT)
     qb = tl.dot(q, tl.trans(blk)) * INV_SQRT_N
     if FBITS > 0:
-        qb = qb * _pair_inv_scale(kappa, FBITS)[None, :]
+        qb = qb * _pair_inv_scale(kappa, FBITS, DP)[None, :]
     return qb
 
 
 @triton.jit
-def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, kmean_ptr, pk_ptr, rot_ptr,
-                       cos_ptr, sin_ptr, pos_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr,
-                       H, n_mblk, n_splits, pages_per_split, max_batch, sm_scale, softcap, window,
-                       sqb, sqt, sqh, skc_p, skc_h, skc_t, sks_p, sks_h, svc_p, svc_h, svc_t, svs_p, svs_h,
-                       spos_p, spos_h, sbt, sfb, sfh, sft, smb, smh,
-                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                       KBITS: tl.constexpr, VBITS: tl.constexpr, PAGE: tl.constexpr, INV_SQRT_N: tl.constexpr,
-                       NG: tl.constexpr, KCV: tl.constexpr, ROPE_HALF: tl.constexpr, CENTER_K: tl.constexpr,
-                       SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid, split = tl.program_id(0), tl.program_id(1)
+def _query_rows(q_ptr, pid, H, n_mblk, sqb, sqt, sqh, Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                DP: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The query rows of program ``pid`` of a (batch · KV head · row block) grid: rows are (chunk position, query
+    head of the group) pairs. Returns (b, h, chunk position of each row [BLOCK_M], q [BLOCK_M, DP] as DOT)."""
     bh, mb = pid // n_mblk, pid % n_mblk
     b, h = bh // H, bh % H
     r = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     qi, g = r // GROUP, r % GROUP
-    rmask = qi < Q_LEN
+    d = tl.arange(0, DP)
+    q = tl.load(q_ptr + b * sqb + qi[:, None] * sqt + (h * GROUP + g)[:, None] * sqh + d[None, :],
+                mask=(qi < Q_LEN)[:, None] & (d < D)[None, :], other=0.0).to(DOT)
+    return b, h, qi, q
+
+
+@triton.jit
+def _query_prep_kernel(q_ptr, pk_ptr, kmean_ptr, qt_ptr, qm_ptr, H, n_mblk, sqb, sqt, sqh, smb, smh,
+                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                       KBITS: tl.constexpr, NG: tl.constexpr, KQ: tl.constexpr, INV_SQRT_N: tl.constexpr,
+                       CENTER_K: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per (batch, KV head, row block), once for all its splits: the query against the decode matrix, transposed to
+    [KQ, BLOCK_M] fp16 (the B operand of the logit products: [per-group constants | low plane | high plane] rows),
+    and q·mean_k [BLOCK_M] fp32."""
+    pid = tl.program_id(0)
+    b, h, _, q = _query_rows(q_ptr, pid, H, n_mblk, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT, BLOCK_M)
+    d = tl.arange(0, DP)
+    KHI: tl.constexpr = 1 if KBITS == 3 else 2
+    m = tl.arange(0, BLOCK_M)[None, :]
+    out = qt_ptr + pid * KQ * BLOCK_M
+    # ¼ Σ_group q̃: the weights of the per-group constants e = 4·(c/2 + K_OFF) (coset_pairs)
+    tl.store(out + tl.arange(0, NG)[:, None] * BLOCK_M + m,
+             tl.trans(_query_block(q, pk_ptr, 0, NG, DP, 0, INV_SQRT_N, DOT).to(tl.float16)))
+    tl.store(out + (NG + d)[:, None] * BLOCK_M + m,
+             tl.trans(_query_block(q, pk_ptr, NG, DP, DP, 2, INV_SQRT_N, DOT).to(tl.float16)))
+    if KBITS > 2:
+        tl.store(out + (NG + DP + d)[:, None] * BLOCK_M + m,
+                 tl.trans(_query_block(q, pk_ptr, NG + DP, DP, DP, KHI, INV_SQRT_N, DOT).to(tl.float16)))
+    q_mean = tl.zeros((BLOCK_M,), tl.float32)
+    if CENTER_K:
+        q_mean = tl.sum(q.to(tl.float32) * tl.load(kmean_ptr + b * smb + h * smh + d, mask=d < D, other=0.0)[None, :],
+                        axis=1)
+    tl.store(qm_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M), q_mean)
+
+
+@triton.jit(do_not_specialize=["sc_w"])  # see _page_words
+def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, kmean_ptr, qt_ptr, qm_ptr, rot_ptr,
+                       cos_ptr, sin_ptr, pos_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr,
+                       H, n_mblk, n_splits, pages_per_split, max_batch, sm_scale, softcap, window,
+                       sqb, sqt, sqh, skc_p, skc_h, skc_t, sks_p, sks_h, svc_p, svc_h, svc_t, svs_p, svs_h, sc_w,
+                       spos_p, spos_h, sbt, sfb, sfh, sft, smb, smh,
+                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                       KBITS: tl.constexpr, VBITS: tl.constexpr, PAGE: tl.constexpr, INV_SQRT_N: tl.constexpr,
+                       NG: tl.constexpr, KQ: tl.constexpr, KCV: tl.constexpr, ROPE_HALF: tl.constexpr,
+                       CENTER_K: tl.constexpr,
+                       SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid, split = tl.program_id(0), tl.program_id(1)
+    b, h, qi, q = _query_rows(q_ptr, pid, H, n_mblk, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT, BLOCK_M)
     d = tl.arange(0, DP)
     dmask = d < D
-    q = tl.load(q_ptr + b * sqb + qi[:, None] * sqt + (h * GROUP + g)[:, None] * sqh + d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0).to(DOT)
     seq_len = tl.load(lens_ptr + b)
     comp = tl.load(lens_ptr + max_batch + b)
     n_fp = tl.load(lens_ptr + 2 * max_batch + b)
@@ -156,17 +223,14 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         NWL: tl.constexpr = DP // 16  # low-plane words (2-bit fields), padded
         KHI: tl.constexpr = 1 if KBITS == 3 else 2  # field bits of the high plane
         VHI: tl.constexpr = 1 if VBITS == 3 else 2
-        if ROPE_HALF == 0:
-            # ¼ Σ_group q̃: the weights of the per-group constants e = 4·(c/2 + K_OFF) (coset_pairs)
-            qt_c = tl.trans(_query_block(q, pk_ptr, 0, NG, DP, 0, INV_SQRT_N, DOT).to(tl.float16))
-            qt_lo = tl.trans(_query_block(q, pk_ptr, NG, DP, DP, 2, INV_SQRT_N, DOT).to(tl.float16))
+        if ROPE_HALF == 0:  # the query's operands, from _query_prep_kernel
+            m = tl.arange(0, BLOCK_M)[None, :]
+            qt = qt_ptr + pid * KQ * BLOCK_M
+            qt_c = tl.load(qt + tl.arange(0, NG)[:, None] * BLOCK_M + m)
+            qt_lo = tl.load(qt + (NG + d)[:, None] * BLOCK_M + m)
             if KBITS > 2:
-                qt_hi = tl.trans(_query_block(q, pk_ptr, NG + DP, DP, DP, KHI, INV_SQRT_N, DOT).to(tl.float16))
-            if CENTER_K:
-                q_mean = tl.sum(q.to(tl.float32) * tl.load(kmean_ptr + b * smb + h * smh + d, mask=dmask,
-                                                           other=0.0)[None, :], axis=1)
-            else:
-                q_mean = tl.zeros((BLOCK_M,), tl.float32)
+                qt_hi = tl.load(qt + (NG + DP + d)[:, None] * BLOCK_M + m)
+            q_mean = tl.load(qm_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M))
         else:
             # Keys stored with RoPE undone: decode each tile to the original basis (one product with R), add the
             # mean, re-apply RoPE at each key's position.
@@ -185,19 +249,20 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         p_hi = tl.minimum(p_lo + pages_per_split, tl.cdiv(comp, PAGE))
         # Software prefetch: the next page's codes and scales are loaded while this page is computed.
         page = tl.load(bt_ptr + b * sbt + tl.maximum(tl.minimum(p_lo, p_hi - 1), 0))  # in bounds; unused if empty
-        nvalid = (p_lo * PAGE + t < comp) & (p_lo * PAGE + t < p_hi * PAGE)
-        nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, t, nvalid, skc_p, skc_h, skc_t, sks_p, sks_h, D, DP,
-                                        KBITS, KHI)
-        nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, t, nvalid, svc_p, svc_h, svc_t, svs_p, svs_h, D, DP,
-                                        VBITS, VHI)
+        end = tl.minimum(comp, p_hi * PAGE)  # tokens of this split end here
+        lim = end - p_lo * PAGE
+        nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, lim, skc_p, skc_h, skc_t, sc_w, sks_p, sks_h, D, DP,
+                                        KBITS, KHI, PAGE)
+        nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, lim, svc_p, svc_h, svc_t, sc_w, svs_p, svs_h, D, DP,
+                                        VBITS, VHI, PAGE)
         for pg in range(p_lo, p_hi):
             k_lo, k_hi, ks, v_lo, v_hi, vs, cur = nk_lo, nk_hi, nks, nv_lo, nv_hi, nvs, page
             page = tl.load(bt_ptr + b * sbt + tl.minimum(pg + 1, p_hi - 1))
-            nvalid = ((pg + 1) * PAGE + t < comp) & ((pg + 1) * PAGE + t < p_hi * PAGE)
-            nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, t, nvalid, skc_p, skc_h, skc_t, sks_p, sks_h, D,
-                                            DP, KBITS, KHI)
-            nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, t, nvalid, svc_p, svc_h, svc_t, svs_p, svs_h, D,
-                                            DP, VBITS, VHI)
+            lim = end - (pg + 1) * PAGE
+            nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, lim, skc_p, skc_h, skc_t, sc_w, sks_p, sks_h, D,
+                                            DP, KBITS, KHI, PAGE)
+            nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, lim, svc_p, svc_h, svc_t, sc_w, svs_p, svs_h, D,
+                                            DP, VBITS, VHI, PAGE)
             tok = pg * PAGE + t
             tvalid = tok < comp
             k_index = n_sink + tok
@@ -261,7 +326,7 @@ def _rotate_block(u, pv_ptr, FIRST: tl.constexpr, ROWS: tl.constexpr, c0, RC: tl
     lo parts against the exact entries (±1, ±4, ¼·sums of ±1) keep ~22 bits."""
     kappa = tl.arange(0, ROWS)
     if FBITS > 0:
-        u = u * _pair_inv_scale(kappa, FBITS)[None, :]
+        u = u * _pair_inv_scale(kappa, FBITS, DP)[None, :]
     hi = u.to(tl.float16)
     lo = (u - hi.to(tl.float32)).to(tl.float16)
     blk = tl.load(pv_ptr + (FIRST + kappa)[:, None] * DP + (c0 + tl.arange(0, RC))[None, :]).to(tl.float16)
@@ -342,13 +407,22 @@ def _dot_dtype(q: torch.Tensor):
     return tl.float16
 
 
+def _deal_order(n_words: int, regs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lattice._deal``'s pair order over n_words words of ``regs`` registers: for each element κ, its word, its
+    register within the word and its 16-bit half."""
+    c_words = min(4, n_words)
+    kappa = torch.arange(2 * n_words * regs)
+    p, half = kappa // 2, kappa % 2
+    q = p // c_words
+    return n_words // c_words * (p % c_words) + q // regs, q % regs, half
+
+
 def _pair_order(n_words: int, fbits: int) -> torch.Tensor:
     """For each element κ of ``lattice.plane_pairs`` over n_words words of fbits-bit fields: the plane coordinate
-    it holds (word j holds coordinates (32/fbits)·j ..)."""
-    per = 8 // fbits
-    kappa = torch.arange(n_words * 4 * per)
-    j, sh, k, h = kappa // (4 * per), kappa // (2 * per) % 2, kappa // 2 % per, kappa % 2
-    return 4 * per * j + per * sh + k + 2 * per * h
+    it holds (word j holds coordinates (32/fbits)·j ..; register i = (8/fbits)·sh + k, half h holds field
+    i + (16/fbits)·h)."""
+    word, i, half = _deal_order(n_words, 16 // fbits)
+    return 32 // fbits * word + i + 16 // fbits * half
 
 
 @functools.lru_cache(maxsize=None)
@@ -364,7 +438,8 @@ def _decode_matrix(head_dim: int, bits: int, device: str) -> torch.Tensor:
     ng = max(16, 2 * nwl)
     groups = rot.reshape(dp // 8, 8, dp).sum(1) * 0.25
     coset = torch.zeros(ng, dp)
-    coset[::ng // (2 * nwl)] = groups
+    word, reg, half = _deal_order(nwl, ng // (2 * nwl))
+    coset[reg == 0] = groups[(2 * word + half)[reg == 0]]  # register 1, if any, is the zero padding
     blocks = [coset, rot[_pair_order(nwl, 2)]]
     if bits > 2:
         hi_bits = 1 if bits == 3 else 2
@@ -473,15 +548,23 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         cos, sin = _rope_tables(codec, max(cache.next_positions()[:B]), q.device)
         rope_half = (codec.rope.rotary_dim or D) // 2
     inv_sqrt_n = 1.0 / math.sqrt(ref.transform_norm(D))
+    KQ = NG + DP * (2 if codec.key_bits > 2 else 1)
+    q_t = torch.empty(B * H * n_mblk, KQ, block_m, dtype=torch.float16, device=q.device)
+    q_mean = torch.empty(B * H * n_mblk, block_m, dtype=torch.float32, device=q.device)
+    if rope_half == 0 and num_splits:
+        _query_prep_kernel[(B * H * n_mblk,)](
+            q, pk, cache.k_mean, q_t, q_mean, H, n_mblk, *q.stride()[:3], *cache.k_mean.stride()[:2],
+            Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, NG=NG, KQ=KQ, INV_SQRT_N=inv_sqrt_n,
+            CENTER_K=codec.center_keys, DOT=_dot_dtype(q), BLOCK_M=block_m, num_warps=4)
     _attn_split_kernel[(B * H * n_mblk, n_parts)](
         q, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths,
-        cache.k_mean, pk, rot, cos, sin, positions, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
+        cache.k_mean, q_t, q_mean, rot, cos, sin, positions, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
         H, n_mblk, num_splits, pages_per_split, cache.max_batch, scale, float(softcap or 1.0), int(window or 0),
         *q.stride()[:3], *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], *cache.v_codes.stride()[:3],
-        *cache.v_scales.stride()[:2], *positions.stride()[:2], cache.block_table.stride(0), *cache.fp_k.stride()[:3],
-        *cache.k_mean.stride()[:2],
+        *cache.v_scales.stride()[:2], cache.k_codes.stride(3), *positions.stride()[:2], cache.block_table.stride(0),
+        *cache.fp_k.stride()[:3], *cache.k_mean.stride()[:2],
         Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, VBITS=codec.value_bits, PAGE=P,
-        INV_SQRT_N=inv_sqrt_n, NG=NG, KCV=acc_part.shape[-1], ROPE_HALF=rope_half, CENTER_K=codec.center_keys,
+        INV_SQRT_N=inv_sqrt_n, NG=NG, KQ=KQ, KCV=acc_part.shape[-1], ROPE_HALF=rope_half, CENTER_K=codec.center_keys,
         SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=_dot_dtype(q), ASM=q.is_cuda,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _attn_reduce_kernel[(B * H * n_mblk,)](

@@ -309,7 +309,13 @@ def round_to(x, dtype: tl.constexpr):
 # field values times a power of two times 2^-24, exact. Products with fp16 queries/probabilities are exact in the
 # fp32 accumulator, which the kernel multiplies by 2^24 once. Each mask takes one field per 16-bit half (the
 # field pair k, k + 16/FBITS of a word), after an optional byte shift, so a word of 32/FBITS fields becomes
-# 16/FBITS pairs in the "pair order" κ (``attention._pair_order`` is the host-side map).
+# R = 16/FBITS registers of two fp16 each.
+#
+# The order of the decoded elements ("pair order", ``attention._pair_order`` is the host-side map) is chosen so that
+# every register already sits where a 64-row tensor-core product wants its A operand: there, the thread of lane c
+# (mod 4) of a row holds the element pairs p ≡ c (mod 4) (pair p = elements 2p, 2p + 1). So the words of a token are
+# dealt in runs of J = NW / C (C = min(4, NW)): word J·c + jl feeds the pairs p = C·(R·jl + i) + c, i < R, and a
+# thread that loads its own run of words (``attention._page_words``) decodes them in place, with no exchange.
 SUBNORMAL_UNIT = tl.constexpr(16777216.0)  # 2^24
 
 
@@ -318,8 +324,10 @@ def fp16_halves(z, ASM: tl.constexpr):
     """int32 [...] -> fp16 [..., 2]: the low and the high 16-bit half of each word, reinterpreted (no arithmetic).
     With ASM a register move (pairs stay packed in one register); otherwise portable bit operations."""
     if ASM:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [tl.join(z, z)], dtype=tl.float16,
-                                         is_pure=True, pack=2)
+        # Two outputs per word and a join, not one packed output: the join's layout is then Triton's to keep.
+        lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [z], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=1)
+        return tl.join(lo, hi)
     else:
         lo = (z & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
         hi = ((z >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
@@ -327,12 +335,19 @@ def fp16_halves(z, ASM: tl.constexpr):
 
 
 @triton.jit
-def plane_pairs(w, BT: tl.constexpr, NW: tl.constexpr, FBITS: tl.constexpr, ASM: tl.constexpr):
-    """[BT, NW] words of FBITS-bit fields (field k of a word at bits FBITS·k) -> fp16 [BT, NW·32/FBITS] subnormals.
+def _deal(z, BT: tl.constexpr, NW: tl.constexpr, R: tl.constexpr, ASM: tl.constexpr):
+    """z [BT, NW, R] int32 (R registers per word) -> fp16 [BT, 2·NW·R] in pair order: word J·c + jl, register i
+    becomes pair C·(R·jl + i) + c, its low half the even element."""
+    C: tl.constexpr = min(4, NW)
+    z = tl.permute(tl.reshape(z, (BT, C, (NW // C) * R)), (0, 2, 1))
+    return tl.reshape(fp16_halves(tl.reshape(z, (BT, NW * R)), ASM), (BT, 2 * NW * R))
 
-    Element κ = (32/FBITS)·j + (16/FBITS)·sh + 2k + h holds field (8/FBITS)·sh + k + (16/FBITS)·h of word j,
-    times 2^(FBITS·k) · 2^-24 (sh: byte shift, k: field within the byte, h: 16-bit half).
-    """
+
+@triton.jit
+def plane_pairs(w, BT: tl.constexpr, NW: tl.constexpr, FBITS: tl.constexpr, ASM: tl.constexpr):
+    """[BT, NW] words of FBITS-bit fields (field k of a word at bits FBITS·k) -> fp16 subnormals [BT, NW·32/FBITS]
+    in pair order (see above). Register i = (8/FBITS)·sh + k of a word holds, in its 16-bit half h, field
+    (8/FBITS)·sh + k + (16/FBITS)·h times 2^(FBITS·k) · 2^-24 (sh: byte shift, k: field within the byte)."""
     # tl.join stacks along a new last axis, so the outermost join picks the lowest bit of the field index k.
     x = tl.join(w, w >> 8)
     if FBITS == 2:
@@ -340,21 +355,24 @@ def plane_pairs(w, BT: tl.constexpr, NW: tl.constexpr, FBITS: tl.constexpr, ASM:
     else:
         z = tl.join(tl.join(tl.join(x & 0x00010001, x & 0x00100010), tl.join(x & 0x00040004, x & 0x00400040)),
                     tl.join(tl.join(x & 0x00020002, x & 0x00200020), tl.join(x & 0x00080008, x & 0x00800080)))
-    return tl.reshape(fp16_halves(z, ASM), (BT, NW * 32 // FBITS))
+    return _deal(tl.reshape(z, (BT, NW, 16 // FBITS)), BT, NW, 16 // FBITS, ASM)
 
 
 @triton.jit
 def coset_pairs(w, BT: tl.constexpr, NW: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
     """Low-plane words [BT, NW] (before ``restore_parity``) -> fp16 subnormals e·2^-24 [BT, NG], one per lattice group,
     with e = 2c − (2^(BITS+1) − 1) = 4·(c/2 + OFF) for the group's coset flag c and the codebook offset
-    OFF = ¼ − 2^(BITS−1): the part of v that is constant across the group. Element 2j + h is group 2j + h; with
-    NG > 2·NW every other element is zero. (|e| = M xor 2c for M = 2^(BITS+1) − 1; the sign bit is set.)"""
+    OFF = ¼ − 2^(BITS−1): the part of v that is constant across the group. Pair order with one register per word
+    (the two groups of a word are a pair); with NG > 2·NW the pairs past 2·NW are zero. (|e| = M xor 2c for
+    M = 2^(BITS+1) − 1; the sign bit is set.)"""
     M: tl.constexpr = (1 << (BITS + 1)) - 1
     SIGNED_M: tl.constexpr = (0x8000 | M) * 0x10001 - (1 << 32)  # both halves, as an int32 literal
-    c = fp16_halves(((w >> 13) & 0x00020002) ^ SIGNED_M, ASM)
+    z = ((w >> 13) & 0x00020002) ^ SIGNED_M
     if NG > 2 * NW:
-        c = tl.join(c, tl.zeros_like(c))
-    return tl.reshape(c, (BT, NG))
+        z = tl.join(z, tl.zeros_like(z))
+    else:
+        z = tl.expand_dims(z, 2)
+    return _deal(z, BT, NW, NG // (2 * NW), ASM)
 
 
 @triton.jit

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import reference as ref
 from .codec import _config, _max_programs, _rope_tables, _rotation, _use_triton
-from .lattice import (SUBNORMAL_UNIT, coset_pairs, load_e8_doubled, load_words, plane_pairs, restore_parity, rope_partner,
+from .lattice import (SUBNORMAL_UNIT, coset_pairs, load_e8_doubled, plane_pairs, restore_parity, rope_partner,
                       rope_rotate, rope_rows_at)
 from .paged import PagedKVCache
 

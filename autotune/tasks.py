@@ -154,8 +154,10 @@ def cold_setup(d: int, bits: int, tokens, inverse: bool) -> Setup:
     return setup
 
 
+# maxnreg: a cap on registers per thread; at 168 three 4-warp split programs fit an SM (uncapped they need ~175).
 STAGES = {"attention": [{"num_warps": [4, 8], "num_stages": [1, 2]},
-                        {"programs_per_sm": [2, 4, 8, 16], "min_pages_per_split": [1, 2, 4, 8]}],
+                        {"programs_per_sm": [2, 4, 8, 16], "min_pages_per_split": [1, 2, 4, 8],
+                         "maxnreg": [None, 168]}],
           "encode": [{"BLOCK_T": [64, 128], "num_warps": [4, 8]}, {"programs_per_sm": [1, 2, 4, 8]}],
           "decode": [{"BLOCK_T": [16, 32, 64], "num_warps": [2, 4]}],
           "scoring": [{"BLOCK_N": [64, 128], "num_warps": [4, 8]}, {"programs_per_sm": [2, 4, 8]}],

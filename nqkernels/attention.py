@@ -4,9 +4,10 @@ Math. A stored token decodes as x = Rᵀ v · s / √n (R = σ·T, ``reference.r
     q·k   = (R q / √n) · v_k · s_k + q·mean_k           (keys stored post-RoPE)
     Σ p v = Rᵀ (Σ p s_v v_v) / √n + (Σ p) · mean_v
 Codes become tensor-core operands without conversions: one mask of a code word yields two fp16 subnormals
-(``lattice.plane_pairs``), in an order ("pair order") that the contraction does not care about. So the query is
-multiplied by the rows of R in pair order once per program (``_decode_matrix``), keys are never rotated back, and
-values are accumulated in pair order and rotated back once, in the reduce. fp16 K/V never reach memory. Keys
+(``lattice.plane_pairs``), in an order ("pair order") that the contraction does not care about and that puts each
+decoded element in the register where the tensor-core product wants it. So the query is multiplied by the rows of R
+in pair order once per (sequence, KV head) (``_query_prep_kernel``, ``_decode_matrix``), keys are never rotated
+back, and values are accumulated in pair order and rotated back once, in the reduce. fp16 K/V never reach memory. Keys
 stored with RoPE undone are decoded to the original basis per page (one product with R) and RoPE is re-applied at
 each key's stored position (``PagedKVCache.positions``).
 
@@ -566,7 +567,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, VBITS=codec.value_bits, PAGE=P,
         INV_SQRT_N=inv_sqrt_n, NG=NG, KQ=KQ, KCV=acc_part.shape[-1], ROPE_HALF=rope_half, CENTER_K=codec.center_keys,
         SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=_dot_dtype(q), ASM=q.is_cuda,
-        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        maxnreg=cfg["maxnreg"])
     _attn_reduce_kernel[(B * H * n_mblk,)](
         m_part, l_part, acc_part, pv, cache.v_mean, out, H, n_mblk, num_splits, *cache.v_mean.stride()[:2],
         *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP, VBITS=codec.value_bits, NG=NG,

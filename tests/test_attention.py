@@ -65,6 +65,16 @@ def test_dtypes_and_bits(dtype, bits):
     _check(torch.randn(2, 2, 4, 128, dtype=dtype), cache)
 
 
+@pytest.mark.parametrize("page", (32, 64, 128))
+@pytest.mark.parametrize("d", (64, 256))
+def test_page_sizes(page, d):
+    # _page_words loads a page as [C, 8, slabs, REP, J]; its shape depends on the page size and the plane's words
+    cache = _cache(d=d, page=page, recent=3, pages=8, bits=(3, 3))
+    _fill(cache, [2 * page + 5, page - 1])
+    assert cache.compressed_lens()[0] >= page
+    _check(torch.randn(2, 1, 8, d, dtype=torch.float16), cache)
+
+
 @pytest.mark.parametrize("lengths", ([1, 16], [32, 48], [17, 2]), ids=("len1", "page_boundary", "ragged"))
 @pytest.mark.parametrize("recent", (0, 15), ids=("empty_window", "full_window"))
 @pytest.mark.parametrize("sinks", (0, 4))

@@ -550,9 +550,10 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         rope_half = (codec.rope.rotary_dim or D) // 2
     inv_sqrt_n = 1.0 / math.sqrt(ref.transform_norm(D))
     KQ = NG + DP * (2 if codec.key_bits > 2 else 1)
-    q_t = torch.empty(B * H * n_mblk, KQ, block_m, dtype=torch.float16, device=q.device)
-    q_mean = torch.empty(B * H * n_mblk, block_m, dtype=torch.float32, device=q.device)
+    q_t = q_mean = m_part  # placeholders: only post-RoPE keys in compressed pages read the query's operands
     if rope_half == 0 and num_splits:
+        q_t = torch.empty(B * H * n_mblk, KQ, block_m, dtype=torch.float16, device=q.device)
+        q_mean = torch.empty(B * H * n_mblk, block_m, dtype=torch.float32, device=q.device)
         _query_prep_kernel[(B * H * n_mblk,)](
             q, pk, cache.k_mean, q_t, q_mean, H, n_mblk, *q.stride()[:3], *cache.k_mean.stride()[:2],
             Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, NG=NG, KQ=KQ, INV_SQRT_N=inv_sqrt_n,
@@ -562,7 +563,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         cache.k_mean, q_t, q_mean, rot, cos, sin, positions, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
         H, n_mblk, num_splits, pages_per_split, cache.max_batch, scale, float(softcap or 1.0), int(window or 0),
         *q.stride()[:3], *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], *cache.v_codes.stride()[:3],
-        *cache.v_scales.stride()[:2], cache.k_codes.stride(3), *positions.stride()[:2], cache.block_table.stride(0),
+        *cache.v_scales.stride()[:2], cache.k_codes.stride(3),  # word stride, 1 in both (contiguous) code pools
+        *positions.stride()[:2], cache.block_table.stride(0),
         *cache.fp_k.stride()[:3], *cache.k_mean.stride()[:2],
         Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, VBITS=codec.value_bits, PAGE=P,
         INV_SQRT_N=inv_sqrt_n, NG=NG, KQ=KQ, KCV=acc_part.shape[-1], ROPE_HALF=rope_half, CENTER_K=codec.center_keys,

@@ -86,41 +86,63 @@ def _visible(valid, k_index, q_index, WINDOW: tl.constexpr, window, AXIS: tl.con
 
 
 @triton.jit
-def _page_words(row0, lim, sc_t, sc_w, FIRST: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-                PAGE: tl.constexpr):
-    """Words FIRST..FIRST+N-1 of a page's first ``lim`` tokens (``row0`` points at its first token; word stride sc_w),
-    zero-padded to NP columns; other tokens read as zero: [PAGE, NP]. Loaded as [C, 8, slabs, REP, J] (token
-    8·REP·slab + 8·rep + g, word J·c + jl): the load's layout then puts the words of a 16-token slab on one warp,
-    8 tokens across its lanes and a run of J words per thread, which is how a 64-row tensor-core product holds its A
-    operand in pair order (``lattice.plane_pairs``), so decoded pages never pass through shared memory. (sc_w is 1,
-    but a runtime value: were the runs provably adjacent, the compiler would give one thread all C·J words of a token
-    as a single vector and then exchange them through shared memory.)"""
-    C: tl.constexpr = min(4, NP)
-    J: tl.constexpr = NP // C
+def _word_runs(row0, lim, sc_t, sc_w, FIRST: tl.constexpr, N: tl.constexpr, J: tl.constexpr, JL: tl.constexpr,
+               RUN: tl.constexpr, C: tl.constexpr, PAGE: tl.constexpr):
+    # Words J·c + JL + r (r < RUN) of the page's tokens as [C, 8, slabs, REP, RUN] (token 8·REP·slab + 8·rep + g).
     SLABS: tl.constexpr = min(4, PAGE // 16)
     REP: tl.constexpr = PAGE // (8 * SLABS)
     c = tl.arange(0, C)[:, None, None, None, None]
     g = tl.arange(0, 8)[None, :, None, None, None]
     slab = tl.arange(0, SLABS)[None, None, :, None, None]
     rep = tl.arange(0, REP)[None, None, None, :, None]
-    jl = tl.arange(0, J)[None, None, None, None, :]
+    r = tl.arange(0, RUN)[None, None, None, None, :]
     tok = 8 * REP * slab + 8 * rep + g
-    j = J * c + jl
-    w = tl.load(row0 + tok * sc_t + (FIRST + J * c) * sc_w + jl, mask=(tok < lim) & (j < N), other=0)
+    j = J * c + JL + r
+    return tl.load(row0 + tok * sc_t + (FIRST + J * c + JL) * sc_w + r, mask=(tok < lim) & (j < N), other=0)
+
+
+@triton.jit
+def _page_words(row0, lim, sc_t, sc_w, FIRST: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+                PAGE: tl.constexpr, JOIN: tl.constexpr):
+    """Words FIRST..FIRST+N-1 of a page's first ``lim`` tokens (``row0`` points at its first token; word stride sc_w),
+    zero-padded to NP columns; other tokens read as zero: [PAGE, NP]. Built as [C, 8, slabs, REP, J] (token
+    8·REP·slab + 8·rep + g, word J·c + jl): the words of a 16-token slab on one warp, 8 tokens across its lanes and a
+    run of J words per thread, which is how a 64-row tensor-core product holds its A operand in pair order
+    (``lattice.plane_pairs``), so decoded key pages never pass through shared memory.
+
+    With JOIN, runs of more than one word are loaded word by word and joined: a join keeps the run in one thread's
+    registers, where a single 5-D load lets the compiler lay the run across lanes (the decoded key plane then went
+    through shared memory; K3V2 decode 1.23x faster, docs/decisions.md v5). (sc_w is 1, but a runtime value: were
+    the runs provably adjacent, the compiler would give one thread all C·J words of a token as one vector and then
+    exchange them through shared memory.)"""
+    C: tl.constexpr = min(4, NP)
+    J: tl.constexpr = NP // C
+    if J == 1 or not JOIN:
+        w = _word_runs(row0, lim, sc_t, sc_w, FIRST, N, J, 0, J, C, PAGE)
+    else:
+        S: tl.constexpr = (C, 8, min(4, PAGE // 16), PAGE // (8 * min(4, PAGE // 16)))  # [C, 8, slabs, REP]
+        w0 = tl.reshape(_word_runs(row0, lim, sc_t, sc_w, FIRST, N, J, 0, 1, C, PAGE), S)
+        w1 = tl.reshape(_word_runs(row0, lim, sc_t, sc_w, FIRST, N, J, 1, 1, C, PAGE), S)
+        if J == 2:
+            w = tl.join(w0, w1)
+        else:  # J == 4; joined axes flatten as 2·i + o, so words (0, 2) and (1, 3) pair up first
+            w2 = tl.reshape(_word_runs(row0, lim, sc_t, sc_w, FIRST, N, J, 2, 1, C, PAGE), S)
+            w3 = tl.reshape(_word_runs(row0, lim, sc_t, sc_w, FIRST, N, J, 3, 1, C, PAGE), S)
+            w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (C, 8, S[2], S[3], 4))
     return tl.reshape(tl.permute(w, (2, 3, 1, 0, 4)), (PAGE, NP))
 
 
 @triton.jit
 def _page_codes(c_ptr, s_ptr, page, h, lim, sc_p, sc_h, sc_t, sc_w, ss_p, ss_h, D: tl.constexpr, DP: tl.constexpr,
-                BITS: tl.constexpr, HB: tl.constexpr, PAGE: tl.constexpr):
+                BITS: tl.constexpr, HB: tl.constexpr, PAGE: tl.constexpr, JOIN: tl.constexpr):
     """One page of one head: low-plane words [PAGE, DP/16], high-plane words [PAGE, DP·HB/32] (the low ones again
     when BITS == 2, unused) and fp32 scales [PAGE]; tokens from ``lim`` on read as zero."""
     page = page.to(tl.int64)  # large pools overflow 32-bit offsets
     row0 = c_ptr + page * sc_p + h * sc_h
-    lo = _page_words(row0, lim, sc_t, sc_w, 0, D // 16, DP // 16, PAGE)
+    lo = _page_words(row0, lim, sc_t, sc_w, 0, D // 16, DP // 16, PAGE, JOIN)
     hi = lo
     if BITS > 2:
-        hi = _page_words(row0, lim, sc_t, sc_w, D // 16, D * (BITS - 2) // 32, DP * HB // 32, PAGE)
+        hi = _page_words(row0, lim, sc_t, sc_w, D // 16, D * (BITS - 2) // 32, DP * HB // 32, PAGE, JOIN)
     t = tl.arange(0, PAGE)
     return lo, hi, tl.load(s_ptr + page * ss_p + h * ss_h + t, mask=t < lim, other=0.0).to(tl.float32)
 
@@ -202,7 +224,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                        NG: tl.constexpr, KQ: tl.constexpr, KCV: tl.constexpr, ROPE_HALF: tl.constexpr,
                        CENTER_K: tl.constexpr,
                        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_RUNS: tl.constexpr):
     pid, split = tl.program_id(0), tl.program_id(1)
     b, h, qi, q = _query_rows(q_ptr, pid, H, n_mblk, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT, BLOCK_M)
     d = tl.arange(0, DP)
@@ -253,17 +275,17 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         end = tl.minimum(comp, p_hi * PAGE)  # tokens of this split end here
         lim = end - p_lo * PAGE
         nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, lim, skc_p, skc_h, skc_t, sc_w, sks_p, sks_h, D, DP,
-                                        KBITS, KHI, PAGE)
+                                        KBITS, KHI, PAGE, JOIN_RUNS)
         nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, lim, svc_p, svc_h, svc_t, sc_w, svs_p, svs_h, D, DP,
-                                        VBITS, VHI, PAGE)
+                                        VBITS, VHI, PAGE, JOIN_RUNS)
         for pg in range(p_lo, p_hi):
             k_lo, k_hi, ks, v_lo, v_hi, vs, cur = nk_lo, nk_hi, nks, nv_lo, nv_hi, nvs, page
             page = tl.load(bt_ptr + b * sbt + tl.minimum(pg + 1, p_hi - 1))
             lim = end - (pg + 1) * PAGE
             nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, lim, skc_p, skc_h, skc_t, sc_w, sks_p, sks_h, D,
-                                            DP, KBITS, KHI, PAGE)
+                                            DP, KBITS, KHI, PAGE, JOIN_RUNS)
             nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, lim, svc_p, svc_h, svc_t, sc_w, svs_p, svs_h, D,
-                                            DP, VBITS, VHI, PAGE)
+                                            DP, VBITS, VHI, PAGE, JOIN_RUNS)
             tok = pg * PAGE + t
             tvalid = tok < comp
             k_index = n_sink + tok
@@ -550,7 +572,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         rope_half = (codec.rope.rotary_dim or D) // 2
     inv_sqrt_n = 1.0 / math.sqrt(ref.transform_norm(D))
     KQ = NG + DP * (2 if codec.key_bits > 2 else 1)
-    q_t = q_mean = m_part  # placeholders: only post-RoPE keys in compressed pages read the query's operands
+    # Placeholders (only post-RoPE keys in compressed pages read the query's operands), but of the operands' dtypes:
+    # the kernel is compiled with its compressed-page branch either way, and a tensor-core product needs fp16 q_t.
+    q_t, q_mean = acc_part.new_empty(1, dtype=torch.float16), m_part
     if rope_half == 0 and num_splits:
         q_t = torch.empty(B * H * n_mblk, KQ, block_m, dtype=torch.float16, device=q.device)
         q_mean = torch.empty(B * H * n_mblk, block_m, dtype=torch.float32, device=q.device)
@@ -569,8 +593,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, VBITS=codec.value_bits, PAGE=P,
         INV_SQRT_N=inv_sqrt_n, NG=NG, KQ=KQ, KCV=acc_part.shape[-1], ROPE_HALF=rope_half, CENTER_K=codec.center_keys,
         SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=_dot_dtype(q), ASM=q.is_cuda,
-        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        maxnreg=cfg["maxnreg"])
+        # Word-by-word page loads at 2-3 key bits (1.2-1.3x); at 4 key bits they measured 2-7% slower (decisions v5).
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], JOIN_RUNS=codec.key_bits < 4, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"])
     _attn_reduce_kernel[(B * H * n_mblk,)](
         m_part, l_part, acc_part, pv, cache.v_mean, out, H, n_mblk, num_splits, *cache.v_mean.stride()[:2],
         *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP, VBITS=codec.value_bits, NG=NG,

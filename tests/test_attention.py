@@ -256,10 +256,10 @@ def test_reference_mode_runs_the_oracle(reference_mode):
 
 @triton.jit
 def _decode_blocks_kernel(w_ptr, c_ptr, lo_ptr, hi_ptr, W: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                          BITS: tl.constexpr, NG: tl.constexpr, BT: tl.constexpr):
+                          BITS: tl.constexpr, NG: tl.constexpr, JOIN: tl.constexpr, BT: tl.constexpr):
     t = tl.arange(0, BT)
     HB: tl.constexpr = 1 if BITS == 3 else 2
-    lo, hi, _ = _page_codes(w_ptr, w_ptr, tl.program_id(0), 0, BT, 0, 0, W, 1, 0, 0, D, DP, BITS, HB, BT)
+    lo, hi, _ = _page_codes(w_ptr, w_ptr, tl.program_id(0), 0, BT, 0, 0, W, 1, 0, 0, D, DP, BITS, HB, BT, JOIN)
     tl.store(c_ptr + t[:, None] * NG + tl.arange(0, NG)[None, :], coset_pairs(lo, BT, DP // 16, NG, BITS, False))
     tl.store(lo_ptr + t[:, None] * DP + tl.arange(0, DP)[None, :], plane_pairs(restore_parity(lo), BT, DP // 16, 2,
                                                                                False))
@@ -269,9 +269,11 @@ def _decode_blocks_kernel(w_ptr, c_ptr, lo_ptr, hi_ptr, W: tl.constexpr, D: tl.c
 
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_pair_decode_matches_reference(d, bits):
+@pytest.mark.parametrize("join", [True, False])
+def test_pair_decode_matches_reference(d, bits, join):
     """Operands decoded by masks (plane_pairs, coset_pairs, restore_parity) times the decode matrix give Σ_d R[d]·v_d
-    for the reference's lattice values v, on random codes: the pair order, powers of two and offsets all agree."""
+    for the reference's lattice values v, on random codes: the pair order, powers of two and offsets all agree,
+    with the page's word runs loaded whole or word by word (``join``)."""
     torch.manual_seed(d * 10 + bits)
     bt = 16
     idx = R.e8_nearest(torch.randn(bt, d) * (1 << bits) / 2.5, bits)
@@ -279,7 +281,7 @@ def test_pair_decode_matches_reference(d, bits):
     dp = R.next_pow2(d)
     ng = max(16, dp // 8)
     c, lo, hi = (torch.zeros(bt, n, dtype=torch.float16) for n in (ng, dp, dp))
-    _decode_blocks_kernel[(1,)](words, c, lo, hi, W=words.shape[1], D=d, DP=dp, BITS=bits, NG=ng, BT=bt)
+    _decode_blocks_kernel[(1,)](words, c, lo, hi, W=words.shape[1], D=d, DP=dp, BITS=bits, NG=ng, JOIN=join, BT=bt)
     m = _decode_matrix(d, bits, "cpu").double()
     inv = lambda fb: 2.0 ** -(fb * (torch.arange(dp) // 2 // min(4, dp * fb // 32) % (8 // fb))).double()  # noqa: E731
     got = c.double() @ m[:ng] + (lo.double() * inv(2)) @ m[ng:ng + dp]

@@ -112,7 +112,7 @@ def _page_words(row0, lim, sc_t, sc_w, FIRST: tl.constexpr, N: tl.constexpr, NP:
 
     With JOIN, runs of more than one word are loaded word by word and joined: a join keeps the run in one thread's
     registers, where a single 5-D load lets the compiler lay the run across lanes (the decoded key plane then went
-    through shared memory; K3V2 decode 1.23x faster, docs/decisions.md v5). (sc_w is 1, but a runtime value: were
+    through shared memory: docs/decisions.md, v5). (sc_w is 1, but a runtime value: were
     the runs provably adjacent, the compiler would give one thread all C·J words of a token as one vector and then
     exchange them through shared memory.)"""
     C: tl.constexpr = min(4, NP)
@@ -572,9 +572,6 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         rope_half = (codec.rope.rotary_dim or D) // 2
     inv_sqrt_n = 1.0 / math.sqrt(ref.transform_norm(D))
     KQ = NG + DP * (2 if codec.key_bits > 2 else 1)
-    # Placeholders (only post-RoPE keys in compressed pages read the query's operands), but of the operands' dtypes:
-    # the kernel is compiled with its compressed-page branch either way, and a tensor-core product needs fp16 q_t.
-    q_t, q_mean = acc_part.new_empty(1, dtype=torch.float16), m_part
     if rope_half == 0 and num_splits:
         q_t = torch.empty(B * H * n_mblk, KQ, block_m, dtype=torch.float16, device=q.device)
         q_mean = torch.empty(B * H * n_mblk, block_m, dtype=torch.float32, device=q.device)
@@ -582,6 +579,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             q, pk, cache.k_mean, q_t, q_mean, H, n_mblk, *q.stride()[:3], *cache.k_mean.stride()[:2],
             Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, NG=NG, KQ=KQ, INV_SQRT_N=inv_sqrt_n,
             CENTER_K=codec.center_keys, DOT=_dot_dtype(q), BLOCK_M=block_m, num_warps=4)
+    else:  # placeholders, never read, but of the operands' dtypes: the kernel compiles its compressed-page branch
+        q_t, q_mean = acc_part.new_empty(1, dtype=torch.float16), m_part  # anyway, and fp16 x fp32 is not a product
     _attn_split_kernel[(B * H * n_mblk, n_parts)](
         q, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths,
         cache.k_mean, q_t, q_mean, rot, cos, sin, positions, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,

@@ -170,18 +170,21 @@ def _query_block(q, p_ptr, FIRST: tl.constexpr, ROWS: tl.constexpr, DP: tl.const
 
 
 @triton.jit
-def _query_rows(q_ptr, pid, H, n_mblk, sqb, sqt, sqh, Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                DP: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr):
+def _query_rows(pid, H, n_mblk, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
     """The query rows of program ``pid`` of a (batch · KV head · row block) grid: rows are (chunk position, query
-    head of the group) pairs. Returns (b, h, chunk position of each row [BLOCK_M], q [BLOCK_M, DP] as DOT)."""
+    head of the group) pairs. Returns (b, h, chunk position qi [BLOCK_M], head within the group g [BLOCK_M])."""
     bh, mb = pid // n_mblk, pid % n_mblk
-    b, h = bh // H, bh % H
     r = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    qi, g = r // GROUP, r % GROUP
+    return bh // H, bh % H, r // GROUP, r % GROUP
+
+
+@triton.jit
+def _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                DP: tl.constexpr, DOT: tl.constexpr):
+    """The rows' queries, [BLOCK_M, DP] as DOT (zero past D and past the chunk)."""
     d = tl.arange(0, DP)
-    q = tl.load(q_ptr + b * sqb + qi[:, None] * sqt + (h * GROUP + g)[:, None] * sqh + d[None, :],
-                mask=(qi < Q_LEN)[:, None] & (d < D)[None, :], other=0.0).to(DOT)
-    return b, h, qi, q
+    return tl.load(q_ptr + b * sqb + qi[:, None] * sqt + (h * GROUP + g)[:, None] * sqh + d[None, :],
+                   mask=(qi < Q_LEN)[:, None] & (d < D)[None, :], other=0.0).to(DOT)
 
 
 @triton.jit
@@ -193,7 +196,8 @@ def _query_prep_kernel(q_ptr, pk_ptr, kmean_ptr, qt_ptr, qm_ptr, H, n_mblk, sqb,
     [KQ, BLOCK_M] fp16 (the B operand of the logit products: [per-group constants | low plane | high plane] rows),
     and q·mean_k [BLOCK_M] fp32."""
     pid = tl.program_id(0)
-    b, h, _, q = _query_rows(q_ptr, pid, H, n_mblk, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT, BLOCK_M)
+    b, h, qi, g = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M)
+    q = _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT)
     d = tl.arange(0, DP)
     KHI: tl.constexpr = 1 if KBITS == 3 else 2
     m = tl.arange(0, BLOCK_M)[None, :]
@@ -226,7 +230,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_RUNS: tl.constexpr):
     pid, split = tl.program_id(0), tl.program_id(1)
-    b, h, qi, q = _query_rows(q_ptr, pid, H, n_mblk, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT, BLOCK_M)
+    b, h, qi, g = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M)  # q is loaded only where it is read
     d = tl.arange(0, DP)
     dmask = d < D
     seq_len = tl.load(lens_ptr + b)
@@ -257,6 +261,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         else:
             # Keys stored with RoPE undone: decode each tile to the original basis (one product with R), add the
             # mean, re-apply RoPE at each key's position.
+            q = _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT)
             rot = tl.load(rot_ptr + d[:, None] * DP + d[None, :]).to(DOT)
             rot_sum = tl.sum(rot.to(tl.float32), axis=0) * (0.25 - (1 << (KBITS - 1)))  # Rᵀ(OFF·1)
             k_mean = tl.zeros((DP,), tl.float32)
@@ -324,6 +329,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             tl.store(base + NG + DP + kd[:, None], acc_hi * SUBNORMAL_UNIT)
     else:
         # The uncompressed sinks and window, in the original basis (columns 0..DP-1 of this part).
+        q = _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT)
         acc = tl.zeros((BLOCK_M, DP), tl.float32)
         j = tl.arange(0, BLOCK_N)
         for j0 in range(0, n_fp, BLOCK_N):

@@ -156,17 +156,11 @@ def _pair_inv_scale(kappa, FBITS: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
-def _query_block(q, p_ptr, FIRST: tl.constexpr, ROWS: tl.constexpr, DP: tl.constexpr, FBITS: tl.constexpr,
-                 INV_SQRT_N: tl.constexpr, DOT: tl.constexpr):
-    """The query against rows FIRST.. of the decode matrix (``_decode_matrix``), divided by each pair element's
-    power of two: [BM, ROWS] fp32, so that q_block · (decoded pairs) · 2^24 = q̃ · (that block of v)."""
-    kappa = tl.arange(0, ROWS)
-    d = tl.arange(0, DP)
-    blk = tl.load(p_ptr + (FIRST + kappa)[:, None] * DP + d[None, :]).to(DOT)
-    qb = tl.dot(q, tl.trans(blk)) * INV_SQRT_N
-    if FBITS > 0:
-        qb = qb * _pair_inv_scale(kappa, FBITS, DP)[None, :]
-    return qb
+def _segment_inv_scale(kappa, NG: tl.constexpr, DP: tl.constexpr, HBITS: tl.constexpr):
+    """``_pair_inv_scale`` of row kappa of a decode matrix [per-group constants (NG) | low plane (DP) | high plane
+    (DP, HBITS-bit fields)]: 1 for the constants, which carry no power of two."""
+    plane = tl.where(kappa < NG + DP, _pair_inv_scale(kappa - NG, 2, DP), _pair_inv_scale(kappa - NG - DP, HBITS, DP))
+    return tl.where(kappa < NG, 1.0, plane)
 
 
 @triton.jit
@@ -191,30 +185,29 @@ def _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN: tl.constexpr, GROUP: t
 def _query_prep_kernel(q_ptr, pk_ptr, kmean_ptr, qt_ptr, qm_ptr, H, n_mblk, sqb, sqt, sqh, smb, smh,
                        Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                        KBITS: tl.constexpr, NG: tl.constexpr, KQ: tl.constexpr, INV_SQRT_N: tl.constexpr,
-                       CENTER_K: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Per (batch, KV head, row block), once for all its splits: the query against the decode matrix, transposed to
-    [KQ, BLOCK_M] fp16 (the B operand of the logit products: [per-group constants | low plane | high plane] rows),
-    and q·mean_k [BLOCK_M] fp32."""
-    pid = tl.program_id(0)
+                       CENTER_K: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, QR: tl.constexpr):
+    """Per (batch, KV head, row block) and block of QR decode-matrix rows, once for all splits: the query against
+    those rows of the decode matrix (``_decode_matrix``: [per-group constants | low plane | high plane]), each
+    divided by its pair element's power of two, so that (query operand) · (decoded pairs) · 2^24 = q̃ · v; stored
+    transposed as fp16 [KQ, BLOCK_M], the B operand of the logit products. Block 0 also stores q·mean_k [BLOCK_M]
+    fp32. Each program is one short load-product-store chain: the whole operand in one program took 6.4 µs."""
+    pid, blk = tl.program_id(0), tl.program_id(1)
     b, h, qi, g = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M)
     q = _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT)
     d = tl.arange(0, DP)
-    KHI: tl.constexpr = 1 if KBITS == 3 else 2
-    m = tl.arange(0, BLOCK_M)[None, :]
-    out = qt_ptr + pid * KQ * BLOCK_M
-    # ¼ Σ_group q̃: the weights of the per-group constants e = 4·(c/2 + K_OFF) (coset_pairs)
-    tl.store(out + tl.arange(0, NG)[:, None] * BLOCK_M + m,
-             tl.trans(_query_block(q, pk_ptr, 0, NG, DP, 0, INV_SQRT_N, DOT).to(tl.float16)))
-    tl.store(out + (NG + d)[:, None] * BLOCK_M + m,
-             tl.trans(_query_block(q, pk_ptr, NG, DP, DP, 2, INV_SQRT_N, DOT).to(tl.float16)))
-    if KBITS > 2:
-        tl.store(out + (NG + DP + d)[:, None] * BLOCK_M + m,
-                 tl.trans(_query_block(q, pk_ptr, NG + DP, DP, DP, KHI, INV_SQRT_N, DOT).to(tl.float16)))
-    q_mean = tl.zeros((BLOCK_M,), tl.float32)
-    if CENTER_K:
-        q_mean = tl.sum(q.to(tl.float32) * tl.load(kmean_ptr + b * smb + h * smh + d, mask=d < D, other=0.0)[None, :],
-                        axis=1)
-    tl.store(qm_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M), q_mean)
+    kappa = blk * QR + tl.arange(0, QR)
+    rows = tl.load(pk_ptr + kappa[:, None] * DP + d[None, :], mask=(kappa < KQ)[:, None], other=0.0).to(DOT)
+    qb = tl.dot(q, tl.trans(rows)) * INV_SQRT_N
+    qb = qb * _segment_inv_scale(kappa, NG, DP, 1 if KBITS == 3 else 2)[None, :]
+    m = tl.arange(0, BLOCK_M)
+    tl.store(qt_ptr + pid * KQ * BLOCK_M + kappa[:, None] * BLOCK_M + m[None, :], tl.trans(qb.to(tl.float16)),
+             mask=(kappa < KQ)[:, None])
+    if blk == 0:
+        q_mean = tl.zeros((BLOCK_M,), tl.float32)
+        if CENTER_K:
+            k_mean = tl.load(kmean_ptr + b * smb + h * smh + d, mask=d < D, other=0.0)
+            q_mean = tl.sum(q.to(tl.float32) * k_mean[None, :], axis=1)
+        tl.store(qm_ptr + pid * BLOCK_M + m, q_mean)
 
 
 @triton.jit(do_not_specialize=["sc_w"])  # see _page_words
@@ -240,6 +233,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
     q_index = seq_len - Q_LEN + qi  # each row's token index in its sequence
     part = pid * (n_splits + 1) + split
     rows = part * BLOCK_M + tl.arange(0, BLOCK_M)
+    real = qi < Q_LEN  # rows past the chunk pad the tile: their partials are neither written nor read
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -323,10 +317,10 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         kc = tl.arange(0, NG)
         kd = tl.arange(0, DP)
         base = acc_ptr + rows[None, :] * KCV
-        tl.store(base + kc[:, None], acc_c * SUBNORMAL_UNIT)
-        tl.store(base + NG + kd[:, None], acc_lo * SUBNORMAL_UNIT)
+        tl.store(base + kc[:, None], acc_c * SUBNORMAL_UNIT, mask=real[None, :])
+        tl.store(base + NG + kd[:, None], acc_lo * SUBNORMAL_UNIT, mask=real[None, :])
         if VBITS > 2:
-            tl.store(base + NG + DP + kd[:, None], acc_hi * SUBNORMAL_UNIT)
+            tl.store(base + NG + DP + kd[:, None], acc_hi * SUBNORMAL_UNIT, mask=real[None, :])
     else:
         # The uncompressed sinks and window, in the original basis (columns 0..DP-1 of this part).
         q = _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT)
@@ -343,89 +337,114 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             p, alpha, m_i = _online_softmax(s, seen, m_i, sm_scale, SOFTCAP, softcap, 1)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), tl.load(fpv_ptr + row, mask=kv_mask, other=0.0).to(DOT))
-        tl.store(acc_ptr + rows[:, None] * KCV + d[None, :], acc)
-    tl.store(m_ptr + rows, m_i)
-    tl.store(l_ptr + rows, l_i)
+        tl.store(acc_ptr + rows[:, None] * KCV + d[None, :], acc, mask=real[:, None])
+    tl.store(m_ptr + rows, m_i, mask=real)
+    tl.store(l_ptr + rows, l_i, mask=real)
 
 
 @triton.jit
-def _rotate_block(u, pv_ptr, FIRST: tl.constexpr, ROWS: tl.constexpr, c0, RC: tl.constexpr, DP: tl.constexpr,
-                  FBITS: tl.constexpr):
-    """u [BM, ROWS] (pair order, fp32) times rows FIRST.. of the decode matrix, columns c0..c0+RC-1: the fp16 hi and
-    lo parts against the exact entries (±1, ±4, ¼·sums of ±1) keep ~22 bits."""
-    kappa = tl.arange(0, ROWS)
-    if FBITS > 0:
-        u = u * _pair_inv_scale(kappa, FBITS, DP)[None, :]
+def _rotate_cols(u, pv_ptr, cols, KCV: tl.constexpr, NG: tl.constexpr, DP: tl.constexpr, VHI: tl.constexpr):
+    """u [RB, CB] fp32, columns ``cols`` of a combined accumulator (pair order) -> their part of the output in the
+    original basis, u · (rows ``cols`` of the decode matrix) [RB, DP]. The fp16 hi and lo parts of u against the
+    fp16 matrix keep ~22 bits."""
+    u = u * _segment_inv_scale(cols, NG, DP, VHI)[None, :]
     hi = u.to(tl.float16)
     lo = (u - hi.to(tl.float32)).to(tl.float16)
-    blk = tl.load(pv_ptr + (FIRST + kappa)[:, None] * DP + (c0 + tl.arange(0, RC))[None, :]).to(tl.float16)
+    blk = tl.load(pv_ptr + cols[:, None] * DP + tl.arange(0, DP)[None, :], mask=(cols < KCV)[:, None], other=0.0)
     return tl.dot(hi, blk) + tl.dot(lo, blk)
 
 
 @triton.jit
-def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, pv_ptr, vmean_ptr, o_ptr, H, n_mblk, n_splits, svmb, svmh,
-                        soh_b, soh_t, soh_h, Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                        DP: tl.constexpr, VBITS: tl.constexpr, NG: tl.constexpr, KCV: tl.constexpr,
-                        CENTER_V: tl.constexpr, INV_SQRT_N: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr,
-                        SPLITS: tl.constexpr):
-    # Combine the splits of one (batch, KV head, row block) with weights 2^(m_s - max), then rotate back once.
-    # The split loops are unrolled SPLITS times: those partials' loads are independent and issued together, so a
-    # reduce over many splits costs a few memory latencies, not one per split.
-    pid = tl.program_id(0)
+def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, pv_ptr, vmean_ptr, o_ptr, out_part_ptr, count_ptr, H, n_mblk,
+                        n_splits, svmb, svmh, soh_b, soh_t, soh_h, Q_LEN: tl.constexpr, GROUP: tl.constexpr,
+                        D: tl.constexpr, DP: tl.constexpr, VBITS: tl.constexpr, NG: tl.constexpr, KCV: tl.constexpr,
+                        CENTER_V: tl.constexpr, INV_SQRT_N: tl.constexpr, BLOCK_M: tl.constexpr, RB: tl.constexpr,
+                        SC: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, NPROG: tl.constexpr,
+                        NPROG_P2: tl.constexpr):
+    # The splits of one (batch, KV head, row block), combined with weights 2^(m_s - max) by column chunks of CB,
+    # each rotated back to the original basis at once (its CB rows of the decode matrix). SC splits per step are one
+    # [SC, RB, CB] load, so a pass costs a few memory latencies however many splits there are. With NPROG > 1 (small
+    # batches) the chunks are spread over NPROG programs, which write their partial outputs; the last to finish (an
+    # atomic count, reset for the next call) sums them. Only the first RB rows of a block are read: the rest pad the
+    # split kernel's tile.
+    pid, cb = tl.program_id(0), tl.program_id(1)
     bh, mb = pid // n_mblk, pid % n_mblk
     b, h = bh // H, bh % H
     VHI: tl.constexpr = 1 if VBITS == 3 else 2
-    rows = tl.arange(0, BLOCK_M)
-    kc = tl.arange(0, NG)
-    kd = tl.arange(0, DP)
-    base = pid * (n_splits + 1)
-    m_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for s0 in range(0, n_splits + 1, SPLITS):
-        for j in tl.static_range(SPLITS):
-            m_max = tl.maximum(m_max, tl.load(m_ptr + (base + s0 + j) * BLOCK_M + rows,
-                                              mask=(s0 + j) * BLOCK_M + rows < (n_splits + 1) * BLOCK_M,
-                                              other=float("-inf")))
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    l_comp = tl.zeros((BLOCK_M,), tl.float32)
-    u_c = tl.zeros((BLOCK_M, NG), tl.float32)
-    u_lo = tl.zeros((BLOCK_M, DP), tl.float32)
-    u_hi = tl.zeros((BLOCK_M, DP), tl.float32)
-    for s0 in range(0, n_splits, SPLITS):
-        for j in tl.static_range(SPLITS):
-            valid = (s0 + j) * BLOCK_M + rows < n_splits * BLOCK_M  # rows of splits s0 + j < n_splits
-            prow = (base + s0 + j) * BLOCK_M + rows
-            w = tl.exp2(tl.load(m_ptr + prow, mask=valid, other=float("-inf")) - m_safe)  # 0 past the last split
-            l_comp += w * tl.load(l_ptr + prow, mask=valid, other=0.0)
-            part = acc_ptr + prow[:, None] * KCV
-            u_c += w[:, None] * tl.load(part + kc[None, :], mask=valid[:, None], other=0.0)
-            u_lo += w[:, None] * tl.load(part + NG + kd[None, :], mask=valid[:, None], other=0.0)
-            if VBITS > 2:
-                u_hi += w[:, None] * tl.load(part + NG + DP + kd[None, :], mask=valid[:, None], other=0.0)
-    fp_row = (base + n_splits) * BLOCK_M + rows
-    w_fp = tl.exp2(tl.load(m_ptr + fp_row) - m_safe)
-    l_sum = l_comp + w_fp * tl.load(l_ptr + fp_row)
-    inv_l = 1.0 / tl.where(l_sum > 0.0, l_sum, 1.0)
-    scale = (inv_l * INV_SQRT_N)[:, None]
-    u_c, u_lo, u_hi = u_c * scale, u_lo * scale, u_hi * scale
+    rows = tl.arange(0, RB)
     r = mb * BLOCK_M + rows
     qi, g = r // GROUP, r % GROUP
-    o_row = o_ptr + b * soh_b + qi[:, None] * soh_t + (h * GROUP + g)[:, None] * soh_h
-    c = tl.arange(0, RC)
-    for c0 in tl.static_range(0, DP, RC):  # column blocks keep the decode matrix within shared memory
-        out = (w_fp * inv_l)[:, None] * tl.load(acc_ptr + fp_row[:, None] * KCV + (c0 + c)[None, :])
-        if n_splits > 0:
-            out += _rotate_block(u_c, pv_ptr, 0, NG, c0, RC, DP, 0)
-            out += _rotate_block(u_lo, pv_ptr, NG, DP, c0, RC, DP, 2)
-            if VBITS > 2:
-                out += _rotate_block(u_hi, pv_ptr, NG + DP, DP, c0, RC, DP, VHI)
-            if CENTER_V:  # the value mean, once per unit of the compressed tokens' probability mass
-                out += (l_comp * inv_l)[:, None] * tl.load(vmean_ptr + b * svmb + h * svmh + c0 + c,
-                                                           mask=c0 + c < D, other=0.0)[None, :]
-        tl.store(o_row + (c0 + c)[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=(qi < Q_LEN)[:, None] & (c0 + c < D)[None, :])
+    real = qi < Q_LEN
+    base = pid * (n_splits + 1)
+    sc = tl.arange(0, SC)
+    d = tl.arange(0, DP)
+    out = tl.zeros((RB, DP), tl.float32)
+    for i in tl.static_range(CHUNKS):
+        # Online over the splits: every chunk sees the same maxima, so all end at the same m_run and l_comp.
+        cols = (cb * CHUNKS + i) * CB + tl.arange(0, CB)
+        m_run = tl.full((RB,), float("-inf"), tl.float32)
+        l_comp = tl.zeros((RB,), tl.float32)
+        u = tl.zeros((RB, CB), tl.float32)
+        for s0 in range(0, n_splits, SC):
+            valid = (s0 + sc < n_splits)[:, None] & real[None, :]  # [SC, RB]
+            prow = (base + s0 + sc)[:, None] * BLOCK_M + rows[None, :]
+            m_s = tl.load(m_ptr + prow, mask=valid, other=float("-inf"))
+            l_s = tl.load(l_ptr + prow, mask=valid, other=0.0)
+            a_s = tl.load(acc_ptr + prow[:, :, None] * KCV + cols[None, None, :],
+                          mask=valid[:, :, None] & (cols < KCV)[None, None, :], other=0.0)
+            m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_run - m_safe)
+            w = tl.exp2(m_s - m_safe[None, :])  # 0 past the last split
+            l_comp = l_comp * alpha + tl.sum(w * l_s, axis=0)
+            u = u * alpha[:, None] + tl.sum(w[:, :, None] * a_s, axis=0)
+            m_run = m_new
+        out += _rotate_cols(u, pv_ptr, cols, KCV, NG, DP, VHI)
+    fp_row = (base + n_splits) * BLOCK_M + rows
+    m_fp = tl.load(m_ptr + fp_row, mask=real, other=float("-inf"))
+    m_all = tl.maximum(m_run, m_fp)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w_comp, w_fp = tl.exp2(m_run - m_safe), tl.exp2(m_fp - m_safe)
+    l_comp *= w_comp
+    l_sum = l_comp + w_fp * tl.load(l_ptr + fp_row, mask=real, other=0.0)
+    inv_l = 1.0 / tl.where(l_sum > 0.0, l_sum, 1.0)
+    out *= (w_comp * inv_l * INV_SQRT_N)[:, None]
+    is_last = True
+    if NPROG > 1:
+        part = out_part_ptr + (pid * NPROG_P2 * RB + rows[:, None]) * DP + d[None, :]
+        tl.store(part + cb * RB * DP, out)
+        tl.debug_barrier()  # all threads' stores precede the release below
+        is_last = tl.atomic_add(count_ptr + pid, 1) == NPROG - 1  # acq_rel: the other programs' parts are visible
+    if is_last:
+        if NPROG > 1:
+            tl.atomic_xchg(count_ptr + pid, 0)
+            j = tl.arange(0, NPROG_P2)
+            out = tl.sum(tl.load(part[None, :, :] + j[:, None, None] * RB * DP,
+                                 mask=(j < NPROG)[:, None, None], other=0.0, cache_modifier=".cg"), axis=0)
+        out += (w_fp * inv_l)[:, None] * tl.load(acc_ptr + fp_row[:, None] * KCV + d[None, :], mask=real[:, None],
+                                                 other=0.0)
+        if CENTER_V:  # the value mean, once per unit of the compressed tokens' probability mass
+            out += (l_comp * inv_l)[:, None] * tl.load(vmean_ptr + b * svmb + h * svmh + d, mask=d < D,
+                                                       other=0.0)[None, :]
+        o_row = o_ptr + b * soh_b + qi[:, None] * soh_t + (h * GROUP + g)[:, None] * soh_h
+        tl.store(o_row + d[None, :], out.to(o_ptr.dtype.element_ty), mask=real[:, None] & (d < D)[None, :])
 
 
-_REDUCE_SPLITS = 4  # the reduce's unrolling: partials whose loads are in flight together
+_COUNTERS: dict = {}
+
+
+def _reduce_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters for the reduce's last-block election, one per (batch, KV head, row block), per device
+    and stream (the kernel leaves them zeroed, so they are allocated once and reused, CUDA graphs included)."""
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
+    return buf
+
+
+_PREP_ROWS = 64  # decode-matrix rows per query-prep program
+_TORCH_DTYPE = {tl.float16: torch.float16, tl.bfloat16: torch.bfloat16, tl.float32: torch.float32}
 
 
 def _dot_dtype(q: torch.Tensor):
@@ -455,12 +474,13 @@ def _pair_order(n_words: int, fbits: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_matrix(head_dim: int, bits: int, device: str) -> torch.Tensor:
+def _decode_matrix(head_dim: int, bits: int, device: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows of R (``reference.rotation_matrix``, zero-padded to [DP, DP]) in the order of the decoded operands, with
     each block's weight, fp32: [per-group constants (NG rows: ¼ Σ of the group's 8 rows, ``coset_pairs``) | low
     plane (DP rows, pair order) | high plane (DP rows, pair order, ×4; only for 3 and 4 bits)]. A decoded tile times
     this matrix is Σ_d R[d]·v_d in the original basis (up to ``plane_pairs``' powers of two and 2^-24), and the
-    query times its transpose gives the logit weight of each decoded element."""
+    query times its transpose gives the logit weight of each decoded element. Kernels take it in their operand
+    dtype (the entries are exact in fp16 and bf16 except at head_dim 96)."""
     rot = _rotation(head_dim, "cpu")
     dp = rot.shape[0]
     nwl = dp // 16
@@ -473,7 +493,7 @@ def _decode_matrix(head_dim: int, bits: int, device: str) -> torch.Tensor:
     if bits > 2:
         hi_bits = 1 if bits == 3 else 2
         blocks.append(rot[_pair_order(dp * hi_bits // 32, hi_bits)] * 4.0)
-    return torch.cat(blocks).to(device)
+    return torch.cat(blocks).to(device=device, dtype=dtype)
 
 
 def _check_inputs(q, cache, softmax_scale, softcap, window):
@@ -569,7 +589,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     acc_part = torch.empty(B * H * n_mblk, n_parts, block_m, max(KCV, DP), dtype=torch.float32, device=q.device)
     dev = str(q.device)
     rot = _rotation(D, dev)
-    pk, pv = _decode_matrix(D, codec.key_bits, dev), _decode_matrix(D, codec.value_bits, dev)
+    dot = _dot_dtype(q)
+    pk = _decode_matrix(D, codec.key_bits, dev, _TORCH_DTYPE[dot])
+    pv = _decode_matrix(D, codec.value_bits, dev, torch.float16)
     rope_half = 0
     cos = sin = rot  # placeholders, never read without RoPE
     positions = cache.k_scales if cache.positions is None else cache.positions  # placeholder without RoPE
@@ -581,10 +603,10 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     if rope_half == 0 and num_splits:
         q_t = torch.empty(B * H * n_mblk, KQ, block_m, dtype=torch.float16, device=q.device)
         q_mean = torch.empty(B * H * n_mblk, block_m, dtype=torch.float32, device=q.device)
-        _query_prep_kernel[(B * H * n_mblk,)](
+        _query_prep_kernel[(B * H * n_mblk, triton.cdiv(KQ, _PREP_ROWS))](
             q, pk, cache.k_mean, q_t, q_mean, H, n_mblk, *q.stride()[:3], *cache.k_mean.stride()[:2],
             Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, NG=NG, KQ=KQ, INV_SQRT_N=inv_sqrt_n,
-            CENTER_K=codec.center_keys, DOT=_dot_dtype(q), BLOCK_M=block_m, num_warps=4)
+            CENTER_K=codec.center_keys, DOT=dot, BLOCK_M=block_m, QR=_PREP_ROWS, num_warps=4)
     else:  # placeholders, never read, but of the operands' dtypes: the kernel compiles its compressed-page branch
         q_t, q_mean = acc_part.new_empty(1, dtype=torch.float16), m_part  # anyway, and fp16 x fp32 is not a product
     _attn_split_kernel[(B * H * n_mblk, n_parts)](
@@ -597,15 +619,29 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         *cache.fp_k.stride()[:3], *cache.k_mean.stride()[:2],
         Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, VBITS=codec.value_bits, PAGE=P,
         INV_SQRT_N=inv_sqrt_n, NG=NG, KQ=KQ, KCV=acc_part.shape[-1], ROPE_HALF=rope_half, CENTER_K=codec.center_keys,
-        SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=_dot_dtype(q), ASM=q.is_cuda,
+        SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=dot, ASM=q.is_cuda,
         # Word-by-word page loads at 2-3 key bits (1.2-1.3x); at 4 key bits they measured 2-7% slower (decisions v5).
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], JOIN_RUNS=codec.key_bits < 4, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"])
-    _attn_reduce_kernel[(B * H * n_mblk,)](
-        m_part, l_part, acc_part, pv, cache.v_mean, out, H, n_mblk, num_splits, *cache.v_mean.stride()[:2],
-        *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP, VBITS=codec.value_bits, NG=NG,
-        KCV=acc_part.shape[-1], CENTER_V=codec.center_values, INV_SQRT_N=inv_sqrt_n, BLOCK_M=block_m,
-        RC=min(DP, 128), SPLITS=_REDUCE_SPLITS, num_warps=4)
+    # The reduce reads only the real rows of a block. Small batches spread its column chunks over programs.
+    n_bh = B * H * n_mblk
+    rb = min(block_m, triton.next_power_of_2(rows))
+    kcv = acc_part.shape[-1]
+    parallel = n_bh < _max_programs(q.device, 1)
+    # Column chunks in one program: a [SC, RB, CB] tile of at most 8192 fp32 values and a [CB, DP] fp16 block of the
+    # decode matrix of at most 64 KB (shared memory): one chunk at head_dim 128, 2 value bits (with a 128-column cap
+    # the reduce took 11.7 instead of 7.4 us at batch 32 x 4K on the H100).
+    cb = 32 if parallel else min(triton.next_power_of_2(kcv), max(32, 4096 // rb), 32768 // DP)
+    n_chunks = triton.cdiv(kcv, cb)
+    n_prog = n_chunks if parallel else 1
+    n_prog_p2 = triton.next_power_of_2(n_prog)
+    out_part = acc_part.new_empty(n_bh * n_prog_p2 * rb * DP) if n_prog > 1 else m_part
+    _attn_reduce_kernel[(n_bh, n_prog)](
+        m_part, l_part, acc_part, pv, cache.v_mean, out, out_part, _reduce_counters(n_bh, q.device), H, n_mblk,
+        num_splits, *cache.v_mean.stride()[:2], *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP,
+        VBITS=codec.value_bits, NG=NG, KCV=kcv, CENTER_V=codec.center_values, INV_SQRT_N=inv_sqrt_n,
+        BLOCK_M=block_m, RB=rb, SC=max(1, min(triton.next_power_of_2(max(num_splits, 1)), 8192 // (rb * cb))),
+        CB=cb, CHUNKS=n_chunks // n_prog, NPROG=n_prog, NPROG_P2=n_prog_p2, num_warps=4)
     return out
 
 

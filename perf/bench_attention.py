@@ -88,9 +88,33 @@ def cache_bytes_read(cache, B):
     return comp * H * per_tok + fp * H * codec.head_dim * 2 * cache.fp_k.element_size()
 
 
-def bench_decode(dev, Hq, H, D, B, T, copy_gbps, quick, compare_untuned=False):
+def kernel_times(fn, replays=20) -> dict:
+    """GPU time (us, mean) of each kernel of one call of ``fn``: a CUDA graph of the call replayed under
+    torch.profiler, L2 flushed before every replay (the flush's own kernel is left out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            flush.zero_()
+            g.replay()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA" and "fill" not in e.name.lower() and "zero" not in e.name.lower():
+            times.setdefault(e.name, []).append(e.device_time)
+    return {name: sum(t) / len(t) for name, t in times.items()}
+
+
+def bench_decode(dev, Hq, H, D, B, T, copy_gbps, quick, compare_untuned=False, per_kernel=False):
     """Rows of SDPA (and FlashInfer), ours at each setting and ours over fp16; ``compare_untuned``: ours also timed
-    with the launchers' default configs (``tuned`` = default time / tuned time)."""
+    with the launchers' default configs (``tuned`` = default time / tuned time); ``per_kernel``: ours also split
+    into its kernels' GPU times (``kernel_us``)."""
     rows = []
 
     def ours(method, cache, nbytes):
@@ -100,6 +124,8 @@ def bench_decode(dev, Hq, H, D, B, T, copy_gbps, quick, compare_untuned=False):
         if compare_untuned:
             with untuned():
                 row["tuned"] = bench_ms(lambda: decode_attention(q, cache)) / ms
+        if per_kernel:
+            row["kernel_us"] = kernel_times(lambda: decode_attention(q, cache))
         rows.append(row)
 
     q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.float16)
@@ -161,6 +187,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--shapes", help="only these decode shapes, 'HQxHxDxBxT,...' (e.g. 32x8x128x8x32768)")
+    ap.add_argument("--kernel-times", action="store_true",
+                    help="also the GPU time of each of ours' kernels (query prep, split, reduce), via torch.profiler")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -189,10 +217,13 @@ def main():
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     for Hq, H, D, B, T in shapes:
-        rows = bench_decode(dev, Hq, H, D, B, T, res["copy_GBps"], args.quick)
+        rows = bench_decode(dev, Hq, H, D, B, T, res["copy_GBps"], args.quick, per_kernel=args.kernel_times)
         res["decode"].extend(rows)
         log(f"D={D} B={B:2d} T={T:6d}: " + "  ".join(
             f"{r['method']} {r['us']:7.1f}us {r['GBps']:5.0f}GB/s x{r['speedup_vs_sdpa']:.2f}" for r in rows))
+        for r in rows:
+            if "kernel_us" in r:
+                log(f"  {r['method']} kernels: " + ", ".join(f"{k} {v:.1f}us" for k, v in r["kernel_us"].items()))
         with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
             json.dump(res, f, indent=1)
     return 0

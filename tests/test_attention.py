@@ -105,14 +105,20 @@ def test_decode_steps_splits_softcap_sliding_window():
     _check(torch.randn(2, 4, 8, 128, dtype=torch.float16), cache, window=20, softcap=5.0)
 
 
-@pytest.mark.parametrize("splits", (12, 9, 8, 5))
-def test_reduce_over_blocks_of_splits(splits):
-    # The reduce takes 4 splits per iteration: 12, 9, 8 and 5 splits (+ the window part), ragged page counts (some splits of
-    # the shorter sequence hold no tokens).
+@pytest.mark.parametrize("splits", (12, 5))
+@pytest.mark.parametrize("q_len", (1, 4))
+@pytest.mark.parametrize("batch", (1, 2), ids=("column_programs", "one_program"))
+def test_reduce_over_blocks_of_splits(splits, q_len, batch):
+    # The reduce loads SC splits per step (at q_len 4 in one program, 4: 12 splits take 3 steps), ragged page counts
+    # (some splits of the shorter sequence hold no tokens); its column chunks are spread over programs at small
+    # batches (batch 1: two (sequence, KV head) pairs, fewer than the interpreter's "SMs") and run in one program
+    # otherwise. Called twice: the kernel resets the counters that elect the last program.
     cache = _cache(recent=3, sinks=2, pages=32)
     _fill(cache, [200, 77])
     assert cache.compressed_lens() == [192, 64]
-    _check(torch.randn(2, 1, 8, 128, dtype=torch.float16), cache, num_splits=splits)
+    q = torch.randn(batch, q_len, 8, 128, dtype=torch.float16)
+    first = _check(q, cache, num_splits=splits)
+    assert torch.equal(decode_attention(q, cache, num_splits=splits), first)
 
 
 def test_uncompressed_cache_is_plain_attention():

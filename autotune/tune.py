@@ -41,19 +41,23 @@ GUARD = 1.03  # ... and no slower than the default by more than this on any of t
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "perf" / "results"
 
 
+def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
+    """One call of ``fn`` captured in a CUDA graph (after a first call outside the capture compiles and fills the
+    launcher's caches): returns the graph's replay. ``fn`` must never synchronize."""
+    fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
 def bench_ms(fn: Callable[[], object], graph: bool = True) -> float:
     """Median GPU time (ms) of one call of ``fn`` (triton.testing.do_bench, L2 cleared before every call). With
     ``graph`` the call is captured once in a CUDA graph and the replays are timed, so the launcher's Python time is
     not counted (a decode step of a served model is one graph replay); ``fn`` must then never synchronize."""
     from triton.testing import do_bench
 
-    if graph:
-        fn()  # compile and fill the launcher's caches outside the capture
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
-    return do_bench(fn, warmup=5, rep=25, return_mode="median")
+    return do_bench(graph_replay(fn) if graph else fn, warmup=5, rep=25, return_mode="median")
 
 
 def _geomean(xs) -> float:

@@ -32,7 +32,7 @@ from triton.testing import do_bench
 
 from autotune.store import gpu_key, untuned
 from autotune.tasks import random_cache
-from autotune.tune import bench_ms
+from autotune.tune import bench_ms, graph_replay
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
 from nqkernels.attention import _reference_attention
 
@@ -94,15 +94,12 @@ def kernel_times(fn, replays=20) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    fn()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    replay = graph_replay(fn)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             flush.zero_()
-            g.replay()
+            replay()
         torch.cuda.synchronize()
     times = {}
     for e in prof.events():

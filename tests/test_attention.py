@@ -121,6 +121,16 @@ def test_reduce_over_blocks_of_splits(splits, q_len, batch):
     assert torch.equal(decode_attention(q, cache, num_splits=splits), first)
 
 
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_reduce_column_programs_head_dims_and_dtypes(d, dtype):
+    # Batch 1 over 2 KV heads: the reduce's column chunks are programs of their own, each with its rows of the
+    # decode matrix (every head_dim's width, head_dim 96 padded); 3 value bits give it the high plane too.
+    cache = _cache(d=d, recent=5, sinks=1, dtype=dtype, bits=(3, 3))
+    _fill(cache, [83, 41])
+    _check(torch.randn(1, 1, 8, d, dtype=dtype), cache, num_splits=3)
+
+
 def test_uncompressed_cache_is_plain_attention():
     # Nothing compressed yet: the kernel must equal plain attention over the appended fp16 K/V.
     cache = _cache(recent=64)

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import reference as ref
 from .codec import _config, _max_programs, _rope_tables, _rotation, _use_triton
@@ -185,12 +186,15 @@ def _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN: tl.constexpr, GROUP: t
 def _query_prep_kernel(q_ptr, pk_ptr, kmean_ptr, qt_ptr, qm_ptr, H, n_mblk, sqb, sqt, sqh, smb, smh,
                        Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                        KBITS: tl.constexpr, NG: tl.constexpr, KQ: tl.constexpr, INV_SQRT_N: tl.constexpr,
-                       CENTER_K: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, QR: tl.constexpr):
+                       CENTER_K: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, QR: tl.constexpr,
+                       PDL: tl.constexpr):
     """Per (batch, KV head, row block) and block of QR decode-matrix rows, once for all splits: the query against
     those rows of the decode matrix (``_decode_matrix``: [per-group constants | low plane | high plane]), each
     divided by its pair element's power of two, so that (query operand) · (decoded pairs) · 2^24 = q̃ · v; stored
     transposed as fp16 [KQ, BLOCK_M], the B operand of the logit products. Block 0 also stores q·mean_k [BLOCK_M]
     fp32. Each program is one short load-product-store chain: the whole operand in one program took 6.4 µs."""
+    if PDL:  # the split kernel may start its prologue now (see ``_pdl``)
+        gdc_launch_dependents()
     pid, blk = tl.program_id(0), tl.program_id(1)
     b, h, qi, g = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M)
     q = _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT)
@@ -221,7 +225,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                        NG: tl.constexpr, KQ: tl.constexpr, KCV: tl.constexpr, ROPE_HALF: tl.constexpr,
                        CENTER_K: tl.constexpr,
                        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_RUNS: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_RUNS: tl.constexpr, PDL: tl.constexpr):
     pid, split = tl.program_id(0), tl.program_id(1)
     b, h, qi, g = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M)  # q is loaded only where it is read
     d = tl.arange(0, DP)
@@ -244,15 +248,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         NWL: tl.constexpr = DP // 16  # low-plane words (2-bit fields), padded
         KHI: tl.constexpr = 1 if KBITS == 3 else 2  # field bits of the high plane
         VHI: tl.constexpr = 1 if VBITS == 3 else 2
-        if ROPE_HALF == 0:  # the query's operands, from _query_prep_kernel
-            m = tl.arange(0, BLOCK_M)[None, :]
-            qt = qt_ptr + pid * KQ * BLOCK_M
-            qt_c = tl.load(qt + tl.arange(0, NG)[:, None] * BLOCK_M + m)
-            qt_lo = tl.load(qt + (NG + d)[:, None] * BLOCK_M + m)
-            if KBITS > 2:
-                qt_hi = tl.load(qt + (NG + DP + d)[:, None] * BLOCK_M + m)
-            q_mean = tl.load(qm_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M))
-        else:
+        if ROPE_HALF != 0:
             # Keys stored with RoPE undone: decode each tile to the original basis (one product with R), add the
             # mean, re-apply RoPE at each key's position.
             q = _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT)
@@ -277,6 +273,16 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                                         KBITS, KHI, PAGE, JOIN_RUNS)
         nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, lim, svc_p, svc_h, svc_t, sc_w, svs_p, svs_h, D, DP,
                                         VBITS, VHI, PAGE, JOIN_RUNS)
+        if ROPE_HALF == 0:  # the query's operands, from _query_prep_kernel, once the first page is on its way
+            if PDL:
+                gdc_wait()
+            m = tl.arange(0, BLOCK_M)[None, :]
+            qt = qt_ptr + pid * KQ * BLOCK_M
+            qt_c = tl.load(qt + tl.arange(0, NG)[:, None] * BLOCK_M + m)
+            qt_lo = tl.load(qt + (NG + d)[:, None] * BLOCK_M + m)
+            if KBITS > 2:
+                qt_hi = tl.load(qt + (NG + DP + d)[:, None] * BLOCK_M + m)
+            q_mean = tl.load(qm_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M))
         for pg in range(p_lo, p_hi):
             k_lo, k_hi, ks, v_lo, v_hi, vs, cur = nk_lo, nk_hi, nks, nv_lo, nv_hi, nvs, page
             page = tl.load(bt_ptr + b * sbt + tl.minimum(pg + 1, p_hi - 1))
@@ -338,6 +344,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), tl.load(fpv_ptr + row, mask=kv_mask, other=0.0).to(DOT))
         tl.store(acc_ptr + rows[:, None] * KCV + d[None, :], acc, mask=real[:, None])
+    if PDL:  # the reduce may launch now; it waits for this grid to end before it reads
+        gdc_launch_dependents()
     tl.store(m_ptr + rows, m_i, mask=real)
     tl.store(l_ptr + rows, l_i, mask=real)
 
@@ -360,13 +368,15 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, pv_ptr, vmean_ptr, o_ptr, out_par
                         D: tl.constexpr, DP: tl.constexpr, VBITS: tl.constexpr, NG: tl.constexpr, KCV: tl.constexpr,
                         CENTER_V: tl.constexpr, INV_SQRT_N: tl.constexpr, BLOCK_M: tl.constexpr, RB: tl.constexpr,
                         SC: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, NPROG: tl.constexpr,
-                        NPROG_P2: tl.constexpr):
+                        NPROG_P2: tl.constexpr, PDL: tl.constexpr):
     # The splits of one (batch, KV head, row block), combined with weights 2^(m_s - max) by column chunks of CB,
     # each rotated back to the original basis at once (its CB rows of the decode matrix). SC splits per step are one
     # [SC, RB, CB] load, so a pass costs a few memory latencies however many splits there are. With NPROG > 1 (small
     # batches) the chunks are spread over NPROG programs, which write their partial outputs; the last to finish (an
     # atomic count, reset for the next call) sums them. Only the first RB rows of a block are read: the rest pad the
     # split kernel's tile.
+    if PDL:  # launched before the split kernel ended (``_pdl``): its partials are complete only after this
+        gdc_wait()
     pid, cb = tl.program_id(0), tl.program_id(1)
     bh, mb = pid // n_mblk, pid % n_mblk
     b, h = bh // H, bh % H
@@ -444,7 +454,20 @@ def _reduce_counters(n: int, device: torch.device) -> torch.Tensor:
 
 
 _PREP_ROWS = 64  # decode-matrix rows per query-prep program
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper and later): the split kernel and the reduce are launched while their
+    predecessor still runs, so their launch and prologue overlap it; each waits (``gdc_wait``) before it reads what
+    the predecessor wrote. Only these two kernels are launched that way, each right after one of ours, so everything
+    launched before the call has finished before they start."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 _TORCH_DTYPE = {tl.float16: torch.float16, tl.bfloat16: torch.bfloat16, tl.float32: torch.float32}
+
+
+def _launch(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
 
 
 def _dot_dtype(q: torch.Tensor):
@@ -600,13 +623,15 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         rope_half = (codec.rope.rotary_dim or D) // 2
     inv_sqrt_n = 1.0 / math.sqrt(ref.transform_norm(D))
     KQ = NG + DP * (2 if codec.key_bits > 2 else 1)
-    if rope_half == 0 and num_splits:
+    prep = rope_half == 0 and num_splits > 0
+    pdl = _pdl(q.device)
+    if prep:
         q_t = torch.empty(B * H * n_mblk, KQ, block_m, dtype=torch.float16, device=q.device)
         q_mean = torch.empty(B * H * n_mblk, block_m, dtype=torch.float32, device=q.device)
         _query_prep_kernel[(B * H * n_mblk, triton.cdiv(KQ, _PREP_ROWS))](
             q, pk, cache.k_mean, q_t, q_mean, H, n_mblk, *q.stride()[:3], *cache.k_mean.stride()[:2],
             Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, NG=NG, KQ=KQ, INV_SQRT_N=inv_sqrt_n,
-            CENTER_K=codec.center_keys, DOT=dot, BLOCK_M=block_m, QR=_PREP_ROWS, num_warps=4)
+            CENTER_K=codec.center_keys, DOT=dot, BLOCK_M=block_m, QR=_PREP_ROWS, PDL=pdl, num_warps=4)
     else:  # placeholders, never read, but of the operands' dtypes: the kernel compiles its compressed-page branch
         q_t, q_mean = acc_part.new_empty(1, dtype=torch.float16), m_part  # anyway, and fp16 x fp32 is not a product
     _attn_split_kernel[(B * H * n_mblk, n_parts)](
@@ -621,8 +646,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         INV_SQRT_N=inv_sqrt_n, NG=NG, KQ=KQ, KCV=acc_part.shape[-1], ROPE_HALF=rope_half, CENTER_K=codec.center_keys,
         SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=dot, ASM=q.is_cuda,
         # Word-by-word page loads at 2-3 key bits (1.2-1.3x); at 4 key bits they measured 2-7% slower (decisions v5).
-        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], JOIN_RUNS=codec.key_bits < 4, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"])
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], JOIN_RUNS=codec.key_bits < 4, PDL=pdl and prep,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_launch(pdl and prep))
     # The reduce reads only the real rows of a block. Small batches spread its column chunks over programs.
     n_bh = B * H * n_mblk
     rb = min(block_m, triton.next_power_of_2(rows))
@@ -641,7 +666,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         num_splits, *cache.v_mean.stride()[:2], *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP,
         VBITS=codec.value_bits, NG=NG, KCV=kcv, CENTER_V=codec.center_values, INV_SQRT_N=inv_sqrt_n,
         BLOCK_M=block_m, RB=rb, SC=max(1, min(triton.next_power_of_2(max(num_splits, 1)), 8192 // (rb * cb))),
-        CB=cb, CHUNKS=n_chunks // n_prog, NPROG=n_prog, NPROG_P2=n_prog_p2, num_warps=4)
+        CB=cb, CHUNKS=n_chunks // n_prog, NPROG=n_prog, NPROG_P2=n_prog_p2, PDL=pdl, num_warps=4, **_launch(pdl))
     return out
 
 

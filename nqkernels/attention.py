@@ -13,9 +13,10 @@ each key's stored position (``PagedKVCache.positions``).
 
 Grid: (batch · kv_heads · row blocks, splits + 1). Programs 0..splits-1 each take a run of pages (64-token pages
 are the A operand of the logit product, keys along axis 0); the last one takes the uncompressed sinks and window.
-Each writes (running max, sum, accumulator); the reduce combines them. Rows are (query position, query head of the
-group) pairs, so the codes of a KV head are read once for all its query heads (GQA) and all positions of a chunk
-(q_len > 1, causal inside the chunk).
+Each writes (running max, sum, accumulator); the reduce combines them. On Hopper the split kernel and the reduce
+start while their predecessor still runs (programmatic dependent launch, ``_pdl``). Rows are (query position, query
+head of the group) pairs, so the codes of a KV head are read once for all its query heads (GQA) and all positions of
+a chunk (q_len > 1, causal inside the chunk).
 """
 from __future__ import annotations
 

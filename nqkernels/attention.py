@@ -455,6 +455,7 @@ def _reduce_counters(n: int, device: torch.device) -> torch.Tensor:
 
 
 _PREP_ROWS = 64  # decode-matrix rows per query-prep program
+_TORCH_DTYPE = {tl.float16: torch.float16, tl.bfloat16: torch.bfloat16, tl.float32: torch.float32}
 
 
 @functools.lru_cache(maxsize=None)
@@ -464,10 +465,10 @@ def _pdl(device: torch.device) -> bool:
     the predecessor wrote. Only these two kernels are launched that way, each right after one of ours, so everything
     launched before the call has finished before they start."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-_TORCH_DTYPE = {tl.float16: torch.float16, tl.bfloat16: torch.bfloat16, tl.float32: torch.float32}
 
 
 def _launch(pdl: bool) -> dict:
+    """Launch options of a kernel that waits with ``gdc_wait`` before reading its predecessor's output."""
     return {"launch_pdl": True} if pdl else {}
 
 

@@ -306,3 +306,64 @@ def test_pair_decode_matches_reference(d, bits, join):
     want = R.e8_values(idx, bits).double() @ _rotation(d, "cpu")[:d].double()
     # exact but for head_dim 96, whose Helmert constants are fp32-rounded (group sums round once more)
     torch.testing.assert_close(got * 2.0 ** 24, want, rtol=0, atol=1e-9 if d != 96 else 1e-4)
+
+
+# The programmatic-dependent-launch paths (``attention._pdl``) run only on a Hopper GPU, and the interpreter cannot
+# run their inline PTX. So they are compiled for sm_90 here, in a process without TRITON_INTERPRET (no GPU needed),
+# to check that each kernel waits and signals where it should, and that PDL=False leaves no trace.
+_PDL_COMPILE = """
+import inspect, json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nqkernels import attention as A
+
+F16, F32, I32 = "*fp16", "*fp32", "*i32"
+PTRS = dict(q_ptr=F16, pk_ptr=F16, kmean_ptr=F32, qt_ptr=F16, qm_ptr=F32, kc_ptr=I32, ks_ptr=F16, vc_ptr=I32,
+            vs_ptr=F16, bt_ptr=I32, lens_ptr=I32, rot_ptr=F32, cos_ptr=F32, sin_ptr=F32, pos_ptr=F16, fpk_ptr=F16,
+            fpv_ptr=F16, m_ptr=F32, l_ptr=F32, acc_ptr=F32, pv_ptr=F16, vmean_ptr=F32, o_ptr=F16, out_part_ptr=F32,
+            count_ptr=I32, sm_scale="fp32", softcap="fp32")
+COMMON = dict(Q_LEN=1, GROUP=4, D=128, DP=128, NG=16, INV_SQRT_N=128 ** -0.5, BLOCK_M=16)
+KERNELS = {
+    "prep": (A._query_prep_kernel, dict(KBITS=3, KQ=272, CENTER_K=True, DOT=tl.float16, QR=64)),
+    "split": (A._attn_split_kernel, dict(KBITS=3, VBITS=2, PAGE=64, KQ=272, KCV=144, ROPE_HALF=0, CENTER_K=True,
+                                         SOFTCAP=False, WINDOW=False, DOT=tl.float16, ASM=True, BLOCK_N=64,
+                                         JOIN_RUNS=True)),
+    "reduce": (A._attn_reduce_kernel, dict(VBITS=2, KCV=144, CENTER_V=True, RB=4, SC=8, CB=32, CHUNKS=1, NPROG=5,
+                                           NPROG_P2=8)),
+}
+out = {}
+for name, (fn, consts) in KERNELS.items():
+    for pdl in (True, False):
+        c = dict(COMMON, **consts, PDL=pdl)
+        sig = {n: "constexpr" if n in c else PTRS.get(n, "i32") for n in inspect.signature(fn.fn).parameters}
+        kernel = triton.compile(ASTSource(fn, sig, c), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        ptx = kernel.asm["ptx"]
+        body = ptx[ptx.index(".entry"):]
+        out[f"{name}_{pdl}"] = dict(wait=body.count("griddepcontrol.wait"),
+                                    signal=body.count("griddepcontrol.launch_dependents"),
+                                    wait_before_first_load=body.find("griddepcontrol.wait") < body.find("ld.global"))
+print(json.dumps(out))
+"""
+
+
+def test_pdl_paths_compile_for_hopper():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _PDL_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    # The prep only signals; the split waits for the prep's operands after its first page loads are issued, and
+    # signals the reduce; the reduce waits before its first load.
+    assert got["prep_True"]["signal"] == 1 and got["prep_True"]["wait"] == 0
+    assert got["split_True"]["wait"] == 1 and got["split_True"]["signal"] == 1
+    assert not got["split_True"]["wait_before_first_load"]
+    assert got["reduce_True"]["wait"] == 1 and got["reduce_True"]["wait_before_first_load"]
+    for name in ("prep", "split", "reduce"):
+        assert got[f"{name}_False"]["wait"] == 0 and got[f"{name}_False"]["signal"] == 0

@@ -31,8 +31,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import reference as ref
 from .codec import _config, _max_programs, _rope_tables, _rotation, _use_triton
-from .lattice import (SUBNORMAL_UNIT, coset_pairs, load_e8_doubled, plane_pairs, restore_parity, rope_partner,
-                      rope_rotate, rope_rows_at)
+from .lattice import (SUBNORMAL_UNIT, coset_pairs, coset_plane_pairs, load_e8_doubled, plane_pairs, restore_parity,
+                      rope_partner, rope_rotate, rope_rows_at)
 from .paged import PagedKVCache
 
 # Shape buckets of the config store (autotune): ranges of the longest compressed sequence and of the batch, upper
@@ -245,7 +245,9 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
     if split < n_splits:
         # Compressed pages, keys along axis 0: logitsᵀ [PAGE, BLOCK_M] = (decoded codes) · (query blocks)ᵀ, and
         # accᵀ [pairs, BLOCK_M] = (decoded value codes)ᵀ · (p·s)ᵀ, all in the rotated domain and pair order.
-        # v = lo + 4·hi + (c/2 + OFF) per coordinate (index planes lo/hi; c the coset flag of its group of 8).
+        # v = lo + 4·hi + (c/2 + OFF) per coordinate (index planes lo/hi; c the coset flag of its group of 8). Keys
+        # take c/2 + OFF as a product of its own; values fold c into the low plane (u = 2·lo + c,
+        # ``coset_plane_pairs``) and OFF into Σ p·s, since a transposed product of 16 coset columns cost 18%.
         NWL: tl.constexpr = DP // 16  # low-plane words (2-bit fields), padded
         KHI: tl.constexpr = 1 if KBITS == 3 else 2  # field bits of the high plane
         VHI: tl.constexpr = 1 if VBITS == 3 else 2
@@ -259,11 +261,11 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             if CENTER_K:
                 k_mean = tl.load(kmean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)
         t = tl.arange(0, PAGE)
-        acc_c = tl.zeros((NG, BLOCK_M), tl.float32)
         acc_lo = tl.zeros((DP, BLOCK_M), tl.float32)
         acc_hi = tl.zeros((DP, BLOCK_M), tl.float32)
         # Σp stays per element until the end of the split (a cross-thread sum per page costs more than the page).
         l_t = tl.zeros((PAGE, BLOCK_M), tl.float32)
+        ls_t = tl.zeros((PAGE, BLOCK_M), tl.float32)  # Σ p·s likewise: the weight of the values' offset OFF
         p_lo = split * pages_per_split
         p_hi = tl.minimum(p_lo + pages_per_split, tl.cdiv(comp, PAGE))
         # Software prefetch: the next page's codes and scales are loaded while this page is computed.
@@ -312,19 +314,21 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             seen = _visible(tvalid, k_index, q_index, WINDOW, window, 0)
             p, alpha, m_i = _online_softmax(s, seen, m_i, sm_scale, SOFTCAP, softcap, 0)
             l_t = l_t * alpha[None, :] + p
-            pv = (p * vs[:, None]).to(tl.float16)
-            acc_c = acc_c * alpha[None, :] + tl.dot(tl.trans(coset_pairs(v_lo, PAGE, NWL, NG, VBITS, ASM)), pv)
-            acc_lo = acc_lo * alpha[None, :] + tl.dot(tl.trans(plane_pairs(restore_parity(v_lo), PAGE, NWL, 2, ASM)),
-                                                      pv)
+            ps = p * vs[:, None]
+            ls_t = ls_t * alpha[None, :] + ps
+            pv = ps.to(tl.float16)
+            acc_lo = acc_lo * alpha[None, :] + tl.dot(tl.trans(coset_plane_pairs(v_lo, PAGE, NWL, ASM)), pv)
             if VBITS > 2:
                 acc_hi = acc_hi * alpha[None, :] + tl.dot(tl.trans(plane_pairs(v_hi, PAGE, DP * VHI // 32, VHI, ASM)),
                                                           pv)
         l_i = tl.sum(l_t, axis=0)
-        # Columns of this part's accumulator: [coset groups (NG) | low plane (DP) | high plane (DP)], pair order.
+        # Columns of this part's accumulator: [OFF·Σ p·s, then zeros (NG) | low plane u (DP) | high plane (DP)], the
+        # planes in pair order (``_decode_matrix`` with values=True).
         kc = tl.arange(0, NG)
         kd = tl.arange(0, DP)
         base = acc_ptr + rows[None, :] * KCV
-        tl.store(base + kc[:, None], acc_c * SUBNORMAL_UNIT, mask=real[None, :])
+        ls = tl.sum(ls_t, axis=0) * (0.25 - (1 << (VBITS - 1)))
+        tl.store(base + kc[:, None], tl.where(kc[:, None] == 0, ls[None, :], 0.0), mask=real[None, :])
         tl.store(base + NG + kd[:, None], acc_lo * SUBNORMAL_UNIT, mask=real[None, :])
         if VBITS > 2:
             tl.store(base + NG + DP + kd[:, None], acc_hi * SUBNORMAL_UNIT, mask=real[None, :])
@@ -499,22 +503,30 @@ def _pair_order(n_words: int, fbits: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_matrix(head_dim: int, bits: int, device: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _decode_matrix(head_dim: int, bits: int, device: str, dtype: torch.dtype = torch.float32,
+                   values: bool = False) -> torch.Tensor:
     """Rows of R (``reference.rotation_matrix``, zero-padded to [DP, DP]) in the order of the decoded operands, with
     each block's weight, fp32: [per-group constants (NG rows: ¼ Σ of the group's 8 rows, ``coset_pairs``) | low
     plane (DP rows, pair order) | high plane (DP rows, pair order, ×4; only for 3 and 4 bits)]. A decoded tile times
     this matrix is Σ_d R[d]·v_d in the original basis (up to ``plane_pairs``' powers of two and 2^-24), and the
     query times its transpose gives the logit weight of each decoded element. Kernels take it in their operand
-    dtype (the entries are exact in fp16 and bf16 except at head_dim 96)."""
+    dtype (the entries are exact in fp16 and bf16 except at head_dim 96).
+
+    With ``values`` the matrix of the value accumulator (``lattice.coset_plane_pairs``): the low plane holds
+    u = 2·lo + c, so its rows weigh ½, and the constant block is Σ_d R[d] in its first row (zeros after), the weight
+    of OFF·Σ p·s."""
     rot = _rotation(head_dim, "cpu")
     dp = rot.shape[0]
     nwl = dp // 16
     ng = max(16, 2 * nwl)
-    groups = rot.reshape(dp // 8, 8, dp).sum(1) * 0.25
     coset = torch.zeros(ng, dp)
-    word, reg, half = _deal_order(nwl, ng // (2 * nwl))
-    coset[reg == 0] = groups[(2 * word + half)[reg == 0]]  # register 1, if any, is the zero padding
-    blocks = [coset, rot[_pair_order(nwl, 2)]]
+    if values:
+        coset[0] = rot.sum(0)
+    else:
+        groups = rot.reshape(dp // 8, 8, dp).sum(1) * 0.25
+        word, reg, half = _deal_order(nwl, ng // (2 * nwl))
+        coset[reg == 0] = groups[(2 * word + half)[reg == 0]]  # register 1, if any, is the zero padding
+    blocks = [coset, rot[_pair_order(nwl, 2)] * (0.5 if values else 1.0)]
     if bits > 2:
         hi_bits = 1 if bits == 3 else 2
         blocks.append(rot[_pair_order(dp * hi_bits // 32, hi_bits)] * 4.0)
@@ -616,7 +628,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     rot = _rotation(D, dev)
     dot = _dot_dtype(q)
     pk = _decode_matrix(D, codec.key_bits, dev, _TORCH_DTYPE[dot])
-    pv = _decode_matrix(D, codec.value_bits, dev, torch.float16)
+    pv = _decode_matrix(D, codec.value_bits, dev, torch.float16, values=True)
     rope_half = 0
     cos = sin = rot  # placeholders, never read without RoPE
     positions = cache.k_scales if cache.positions is None else cache.positions  # placeholder without RoPE

@@ -376,6 +376,22 @@ def coset_pairs(w, BT: tl.constexpr, NW: tl.constexpr, NG: tl.constexpr, BITS: t
 
 
 @triton.jit
+def coset_plane_pairs(w, BT: tl.constexpr, NW: tl.constexpr, ASM: tl.constexpr):
+    """Low-plane words [BT, NW] (before ``restore_parity``) -> fp16 subnormals [BT, NW·16] holding 2·lo + c: each
+    2-bit index field doubled, plus its group's coset flag c. Same pair order and powers of two as
+    ``plane_pairs(restore_parity(w), FBITS=2)``, so with u = 2·lo + c a value is v = u/2 + 4·hi + OFF and needs no
+    separate product for the coset constants: the flag (bit 14 of a half, one group of 8) is spread to bit 2k, below
+    field k shifted up by one, and each register is one mask-or."""
+    c = (w >> 14) & 0x00010001  # each half's coset flag at its bit 0
+    r = restore_parity(w)
+    x = tl.join(r << 1, r >> 7)  # byte 0 (1) of each half: field k at bits 2k+1, 2k+2
+    c = tl.join(c, c)
+    z = tl.join(tl.join((x & 0x00060006) | c, (x & 0x00600060) | (c << 4)),
+                tl.join((x & 0x00180018) | (c << 2), (x & 0x01800180) | (c << 6)))
+    return _deal(tl.reshape(z, (BT, NW, 8)), BT, NW, 8, ASM)
+
+
+@triton.jit
 def restore_parity(w):
     """Low-plane words: put each group's implied index bit back in bit 14 (resp. 30), where the coset flag is stored.
     The bit is the parity of the low bits of the group's first seven indices (bits 0, 2, ..., 12 of the half)."""

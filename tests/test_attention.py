@@ -9,7 +9,7 @@ from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
 from nqkernels import reference as R
 from nqkernels.attention import _decode_matrix, _page_codes, _reference_attention
 from nqkernels.codec import _rotation
-from nqkernels.lattice import coset_pairs, plane_pairs, restore_parity
+from nqkernels.lattice import coset_pairs, coset_plane_pairs, plane_pairs, restore_parity
 
 from .conftest import HEAD_DIMS
 
@@ -271,7 +271,7 @@ def test_reference_mode_runs_the_oracle(reference_mode):
 
 
 @triton.jit
-def _decode_blocks_kernel(w_ptr, c_ptr, lo_ptr, hi_ptr, W: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+def _decode_blocks_kernel(w_ptr, c_ptr, lo_ptr, u_ptr, hi_ptr, W: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           BITS: tl.constexpr, NG: tl.constexpr, JOIN: tl.constexpr, BT: tl.constexpr):
     t = tl.arange(0, BT)
     HB: tl.constexpr = 1 if BITS == 3 else 2
@@ -279,6 +279,7 @@ def _decode_blocks_kernel(w_ptr, c_ptr, lo_ptr, hi_ptr, W: tl.constexpr, D: tl.c
     tl.store(c_ptr + t[:, None] * NG + tl.arange(0, NG)[None, :], coset_pairs(lo, BT, DP // 16, NG, BITS, False))
     tl.store(lo_ptr + t[:, None] * DP + tl.arange(0, DP)[None, :], plane_pairs(restore_parity(lo), BT, DP // 16, 2,
                                                                                False))
+    tl.store(u_ptr + t[:, None] * DP + tl.arange(0, DP)[None, :], coset_plane_pairs(lo, BT, DP // 16, False))
     if BITS > 2:
         tl.store(hi_ptr + t[:, None] * DP + tl.arange(0, DP)[None, :], plane_pairs(hi, BT, DP * HB // 32, HB, False))
 
@@ -289,23 +290,31 @@ def _decode_blocks_kernel(w_ptr, c_ptr, lo_ptr, hi_ptr, W: tl.constexpr, D: tl.c
 def test_pair_decode_matches_reference(d, bits, join):
     """Operands decoded by masks (plane_pairs, coset_pairs, restore_parity) times the decode matrix give Σ_d R[d]·v_d
     for the reference's lattice values v, on random codes: the pair order, powers of two and offsets all agree,
-    with the page's word runs loaded whole or word by word (``join``)."""
+    with the page's word runs loaded whole or word by word (``join``). Likewise the values' form: the low plane
+    with the coset flags folded in (coset_plane_pairs) times the value decode matrix, plus OFF times its first
+    row."""
     torch.manual_seed(d * 10 + bits)
     bt = 16
     idx = R.e8_nearest(torch.randn(bt, d) * (1 << bits) / 2.5, bits)
     words = R.pack_codes(idx, bits).contiguous()
     dp = R.next_pow2(d)
     ng = max(16, dp // 8)
-    c, lo, hi = (torch.zeros(bt, n, dtype=torch.float16) for n in (ng, dp, dp))
-    _decode_blocks_kernel[(1,)](words, c, lo, hi, W=words.shape[1], D=d, DP=dp, BITS=bits, NG=ng, JOIN=join, BT=bt)
+    c, lo, u, hi = (torch.zeros(bt, n, dtype=torch.float16) for n in (ng, dp, dp, dp))
+    _decode_blocks_kernel[(1,)](words, c, lo, u, hi, W=words.shape[1], D=d, DP=dp, BITS=bits, NG=ng, JOIN=join,
+                                BT=bt)
     m = _decode_matrix(d, bits, "cpu").double()
     inv = lambda fb: 2.0 ** -(fb * (torch.arange(dp) // 2 // min(4, dp * fb // 32) % (8 // fb))).double()  # noqa: E731
+    mv = _decode_matrix(d, bits, "cpu", values=True).double()
     got = c.double() @ m[:ng] + (lo.double() * inv(2)) @ m[ng:ng + dp]
+    got_v = (u.double() * inv(2)) @ mv[ng:ng + dp]
     if bits > 2:
         got += (hi.double() * inv(1 if bits == 3 else 2)) @ m[ng + dp:]
+        got_v += (hi.double() * inv(1 if bits == 3 else 2)) @ mv[ng + dp:]
+    got_v = got_v * 2.0 ** 24 + (0.25 - 2 ** (bits - 1)) * mv[0]
     want = R.e8_values(idx, bits).double() @ _rotation(d, "cpu")[:d].double()
     # exact but for head_dim 96, whose Helmert constants are fp32-rounded (group sums round once more)
     torch.testing.assert_close(got * 2.0 ** 24, want, rtol=0, atol=1e-9 if d != 96 else 1e-4)
+    torch.testing.assert_close(got_v, want, rtol=0, atol=1e-9 if d != 96 else 1e-4)
 
 
 # The programmatic-dependent-launch paths (``attention._pdl``) run only on a Hopper GPU, and the interpreter cannot

@@ -59,10 +59,14 @@ def attention_buckets(head_dim: int, key_bits: int, value_bits: int, group: int,
 
 
 @triton.jit
-def _online_softmax(s, seen, m_i, sm_scale, SOFTCAP: tl.constexpr, softcap, AXIS: tl.constexpr):
+def _online_softmax(s, seen, m_i, sm_scale, SOFTCAP: tl.constexpr, softcap, AXIS: tl.constexpr,
+                    SCALED: tl.constexpr = False):
     """Fold one tile of raw logits s = q·k into the running max m_i (log2 domain); keys run along AXIS. Returns the
-    probabilities p (s's shape), the factor alpha for the accumulators and sums, and the new m_i."""
-    if SOFTCAP:
+    probabilities p (s's shape), the factor alpha for the accumulators and sums, and the new m_i. With SCALED (no
+    soft cap) s is already q·k · sm_scale · log2(e)."""
+    if SCALED:
+        s = s
+    elif SOFTCAP:
         # softcap · tanh(s · scale / softcap), with tanh(y) = 1 - 2 / (exp(2y) + 1)
         s = softcap * (1.0 - 2.0 / (tl.exp(s * (2.0 * sm_scale / softcap)) + 1.0)) * 1.4426950408889634
     else:
@@ -226,7 +230,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                        NG: tl.constexpr, KQ: tl.constexpr, KCV: tl.constexpr, ROPE_HALF: tl.constexpr,
                        CENTER_K: tl.constexpr,
                        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_RUNS: tl.constexpr, PDL: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_RUNS: tl.constexpr, PDL: tl.constexpr,
+                       CAUSAL_PAGES: tl.constexpr):
     pid, split = tl.program_id(0), tl.program_id(1)
     b, h, qi, g = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M)  # q is loaded only where it is read
     d = tl.arange(0, DP)
@@ -286,6 +291,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             if KBITS > 2:
                 qt_hi = tl.load(qt + (NG + DP + d)[:, None] * BLOCK_M + m)
             q_mean = tl.load(qm_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M))
+            if not SOFTCAP:  # logits straight in log2 units: one multiply-add per element
+                q_mean = q_mean * (sm_scale * 1.4426950408889634)
         for pg in range(p_lo, p_hi):
             k_lo, k_hi, ks, v_lo, v_hi, vs, cur = nk_lo, nk_hi, nks, nv_lo, nv_hi, nvs, page
             page = tl.load(bt_ptr + b * sbt + tl.minimum(pg + 1, p_hi - 1))
@@ -302,7 +309,10 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                 s = tl.dot(plane_pairs(restore_parity(k_lo), PAGE, NWL, 2, ASM), qt_lo, s)
                 if KBITS > 2:
                     s = tl.dot(plane_pairs(k_hi, PAGE, DP * KHI // 32, KHI, ASM), qt_hi, s)
-                s = s * SUBNORMAL_UNIT * ks[:, None] + q_mean[None, :]
+                if SOFTCAP:
+                    s = s * SUBNORMAL_UNIT * ks[:, None] + q_mean[None, :]
+                else:
+                    s = s * (ks * (SUBNORMAL_UNIT * sm_scale * 1.4426950408889634))[:, None] + q_mean[None, :]
             else:
                 krow = kc_ptr + cur.to(tl.int64) * skc_p + h * skc_h + t[:, None] * skc_t
                 uk = load_e8_doubled(krow, tvalid, D, DP, KBITS, PAGE).to(DOT)
@@ -311,8 +321,11 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                 cos, sin, _ = rope_rows_at(cos_ptr, sin_ptr, k_pos, tvalid, d, ROPE_HALF)
                 k = rope_rotate(k, rope_partner(k, d, ROPE_HALF), d, cos, sin, ROPE_HALF, False)
                 s = tl.dot(k.to(DOT), tl.trans(q))
-            seen = _visible(tvalid, k_index, q_index, WINDOW, window, 0)
-            p, alpha, m_i = _online_softmax(s, seen, m_i, sm_scale, SOFTCAP, softcap, 0)
+            if CAUSAL_PAGES or WINDOW:
+                seen = _visible(tvalid, k_index, q_index, WINDOW, window, 0)
+            else:  # every compressed token precedes every query
+                seen = tl.broadcast_to(tvalid[:, None], (PAGE, BLOCK_M))
+            p, alpha, m_i = _online_softmax(s, seen, m_i, sm_scale, SOFTCAP, softcap, 0, ROPE_HALF == 0 and not SOFTCAP)
             l_t = l_t * alpha[None, :] + p
             ps = p * vs[:, None]
             ls_t = ls_t * alpha[None, :] + ps
@@ -661,6 +674,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=dot, ASM=q.is_cuda,
         # Word-by-word page loads at 2-3 key bits (1.2-1.3x); at 4 key bits they measured 2-7% slower (decisions v5).
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], JOIN_RUNS=codec.key_bits < 4, PDL=pdl and prep,
+        CAUSAL_PAGES=q_len > 1,  # a single query follows every key; a chunk may start inside the compressed pages
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_launch(pdl and prep))
     # The reduce reads only the real rows of a block. Small batches spread its column chunks over programs.
     n_bh = B * H * n_mblk

@@ -337,7 +337,7 @@ KERNELS = {
     "prep": (A._query_prep_kernel, dict(KBITS=3, KQ=272, CENTER_K=True, DOT=tl.float16, QR=64)),
     "split": (A._attn_split_kernel, dict(KBITS=3, VBITS=2, PAGE=64, KQ=272, KCV=144, ROPE_HALF=0, CENTER_K=True,
                                          SOFTCAP=False, WINDOW=False, DOT=tl.float16, ASM=True, BLOCK_N=64,
-                                         JOIN_RUNS=True)),
+                                         JOIN_RUNS=True, CAUSAL_PAGES=False)),
     "reduce": (A._attn_reduce_kernel, dict(VBITS=2, KCV=144, CENTER_V=True, RB=4, SC=8, CB=32, CHUNKS=1, NPROG=5,
                                            NPROG_P2=8)),
 }

@@ -39,6 +39,7 @@ from .paged import PagedKVCache
 # bounds inclusive (None: unbounded). The split count that fills the GPU, and so the best launch, depends on both.
 CONTEXT_RANGES = {"t4k": 4096, "t32k": 32768, "tmax": None}
 BATCH_RANGES = {"b1": 1, "b16": 16, "bmax": None}
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 def _range(x: int, ranges: dict) -> str:
@@ -64,13 +65,11 @@ def _online_softmax(s, seen, m_i, sm_scale, SOFTCAP: tl.constexpr, softcap, AXIS
     """Fold one tile of raw logits s = q·k into the running max m_i (log2 domain); keys run along AXIS. Returns the
     probabilities p (s's shape), the factor alpha for the accumulators and sums, and the new m_i. With SCALED (no
     soft cap) s is already q·k · sm_scale · log2(e)."""
-    if SCALED:
-        s = s
-    elif SOFTCAP:
+    if SOFTCAP:
         # softcap · tanh(s · scale / softcap), with tanh(y) = 1 - 2 / (exp(2y) + 1)
-        s = softcap * (1.0 - 2.0 / (tl.exp(s * (2.0 * sm_scale / softcap)) + 1.0)) * 1.4426950408889634
-    else:
-        s = s * (sm_scale * 1.4426950408889634)
+        s = softcap * (1.0 - 2.0 / (tl.exp(s * (2.0 * sm_scale / softcap)) + 1.0)) * LOG2E
+    elif not SCALED:
+        s = s * (sm_scale * LOG2E)
     s = tl.where(seen, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=AXIS))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked row keeps p = 0, alpha = 0
@@ -291,8 +290,10 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             if KBITS > 2:
                 qt_hi = tl.load(qt + (NG + DP + d)[:, None] * BLOCK_M + m)
             q_mean = tl.load(qm_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M))
-            if not SOFTCAP:  # logits straight in log2 units: one multiply-add per element
-                q_mean = q_mean * (sm_scale * 1.4426950408889634)
+            logit_unit = SUBNORMAL_UNIT  # the products' 2^-24; without a soft cap also to log2 units at once
+            if not SOFTCAP:
+                logit_unit = SUBNORMAL_UNIT * sm_scale * LOG2E
+                q_mean = q_mean * (sm_scale * LOG2E)
         for pg in range(p_lo, p_hi):
             k_lo, k_hi, ks, v_lo, v_hi, vs, cur = nk_lo, nk_hi, nks, nv_lo, nv_hi, nvs, page
             page = tl.load(bt_ptr + b * sbt + tl.minimum(pg + 1, p_hi - 1))
@@ -309,10 +310,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                 s = tl.dot(plane_pairs(restore_parity(k_lo), PAGE, NWL, 2, ASM), qt_lo, s)
                 if KBITS > 2:
                     s = tl.dot(plane_pairs(k_hi, PAGE, DP * KHI // 32, KHI, ASM), qt_hi, s)
-                if SOFTCAP:
-                    s = s * SUBNORMAL_UNIT * ks[:, None] + q_mean[None, :]
-                else:
-                    s = s * (ks * (SUBNORMAL_UNIT * sm_scale * 1.4426950408889634))[:, None] + q_mean[None, :]
+                s = s * (ks * logit_unit)[:, None] + q_mean[None, :]
             else:
                 krow = kc_ptr + cur.to(tl.int64) * skc_p + h * skc_h + t[:, None] * skc_t
                 uk = load_e8_doubled(krow, tvalid, D, DP, KBITS, PAGE).to(DOT)

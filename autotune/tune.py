@@ -16,6 +16,8 @@ Results are written after every bucket: the search record (default and tuned tim
 far) into ``perf/results/tune_<gpu>.json`` and ``.md``, and its winners into ``autotune/configs/<gpu>.json`` (with a
 ``_meta`` entry naming the device and versions). A run stops when ``--budget-min`` is spent,
 between buckets; the next run skips the buckets the record already holds (``--fresh`` searches them again).
+``--refine pages_per_step`` searches only that parameter on top of each recorded winner (a parameter added after
+the buckets were searched), and records that it did.
 """
 from __future__ import annotations
 
@@ -65,8 +67,10 @@ def _geomean(xs) -> float:
 
 
 def search(task: Task, device: torch.device, timer: Optional[Callable[[Callable], float]] = None,
-           log: Callable[[str], None] = print) -> dict:
-    """Time the default and each stage's grid; returns the record of the bucket (winner, times, failures).
+           log: Callable[[str], None] = print, start: Optional[dict] = None,
+           stages: Optional[list] = None) -> dict:
+    """Time the default and each stage's grid (``stages``, default the task's), starting from ``start`` (default: the
+    default config); returns the record of the bucket (winner, times, failures).
 
     A config's score is the geometric mean over the bucket's problems of its time / the default's time (short and
     long problems weigh the same); it may win only if it is also no slower than the default by more than ``GUARD``
@@ -98,7 +102,12 @@ def search(task: Task, device: torch.device, timer: Optional[Callable[[Callable]
     if t_default is None:
         raise RuntimeError(f"{task.kernel} {task.bucket}: the default config fails its check: {failed[-1]['why']}")
     best, t_best, s_best, tried = {}, t_default, 1.0, 1
-    for stage in task.stages:
+    if start:
+        t = measure(start)
+        tried += 1
+        if t is not None:
+            best, t_best, s_best = dict(start), t, score(t, t_default)
+    for stage in stages or task.stages:
         base = dict(best)
         for values in itertools.product(*stage.values()):
             cfg = {**base, **dict(zip(stage, values))}
@@ -151,8 +160,13 @@ def report_markdown(record: dict) -> str:
                   f"(best {max(speedups):.2f}x)", "",
                   "| bucket | shape | default (us) | tuned (us) | speed-up | config |", "|---|---|---|---|---|---|"]
         for bucket, r in buckets.items():
+            cfg = json.dumps(r["config"]) if r["config"] else "default"
+            if r.get("default_config"):  # the launcher's default when this bucket was searched, if it has changed
+                cfg += f" (default then: {json.dumps(r['default_config'])})"
+            if r.get("refined"):
+                cfg += f" (refined: {', '.join(r['refined'])})"
             lines.append(f"| {bucket} | {r['shape']} | {_us(r['default_us'])} | {_us(r['tuned_us'])} | "
-                         f"{r['speedup']:.2f}x | {json.dumps(r['config']) if r['config'] else 'default'} |")
+                         f"{r['speedup']:.2f}x | {cfg} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -165,6 +179,10 @@ def main(argv=None) -> int:
     ap.add_argument("--buckets", help="only the buckets matching this regular expression (e.g. 'd128_k3v2_.*_b16')")
     ap.add_argument("--fresh", action="store_true",
                     help="search the selected buckets again, even those the record holds")
+    ap.add_argument("--refine", metavar="PARAMS",
+                    help="comma-separated launch parameters (e.g. pages_per_step): search only their values, on top "
+                         "of each selected bucket's recorded winner (buckets the record holds; with --fresh also "
+                         "those already refined by them)")
     ap.add_argument("--store", type=Path, help="config file to write (default autotune/configs/<gpu>.json)")
     ap.add_argument("--record", type=Path, help="search record (default perf/results/tune_<gpu>.json)")
     args = ap.parse_args(argv)
@@ -191,7 +209,18 @@ def main(argv=None) -> int:
     record = json.loads(record_path.read_text()) if record_path.exists() else {"buckets": {}}
     record["meta"] = meta
     tasks = [t for t in make_tasks(kernels, quick=args.quick) if pattern.search(t.bucket)]
-    todo = [t for t in tasks if args.fresh or t.bucket not in record["buckets"].get(t.kernel, {})]
+    refine = sorted(p.strip() for p in (args.refine or "").split(",") if p.strip())
+    if refine:
+        held = record["buckets"]
+        tasks = [t for t in tasks if t.bucket in held.get(t.kernel, {})]
+        for t in tasks:
+            unknown = [p for p in refine if not any(p in stage for stage in t.stages)]
+            if unknown:
+                ap.error(f"--refine: {unknown} not searched for {t.kernel}; allowed: "
+                         f"{sorted({p for stage in t.stages for p in stage})}")
+        todo = [t for t in tasks if args.fresh or held[t.kernel][t.bucket].get("refined") != refine]
+    else:
+        todo = [t for t in tasks if args.fresh or t.bucket not in record["buckets"].get(t.kernel, {})]
     print(f"{meta['device']}: {len(tasks)} buckets selected, {len(tasks) - len(todo)} already in {record_path}, "
           f"budget {args.budget_min:g} min", flush=True)
     t0 = time.time()
@@ -202,7 +231,13 @@ def main(argv=None) -> int:
                   flush=True)
             break
         t1 = time.time()
-        r = search(task, device, log=lambda s: print(s, flush=True))
+        if refine:
+            start = record["buckets"][task.kernel][task.bucket]["config"]
+            stages = [{p: values for p, values in stage.items() if p in refine} for stage in task.stages]
+            r = search(task, device, log=lambda s: print(s, flush=True), start=start, stages=[s for s in stages if s])
+            r["refined"] = refine
+        else:
+            r = search(task, device, log=lambda s: print(s, flush=True))
         r["seconds"] = round(time.time() - t1, 1)
         record["buckets"].setdefault(task.kernel, {})[task.bucket] = r
         torch.cuda.empty_cache()

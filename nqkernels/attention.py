@@ -78,16 +78,20 @@ def _online_softmax(s, seen, m_i, sm_scale, SOFTCAP: tl.constexpr, softcap, AXIS
 
 
 @triton.jit
-def _visible(valid, k_index, q_index, WINDOW: tl.constexpr, window, AXIS: tl.constexpr):
-    """Mask with keys along AXIS and queries along the other axis: key valid, not after the query (causal) and,
-    with WINDOW, less than ``window`` tokens before it."""
-    kv = tl.expand_dims(valid, 1 - AXIS)
-    ki = tl.expand_dims(k_index, 1 - AXIS)
-    qi = tl.expand_dims(q_index, AXIS)
-    seen = kv & (ki <= qi)
+def _causal(k_index, q_index, WINDOW: tl.constexpr, window):
+    """Keys (token indices, broadcast against the queries') not after the query and, with WINDOW, less than
+    ``window`` tokens before it."""
+    seen = k_index <= q_index
     if WINDOW:
-        seen = seen & (ki > qi - window)
+        seen = seen & (k_index > q_index - window)
     return seen
+
+
+@triton.jit
+def _visible(valid, k_index, q_index, WINDOW: tl.constexpr, window, AXIS: tl.constexpr):
+    """Mask with keys along AXIS and queries along the other axis: key valid and ``_causal``."""
+    return tl.expand_dims(valid, 1 - AXIS) & _causal(tl.expand_dims(k_index, 1 - AXIS), tl.expand_dims(q_index, AXIS),
+                                                      WINDOW, window)
 
 
 @triton.jit
@@ -169,12 +173,15 @@ def _segment_inv_scale(kappa, NG: tl.constexpr, DP: tl.constexpr, HBITS: tl.cons
 
 
 @triton.jit
-def _query_rows(pid, H, n_mblk, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The query rows of program ``pid`` of a (batch · KV head · row block) grid: rows are (chunk position, query
-    head of the group) pairs. Returns (b, h, chunk position qi [BLOCK_M], head within the group g [BLOCK_M])."""
+def _query_rows(pid, H, n_mblk, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, PK: tl.constexpr):
+    """The query columns of program ``pid`` of a (batch · KV head · row block) grid. Rows are (chunk position, query
+    head of the group) pairs; with PK > 1 pages per step (one row block) the BLOCK_M columns are PK slots of
+    BLOCK_M / PK rows each, slot k taking the k-th page of a step. Returns (b, h, chunk position qi [BLOCK_M], head
+    within the group g [BLOCK_M], slot [BLOCK_M])."""
     bh, mb = pid // n_mblk, pid % n_mblk
-    r = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    return bh // H, bh % H, r // GROUP, r % GROUP
+    c = tl.arange(0, BLOCK_M)
+    r = mb * BLOCK_M + c % (BLOCK_M // PK)
+    return bh // H, bh % H, r // GROUP, r % GROUP, c // (BLOCK_M // PK)
 
 
 @triton.jit
@@ -190,32 +197,50 @@ def _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN: tl.constexpr, GROUP: t
 def _query_prep_kernel(q_ptr, pk_ptr, kmean_ptr, qt_ptr, qm_ptr, H, n_mblk, sqb, sqt, sqh, smb, smh,
                        Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                        KBITS: tl.constexpr, NG: tl.constexpr, KQ: tl.constexpr, INV_SQRT_N: tl.constexpr,
-                       CENTER_K: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, QR: tl.constexpr,
-                       PDL: tl.constexpr):
+                       CENTER_K: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, PK: tl.constexpr,
+                       QR: tl.constexpr, PDL: tl.constexpr):
     """Per (batch, KV head, row block) and block of QR decode-matrix rows, once for all splits: the query against
     those rows of the decode matrix (``_decode_matrix``: [per-group constants | low plane | high plane]), each
     divided by its pair element's power of two, so that (query operand) · (decoded pairs) · 2^24 = q̃ · v; stored
-    transposed as fp16 [KQ, BLOCK_M], the B operand of the logit products. Block 0 also stores q·mean_k [BLOCK_M]
-    fp32. Each program is one short load-product-store chain: the whole operand in one program took 6.4 µs."""
+    transposed as fp16 [PK, KQ, BLOCK_M], the B operands of the logit products, one per page slot (``_query_rows``)
+    with the other slots' columns zero. Block 0 also stores q·mean_k [BLOCK_M] fp32. Each program is one short
+    load-product-store chain: the whole operand in one program took 6.4 µs."""
     if PDL:  # the split kernel may start its prologue now (see ``_pdl``)
         gdc_launch_dependents()
     pid, blk = tl.program_id(0), tl.program_id(1)
-    b, h, qi, g = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M)
+    b, h, qi, g, slot = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M, PK)
     q = _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT)
     d = tl.arange(0, DP)
     kappa = blk * QR + tl.arange(0, QR)
     rows = tl.load(pk_ptr + kappa[:, None] * DP + d[None, :], mask=(kappa < KQ)[:, None], other=0.0).to(DOT)
     qb = tl.dot(q, tl.trans(rows)) * INV_SQRT_N
-    qb = qb * _segment_inv_scale(kappa, NG, DP, 1 if KBITS == 3 else 2)[None, :]
+    qb = (qb * _segment_inv_scale(kappa, NG, DP, 1 if KBITS == 3 else 2)[None, :]).to(tl.float16)
     m = tl.arange(0, BLOCK_M)
-    tl.store(qt_ptr + pid * KQ * BLOCK_M + kappa[:, None] * BLOCK_M + m[None, :], tl.trans(qb.to(tl.float16)),
-             mask=(kappa < KQ)[:, None])
+    for k in tl.static_range(PK):
+        tl.store(qt_ptr + ((pid * PK + k) * KQ + kappa[:, None]) * BLOCK_M + m[None, :],
+                 tl.trans(tl.where(slot[:, None] == k, qb, 0.0)), mask=(kappa < KQ)[:, None])
     if blk == 0:
         q_mean = tl.zeros((BLOCK_M,), tl.float32)
         if CENTER_K:
             k_mean = tl.load(kmean_ptr + b * smb + h * smh + d, mask=d < D, other=0.0)
             q_mean = tl.sum(q.to(tl.float32) * k_mean[None, :], axis=1)
         tl.store(qm_ptr + pid * BLOCK_M + m, q_mean)
+
+
+@triton.jit
+def _merge_slots(m_i, l_i, ls, acc_lo, acc_hi, PK: tl.constexpr, RS: tl.constexpr, DP: tl.constexpr):
+    """Combine the PK page slots of a split's columns (``_query_rows``) into RS rows: each slot ran its own online
+    softmax over its pages, so its sums and accumulators are weighted by 2^(m_slot - max over slots)."""
+    if PK == 1:
+        return m_i, l_i, ls, acc_lo, acc_hi
+    m2 = tl.reshape(m_i, (PK, RS))
+    m_row = tl.max(m2, axis=0)
+    w = tl.exp2(m2 - tl.where(m_row == float("-inf"), 0.0, m_row)[None, :])  # 0 for a slot that saw no page
+    l_i = tl.sum(tl.reshape(l_i, (PK, RS)) * w, axis=0)
+    ls = tl.sum(tl.reshape(ls, (PK, RS)) * w, axis=0)
+    acc_lo = tl.sum(tl.reshape(acc_lo, (DP, PK, RS)) * w[None, :, :], axis=1)
+    acc_hi = tl.sum(tl.reshape(acc_hi, (DP, PK, RS)) * w[None, :, :], axis=1)
+    return m_row, l_i, ls, acc_lo, acc_hi
 
 
 @triton.jit(do_not_specialize=["sc_w"])  # see _page_words
@@ -229,35 +254,37 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                        NG: tl.constexpr, KQ: tl.constexpr, KCV: tl.constexpr, ROPE_HALF: tl.constexpr,
                        CENTER_K: tl.constexpr,
                        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_RUNS: tl.constexpr, PDL: tl.constexpr,
-                       CAUSAL_PAGES: tl.constexpr):
+                       BLOCK_M: tl.constexpr, PK: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_RUNS: tl.constexpr,
+                       PDL: tl.constexpr, CAUSAL_PAGES: tl.constexpr):
     pid, split = tl.program_id(0), tl.program_id(1)
-    b, h, qi, g = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M)  # q is loaded only where it is read
+    b, h, qi, g, slot = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M, PK)  # q is loaded only where it is read
+    RS: tl.constexpr = BLOCK_M // PK  # rows per page slot
     d = tl.arange(0, DP)
     dmask = d < D
     seq_len = tl.load(lens_ptr + b)
     comp = tl.load(lens_ptr + max_batch + b)
     n_fp = tl.load(lens_ptr + 2 * max_batch + b)
     n_sink = tl.load(lens_ptr + 3 * max_batch + b)
-    q_index = seq_len - Q_LEN + qi  # each row's token index in its sequence
+    q_index = seq_len - Q_LEN + qi  # each column's token index in its sequence
     part = pid * (n_splits + 1) + split
+    # A part's partials are RS rows (slot 0's columns); rows past the chunk pad the tile and are neither written nor
+    # read.
     rows = part * BLOCK_M + tl.arange(0, BLOCK_M)
-    real = qi < Q_LEN  # rows past the chunk pad the tile: their partials are neither written nor read
-
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    real = (qi < Q_LEN) & (slot == 0)
     if split < n_splits:
         # Compressed pages, keys along axis 0: logitsᵀ [PAGE, BLOCK_M] = (decoded codes) · (query blocks)ᵀ, and
         # accᵀ [pairs, BLOCK_M] = (decoded value codes)ᵀ · (p·s)ᵀ, all in the rotated domain and pair order.
         # v = lo + 4·hi + (c/2 + OFF) per coordinate (index planes lo/hi; c the coset flag of its group of 8). Keys
         # take c/2 + OFF as a product of its own; values fold c into the low plane (u = 2·lo + c,
         # ``coset_plane_pairs``) and OFF into Σ p·s, since a transposed product of 16 coset columns cost 18%.
+        # A step takes PK pages, page k in the columns of slot k (its query operand is zero in the others), so the
+        # online softmax, whose cross-warp max costs two barriers, runs once per step on all PK·RS columns.
         NWL: tl.constexpr = DP // 16  # low-plane words (2-bit fields), padded
         KHI: tl.constexpr = 1 if KBITS == 3 else 2  # field bits of the high plane
         VHI: tl.constexpr = 1 if VBITS == 3 else 2
         if ROPE_HALF != 0:
-            # Keys stored with RoPE undone: decode each tile to the original basis (one product with R), add the
-            # mean, re-apply RoPE at each key's position.
+            # Keys stored with RoPE undone (PK == 1): decode each tile to the original basis (one product with R),
+            # add the mean, re-apply RoPE at each key's position.
             q = _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT)
             rot = tl.load(rot_ptr + d[:, None] * DP + d[None, :]).to(DOT)
             rot_sum = tl.sum(rot.to(tl.float32), axis=0) * (0.25 - (1 << (KBITS - 1)))  # Rᵀ(OFF·1)
@@ -265,6 +292,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             if CENTER_K:
                 k_mean = tl.load(kmean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)
         t = tl.arange(0, PAGE)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         acc_lo = tl.zeros((DP, BLOCK_M), tl.float32)
         acc_hi = tl.zeros((DP, BLOCK_M), tl.float32)
         # Σp stays per element until the end of the split (a cross-thread sum per page costs more than the page).
@@ -272,80 +300,103 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         ls_t = tl.zeros((PAGE, BLOCK_M), tl.float32)  # Σ p·s likewise: the weight of the values' offset OFF
         p_lo = split * pages_per_split
         p_hi = tl.minimum(p_lo + pages_per_split, tl.cdiv(comp, PAGE))
-        # Software prefetch: the next page's codes and scales are loaded while this page is computed.
-        page = tl.load(bt_ptr + b * sbt + tl.maximum(tl.minimum(p_lo, p_hi - 1), 0))  # in bounds; unused if empty
         end = tl.minimum(comp, p_hi * PAGE)  # tokens of this split end here
-        lim = end - p_lo * PAGE
-        nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, lim, skc_p, skc_h, skc_t, sc_w, sks_p, sks_h, D, DP,
-                                        KBITS, KHI, PAGE, JOIN_RUNS)
-        nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, lim, svc_p, svc_h, svc_t, sc_w, svs_p, svs_h, D, DP,
-                                        VBITS, VHI, PAGE, JOIN_RUNS)
+        # Software prefetch: keys one page ahead; a step's values at its start, used after its softmax.
+        page = tl.load(bt_ptr + b * sbt + tl.maximum(tl.minimum(p_lo, p_hi - 1), 0))  # in bounds; unused if empty
+        nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - p_lo * PAGE, skc_p, skc_h, skc_t, sc_w, sks_p,
+                                        sks_h, D, DP, KBITS, KHI, PAGE, JOIN_RUNS)
         if ROPE_HALF == 0:  # the query's operands, from _query_prep_kernel, once the first page is on its way
             if PDL:
                 gdc_wait()
             m = tl.arange(0, BLOCK_M)[None, :]
-            qt = qt_ptr + pid * KQ * BLOCK_M
-            qt_c = tl.load(qt + tl.arange(0, NG)[:, None] * BLOCK_M + m)
-            qt_lo = tl.load(qt + (NG + d)[:, None] * BLOCK_M + m)
-            if KBITS > 2:
-                qt_hi = tl.load(qt + (NG + DP + d)[:, None] * BLOCK_M + m)
+            qt_c, qt_lo, qt_hi = (), (), ()
+            for k in tl.static_range(PK):
+                qt = qt_ptr + (pid * PK + k) * KQ * BLOCK_M
+                qt_c = qt_c + (tl.load(qt + tl.arange(0, NG)[:, None] * BLOCK_M + m),)
+                qt_lo = qt_lo + (tl.load(qt + (NG + d)[:, None] * BLOCK_M + m),)
+                if KBITS > 2:
+                    qt_hi = qt_hi + (tl.load(qt + (NG + DP + d)[:, None] * BLOCK_M + m),)
             q_mean = tl.load(qm_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M))
             logit_unit = SUBNORMAL_UNIT  # the products' 2^-24; without a soft cap also to log2 units at once
             if not SOFTCAP:
                 logit_unit = SUBNORMAL_UNIT * sm_scale * LOG2E
                 q_mean = q_mean * (sm_scale * LOG2E)
-        for pg in range(p_lo, p_hi):
-            k_lo, k_hi, ks, v_lo, v_hi, vs, cur = nk_lo, nk_hi, nks, nv_lo, nv_hi, nvs, page
-            page = tl.load(bt_ptr + b * sbt + tl.minimum(pg + 1, p_hi - 1))
-            lim = end - (pg + 1) * PAGE
-            nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, lim, skc_p, skc_h, skc_t, sc_w, sks_p, sks_h, D,
-                                            DP, KBITS, KHI, PAGE, JOIN_RUNS)
-            nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, lim, svc_p, svc_h, svc_t, sc_w, svs_p, svs_h, D,
-                                            DP, VBITS, VHI, PAGE, JOIN_RUNS)
-            tok = pg * PAGE + t
-            tvalid = tok < comp
-            k_index = n_sink + tok
-            if ROPE_HALF == 0:
-                s = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM), qt_c)
-                s = tl.dot(plane_pairs(restore_parity(k_lo), PAGE, NWL, 2, ASM), qt_lo, s)
-                if KBITS > 2:
-                    s = tl.dot(plane_pairs(k_hi, PAGE, DP * KHI // 32, KHI, ASM), qt_hi, s)
-                s = s * (ks * logit_unit)[:, None] + q_mean[None, :]
-            else:
-                krow = kc_ptr + cur.to(tl.int64) * skc_p + h * skc_h + t[:, None] * skc_t
-                uk = load_e8_doubled(krow, tvalid, D, DP, KBITS, PAGE).to(DOT)
-                k = (tl.dot(uk, rot) * 0.5 + rot_sum[None, :]) * (ks * INV_SQRT_N)[:, None] + k_mean[None, :]
-                k_pos = tl.load(pos_ptr + cur.to(tl.int64) * spos_p + h * spos_h + t, mask=tvalid, other=0)
-                cos, sin, _ = rope_rows_at(cos_ptr, sin_ptr, k_pos, tvalid, d, ROPE_HALF)
-                k = rope_rotate(k, rope_partner(k, d, ROPE_HALF), d, cos, sin, ROPE_HALF, False)
-                s = tl.dot(k.to(DOT), tl.trans(q))
-            if CAUSAL_PAGES or WINDOW:
-                seen = _visible(tvalid, k_index, q_index, WINDOW, window, 0)
-            else:  # every compressed token precedes every query
-                seen = tl.broadcast_to(tvalid[:, None], (PAGE, BLOCK_M))
+        for pg0 in range(p_lo, p_hi, PK):
+            pages, vcodes = (), ()  # ``page``: this step's first page, loaded with its keys
+            for k in tl.static_range(PK):
+                if k > 0:
+                    page = tl.load(bt_ptr + b * sbt + tl.minimum(pg0 + k, p_hi - 1))
+                pages = pages + (page,)
+                vcodes = vcodes + (_page_codes(vc_ptr, vs_ptr, page, h, end - (pg0 + k) * PAGE, svc_p, svc_h, svc_t,
+                                               sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_RUNS),)
+            for k in tl.static_range(PK):
+                k_lo, k_hi, ks = nk_lo, nk_hi, nks
+                if k + 1 < PK:
+                    page = pages[k + 1]
+                else:  # the next step's first page
+                    page = tl.load(bt_ptr + b * sbt + tl.minimum(pg0 + PK, p_hi - 1))
+                nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - (pg0 + k + 1) * PAGE, skc_p, skc_h,
+                                                skc_t, sc_w, sks_p, sks_h, D, DP, KBITS, KHI, PAGE, JOIN_RUNS)
+                if ROPE_HALF == 0:
+                    sk = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM), qt_c[k])
+                    sk = tl.dot(plane_pairs(restore_parity(k_lo), PAGE, NWL, 2, ASM), qt_lo[k], sk)
+                    if KBITS > 2:
+                        sk = tl.dot(plane_pairs(k_hi, PAGE, DP * KHI // 32, KHI, ASM), qt_hi[k], sk)
+                    if k == 0:
+                        s = sk * (ks * logit_unit)[:, None] + q_mean[None, :]
+                    else:
+                        s += sk * (ks * logit_unit)[:, None]
+                else:
+                    tvalid = pg0 * PAGE + t < end
+                    krow = kc_ptr + pages[0].to(tl.int64) * skc_p + h * skc_h + t[:, None] * skc_t
+                    uk = load_e8_doubled(krow, tvalid, D, DP, KBITS, PAGE).to(DOT)
+                    kd = (tl.dot(uk, rot) * 0.5 + rot_sum[None, :]) * (ks * INV_SQRT_N)[:, None] + k_mean[None, :]
+                    k_pos = tl.load(pos_ptr + pages[0].to(tl.int64) * spos_p + h * spos_h + t, mask=tvalid, other=0)
+                    cos, sin, _ = rope_rows_at(cos_ptr, sin_ptr, k_pos, tvalid, d, ROPE_HALF)
+                    kd = rope_rotate(kd, rope_partner(kd, d, ROPE_HALF), d, cos, sin, ROPE_HALF, False)
+                    s = tl.dot(kd.to(DOT), tl.trans(q))
+            tok = (pg0 + slot[None, :]) * PAGE + t[:, None]  # [PAGE, BLOCK_M]: token of each slot's page
+            seen = tok < end
+            if CAUSAL_PAGES or WINDOW:  # else every compressed token precedes every query
+                seen = seen & _causal(n_sink + tok, q_index[None, :], WINDOW, window)
             p, alpha, m_i = _online_softmax(s, seen, m_i, sm_scale, SOFTCAP, softcap, 0, ROPE_HALF == 0 and not SOFTCAP)
             l_t = l_t * alpha[None, :] + p
-            ps = p * vs[:, None]
-            ls_t = ls_t * alpha[None, :] + ps
-            pv = ps.to(tl.float16)
-            acc_lo = acc_lo * alpha[None, :] + tl.dot(tl.trans(coset_plane_pairs(v_lo, PAGE, NWL, ASM)), pv)
+            ls_t = ls_t * alpha[None, :]
+            acc_lo = acc_lo * alpha[None, :]
             if VBITS > 2:
-                acc_hi = acc_hi * alpha[None, :] + tl.dot(tl.trans(plane_pairs(v_hi, PAGE, DP * VHI // 32, VHI, ASM)),
-                                                          pv)
-        l_i = tl.sum(l_t, axis=0)
+                acc_hi = acc_hi * alpha[None, :]
+            for k in tl.static_range(PK):
+                v_lo, v_hi, vs = vcodes[k]
+                ps = p * vs[:, None]
+                if PK > 1:
+                    ps = tl.where(slot[None, :] == k, ps, 0.0)
+                ls_t += ps
+                pv = ps.to(tl.float16)
+                acc_lo = tl.dot(tl.trans(coset_plane_pairs(v_lo, PAGE, NWL, ASM)), pv, acc_lo)
+                if VBITS > 2:
+                    acc_hi = tl.dot(tl.trans(plane_pairs(v_hi, PAGE, DP * VHI // 32, VHI, ASM)), pv, acc_hi)
+        m_r, l_r, ls, acc_lo, acc_hi = _merge_slots(m_i, tl.sum(l_t, axis=0), tl.sum(ls_t, axis=0), acc_lo, acc_hi,
+                                                    PK, RS, DP)
         # Columns of this part's accumulator: [OFF·Σ p·s, then zeros (NG) | low plane u (DP) | high plane (DP)], the
         # planes in pair order (``_decode_matrix`` with values=True).
+        r = tl.arange(0, RS)
         kc = tl.arange(0, NG)
         kd = tl.arange(0, DP)
-        base = acc_ptr + rows[None, :] * KCV
-        ls = tl.sum(ls_t, axis=0) * (0.25 - (1 << (VBITS - 1)))
-        tl.store(base + kc[:, None], tl.where(kc[:, None] == 0, ls[None, :], 0.0), mask=real[None, :])
-        tl.store(base + NG + kd[:, None], acc_lo * SUBNORMAL_UNIT, mask=real[None, :])
+        keep = ((tl.program_id(0) % n_mblk) * BLOCK_M + r) // GROUP < Q_LEN
+        base = acc_ptr + (part * BLOCK_M + r)[None, :] * KCV
+        ls = ls * (0.25 - (1 << (VBITS - 1)))
+        tl.store(base + kc[:, None], tl.where(kc[:, None] == 0, ls[None, :], 0.0), mask=keep[None, :])
+        tl.store(base + NG + kd[:, None], acc_lo * SUBNORMAL_UNIT, mask=keep[None, :])
         if VBITS > 2:
-            tl.store(base + NG + DP + kd[:, None], acc_hi * SUBNORMAL_UNIT, mask=real[None, :])
+            tl.store(base + NG + DP + kd[:, None], acc_hi * SUBNORMAL_UNIT, mask=keep[None, :])
+        tl.store(m_ptr + part * BLOCK_M + r, m_r, mask=keep)
+        tl.store(l_ptr + part * BLOCK_M + r, l_r, mask=keep)
     else:
-        # The uncompressed sinks and window, in the original basis (columns 0..DP-1 of this part).
+        # The uncompressed sinks and window, in the original basis (columns 0..DP-1 of this part; with PK > 1 the
+        # slots repeat the rows, and slot 0's are written).
         q = _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT)
+        m_f = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_f = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, DP), tl.float32)
         j = tl.arange(0, BLOCK_N)
         for j0 in range(0, n_fp, BLOCK_N):
@@ -356,14 +407,14 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             kv_mask = jvalid[:, None] & dmask[None, :]
             s = tl.dot(q, tl.trans(tl.load(fpk_ptr + row, mask=kv_mask, other=0.0).to(DOT)))
             seen = _visible(jvalid, k_index, q_index, WINDOW, window, 1)
-            p, alpha, m_i = _online_softmax(s, seen, m_i, sm_scale, SOFTCAP, softcap, 1)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p, alpha, m_f = _online_softmax(s, seen, m_f, sm_scale, SOFTCAP, softcap, 1)
+            l_f = l_f * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), tl.load(fpv_ptr + row, mask=kv_mask, other=0.0).to(DOT))
         tl.store(acc_ptr + rows[:, None] * KCV + d[None, :], acc, mask=real[:, None])
+        tl.store(m_ptr + rows, m_f, mask=real)
+        tl.store(l_ptr + rows, l_f, mask=real)
     if PDL:  # the reduce may launch now; it waits for this grid to end before it reads
         gdc_launch_dependents()
-    tl.store(m_ptr + rows, m_i, mask=real)
-    tl.store(l_ptr + rows, l_i, mask=real)
 
 
 @triton.jit
@@ -622,11 +673,14 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     longest = max(cache.compressed_lens()[:B])
     max_pages = triton.cdiv(longest, P)
     cfg = _config("attention", attention_buckets(D, codec.key_bits, codec.value_bits, group, B, longest), q.device)
+    # Pages per step: a block of few rows holds several pages' logits side by side (post-RoPE keys only).
+    step = 1 if codec.rope is not None else max(1, min(cfg["pages_per_step"], block_m // triton.next_power_of_2(rows)))
     if num_splits is None:  # fill the GPU, but give each split a few pages (its prologue and partial cost a page)
         want = triton.cdiv(_max_programs(q.device, cfg["programs_per_sm"]), B * H * n_mblk)
         num_splits = min(triton.cdiv(max_pages, cfg["min_pages_per_split"]), max(1, want))
     num_splits = min(int(num_splits), max_pages)
-    pages_per_split = triton.cdiv(max_pages, num_splits) if num_splits else 0
+    # Whole steps per split, so no step but the last of the longest sequence has empty slots.
+    pages_per_split = triton.cdiv(triton.cdiv(max_pages, num_splits), step) * step if num_splits else 0
     num_splits = triton.cdiv(max_pages, pages_per_split) if num_splits else 0
     DP = ref.next_pow2(D)
     NG = max(16, DP // 8)
@@ -651,12 +705,12 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     prep = rope_half == 0 and num_splits > 0
     pdl = _pdl(q.device)
     if prep:
-        q_t = torch.empty(B * H * n_mblk, KQ, block_m, dtype=torch.float16, device=q.device)
+        q_t = torch.empty(B * H * n_mblk, step, KQ, block_m, dtype=torch.float16, device=q.device)
         q_mean = torch.empty(B * H * n_mblk, block_m, dtype=torch.float32, device=q.device)
         _query_prep_kernel[(B * H * n_mblk, triton.cdiv(KQ, _PREP_ROWS))](
             q, pk, cache.k_mean, q_t, q_mean, H, n_mblk, *q.stride()[:3], *cache.k_mean.stride()[:2],
             Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, NG=NG, KQ=KQ, INV_SQRT_N=inv_sqrt_n,
-            CENTER_K=codec.center_keys, DOT=dot, BLOCK_M=block_m, QR=_PREP_ROWS, PDL=pdl, num_warps=4)
+            CENTER_K=codec.center_keys, DOT=dot, BLOCK_M=block_m, PK=step, QR=_PREP_ROWS, PDL=pdl, num_warps=4)
     else:  # placeholders, never read, but of the operands' dtypes: the kernel compiles its compressed-page branch
         q_t, q_mean = acc_part.new_empty(1, dtype=torch.float16), m_part  # anyway, and fp16 x fp32 is not a product
     _attn_split_kernel[(B * H * n_mblk, n_parts)](
@@ -671,7 +725,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         INV_SQRT_N=inv_sqrt_n, NG=NG, KQ=KQ, KCV=acc_part.shape[-1], ROPE_HALF=rope_half, CENTER_K=codec.center_keys,
         SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=dot, ASM=q.is_cuda,
         # Word-by-word page loads at 2-3 key bits (1.2-1.3x); at 4 key bits they measured 2-7% slower (decisions v5).
-        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], JOIN_RUNS=codec.key_bits < 4, PDL=pdl and prep,
+        BLOCK_M=block_m, PK=step, BLOCK_N=cfg["BLOCK_N"], JOIN_RUNS=codec.key_bits < 4, PDL=pdl and prep,
         CAUSAL_PAGES=q_len > 1,  # a single query follows every key; a chunk may start inside the compressed pages
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_launch(pdl and prep))
     # The reduce reads only the real rows of a block. Small batches spread its column chunks over programs.

@@ -190,7 +190,7 @@ def _rotation(head_dim: int, device: str) -> torch.Tensor:
 _DEFAULTS = {"encode": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2},
              "decode": {"BLOCK_T": 32, "num_warps": 4},
              "attention": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8,
-                           "min_pages_per_split": 4, "maxnreg": None},
+                           "min_pages_per_split": 4, "maxnreg": None, "pages_per_step": 1},
              "scoring": {"num_warps": 4, "programs_per_sm": 4},
              "filter": {"BT": 64, "num_warps": 4},
              "unfilter": {"BT": 64, "num_warps": 4}}

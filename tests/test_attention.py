@@ -121,6 +121,25 @@ def test_reduce_over_blocks_of_splits(splits, q_len, batch):
     assert torch.equal(decode_attention(q, cache, num_splits=splits), first)
 
 
+@pytest.mark.parametrize("step", (2, 4))
+@pytest.mark.parametrize("d,bits,group,q_len", [(128, (3, 2), 4, 1), (64, (4, 4), 8, 1), (256, (2, 2), 1, 3),
+                                                (96, (3, 3), 2, 2)])
+def test_pages_side_by_side(step, d, bits, group, q_len):
+    # pages_per_step > 1: a step's pages fill the column slots of a 16-column block (16 / rows, at most the config's
+    # value: GQA 8 takes 2 slots), each with its own online softmax, merged at the split's end. Ragged page counts
+    # (splits and steps with empty slots), sinks, chunks (causal), a sliding window and a soft cap.
+    from autotune import store
+
+    cache = _cache(d=d, recent=4, sinks=1, bits=bits, pages=40)
+    _fill(cache, [150, 37])
+    q = torch.randn(2, q_len, 2 * group, d, dtype=torch.float16)
+    tol = 4e-3 if d == 96 else None  # head_dim 96's decode matrix is rounded to fp16 (the same error at 1 page/step)
+    with store.override("attention", {"pages_per_step": step}):
+        for splits in (1, 3):
+            _check(q, cache, tol, num_splits=splits)
+        _check(q, cache, tol, window=40, softcap=3.0)
+
+
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_reduce_column_programs_head_dims_and_dtypes(d, dtype):
@@ -334,10 +353,10 @@ PTRS = dict(q_ptr=F16, pk_ptr=F16, kmean_ptr=F32, qt_ptr=F16, qm_ptr=F32, kc_ptr
             count_ptr=I32, sm_scale="fp32", softcap="fp32")
 COMMON = dict(Q_LEN=1, GROUP=4, D=128, DP=128, NG=16, INV_SQRT_N=128 ** -0.5, BLOCK_M=16)
 KERNELS = {
-    "prep": (A._query_prep_kernel, dict(KBITS=3, KQ=272, CENTER_K=True, DOT=tl.float16, QR=64)),
+    "prep": (A._query_prep_kernel, dict(KBITS=3, KQ=272, CENTER_K=True, DOT=tl.float16, QR=64, PK=4)),
     "split": (A._attn_split_kernel, dict(KBITS=3, VBITS=2, PAGE=64, KQ=272, KCV=144, ROPE_HALF=0, CENTER_K=True,
                                          SOFTCAP=False, WINDOW=False, DOT=tl.float16, ASM=True, BLOCK_N=64,
-                                         JOIN_RUNS=True, CAUSAL_PAGES=False)),
+                                         JOIN_RUNS=True, CAUSAL_PAGES=False, PK=4)),
     "reduce": (A._attn_reduce_kernel, dict(VBITS=2, KCV=144, CENTER_V=True, RB=4, SC=8, CB=32, CHUNKS=1, NPROG=5,
                                            NPROG_P2=8)),
 }

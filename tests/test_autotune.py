@@ -127,6 +127,16 @@ def test_search_does_not_trade_one_end_for_the_other():
     assert r["config"] == {} and r["tried"] == 3
 
 
+def test_search_refines_from_a_recorded_winner():
+    # start from the recorded {"num_warps": 2, "BT": 16} (1.25x); only BT is searched on top: BT=32 (1.6x) wins and
+    # confirms; num_warps stays from the start.
+    task, timer = _fake_task([5.0, 50.0, 4.0, 40.0, 3.125, 31.25, 5.0, 50.0, 3.125, 31.25], wrong_warps=8)
+    r = search(task, torch.device("cpu"), timer=timer, log=lambda s: None, start={"num_warps": 2, "BT": 16},
+               stages=[{"BT": [32]}])
+    assert r["config"] == {"num_warps": 2, "BT": 32} and r["tried"] == 3
+    assert r["speedup"] == pytest.approx(1.6)
+
+
 def test_store_file_mirrors_the_record_and_report(tmp_path):
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps({"encode": {"d64_b2": {"BLOCK_T": 128}}}))  # a config no record measured: dropped

@@ -301,10 +301,14 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         p_lo = split * pages_per_split
         p_hi = tl.minimum(p_lo + pages_per_split, tl.cdiv(comp, PAGE))
         end = tl.minimum(comp, p_hi * PAGE)  # tokens of this split end here
-        # Software prefetch: keys one page ahead; a step's values at its start, used after its softmax.
+        # Software prefetch: keys one page ahead; a step's values at its start (one page: a page ahead), used after
+        # its softmax.
         page = tl.load(bt_ptr + b * sbt + tl.maximum(tl.minimum(p_lo, p_hi - 1), 0))  # in bounds; unused if empty
         nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - p_lo * PAGE, skc_p, skc_h, skc_t, sc_w, sks_p,
                                         sks_h, D, DP, KBITS, KHI, PAGE, JOIN_RUNS)
+        if PK == 1:  # one page per step: its values too are loaded a page ahead (a step start is too late at batch 1)
+            nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, end - p_lo * PAGE, svc_p, svc_h, svc_t, sc_w,
+                                            svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_RUNS)
         if ROPE_HALF == 0:  # the query's operands, from _query_prep_kernel, once the first page is on its way
             if PDL:
                 gdc_wait()
@@ -327,8 +331,11 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                 if k > 0:
                     page = tl.load(bt_ptr + b * sbt + tl.minimum(pg0 + k, p_hi - 1))
                 pages = pages + (page,)
-                vcodes = vcodes + (_page_codes(vc_ptr, vs_ptr, page, h, end - (pg0 + k) * PAGE, svc_p, svc_h, svc_t,
-                                               sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_RUNS),)
+                if PK == 1:
+                    vcodes = vcodes + ((nv_lo, nv_hi, nvs),)
+                else:
+                    vcodes = vcodes + (_page_codes(vc_ptr, vs_ptr, page, h, end - (pg0 + k) * PAGE, svc_p, svc_h,
+                                                   svc_t, sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_RUNS),)
             for k in tl.static_range(PK):
                 k_lo, k_hi, ks = nk_lo, nk_hi, nks
                 if k + 1 < PK:
@@ -337,6 +344,9 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                     page = tl.load(bt_ptr + b * sbt + tl.minimum(pg0 + PK, p_hi - 1))
                 nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - (pg0 + k + 1) * PAGE, skc_p, skc_h,
                                                 skc_t, sc_w, sks_p, sks_h, D, DP, KBITS, KHI, PAGE, JOIN_RUNS)
+                if PK == 1:
+                    nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, end - (pg0 + 1) * PAGE, svc_p, svc_h,
+                                                    svc_t, sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_RUNS)
                 if ROPE_HALF == 0:
                     sk = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM), qt_c[k])
                     sk = tl.dot(plane_pairs(restore_parity(k_lo), PAGE, NWL, 2, ASM), qt_lo[k], sk)

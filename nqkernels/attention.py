@@ -13,7 +13,8 @@ each key's stored position (``PagedKVCache.positions``).
 
 Grid: (batch · kv_heads · row blocks, splits + 1). Programs 0..splits-1 each take a run of pages (64-token pages
 are the A operand of the logit product, keys along axis 0); the last one takes the uncompressed sinks and window.
-Each writes (running max, sum, accumulator); the reduce combines them. On Hopper the split kernel and the reduce
+Each writes (running max, sum, accumulator); the reduce combines them. A block of few rows may take several pages
+per softmax step, side by side in its columns (``pages_per_step``, ``_query_rows``). On Hopper the split kernel and the reduce
 start while their predecessor still runs (programmatic dependent launch, ``_pdl``). Rows are (query position, query
 head of the group) pairs, so the codes of a KV head are read once for all its query heads (GQA) and all positions of
 a chunk (q_len > 1, causal inside the chunk).
@@ -652,7 +653,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         softcap: logits become ``softcap * tanh(logits / softcap)`` (Gemma-2); default off.
         window: sliding window: a query sees only the last ``window`` tokens (itself included); default off.
         num_splits: splits of the compressed pages per sequence (flash-decoding); default: enough programs to
-            fill the GPU.
+            fill the GPU. Splits hold whole steps of the launch config's ``pages_per_step``, so a request may
+            yield fewer.
     Returns:
         ``[B, q_len, q_heads, head_dim]`` in q's dtype.
 

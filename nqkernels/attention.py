@@ -14,10 +14,10 @@ each key's stored position (``PagedKVCache.positions``).
 Grid: (batch · kv_heads · row blocks, splits + 1). Programs 0..splits-1 each take a run of pages (64-token pages
 are the A operand of the logit product, keys along axis 0); the last one takes the uncompressed sinks and window.
 Each writes (running max, sum, accumulator); the reduce combines them. A block of few rows may take several pages
-per softmax step, side by side in its columns (``pages_per_step``, ``_query_rows``). On Hopper the split kernel and the reduce
-start while their predecessor still runs (programmatic dependent launch, ``_pdl``). Rows are (query position, query
-head of the group) pairs, so the codes of a KV head are read once for all its query heads (GQA) and all positions of
-a chunk (q_len > 1, causal inside the chunk).
+per softmax step, side by side in its columns (``pages_per_step``, ``_query_rows``). On Hopper the split kernel and
+the reduce start while their predecessor still runs (programmatic dependent launch, ``_pdl``). Rows are (query
+position, query head of the group) pairs, so the codes of a KV head are read once for all its query heads (GQA) and
+all positions of a chunk (q_len > 1, causal inside the chunk).
 """
 from __future__ import annotations
 
@@ -268,10 +268,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
     n_sink = tl.load(lens_ptr + 3 * max_batch + b)
     q_index = seq_len - Q_LEN + qi  # each column's token index in its sequence
     part = pid * (n_splits + 1) + split
-    # A part's partials are RS rows (slot 0's columns); rows past the chunk pad the tile and are neither written nor
-    # read.
-    rows = part * BLOCK_M + tl.arange(0, BLOCK_M)
-    real = (qi < Q_LEN) & (slot == 0)
+    # A part's partials are its first RS rows (slot 0's columns); rows past the chunk pad the tile and are neither
+    # written nor read.
     if split < n_splits:
         # Compressed pages, keys along axis 0: logitsᵀ [PAGE, BLOCK_M] = (decoded codes) · (query blocks)ᵀ, and
         # accᵀ [pairs, BLOCK_M] = (decoded value codes)ᵀ · (p·s)ᵀ, all in the rotated domain and pair order.
@@ -393,7 +391,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         r = tl.arange(0, RS)
         kc = tl.arange(0, NG)
         kd = tl.arange(0, DP)
-        keep = ((tl.program_id(0) % n_mblk) * BLOCK_M + r) // GROUP < Q_LEN
+        keep = ((pid % n_mblk) * BLOCK_M + r) // GROUP < Q_LEN
         base = acc_ptr + (part * BLOCK_M + r)[None, :] * KCV
         ls = ls * (0.25 - (1 << (VBITS - 1)))
         tl.store(base + kc[:, None], tl.where(kc[:, None] == 0, ls[None, :], 0.0), mask=keep[None, :])
@@ -405,6 +403,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
     else:
         # The uncompressed sinks and window, in the original basis (columns 0..DP-1 of this part; with PK > 1 the
         # slots repeat the rows, and slot 0's are written).
+        rows = part * BLOCK_M + tl.arange(0, BLOCK_M)
+        real = (qi < Q_LEN) & (slot == 0)
         q = _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT)
         m_f = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_f = tl.zeros((BLOCK_M,), tl.float32)

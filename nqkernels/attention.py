@@ -7,9 +7,10 @@ Codes become tensor-core operands without conversions: one mask of a code word y
 (``lattice.plane_pairs``), in an order ("pair order") that the contraction does not care about and that puts each
 decoded element in the register where the tensor-core product wants it. So the query is multiplied by the rows of R
 in pair order once per (sequence, KV head) (``_query_prep_kernel``, ``_decode_matrix``), keys are never rotated
-back, and values are accumulated in pair order and rotated back once, in the reduce. fp16 K/V never reach memory. Keys
-stored with RoPE undone are decoded to the original basis per page (one product with R) and RoPE is re-applied at
-each key's stored position (``PagedKVCache.positions``).
+back, and values are accumulated in pair order and rotated back once per split, at its end (``_values_original``: a
+gather to storage order and an inverse Hadamard transform), so the reduce only weighs and adds. fp16 K/V never reach
+memory. Keys stored with RoPE undone are decoded to the original basis per page (one product with R) and RoPE is
+re-applied at each key's stored position (``PagedKVCache.positions``).
 
 Grid: (batch · kv_heads · row blocks, splits + 1). Programs 0..splits-1 each take a run of pages (64-token pages
 are the A operand of the logit product, keys along axis 0); the last one takes the uncompressed sinks and window.
@@ -32,8 +33,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import reference as ref
 from .codec import _config, _max_programs, _rope_tables, _rotation, _use_triton
-from .lattice import (SUBNORMAL_UNIT, coset_pairs, coset_plane_pairs, load_e8_doubled, plane_pairs, restore_parity,
-                      rope_partner, rope_rotate, rope_rows_at)
+from .lattice import (SUBNORMAL_UNIT, coset_pairs, coset_plane_pairs, inverse_hadamard, load_e8_doubled, plane_pairs,
+                      restore_parity, rope_partner, rope_rotate, rope_rows_at, storage_order)
 from .paged import PagedKVCache
 
 # Shape buckets of the config store (autotune): ranges of the longest compressed sequence and of the batch, upper
@@ -229,6 +230,23 @@ def _query_prep_kernel(q_ptr, pk_ptr, kmean_ptr, qt_ptr, qm_ptr, H, n_mblk, sqb,
 
 
 @triton.jit
+def _values_original(acc_lo, acc_hi, ls, vg_ptr, RS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                     LOG2DP: tl.constexpr, VBITS: tl.constexpr, INV_SQRT_N: tl.constexpr):
+    """A split's value accumulator -> its Σ p·x [RS, DP] in the original basis. The planes [DP, RS] hold Σ p·s·u and
+    Σ p·s·hi in pair order (u = 2·lo + c, ``coset_plane_pairs``), ls = Σ p·s; a value coordinate is
+    v = u/2 + 4·hi + OFF, so per storage coordinate j (``_value_gather``: where each plane holds it and its weight)
+    y = Σ p·s·v, and Rᵀ y / √n = √n · T⁻¹(storage order → transform order of y) (``reference.rotation_matrix``)."""
+    j = tl.arange(0, DP)
+    at = tl.broadcast_to(tl.load(vg_ptr + j).to(tl.int32)[None, :], (RS, DP))
+    y = tl.gather(tl.trans(acc_lo), at, 1) * tl.load(vg_ptr + DP + j)[None, :]
+    if VBITS > 2:
+        at = tl.broadcast_to(tl.load(vg_ptr + 2 * DP + j).to(tl.int32)[None, :], (RS, DP))
+        y += tl.gather(tl.trans(acc_hi), at, 1) * tl.load(vg_ptr + 3 * DP + j)[None, :]
+    y += (ls * (0.25 - (1 << (VBITS - 1))))[:, None]
+    return inverse_hadamard(storage_order(y, RS, DP), RS, D, DP, LOG2DP) * (1.0 / INV_SQRT_N)
+
+
+@triton.jit
 def _merge_slots(m_i, l_i, ls, acc_lo, acc_hi, PK: tl.constexpr, RS: tl.constexpr, DP: tl.constexpr):
     """Combine the PK page slots of a split's columns (``_query_rows``) into RS rows: each slot ran its own online
     softmax over its pages, so its sums and accumulators are weighted by 2^(m_slot - max over slots)."""
@@ -246,13 +264,13 @@ def _merge_slots(m_i, l_i, ls, acc_lo, acc_hi, PK: tl.constexpr, RS: tl.constexp
 
 @triton.jit(do_not_specialize=["sc_w"])  # see _page_words
 def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, kmean_ptr, qt_ptr, qm_ptr, rot_ptr,
-                       cos_ptr, sin_ptr, pos_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr,
+                       cos_ptr, sin_ptr, pos_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, vg_ptr,
                        H, n_mblk, n_splits, pages_per_split, max_batch, sm_scale, softcap, window,
                        sqb, sqt, sqh, skc_p, skc_h, skc_t, sks_p, sks_h, svc_p, svc_h, svc_t, svs_p, svs_h, sc_w,
                        spos_p, spos_h, sbt, sfb, sfh, sft, smb, smh,
                        Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                        KBITS: tl.constexpr, VBITS: tl.constexpr, PAGE: tl.constexpr, INV_SQRT_N: tl.constexpr,
-                       NG: tl.constexpr, KQ: tl.constexpr, KCV: tl.constexpr, ROPE_HALF: tl.constexpr,
+                       NG: tl.constexpr, KQ: tl.constexpr, LOG2DP: tl.constexpr, ROPE_HALF: tl.constexpr,
                        CENTER_K: tl.constexpr,
                        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                        BLOCK_M: tl.constexpr, PK: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_RUNS: tl.constexpr,
@@ -386,18 +404,11 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                     acc_hi = tl.dot(tl.trans(plane_pairs(v_hi, PAGE, DP * VHI // 32, VHI, ASM)), pv, acc_hi)
         m_r, l_r, ls, acc_lo, acc_hi = _merge_slots(m_i, tl.sum(l_t, axis=0), tl.sum(ls_t, axis=0), acc_lo, acc_hi,
                                                     PK, RS, DP)
-        # Columns of this part's accumulator: [OFF·Σ p·s, then zeros (NG) | low plane u (DP) | high plane (DP)], the
-        # planes in pair order (``_decode_matrix`` with values=True).
+        # The partial in the original basis (rotated back once per split, so the reduce only weighs and adds).
         r = tl.arange(0, RS)
-        kc = tl.arange(0, NG)
-        kd = tl.arange(0, DP)
         keep = ((pid % n_mblk) * BLOCK_M + r) // GROUP < Q_LEN
-        base = acc_ptr + (part * BLOCK_M + r)[None, :] * KCV
-        ls = ls * (0.25 - (1 << (VBITS - 1)))
-        tl.store(base + kc[:, None], tl.where(kc[:, None] == 0, ls[None, :], 0.0), mask=keep[None, :])
-        tl.store(base + NG + kd[:, None], acc_lo * SUBNORMAL_UNIT, mask=keep[None, :])
-        if VBITS > 2:
-            tl.store(base + NG + DP + kd[:, None], acc_hi * SUBNORMAL_UNIT, mask=keep[None, :])
+        x = _values_original(acc_lo, acc_hi, ls, vg_ptr, RS, D, DP, LOG2DP, VBITS, INV_SQRT_N)
+        tl.store(acc_ptr + (part * BLOCK_M + r)[:, None] * DP + d[None, :], x, mask=keep[:, None])
         tl.store(m_ptr + part * BLOCK_M + r, m_r, mask=keep)
         tl.store(l_ptr + part * BLOCK_M + r, l_r, mask=keep)
     else:
@@ -421,7 +432,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
             p, alpha, m_f = _online_softmax(s, seen, m_f, sm_scale, SOFTCAP, softcap, 1)
             l_f = l_f * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), tl.load(fpv_ptr + row, mask=kv_mask, other=0.0).to(DOT))
-        tl.store(acc_ptr + rows[:, None] * KCV + d[None, :], acc, mask=real[:, None])
+        tl.store(acc_ptr + rows[:, None] * DP + d[None, :], acc, mask=real[:, None])
         tl.store(m_ptr + rows, m_f, mask=real)
         tl.store(l_ptr + rows, l_f, mask=real)
     if PDL:  # the reduce may launch now; it waits for this grid to end before it reads
@@ -429,65 +440,46 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
 
 
 @triton.jit
-def _rotate_cols(u, pv_ptr, cols, KCV: tl.constexpr, NG: tl.constexpr, DP: tl.constexpr, VHI: tl.constexpr):
-    """u [RB, CB] fp32, columns ``cols`` of a combined accumulator (pair order) -> their part of the output in the
-    original basis, u · (rows ``cols`` of the decode matrix) [RB, DP]. The fp16 hi and lo parts of u against the
-    fp16 matrix keep ~22 bits."""
-    u = u * _segment_inv_scale(cols, NG, DP, VHI)[None, :]
-    hi = u.to(tl.float16)
-    lo = (u - hi.to(tl.float32)).to(tl.float16)
-    blk = tl.load(pv_ptr + cols[:, None] * DP + tl.arange(0, DP)[None, :], mask=(cols < KCV)[:, None], other=0.0)
-    return tl.dot(hi, blk) + tl.dot(lo, blk)
-
-
-@triton.jit
-def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, pv_ptr, vmean_ptr, o_ptr, out_part_ptr, count_ptr, H, n_mblk,
-                        n_splits, svmb, svmh, soh_b, soh_t, soh_h, Q_LEN: tl.constexpr, GROUP: tl.constexpr,
-                        D: tl.constexpr, DP: tl.constexpr, VBITS: tl.constexpr, NG: tl.constexpr, KCV: tl.constexpr,
-                        CENTER_V: tl.constexpr, INV_SQRT_N: tl.constexpr, BLOCK_M: tl.constexpr, RB: tl.constexpr,
-                        SC: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, NPROG: tl.constexpr,
-                        NPROG_P2: tl.constexpr, PDL: tl.constexpr):
-    # The splits of one (batch, KV head, row block), combined with weights 2^(m_s - max) by column chunks of CB,
-    # each rotated back to the original basis at once (its CB rows of the decode matrix). SC splits per step are one
-    # [SC, RB, CB] load, so a pass costs a few memory latencies however many splits there are. With NPROG > 1 (small
-    # batches) the chunks are spread over NPROG programs, which write their partial outputs; the last to finish (an
-    # atomic count, reset for the next call) sums them. Only the first RB rows of a block are read: the rest pad the
-    # split kernel's tile.
-    if PDL:  # launched before the split kernel ended (``_pdl``): its partials are complete only after this
-        gdc_wait()
+def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, vmean_ptr, o_ptr, H, n_mblk, n_splits, svmb, svmh, soh_b, soh_t, soh_h,
+                        Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                        CENTER_V: tl.constexpr, BLOCK_M: tl.constexpr, RB: tl.constexpr, SC: tl.constexpr,
+                        OB: tl.constexpr, PDL: tl.constexpr):
+    # Output columns OB·j.. of one (batch, KV head, row block): its splits' partials (already in the original basis)
+    # with weights 2^(m_s - max), SC splits per step in one [SC, RB, OB] load, so a pass costs a few memory latencies
+    # however many splits there are; then the uncompressed part's, the normalisation and the value mean. Small
+    # batches spread the columns over programs. Only the first RB rows of a block are read: the rest pad the split
+    # kernel's tile.
     pid, cb = tl.program_id(0), tl.program_id(1)
     bh, mb = pid // n_mblk, pid % n_mblk
     b, h = bh // H, bh % H
-    VHI: tl.constexpr = 1 if VBITS == 3 else 2
+    cols = cb * OB + tl.arange(0, OB)
+    v_mean = tl.zeros((OB,), tl.float32)
+    if CENTER_V:  # written before the call: read before the wait
+        v_mean = tl.load(vmean_ptr + b * svmb + h * svmh + cols, mask=cols < D, other=0.0)
+    if PDL:  # launched before the split kernel ended (``_pdl``): its partials are complete only after this
+        gdc_wait()
     rows = tl.arange(0, RB)
     r = mb * BLOCK_M + rows
     qi, g = r // GROUP, r % GROUP
     real = qi < Q_LEN
     base = pid * (n_splits + 1)
     sc = tl.arange(0, SC)
-    d = tl.arange(0, DP)
-    out = tl.zeros((RB, DP), tl.float32)
-    for i in tl.static_range(CHUNKS):
-        # Online over the splits: every chunk sees the same maxima, so all end at the same m_run and l_comp.
-        cols = (cb * CHUNKS + i) * CB + tl.arange(0, CB)
-        m_run = tl.full((RB,), float("-inf"), tl.float32)
-        l_comp = tl.zeros((RB,), tl.float32)
-        u = tl.zeros((RB, CB), tl.float32)
-        for s0 in range(0, n_splits, SC):
-            valid = (s0 + sc < n_splits)[:, None] & real[None, :]  # [SC, RB]
-            prow = (base + s0 + sc)[:, None] * BLOCK_M + rows[None, :]
-            m_s = tl.load(m_ptr + prow, mask=valid, other=float("-inf"))
-            l_s = tl.load(l_ptr + prow, mask=valid, other=0.0)
-            a_s = tl.load(acc_ptr + prow[:, :, None] * KCV + cols[None, None, :],
-                          mask=valid[:, :, None] & (cols < KCV)[None, None, :], other=0.0)
-            m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_run - m_safe)
-            w = tl.exp2(m_s - m_safe[None, :])  # 0 past the last split
-            l_comp = l_comp * alpha + tl.sum(w * l_s, axis=0)
-            u = u * alpha[:, None] + tl.sum(w[:, :, None] * a_s, axis=0)
-            m_run = m_new
-        out += _rotate_cols(u, pv_ptr, cols, KCV, NG, DP, VHI)
+    m_run = tl.full((RB,), float("-inf"), tl.float32)
+    l_comp = tl.zeros((RB,), tl.float32)
+    u = tl.zeros((RB, OB), tl.float32)
+    for s0 in range(0, n_splits, SC):
+        valid = (s0 + sc < n_splits)[:, None] & real[None, :]  # [SC, RB]
+        prow = (base + s0 + sc)[:, None] * BLOCK_M + rows[None, :]
+        m_s = tl.load(m_ptr + prow, mask=valid, other=float("-inf"))
+        l_s = tl.load(l_ptr + prow, mask=valid, other=0.0)
+        a_s = tl.load(acc_ptr + prow[:, :, None] * DP + cols[None, None, :], mask=valid[:, :, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - m_safe)
+        w = tl.exp2(m_s - m_safe[None, :])  # 0 past the last split
+        l_comp = l_comp * alpha + tl.sum(w * l_s, axis=0)
+        u = u * alpha[:, None] + tl.sum(w[:, :, None] * a_s, axis=0)
+        m_run = m_new
     fp_row = (base + n_splits) * BLOCK_M + rows
     m_fp = tl.load(m_ptr + fp_row, mask=real, other=float("-inf"))
     m_all = tl.maximum(m_run, m_fp)
@@ -496,39 +488,11 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, pv_ptr, vmean_ptr, o_ptr, out_par
     l_comp *= w_comp
     l_sum = l_comp + w_fp * tl.load(l_ptr + fp_row, mask=real, other=0.0)
     inv_l = 1.0 / tl.where(l_sum > 0.0, l_sum, 1.0)
-    out *= (w_comp * inv_l * INV_SQRT_N)[:, None]
-    is_last = True
-    if NPROG > 1:
-        part = out_part_ptr + (pid * NPROG_P2 * RB + rows[:, None]) * DP + d[None, :]
-        tl.store(part + cb * RB * DP, out)
-        tl.debug_barrier()  # all threads' stores precede the release below
-        is_last = tl.atomic_add(count_ptr + pid, 1) == NPROG - 1  # acq_rel: the other programs' parts are visible
-    if is_last:
-        if NPROG > 1:
-            tl.atomic_xchg(count_ptr + pid, 0)
-            j = tl.arange(0, NPROG_P2)
-            out = tl.sum(tl.load(part[None, :, :] + j[:, None, None] * RB * DP,
-                                 mask=(j < NPROG)[:, None, None], other=0.0, cache_modifier=".cg"), axis=0)
-        out += (w_fp * inv_l)[:, None] * tl.load(acc_ptr + fp_row[:, None] * KCV + d[None, :], mask=real[:, None],
-                                                 other=0.0)
-        if CENTER_V:  # the value mean, once per unit of the compressed tokens' probability mass
-            out += (l_comp * inv_l)[:, None] * tl.load(vmean_ptr + b * svmb + h * svmh + d, mask=d < D,
-                                                       other=0.0)[None, :]
-        o_row = o_ptr + b * soh_b + qi[:, None] * soh_t + (h * GROUP + g)[:, None] * soh_h
-        tl.store(o_row + d[None, :], out.to(o_ptr.dtype.element_ty), mask=real[:, None] & (d < D)[None, :])
-
-
-_COUNTERS: dict = {}
-
-
-def _reduce_counters(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters for the reduce's last-block election, one per (batch, KV head, row block), per device
-    and stream (the kernel leaves them zeroed, so they are allocated once and reused, CUDA graphs included)."""
-    key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
-    return buf
+    a_fp = tl.load(acc_ptr + fp_row[:, None] * DP + cols[None, :], mask=real[:, None], other=0.0)
+    # the value mean, once per unit of the compressed tokens' probability mass
+    out = ((w_comp * inv_l)[:, None] * u + (w_fp * inv_l)[:, None] * a_fp + (l_comp * inv_l)[:, None] * v_mean[None, :])
+    o_row = o_ptr + b * soh_b + qi[:, None] * soh_t + (h * GROUP + g)[:, None] * soh_h
+    tl.store(o_row + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=real[:, None] & (cols < D)[None, :])
 
 
 _PREP_ROWS = 64  # decode-matrix rows per query-prep program
@@ -576,34 +540,44 @@ def _pair_order(n_words: int, fbits: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_matrix(head_dim: int, bits: int, device: str, dtype: torch.dtype = torch.float32,
-                   values: bool = False) -> torch.Tensor:
+def _decode_matrix(head_dim: int, bits: int, device: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows of R (``reference.rotation_matrix``, zero-padded to [DP, DP]) in the order of the decoded operands, with
     each block's weight, fp32: [per-group constants (NG rows: ¼ Σ of the group's 8 rows, ``coset_pairs``) | low
     plane (DP rows, pair order) | high plane (DP rows, pair order, ×4; only for 3 and 4 bits)]. A decoded tile times
     this matrix is Σ_d R[d]·v_d in the original basis (up to ``plane_pairs``' powers of two and 2^-24), and the
     query times its transpose gives the logit weight of each decoded element. Kernels take it in their operand
-    dtype (the entries are exact in fp16 and bf16 except at head_dim 96).
-
-    With ``values`` the matrix of the value accumulator (``lattice.coset_plane_pairs``): the low plane holds
-    u = 2·lo + c, so its rows weigh ½, and the constant block is Σ_d R[d] in its first row (zeros after), the weight
-    of OFF·Σ p·s."""
+    dtype (the entries are exact in fp16 and bf16 except at head_dim 96)."""
     rot = _rotation(head_dim, "cpu")
     dp = rot.shape[0]
     nwl = dp // 16
     ng = max(16, 2 * nwl)
     coset = torch.zeros(ng, dp)
-    if values:
-        coset[0] = rot.sum(0)
-    else:
-        groups = rot.reshape(dp // 8, 8, dp).sum(1) * 0.25
-        word, reg, half = _deal_order(nwl, ng // (2 * nwl))
-        coset[reg == 0] = groups[(2 * word + half)[reg == 0]]  # register 1, if any, is the zero padding
-    blocks = [coset, rot[_pair_order(nwl, 2)] * (0.5 if values else 1.0)]
+    groups = rot.reshape(dp // 8, 8, dp).sum(1) * 0.25
+    word, reg, half = _deal_order(nwl, ng // (2 * nwl))
+    coset[reg == 0] = groups[(2 * word + half)[reg == 0]]  # register 1, if any, is the zero padding
+    blocks = [coset, rot[_pair_order(nwl, 2)]]
     if bits > 2:
         hi_bits = 1 if bits == 3 else 2
         blocks.append(rot[_pair_order(dp * hi_bits // 32, hi_bits)] * 4.0)
     return torch.cat(blocks).to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _value_gather(head_dim: int, bits: int, device: str) -> torch.Tensor:
+    """Where a split's value accumulator holds each storage coordinate j (``_values_original``), fp32 [4, DP]: the
+    element of the low plane (pair order over 2-bit fields) and its weight, then those of the high plane (zeros at 2
+    bits). A weight undoes its element's power of two (``plane_pairs``) and the subnormals' 2^-24, and carries the
+    plane's factor in v = u/2 + 4·hi + OFF (the low plane holds u = 2·lo + c, ``lattice.coset_plane_pairs``)."""
+    dp = ref.next_pow2(head_dim)
+
+    def plane(fbits: int, factor: float) -> list:
+        kappa = torch.empty(dp, dtype=torch.long)
+        kappa[_pair_order(dp * fbits // 32, fbits)] = torch.arange(dp)
+        power = fbits * (kappa // 2 // min(4, dp * fbits // 32) % (8 // fbits))  # as in _pair_inv_scale
+        return [kappa.double(), factor * 2.0 ** (24 - power.double())]
+
+    rows = plane(2, 0.5) + (plane(1 if bits == 3 else 2, 4.0) if bits > 2 else [torch.zeros(dp)] * 2)
+    return torch.stack(rows).float().to(device)
 
 
 def _check_inputs(q, cache, softmax_scale, softcap, window):
@@ -696,16 +670,14 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     num_splits = triton.cdiv(max_pages, pages_per_split) if num_splits else 0
     DP = ref.next_pow2(D)
     NG = max(16, DP // 8)
-    KCV = NG + DP * (2 if codec.value_bits > 2 else 1)
     n_parts = num_splits + 1
     m_part = torch.empty(B * H * n_mblk, n_parts, block_m, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(B * H * n_mblk, n_parts, block_m, max(KCV, DP), dtype=torch.float32, device=q.device)
+    acc_part = torch.empty(B * H * n_mblk, n_parts, block_m, DP, dtype=torch.float32, device=q.device)
     dev = str(q.device)
     rot = _rotation(D, dev)
     dot = _dot_dtype(q)
     pk = _decode_matrix(D, codec.key_bits, dev, _TORCH_DTYPE[dot])
-    pv = _decode_matrix(D, codec.value_bits, dev, torch.float16, values=True)
     rope_half = 0
     cos = sin = rot  # placeholders, never read without RoPE
     positions = cache.k_scales if cache.positions is None else cache.positions  # placeholder without RoPE
@@ -728,37 +700,28 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     _attn_split_kernel[(B * H * n_mblk, n_parts)](
         q, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths,
         cache.k_mean, q_t, q_mean, rot, cos, sin, positions, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
+        _value_gather(D, codec.value_bits, dev),
         H, n_mblk, num_splits, pages_per_split, cache.max_batch, scale, float(softcap or 1.0), int(window or 0),
         *q.stride()[:3], *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], *cache.v_codes.stride()[:3],
         *cache.v_scales.stride()[:2], cache.k_codes.stride(3),  # word stride, 1 in both (contiguous) code pools
         *positions.stride()[:2], cache.block_table.stride(0),
         *cache.fp_k.stride()[:3], *cache.k_mean.stride()[:2],
         Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, VBITS=codec.value_bits, PAGE=P,
-        INV_SQRT_N=inv_sqrt_n, NG=NG, KQ=KQ, KCV=acc_part.shape[-1], ROPE_HALF=rope_half, CENTER_K=codec.center_keys,
+        INV_SQRT_N=inv_sqrt_n, NG=NG, KQ=KQ, LOG2DP=DP.bit_length() - 1, ROPE_HALF=rope_half, CENTER_K=codec.center_keys,
         SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=dot, ASM=q.is_cuda,
         # Word-by-word page loads at 2-3 key bits (1.2-1.3x); at 4 key bits they measured 2-7% slower (decisions v5).
         BLOCK_M=block_m, PK=step, BLOCK_N=cfg["BLOCK_N"], JOIN_RUNS=codec.key_bits < 4, PDL=pdl and prep,
         CAUSAL_PAGES=q_len > 1,  # a single query follows every key; a chunk may start inside the compressed pages
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_launch(pdl and prep))
-    # The reduce reads only the real rows of a block. Small batches spread its column chunks over programs.
+    # The reduce reads only the real rows of a block; small batches spread its output columns over programs.
     n_bh = B * H * n_mblk
     rb = min(block_m, triton.next_power_of_2(rows))
-    kcv = acc_part.shape[-1]
-    parallel = n_bh < _max_programs(q.device, 1)
-    # Column chunks in one program: a [SC, RB, CB] tile of at most 8192 fp32 values and a [CB, DP] fp16 block of the
-    # decode matrix of at most 64 KB (shared memory): one chunk at head_dim 128, 2 value bits (with a 128-column cap
-    # the reduce took 11.7 instead of 7.4 us at batch 32 x 4K on the H100).
-    cb = 32 if parallel else min(triton.next_power_of_2(kcv), max(32, 4096 // rb), 32768 // DP)
-    n_chunks = triton.cdiv(kcv, cb)
-    n_prog = n_chunks if parallel else 1
-    n_prog_p2 = triton.next_power_of_2(n_prog)
-    out_part = acc_part.new_empty(n_bh * n_prog_p2 * rb * DP) if n_prog > 1 else m_part
-    _attn_reduce_kernel[(n_bh, n_prog)](
-        m_part, l_part, acc_part, pv, cache.v_mean, out, out_part, _reduce_counters(n_bh, q.device), H, n_mblk,
-        num_splits, *cache.v_mean.stride()[:2], *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP,
-        VBITS=codec.value_bits, NG=NG, KCV=kcv, CENTER_V=codec.center_values, INV_SQRT_N=inv_sqrt_n,
-        BLOCK_M=block_m, RB=rb, SC=max(1, min(triton.next_power_of_2(max(num_splits, 1)), 8192 // (rb * cb))),
-        CB=cb, CHUNKS=n_chunks // n_prog, NPROG=n_prog, NPROG_P2=n_prog_p2, PDL=pdl, num_warps=4, **_launch(pdl))
+    ob = min(DP, 32) if n_bh < _max_programs(q.device, 1) else DP
+    _attn_reduce_kernel[(n_bh, DP // ob)](
+        m_part, l_part, acc_part, cache.v_mean, out, H, n_mblk, num_splits, *cache.v_mean.stride()[:2],
+        *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP, CENTER_V=codec.center_values, BLOCK_M=block_m,
+        RB=rb, SC=max(1, min(triton.next_power_of_2(max(num_splits, 1)), 8192 // (rb * ob))), OB=ob, PDL=pdl,
+        num_warps=4, **_launch(pdl))
     return out
 
 

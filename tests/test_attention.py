@@ -110,9 +110,9 @@ def test_decode_steps_splits_softcap_sliding_window():
 @pytest.mark.parametrize("batch", (1, 2), ids=("column_programs", "one_program"))
 def test_reduce_over_blocks_of_splits(splits, q_len, batch):
     # The reduce loads SC splits per step (at q_len 4 in one program, 4: 12 splits take 3 steps), ragged page counts
-    # (some splits of the shorter sequence hold no tokens); its column chunks are spread over programs at small
-    # batches (batch 1: two (sequence, KV head) pairs, fewer than the interpreter's "SMs") and run in one program
-    # otherwise. Called twice: the kernel resets the counters that elect the last program.
+    # (some splits of the shorter sequence hold no tokens); its output columns are spread over programs at small
+    # batches (batch 1: two (sequence, KV head) pairs, fewer than the interpreter's "SMs") and take one program
+    # otherwise. Called twice: the same inputs give the same output.
     cache = _cache(recent=3, sinks=2, pages=32)
     _fill(cache, [200, 77])
     assert cache.compressed_lens() == [192, 64]
@@ -143,8 +143,8 @@ def test_pages_side_by_side(step, d, bits, group, q_len):
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_reduce_column_programs_head_dims_and_dtypes(d, dtype):
-    # Batch 1 over 2 KV heads: the reduce's column chunks are programs of their own, each with its rows of the
-    # decode matrix (every head_dim's width, head_dim 96 padded); 3 value bits give it the high plane too.
+    # Batch 1 over 2 KV heads: the reduce's output columns are programs of their own, and each split rotates its
+    # values back at every head_dim's width (head_dim 96 padded); 3 value bits give the gather the high plane too.
     cache = _cache(d=d, recent=5, sinks=1, dtype=dtype, bits=(3, 3))
     _fill(cache, [83, 41])
     _check(torch.randn(1, 1, 8, d, dtype=dtype), cache, num_splits=3)

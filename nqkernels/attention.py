@@ -463,6 +463,11 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, vmean_ptr, o_ptr, H, n_mblk, n_sp
     qi, g = r // GROUP, r % GROUP
     real = qi < Q_LEN
     base = pid * (n_splits + 1)
+    # The uncompressed part's partials first: issued with the first splits' loads, not one memory latency after
+    fp_row = (base + n_splits) * BLOCK_M + rows
+    m_fp = tl.load(m_ptr + fp_row, mask=real, other=float("-inf"))
+    l_fp = tl.load(l_ptr + fp_row, mask=real, other=0.0)
+    a_fp = tl.load(acc_ptr + fp_row[:, None] * DP + cols[None, :], mask=real[:, None], other=0.0)
     sc = tl.arange(0, SC)
     m_run = tl.full((RB,), float("-inf"), tl.float32)
     l_comp = tl.zeros((RB,), tl.float32)
@@ -480,15 +485,12 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, vmean_ptr, o_ptr, H, n_mblk, n_sp
         l_comp = l_comp * alpha + tl.sum(w * l_s, axis=0)
         u = u * alpha[:, None] + tl.sum(w[:, :, None] * a_s, axis=0)
         m_run = m_new
-    fp_row = (base + n_splits) * BLOCK_M + rows
-    m_fp = tl.load(m_ptr + fp_row, mask=real, other=float("-inf"))
     m_all = tl.maximum(m_run, m_fp)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
     w_comp, w_fp = tl.exp2(m_run - m_safe), tl.exp2(m_fp - m_safe)
     l_comp *= w_comp
-    l_sum = l_comp + w_fp * tl.load(l_ptr + fp_row, mask=real, other=0.0)
+    l_sum = l_comp + w_fp * l_fp
     inv_l = 1.0 / tl.where(l_sum > 0.0, l_sum, 1.0)
-    a_fp = tl.load(acc_ptr + fp_row[:, None] * DP + cols[None, :], mask=real[:, None], other=0.0)
     # the value mean, once per unit of the compressed tokens' probability mass
     out = ((w_comp * inv_l)[:, None] * u + (w_fp * inv_l)[:, None] * a_fp + (l_comp * inv_l)[:, None] * v_mean[None, :])
     o_row = o_ptr + b * soh_b + qi[:, None] * soh_t + (h * GROUP + g)[:, None] * soh_h

@@ -53,12 +53,15 @@ def attention_buckets(head_dim: int, key_bits: int, value_bits: int, group: int,
     """Config-store buckets of a decode_attention launch, most specific first: ``d128_k3v2_g4_t32k_b16``
     (head_dim, bits, GQA ratio, context range, batch range); then the same range at GQA 4, and at K3V2 GQA 4 (the
     H100 and H200 searches at K3V2 and K4V4 chose the same grid in every range: it follows the range, not the
-    bits); then
-    ``d128_k3v2``."""
+    bits); below head_dim 128 then head_dim 128's (tiles no larger, so its register caps hold; on the H100 it beat
+    the default at every head_dim 64/96 shape measured but 4-16 × 8K-32K, which has buckets of its own); then the
+    head_dim and bits alone (``d64_k4v4``)."""
     base = f"d{head_dim}_k{key_bits}v{value_bits}"
     work = f"{_range(context, CONTEXT_RANGES)}_{_range(batch, BATCH_RANGES)}"
-    chain = [f"{base}_g{group}_{work}", f"{base}_g4_{work}", f"d{head_dim}_k3v2_g4_{work}", base]
-    return list(dict.fromkeys(chain))
+    chain = [f"{base}_g{group}_{work}", f"{base}_g4_{work}", f"d{head_dim}_k3v2_g4_{work}"]
+    if head_dim < 128:
+        chain.append(f"d128_k3v2_g4_{work}")
+    return list(dict.fromkeys(chain + [base]))
 
 
 @triton.jit

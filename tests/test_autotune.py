@@ -59,7 +59,9 @@ def test_attention_buckets_cover_context_and_batch_ranges():
     assert attention_buckets(128, 3, 2, 4, 1, 4096) == ["d128_k3v2_g4_t4k_b1", "d128_k3v2"]
     assert attention_buckets(128, 3, 2, 4, 16, 4097)[0] == "d128_k3v2_g4_t32k_b16"
     assert attention_buckets(64, 4, 4, 8, 17, 32769) == ["d64_k4v4_g8_tmax_bmax", "d64_k4v4_g4_tmax_bmax",
-                                                         "d64_k3v2_g4_tmax_bmax", "d64_k4v4"]
+                                                         "d64_k3v2_g4_tmax_bmax", "d128_k3v2_g4_tmax_bmax", "d64_k4v4"]
+    assert attention_buckets(256, 3, 3, 2, 1, 4096) == ["d256_k3v3_g2_t4k_b1", "d256_k3v3_g4_t4k_b1",
+                                                        "d256_k3v2_g4_t4k_b1", "d256_k3v3"]  # wider tiles: no d128
 
 
 def test_tasks_name_the_launchers_buckets():

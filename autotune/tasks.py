@@ -157,9 +157,11 @@ def cold_setup(d: int, bits: int, tokens, inverse: bool) -> Setup:
 # maxnreg: a cap on registers per thread; at 168 three 4-warp split programs fit an SM, at 128 four (uncapped they
 # need 164-197 at head_dim 128; at 128 they spill a little: K2V2 at 32K x 8 gained 8.5% with three programs per SM).
 # pages_per_step: pages side by side in one softmax step (fewer instructions per page, more registers).
+# two_pass: keys, then values, in two kernels of half the registers each; it wants more programs per SM, so it is
+# searched with them.
 STAGES = {"attention": [{"num_warps": [4, 8], "num_stages": [1, 2]},
                         {"programs_per_sm": [2, 4, 8, 16], "min_pages_per_split": [1, 2, 4, 8],
-                         "maxnreg": [None, 168, 128]},
+                         "maxnreg": [None, 168, 128], "two_pass": [False, True]},
                         {"pages_per_step": [1, 2, 4]}],
           "encode": [{"BLOCK_T": [64, 128], "num_warps": [4, 8]}, {"programs_per_sm": [1, 2, 4, 8]}],
           "decode": [{"BLOCK_T": [16, 32, 64], "num_warps": [2, 4]}],

@@ -19,6 +19,11 @@ per softmax step, side by side in its columns (``pages_per_step``, ``_query_rows
 the reduce start while their predecessor still runs (programmatic dependent launch, ``_pdl``). Rows are (query
 position, query head of the group) pairs, so the codes of a KV head are read once for all its query heads (GQA) and
 all positions of a chunk (q_len > 1, causal inside the chunk).
+
+Two passes (launch config ``two_pass``, post-RoPE keys): the split's keys first (``_attn_keys_kernel``: fp32 logits
+to a workspace of 4 bytes per (token, row), and the split's max), then its values (``_attn_values_kernel``: no
+running max, nothing rescaled). Each loop holds half the state, so more programs fit an SM and its issue slots are
+shared by more independent work; the logits cost a write and a read (docs/decisions.md, v12).
 """
 from __future__ import annotations
 
@@ -265,6 +270,38 @@ def _merge_slots(m_i, l_i, ls, acc_lo, acc_hi, PK: tl.constexpr, RS: tl.constexp
     return m_row, l_i, ls, acc_lo, acc_hi
 
 
+@triton.jit
+def _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, n_fp, n_sink, comp,
+                       q_index, sm_scale, softcap, window, sqb, sqt, sqh, sfb, sfh, sft, Q_LEN: tl.constexpr,
+                       GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SOFTCAP: tl.constexpr,
+                       WINDOW: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The last part of a (sequence, KV head, row block): its uncompressed sinks and window, in the original basis
+    (columns 0..DP-1 of the part; with pages per step > 1 the slots repeat the rows, and slot 0's are written)."""
+    d = tl.arange(0, DP)
+    dmask = d < D
+    rows = part * BLOCK_M + tl.arange(0, BLOCK_M)
+    real = (qi < Q_LEN) & (slot == 0)
+    q = _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT)
+    m_f = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_f = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, DP), tl.float32)
+    j = tl.arange(0, BLOCK_N)
+    for j0 in range(0, n_fp, BLOCK_N):
+        jj = j0 + j
+        jvalid = jj < n_fp
+        k_index = tl.where(jj < n_sink, jj, comp + jj)
+        row = b.to(tl.int64) * sfb + h * sfh + jj[:, None] * sft + d[None, :]  # long windows pass 2^31
+        kv_mask = jvalid[:, None] & dmask[None, :]
+        s = tl.dot(q, tl.trans(tl.load(fpk_ptr + row, mask=kv_mask, other=0.0).to(DOT)))
+        seen = _visible(jvalid, k_index, q_index, WINDOW, window, 1)
+        p, alpha, m_f = _online_softmax(s, seen, m_f, sm_scale, SOFTCAP, softcap, 1)
+        l_f = l_f * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), tl.load(fpv_ptr + row, mask=kv_mask, other=0.0).to(DOT))
+    tl.store(acc_ptr + rows[:, None] * DP + d[None, :], acc, mask=real[:, None])
+    tl.store(m_ptr + rows, m_f, mask=real)
+    tl.store(l_ptr + rows, l_f, mask=real)
+
+
 @triton.jit(do_not_specialize=["sc_w"])  # see _page_words
 def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, kmean_ptr, qt_ptr, qm_ptr, rot_ptr,
                        cos_ptr, sin_ptr, pos_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, vg_ptr,
@@ -276,7 +313,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                        NG: tl.constexpr, KQ: tl.constexpr, LOG2DP: tl.constexpr, ROPE_HALF: tl.constexpr,
                        CENTER_K: tl.constexpr,
                        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-                       BLOCK_M: tl.constexpr, PK: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_RUNS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, PK: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_K: tl.constexpr,
+                       JOIN_V: tl.constexpr,
                        PDL: tl.constexpr, CAUSAL_PAGES: tl.constexpr):
     pid, split = tl.program_id(0), tl.program_id(1)
     b, h, qi, g, slot = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M, PK)  # q is loaded only where it is read
@@ -325,10 +363,10 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         # its softmax.
         page = tl.load(bt_ptr + b * sbt + tl.maximum(tl.minimum(p_lo, p_hi - 1), 0))  # in bounds; unused if empty
         nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - p_lo * PAGE, skc_p, skc_h, skc_t, sc_w, sks_p,
-                                        sks_h, D, DP, KBITS, KHI, PAGE, JOIN_RUNS)
+                                        sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K)
         if PK == 1:  # one page per step: its values too are loaded a page ahead (a step start is too late at batch 1)
             nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, end - p_lo * PAGE, svc_p, svc_h, svc_t, sc_w,
-                                            svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_RUNS)
+                                            svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V)
         if ROPE_HALF == 0:  # the query's operands, from _query_prep_kernel, once the first page is on its way
             if PDL:
                 gdc_wait()
@@ -355,7 +393,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                     vcodes = vcodes + ((nv_lo, nv_hi, nvs),)
                 else:
                     vcodes = vcodes + (_page_codes(vc_ptr, vs_ptr, page, h, end - (pg0 + k) * PAGE, svc_p, svc_h,
-                                                   svc_t, sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_RUNS),)
+                                                   svc_t, sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V),)
             for k in tl.static_range(PK):
                 k_lo, k_hi, ks = nk_lo, nk_hi, nks
                 if k + 1 < PK:
@@ -363,10 +401,10 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                 else:  # the next step's first page
                     page = tl.load(bt_ptr + b * sbt + tl.minimum(pg0 + PK, p_hi - 1))
                 nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - (pg0 + k + 1) * PAGE, skc_p, skc_h,
-                                                skc_t, sc_w, sks_p, sks_h, D, DP, KBITS, KHI, PAGE, JOIN_RUNS)
+                                                skc_t, sc_w, sks_p, sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K)
                 if PK == 1:
                     nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, end - (pg0 + 1) * PAGE, svc_p, svc_h,
-                                                    svc_t, sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_RUNS)
+                                                    svc_t, sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V)
                 if ROPE_HALF == 0:
                     sk = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM), qt_c[k])
                     sk = tl.dot(plane_pairs(restore_parity(k_lo), PAGE, NWL, 2, ASM), qt_lo[k], sk)
@@ -415,30 +453,146 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         tl.store(m_ptr + part * BLOCK_M + r, m_r, mask=keep)
         tl.store(l_ptr + part * BLOCK_M + r, l_r, mask=keep)
     else:
-        # The uncompressed sinks and window, in the original basis (columns 0..DP-1 of this part; with PK > 1 the
-        # slots repeat the rows, and slot 0's are written).
-        rows = part * BLOCK_M + tl.arange(0, BLOCK_M)
-        real = (qi < Q_LEN) & (slot == 0)
-        q = _query_load(q_ptr, b, h, qi, g, sqb, sqt, sqh, Q_LEN, GROUP, D, DP, DOT)
-        m_f = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_f = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, DP), tl.float32)
-        j = tl.arange(0, BLOCK_N)
-        for j0 in range(0, n_fp, BLOCK_N):
-            jj = j0 + j
-            jvalid = jj < n_fp
-            k_index = tl.where(jj < n_sink, jj, comp + jj)
-            row = b.to(tl.int64) * sfb + h * sfh + jj[:, None] * sft + d[None, :]  # long windows pass 2^31
-            kv_mask = jvalid[:, None] & dmask[None, :]
-            s = tl.dot(q, tl.trans(tl.load(fpk_ptr + row, mask=kv_mask, other=0.0).to(DOT)))
-            seen = _visible(jvalid, k_index, q_index, WINDOW, window, 1)
-            p, alpha, m_f = _online_softmax(s, seen, m_f, sm_scale, SOFTCAP, softcap, 1)
-            l_f = l_f * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), tl.load(fpv_ptr + row, mask=kv_mask, other=0.0).to(DOT))
-        tl.store(acc_ptr + rows[:, None] * DP + d[None, :], acc, mask=real[:, None])
-        tl.store(m_ptr + rows, m_f, mask=real)
-        tl.store(l_ptr + rows, l_f, mask=real)
+        _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, n_fp, n_sink, comp,
+                           q_index, sm_scale, softcap, window, sqb, sqt, sqh, sfb, sfh, sft, Q_LEN, GROUP, D, DP,
+                           SOFTCAP, WINDOW, DOT, BLOCK_M, BLOCK_N)
     if PDL:  # the reduce may launch now; it waits for this grid to end before it reads
+        gdc_launch_dependents()
+
+
+@triton.jit(do_not_specialize=["sc_w"])  # see _page_words
+def _attn_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, qm_ptr, lg_ptr, m_ptr,
+                      H, n_mblk, n_splits, pages_per_split, n_tok, max_batch, sm_scale, softcap, window,
+                      skc_p, skc_h, skc_t, sks_p, sks_h, sc_w, sbt,
+                      Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                      KBITS: tl.constexpr, PAGE: tl.constexpr, NG: tl.constexpr, KQ: tl.constexpr,
+                      SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
+                      RS: tl.constexpr, JOIN_K: tl.constexpr, PDL: tl.constexpr, CAUSAL_PAGES: tl.constexpr):
+    # Two-pass split, pass 1 (keys only): each page's logits [PAGE, BLOCK_M] in log2 units (masked keys -inf), the
+    # first RS columns stored to lg[pid, token, :RS]; the split's max per column to m_ptr. No softmax state but an
+    # elementwise max, so the loop has no cross-warp reduction and holds no value accumulators.
+    pid, split = tl.program_id(0), tl.program_id(1)
+    b, h, qi, g, slot = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M, 1)
+    seq_len = tl.load(lens_ptr + b)
+    comp = tl.load(lens_ptr + max_batch + b)
+    n_sink = tl.load(lens_ptr + 3 * max_batch + b)
+    q_index = seq_len - Q_LEN + qi
+    part = pid * (n_splits + 1) + split
+    NWL: tl.constexpr = DP // 16
+    KHI: tl.constexpr = 1 if KBITS == 3 else 2
+    t = tl.arange(0, PAGE)
+    col = tl.arange(0, BLOCK_M)
+    p_lo = split * pages_per_split
+    p_hi = tl.minimum(p_lo + pages_per_split, tl.cdiv(comp, PAGE))
+    end = tl.minimum(comp, p_hi * PAGE)
+    page = tl.load(bt_ptr + b * sbt + tl.maximum(tl.minimum(p_lo, p_hi - 1), 0))
+    nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - p_lo * PAGE, skc_p, skc_h, skc_t, sc_w, sks_p,
+                                    sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K)
+    if PDL:
+        gdc_wait()
+    qt = qt_ptr + pid * KQ * BLOCK_M + col[None, :]
+    qt_c = tl.load(qt + tl.arange(0, NG)[:, None] * BLOCK_M)
+    qt_lo = tl.load(qt + (NG + tl.arange(0, DP))[:, None] * BLOCK_M)
+    qt_hi = qt_lo
+    if KBITS > 2:
+        qt_hi = tl.load(qt + (NG + DP + tl.arange(0, DP))[:, None] * BLOCK_M)
+    q_mean = tl.load(qm_ptr + pid * BLOCK_M + col)
+    logit_unit = SUBNORMAL_UNIT
+    if not SOFTCAP:
+        logit_unit = SUBNORMAL_UNIT * sm_scale * LOG2E
+        q_mean = q_mean * (sm_scale * LOG2E)
+    lg = lg_ptr + pid.to(tl.int64) * n_tok * RS + col[None, :]  # this block's [token, row] logits
+    m_t = tl.full((PAGE, BLOCK_M), float("-inf"), tl.float32)
+    for pg in range(p_lo, p_hi):
+        k_lo, k_hi, ks = nk_lo, nk_hi, nks
+        page = tl.load(bt_ptr + b * sbt + tl.minimum(pg + 1, p_hi - 1))
+        nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - (pg + 1) * PAGE, skc_p, skc_h, skc_t, sc_w,
+                                        sks_p, sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K)
+        sk = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM), qt_c)
+        sk = tl.dot(plane_pairs(restore_parity(k_lo), PAGE, NWL, 2, ASM), qt_lo, sk)
+        if KBITS > 2:
+            sk = tl.dot(plane_pairs(k_hi, PAGE, DP * KHI // 32, KHI, ASM), qt_hi, sk)
+        s = sk * (ks * logit_unit)[:, None] + q_mean[None, :]
+        if SOFTCAP:
+            s = softcap * (1.0 - 2.0 / (tl.exp(s * (2.0 * sm_scale / softcap)) + 1.0)) * LOG2E
+        tok = pg * PAGE + t[:, None]
+        seen = tok < end
+        if CAUSAL_PAGES or WINDOW:
+            seen = seen & _causal(n_sink + tok, q_index[None, :], WINDOW, window)
+        s = tl.where(seen, s, float("-inf"))
+        m_t = tl.maximum(m_t, s)
+        tl.store(lg + tok * RS, s, mask=col[None, :] < RS)
+    tl.store(m_ptr + part * BLOCK_M + col, tl.max(m_t, axis=0), mask=col < RS)
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit(do_not_specialize=["sc_w"])  # see _page_words
+def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr,
+                        vg_ptr, H, n_mblk, n_splits, pages_per_split, n_tok, max_batch, sm_scale, softcap, window,
+                        sqb, sqt, sqh, svc_p, svc_h, svc_t, svs_p, svs_h, sc_w, sbt, sfb, sfh, sft,
+                        Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                        VBITS: tl.constexpr, PAGE: tl.constexpr, INV_SQRT_N: tl.constexpr, LOG2DP: tl.constexpr,
+                        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
+                        BLOCK_M: tl.constexpr, RS: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_V: tl.constexpr,
+                        PDL: tl.constexpr):
+    # Two-pass split, pass 2 (values only): p = 2^(s - m) from pass 1's logits and split max, accumulated against
+    # the decoded value pages as in ``_attn_split_kernel``; no running max, so nothing is ever rescaled.
+    pid, split = tl.program_id(0), tl.program_id(1)
+    b, h, qi, g, slot = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M, 1)
+    seq_len = tl.load(lens_ptr + b)
+    comp = tl.load(lens_ptr + max_batch + b)
+    n_fp = tl.load(lens_ptr + 2 * max_batch + b)
+    n_sink = tl.load(lens_ptr + 3 * max_batch + b)
+    q_index = seq_len - Q_LEN + qi
+    part = pid * (n_splits + 1) + split
+    if split < n_splits:
+        NWL: tl.constexpr = DP // 16
+        VHI: tl.constexpr = 1 if VBITS == 3 else 2
+        t = tl.arange(0, PAGE)
+        col = tl.arange(0, BLOCK_M)
+        p_lo = split * pages_per_split
+        p_hi = tl.minimum(p_lo + pages_per_split, tl.cdiv(comp, PAGE))
+        end = tl.minimum(comp, p_hi * PAGE)
+        page = tl.load(bt_ptr + b * sbt + tl.maximum(tl.minimum(p_lo, p_hi - 1), 0))
+        nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, end - p_lo * PAGE, svc_p, svc_h, svc_t, sc_w,
+                                        svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V)
+        if PDL:
+            gdc_wait()
+        m_r = tl.load(m_ptr + part * BLOCK_M + col, mask=col < RS, other=float("-inf"))
+        m_safe = tl.where(m_r == float("-inf"), 0.0, m_r)
+        lg = lg_ptr + pid.to(tl.int64) * n_tok * RS + col[None, :]  # pass 1's [token, row] logits
+        tok = p_lo * PAGE + t[:, None]
+        ns = tl.load(lg + tok * RS, mask=(col[None, :] < RS) & (tok < end), other=float("-inf"))
+        l_t = tl.zeros((PAGE, BLOCK_M), tl.float32)
+        ls_t = tl.zeros((PAGE, BLOCK_M), tl.float32)
+        acc_lo = tl.zeros((DP, BLOCK_M), tl.float32)
+        acc_hi = tl.zeros((DP, BLOCK_M), tl.float32)
+        for pg in range(p_lo, p_hi):
+            v_lo, v_hi, vs, s = nv_lo, nv_hi, nvs, ns
+            page = tl.load(bt_ptr + b * sbt + tl.minimum(pg + 1, p_hi - 1))
+            nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, end - (pg + 1) * PAGE, svc_p, svc_h, svc_t,
+                                            sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V)
+            tok = (pg + 1) * PAGE + t[:, None]
+            ns = tl.load(lg + tok * RS, mask=(col[None, :] < RS) & (tok < end), other=float("-inf"))
+            p = tl.exp2(s - m_safe[None, :])
+            l_t += p
+            ps = p * vs[:, None]
+            ls_t += ps
+            pv = ps.to(tl.float16)
+            acc_lo = tl.dot(tl.trans(coset_plane_pairs(v_lo, PAGE, NWL, ASM)), pv, acc_lo)
+            if VBITS > 2:
+                acc_hi = tl.dot(tl.trans(plane_pairs(v_hi, PAGE, DP * VHI // 32, VHI, ASM)), pv, acc_hi)
+        keep = ((pid % n_mblk) * BLOCK_M + col) // GROUP < Q_LEN
+        x = _values_original(acc_lo, acc_hi, tl.sum(ls_t, axis=0), vg_ptr, BLOCK_M, D, DP, LOG2DP, VBITS, INV_SQRT_N)
+        d = tl.arange(0, DP)
+        tl.store(acc_ptr + (part * BLOCK_M + col)[:, None] * DP + d[None, :], x, mask=keep[:, None])
+        tl.store(l_ptr + part * BLOCK_M + col, tl.sum(l_t, axis=0), mask=keep)
+    else:
+        _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, n_fp, n_sink, comp,
+                           q_index, sm_scale, softcap, window, sqb, sqt, sqh, sfb, sfh, sft, Q_LEN, GROUP, D, DP,
+                           SOFTCAP, WINDOW, DOT, BLOCK_M, BLOCK_N)
+    if PDL:
         gdc_launch_dependents()
 
 
@@ -516,6 +670,13 @@ def _pdl(device: torch.device) -> bool:
 def _launch(pdl: bool) -> dict:
     """Launch options of a kernel that waits with ``gdc_wait`` before reading its predecessor's output."""
     return {"launch_pdl": True} if pdl else {}
+
+
+def _join_runs(bits: int, codes: torch.Tensor) -> bool:
+    """Whether a code pool's pages are loaded as joined runs of consecutive words (``_page_codes``): below 4 bits,
+    and at 4 bits when a token's stride is not a multiple of 16 words, where Triton does not specialize it as
+    aligned and would load the runs one word at a time."""
+    return bits < 4 or codes.stride(2) % 16 != 0
 
 
 def _dot_dtype(q: torch.Tensor):
@@ -666,6 +827,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     cfg = _config("attention", attention_buckets(D, codec.key_bits, codec.value_bits, group, B, longest), q.device)
     # Pages per step: a block of few rows holds several pages' logits side by side (post-RoPE keys only).
     step = 1 if codec.rope is not None else max(1, min(cfg["pages_per_step"], block_m // triton.next_power_of_2(rows)))
+    two_pass = cfg["two_pass"] and codec.rope is None  # keys, then values (_attn_keys_kernel; post-RoPE keys only)
+    if two_pass:
+        step = 1
     if num_splits is None:  # fill the GPU, but give each split a few pages (its prologue and partial cost a page)
         want = triton.cdiv(_max_programs(q.device, cfg["programs_per_sm"]), B * H * n_mblk)
         num_splits = min(triton.cdiv(max_pages, cfg["min_pages_per_split"]), max(1, want))
@@ -702,25 +866,53 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             CENTER_K=codec.center_keys, DOT=dot, BLOCK_M=block_m, PK=step, QR=_PREP_ROWS, PDL=pdl, num_warps=4)
     else:  # placeholders, never read, but of the operands' dtypes: the kernel compiles its compressed-page branch
         q_t, q_mean = acc_part.new_empty(1, dtype=torch.float16), m_part  # anyway, and fp16 x fp32 is not a product
-    _attn_split_kernel[(B * H * n_mblk, n_parts)](
-        q, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths,
-        cache.k_mean, q_t, q_mean, rot, cos, sin, positions, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
-        _value_gather(D, codec.value_bits, dev),
-        H, n_mblk, num_splits, pages_per_split, cache.max_batch, scale, float(softcap or 1.0), int(window or 0),
-        *q.stride()[:3], *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], *cache.v_codes.stride()[:3],
-        *cache.v_scales.stride()[:2], cache.k_codes.stride(3),  # word stride, 1 in both (contiguous) code pools
-        *positions.stride()[:2], cache.block_table.stride(0),
-        *cache.fp_k.stride()[:3], *cache.k_mean.stride()[:2],
-        Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, VBITS=codec.value_bits, PAGE=P,
-        INV_SQRT_N=inv_sqrt_n, NG=NG, KQ=KQ, LOG2DP=DP.bit_length() - 1, ROPE_HALF=rope_half, CENTER_K=codec.center_keys,
-        SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=dot, ASM=q.is_cuda,
-        # Word-by-word page loads at 2-3 key bits (1.2-1.3x); at 4 key bits they measured 2-7% slower (decisions v5).
-        BLOCK_M=block_m, PK=step, BLOCK_N=cfg["BLOCK_N"], JOIN_RUNS=codec.key_bits < 4, PDL=pdl and prep,
-        CAUSAL_PAGES=q_len > 1,  # a single query follows every key; a chunk may start inside the compressed pages
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_launch(pdl and prep))
+    rb = min(block_m, triton.next_power_of_2(rows))  # the real rows of a block (the reduce reads only these)
+    if two_pass and prep:
+        n_tok = max_pages * P  # logits workspace: 4 bytes per (sequence, KV head, token slot, row)
+        logits = torch.empty(B * H * n_mblk, n_tok, rb, dtype=torch.float32, device=q.device)
+        _attn_keys_kernel[(B * H * n_mblk, num_splits)](
+            cache.k_codes, cache.k_scales, cache.block_table, cache.lengths, q_t, q_mean, logits, m_part,
+            H, n_mblk, num_splits, pages_per_split, n_tok, cache.max_batch, scale, float(softcap or 1.0),
+            int(window or 0), *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], cache.k_codes.stride(3),
+            cache.block_table.stride(0),
+            Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, PAGE=P, NG=NG, KQ=KQ,
+            SOFTCAP=softcap is not None, WINDOW=window is not None, ASM=q.is_cuda, BLOCK_M=block_m, RS=rb,
+            JOIN_K=_join_runs(codec.key_bits, cache.k_codes), PDL=pdl, CAUSAL_PAGES=q_len > 1,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_launch(pdl))
+        _attn_values_kernel[(B * H * n_mblk, n_parts)](
+            q, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths, logits, cache.fp_k, cache.fp_v,
+            m_part, l_part, acc_part, _value_gather(D, codec.value_bits, dev),
+            H, n_mblk, num_splits, pages_per_split, n_tok, cache.max_batch, scale, float(softcap or 1.0),
+            int(window or 0), *q.stride()[:3], *cache.v_codes.stride()[:3], *cache.v_scales.stride()[:2],
+            cache.v_codes.stride(3), cache.block_table.stride(0), *cache.fp_k.stride()[:3],
+            Q_LEN=q_len, GROUP=group, D=D, DP=DP, VBITS=codec.value_bits, PAGE=P, INV_SQRT_N=inv_sqrt_n,
+            LOG2DP=DP.bit_length() - 1, SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=dot,
+            ASM=q.is_cuda, BLOCK_M=block_m, RS=rb, BLOCK_N=cfg["BLOCK_N"],
+            JOIN_V=_join_runs(codec.value_bits, cache.v_codes), PDL=pdl,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_launch(pdl))
+    else:
+        _attn_split_kernel[(B * H * n_mblk, n_parts)](
+            q, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths,
+            cache.k_mean, q_t, q_mean, rot, cos, sin, positions, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
+            _value_gather(D, codec.value_bits, dev),
+            H, n_mblk, num_splits, pages_per_split, cache.max_batch, scale, float(softcap or 1.0), int(window or 0),
+            *q.stride()[:3], *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], *cache.v_codes.stride()[:3],
+            *cache.v_scales.stride()[:2], cache.k_codes.stride(3),  # word stride, 1 in both (contiguous) code pools
+            *positions.stride()[:2], cache.block_table.stride(0),
+            *cache.fp_k.stride()[:3], *cache.k_mean.stride()[:2],
+            Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, VBITS=codec.value_bits, PAGE=P,
+            INV_SQRT_N=inv_sqrt_n, NG=NG, KQ=KQ, LOG2DP=DP.bit_length() - 1, ROPE_HALF=rope_half,
+            CENTER_K=codec.center_keys,
+            SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=dot, ASM=q.is_cuda,
+            # Word-by-word page loads at 2-3 bits (1.2-1.3x); at 4 bits they measured 2-7% slower (decisions v5), unless
+            # a token's words are not a multiple of 16 (head_dim 64/96: 8/12 words): the compiler cannot prove the runs
+            # aligned then and loads them one word at a time.
+            BLOCK_M=block_m, PK=step, BLOCK_N=cfg["BLOCK_N"], JOIN_K=_join_runs(codec.key_bits, cache.k_codes),
+            JOIN_V=_join_runs(codec.value_bits, cache.v_codes), PDL=pdl and prep,
+            CAUSAL_PAGES=q_len > 1,  # a single query follows every key; a chunk may start inside the compressed pages
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_launch(pdl and prep))
     # The reduce reads only the real rows of a block; small batches spread its output columns over programs.
     n_bh = B * H * n_mblk
-    rb = min(block_m, triton.next_power_of_2(rows))
     ob = min(DP, 32) if n_bh < _max_programs(q.device, 1) else DP
     _attn_reduce_kernel[(n_bh, DP // ob)](
         m_part, l_part, acc_part, cache.v_mean, out, H, n_mblk, num_splits, *cache.v_mean.stride()[:2],

@@ -140,6 +140,30 @@ def test_pages_side_by_side(step, d, bits, group, q_len):
         _check(q, cache, tol, window=40, softcap=3.0)
 
 
+@pytest.mark.parametrize("d,bits,group,q_len,dtype", [(128, (3, 2), 4, 1, torch.float16),
+                                                      (64, (4, 4), 8, 3, torch.float16),
+                                                      (96, (3, 3), 2, 2, torch.bfloat16),
+                                                      (256, (2, 2), 1, 1, torch.float16)])
+def test_two_pass(d, bits, group, q_len, dtype):
+    # two_pass: keys (logits to a workspace, each split's max), then values (no running max). Ragged page counts
+    # (splits of the shorter sequence hold no tokens), sinks, chunks (causal pages), a sliding window that masks
+    # whole splits, a soft cap; keys with RoPE undone fall back to the one-pass kernel.
+    from autotune import store
+
+    cache = _cache(d=d, recent=4, sinks=1, bits=bits, pages=40, dtype=dtype)
+    _fill(cache, [150, 37])
+    q = torch.randn(2, q_len, 2 * group, d, dtype=dtype)
+    tol = 4e-3 if d == 96 and dtype == torch.float16 else None
+    with store.override("attention", {"two_pass": True}):
+        for splits in (1, 3):
+            _check(q, cache, tol, num_splits=splits)
+        _check(q, cache, tol, window=40, softcap=3.0)
+        if d == 128:
+            rope = _cache(recent=4, rope=RopeSpec(theta=10000.0))
+            _fill(rope, [70, 33])
+            _check(q, rope)
+
+
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_reduce_column_programs_head_dims_and_dtypes(d, dtype):

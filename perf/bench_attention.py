@@ -19,6 +19,7 @@ Launch configs come from the config store (``python -m autotune.tune`` searches 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from autotune import store
 from autotune.store import gpu_key, untuned
 from autotune.tasks import random_cache
 from autotune.tune import bench_ms, graph_replay
@@ -55,6 +57,10 @@ def check(dev):
         cases.append(dict(d=128, rope=None, group=4, q_len=1, dtype=torch.bfloat16, bits=bits))
     cases.append(dict(d=128, rope=RopeSpec(theta=10000.0), group=4, q_len=2, dtype=torch.bfloat16, bits=(3, 2),
                       softcap=30.0, window=700))
+    # the two-pass kernels (launch config two_pass; the store picks them for some buckets only)
+    cases.append(dict(d=128, rope=None, group=4, q_len=1, dtype=torch.float16, bits=(3, 2), config={"two_pass": True}))
+    cases.append(dict(d=96, rope=None, group=8, q_len=3, dtype=torch.bfloat16, bits=(4, 4), softcap=30.0, window=700,
+                      config={"two_pass": True, "maxnreg": 128}))
     for c in cases:
         codec = KVCodec(head_dim=c["d"], key_bits=c["bits"][0], value_bits=c["bits"][1], rope=c["rope"])
         H, B = 2, 3
@@ -63,12 +69,13 @@ def check(dev):
         cache.append(k, torch.randn_like(k), lengths=[1500, 777, 130])
         q = torch.randn(B, c["q_len"], H * c["group"], c["d"], device=dev, dtype=c["dtype"])
         out = torch.full_like(q, float("nan"))
-        out.copy_(decode_attention(q, cache, softcap=c.get("softcap"), window=c.get("window")))
+        with store.override("attention", c["config"]) if "config" in c else contextlib.nullcontext():
+            out.copy_(decode_attention(q, cache, softcap=c.get("softcap"), window=c.get("window")))
         ref = _reference_attention(q, cache, c["d"] ** -0.5, c.get("softcap"), c.get("window"))
         rel = ((out.float() - ref).norm() / ref.norm()).item()
         rows.append(dict(head_dim=c["d"], rope_undone=c["rope"] is not None, group=c["group"], q_len=c["q_len"],
                          dtype=str(c["dtype"]).split(".")[-1], bits=f"K{c['bits'][0]}V{c['bits'][1]}",
-                         softcap=c.get("softcap"), window=c.get("window"), rel_err=rel,
+                         softcap=c.get("softcap"), window=c.get("window"), config=c.get("config"), rel_err=rel,
                          finite=bool(torch.isfinite(out).all())))
     return rows
 

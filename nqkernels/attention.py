@@ -271,6 +271,16 @@ def _merge_slots(m_i, l_i, ls, acc_lo, acc_hi, PK: tl.constexpr, RS: tl.constexp
 
 
 @triton.jit
+def _split_pages(bt_ptr, b, sbt, split, pages_per_split, comp, PAGE: tl.constexpr):
+    """A split's pages [p_lo, p_hi) of its sequence's ``comp`` compressed tokens, the token where they end, and the
+    physical page of its first one (in bounds, unused if the split is empty)."""
+    p_lo = split * pages_per_split
+    p_hi = tl.minimum(p_lo + pages_per_split, tl.cdiv(comp, PAGE))
+    end = tl.minimum(comp, p_hi * PAGE)
+    return p_lo, p_hi, end, tl.load(bt_ptr + b * sbt + tl.maximum(tl.minimum(p_lo, p_hi - 1), 0))
+
+
+@triton.jit
 def _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, n_fp, n_sink, comp,
                        q_index, sm_scale, softcap, window, sqb, sqt, sqh, sfb, sfh, sft, Q_LEN: tl.constexpr,
                        GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -356,12 +366,9 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         # Σp stays per element until the end of the split (a cross-thread sum per page costs more than the page).
         l_t = tl.zeros((PAGE, BLOCK_M), tl.float32)
         ls_t = tl.zeros((PAGE, BLOCK_M), tl.float32)  # Σ p·s likewise: the weight of the values' offset OFF
-        p_lo = split * pages_per_split
-        p_hi = tl.minimum(p_lo + pages_per_split, tl.cdiv(comp, PAGE))
-        end = tl.minimum(comp, p_hi * PAGE)  # tokens of this split end here
         # Software prefetch: keys one page ahead; a step's values at its start (one page: a page ahead), used after
         # its softmax.
-        page = tl.load(bt_ptr + b * sbt + tl.maximum(tl.minimum(p_lo, p_hi - 1), 0))  # in bounds; unused if empty
+        p_lo, p_hi, end, page = _split_pages(bt_ptr, b, sbt, split, pages_per_split, comp, PAGE)
         nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - p_lo * PAGE, skc_p, skc_h, skc_t, sc_w, sks_p,
                                         sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K)
         if PK == 1:  # one page per step: its values too are loaded a page ahead (a step start is too late at batch 1)
@@ -482,10 +489,7 @@ def _attn_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, qm_ptr, lg_ptr, 
     KHI: tl.constexpr = 1 if KBITS == 3 else 2
     t = tl.arange(0, PAGE)
     col = tl.arange(0, BLOCK_M)
-    p_lo = split * pages_per_split
-    p_hi = tl.minimum(p_lo + pages_per_split, tl.cdiv(comp, PAGE))
-    end = tl.minimum(comp, p_hi * PAGE)
-    page = tl.load(bt_ptr + b * sbt + tl.maximum(tl.minimum(p_lo, p_hi - 1), 0))
+    p_lo, p_hi, end, page = _split_pages(bt_ptr, b, sbt, split, pages_per_split, comp, PAGE)
     nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - p_lo * PAGE, skc_p, skc_h, skc_t, sc_w, sks_p,
                                     sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K)
     if PDL:
@@ -551,10 +555,7 @@ def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr
         VHI: tl.constexpr = 1 if VBITS == 3 else 2
         t = tl.arange(0, PAGE)
         col = tl.arange(0, BLOCK_M)
-        p_lo = split * pages_per_split
-        p_hi = tl.minimum(p_lo + pages_per_split, tl.cdiv(comp, PAGE))
-        end = tl.minimum(comp, p_hi * PAGE)
-        page = tl.load(bt_ptr + b * sbt + tl.maximum(tl.minimum(p_lo, p_hi - 1), 0))
+        p_lo, p_hi, end, page = _split_pages(bt_ptr, b, sbt, split, pages_per_split, comp, PAGE)
         nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, end - p_lo * PAGE, svc_p, svc_h, svc_t, sc_w,
                                         svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V)
         if PDL:

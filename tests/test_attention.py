@@ -373,14 +373,18 @@ from nqkernels import attention as A
 F16, F32, I32 = "*fp16", "*fp32", "*i32"
 PTRS = dict(q_ptr=F16, pk_ptr=F16, kmean_ptr=F32, qt_ptr=F16, qm_ptr=F32, kc_ptr=I32, ks_ptr=F16, vc_ptr=I32,
             vs_ptr=F16, bt_ptr=I32, lens_ptr=I32, rot_ptr=F32, cos_ptr=F32, sin_ptr=F32, pos_ptr=F16, fpk_ptr=F16,
-            fpv_ptr=F16, m_ptr=F32, l_ptr=F32, acc_ptr=F32, vg_ptr=F32, vmean_ptr=F32, o_ptr=F16, sm_scale="fp32",
-            softcap="fp32")
+            fpv_ptr=F16, lg_ptr=F32, m_ptr=F32, l_ptr=F32, acc_ptr=F32, vg_ptr=F32, vmean_ptr=F32, o_ptr=F16,
+            sm_scale="fp32", softcap="fp32")
 COMMON = dict(Q_LEN=1, GROUP=4, D=128, DP=128, NG=16, INV_SQRT_N=128 ** -0.5, BLOCK_M=16)
 KERNELS = {
     "prep": (A._query_prep_kernel, dict(KBITS=3, KQ=272, CENTER_K=True, DOT=tl.float16, QR=64, PK=4)),
     "split": (A._attn_split_kernel, dict(KBITS=3, VBITS=2, PAGE=64, KQ=272, LOG2DP=7, ROPE_HALF=0, CENTER_K=True,
                                          SOFTCAP=False, WINDOW=False, DOT=tl.float16, ASM=True, BLOCK_N=64,
-                                         JOIN_RUNS=True, CAUSAL_PAGES=False, PK=4)),
+                                         JOIN_K=True, JOIN_V=True, CAUSAL_PAGES=False, PK=4)),
+    "keys": (A._attn_keys_kernel, dict(KBITS=3, PAGE=64, KQ=272, SOFTCAP=False, WINDOW=False, ASM=True, RS=4,
+                                       JOIN_K=True, CAUSAL_PAGES=False)),
+    "values": (A._attn_values_kernel, dict(VBITS=2, PAGE=64, LOG2DP=7, SOFTCAP=False, WINDOW=False, DOT=tl.float16,
+                                           ASM=True, RS=4, BLOCK_N=64, JOIN_V=True)),
     "reduce": (A._attn_reduce_kernel, dict(CENTER_V=True, RB=4, SC=8, OB=32)),
     "reduce_nomean": (A._attn_reduce_kernel, dict(CENTER_V=False, RB=4, SC=8, OB=32)),
 }
@@ -419,5 +423,8 @@ def test_pdl_paths_compile_for_hopper():
     assert got["split_True"]["wait"] == 1 and got["split_True"]["signal"] == 1
     assert not got["split_True"]["wait_before_first_load"]
     assert got["reduce_True"]["wait"] == 1 and got["reduce_nomean_True"]["wait_before_first_load"]
-    for name in ("prep", "split", "reduce"):
+    for name in ("keys", "values"):  # two passes: each issues its first page's loads before it waits
+        assert got[f"{name}_True"]["wait"] == 1 and got[f"{name}_True"]["signal"] == 1
+        assert not got[f"{name}_True"]["wait_before_first_load"]
+    for name in ("prep", "split", "keys", "values", "reduce"):
         assert got[f"{name}_False"]["wait"] == 0 and got[f"{name}_False"]["signal"] == 0

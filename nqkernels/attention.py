@@ -796,6 +796,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         num_splits: splits of the compressed pages per sequence (flash-decoding); default: enough programs to
             fill the GPU. Splits hold whole steps of the launch config's ``pages_per_step``, so a request may
             yield fewer.
+    Launch configs come from this GPU's config store (``python -m autotune.tune``). Where it picks ``two_pass``
+    (on the H100: long contexts at small batches) a call also allocates a logits workspace of 4 bytes per
+    (sequence, KV head, compressed token slot, query row), 17 MB for 8 KV heads × 128K tokens at GQA 4.
     Returns:
         ``[B, q_len, q_heads, head_dim]`` in q's dtype.
 

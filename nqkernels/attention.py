@@ -70,14 +70,20 @@ def attention_buckets(head_dim: int, key_bits: int, value_bits: int, group: int,
 
 
 @triton.jit
+def _softcap_log2(s, sm_scale, softcap):
+    """Soft-capped logits in log2 units: softcap · tanh(s · scale / softcap) · log2(e), with
+    tanh(y) = 1 - 2 / (exp(2y) + 1)."""
+    return softcap * (1.0 - 2.0 / (tl.exp(s * (2.0 * sm_scale / softcap)) + 1.0)) * LOG2E
+
+
+@triton.jit
 def _online_softmax(s, seen, m_i, sm_scale, SOFTCAP: tl.constexpr, softcap, AXIS: tl.constexpr,
                     SCALED: tl.constexpr = False):
     """Fold one tile of raw logits s = q·k into the running max m_i (log2 domain); keys run along AXIS. Returns the
     probabilities p (s's shape), the factor alpha for the accumulators and sums, and the new m_i. With SCALED (no
     soft cap) s is already q·k · sm_scale · log2(e)."""
     if SOFTCAP:
-        # softcap · tanh(s · scale / softcap), with tanh(y) = 1 - 2 / (exp(2y) + 1)
-        s = softcap * (1.0 - 2.0 / (tl.exp(s * (2.0 * sm_scale / softcap)) + 1.0)) * LOG2E
+        s = _softcap_log2(s, sm_scale, softcap)
     elif not SCALED:
         s = s * (sm_scale * LOG2E)
     s = tl.where(seen, s, float("-inf"))
@@ -271,6 +277,28 @@ def _merge_slots(m_i, l_i, ls, acc_lo, acc_hi, PK: tl.constexpr, RS: tl.constexp
 
 
 @triton.jit
+def _key_products(k_lo, k_hi, qt_c, qt_lo, qt_hi, PAGE: tl.constexpr, NWL: tl.constexpr, NG: tl.constexpr,
+                  DP: tl.constexpr, KBITS: tl.constexpr, KHI: tl.constexpr, ASM: tl.constexpr):
+    """A page's raw logits [PAGE, BLOCK_M] in pair order: its coset flags, low plane and (3-4 bits) high plane, each
+    times the prep's query operand; the key scales and mean are applied by the caller."""
+    sk = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM), qt_c)
+    sk = tl.dot(plane_pairs(restore_parity(k_lo), PAGE, NWL, 2, ASM), qt_lo, sk)
+    if KBITS > 2:
+        sk = tl.dot(plane_pairs(k_hi, PAGE, DP * KHI // 32, KHI, ASM), qt_hi, sk)
+    return sk
+
+
+@triton.jit
+def _value_products(v_lo, v_hi, pv, acc_lo, acc_hi, PAGE: tl.constexpr, NWL: tl.constexpr, DP: tl.constexpr,
+                    VBITS: tl.constexpr, VHI: tl.constexpr, ASM: tl.constexpr):
+    """acc += a page's value planes (pair order, [DP, PAGE]) times its weights pv [PAGE, BLOCK_M] (p · scale)."""
+    acc_lo = tl.dot(tl.trans(coset_plane_pairs(v_lo, PAGE, NWL, ASM)), pv, acc_lo)
+    if VBITS > 2:
+        acc_hi = tl.dot(tl.trans(plane_pairs(v_hi, PAGE, DP * VHI // 32, VHI, ASM)), pv, acc_hi)
+    return acc_lo, acc_hi
+
+
+@triton.jit
 def _split_pages(bt_ptr, b, sbt, split, pages_per_split, comp, PAGE: tl.constexpr):
     """A split's pages [p_lo, p_hi) of its sequence's ``comp`` compressed tokens, the token where they end, and the
     physical page of its first one (in bounds, unused if the split is empty)."""
@@ -385,6 +413,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                 qt_lo = qt_lo + (tl.load(qt + (NG + d)[:, None] * BLOCK_M + m),)
                 if KBITS > 2:
                     qt_hi = qt_hi + (tl.load(qt + (NG + DP + d)[:, None] * BLOCK_M + m),)
+                else:  # no high plane at 2 bits: a placeholder, never read
+                    qt_hi = qt_hi + (qt_lo[k],)
             q_mean = tl.load(qm_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M))
             logit_unit = SUBNORMAL_UNIT  # the products' 2^-24; without a soft cap also to log2 units at once
             if not SOFTCAP:
@@ -413,10 +443,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                     nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, end - (pg0 + 1) * PAGE, svc_p, svc_h,
                                                     svc_t, sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V)
                 if ROPE_HALF == 0:
-                    sk = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM), qt_c[k])
-                    sk = tl.dot(plane_pairs(restore_parity(k_lo), PAGE, NWL, 2, ASM), qt_lo[k], sk)
-                    if KBITS > 2:
-                        sk = tl.dot(plane_pairs(k_hi, PAGE, DP * KHI // 32, KHI, ASM), qt_hi[k], sk)
+                    sk = _key_products(k_lo, k_hi, qt_c[k], qt_lo[k], qt_hi[k], PAGE, NWL, NG, DP, KBITS, KHI, ASM)
                     if k == 0:
                         s = sk * (ks * logit_unit)[:, None] + q_mean[None, :]
                     else:
@@ -446,10 +473,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                 if PK > 1:
                     ps = tl.where(slot[None, :] == k, ps, 0.0)
                 ls_t += ps
-                pv = ps.to(tl.float16)
-                acc_lo = tl.dot(tl.trans(coset_plane_pairs(v_lo, PAGE, NWL, ASM)), pv, acc_lo)
-                if VBITS > 2:
-                    acc_hi = tl.dot(tl.trans(plane_pairs(v_hi, PAGE, DP * VHI // 32, VHI, ASM)), pv, acc_hi)
+                acc_lo, acc_hi = _value_products(v_lo, v_hi, ps.to(tl.float16), acc_lo, acc_hi, PAGE, NWL, DP, VBITS,
+                                                 VHI, ASM)
         m_r, l_r, ls, acc_lo, acc_hi = _merge_slots(m_i, tl.sum(l_t, axis=0), tl.sum(ls_t, axis=0), acc_lo, acc_hi,
                                                     PK, RS, DP)
         # The partial in the original basis (rotated back once per split, so the reduce only weighs and adds).
@@ -497,7 +522,7 @@ def _attn_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, qm_ptr, lg_ptr, 
     qt = qt_ptr + pid * KQ * BLOCK_M + col[None, :]
     qt_c = tl.load(qt + tl.arange(0, NG)[:, None] * BLOCK_M)
     qt_lo = tl.load(qt + (NG + tl.arange(0, DP))[:, None] * BLOCK_M)
-    qt_hi = qt_lo
+    qt_hi = qt_lo  # no high plane at 2 bits: a placeholder, never read
     if KBITS > 2:
         qt_hi = tl.load(qt + (NG + DP + tl.arange(0, DP))[:, None] * BLOCK_M)
     q_mean = tl.load(qm_ptr + pid * BLOCK_M + col)
@@ -512,13 +537,10 @@ def _attn_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, qm_ptr, lg_ptr, 
         page = tl.load(bt_ptr + b * sbt + tl.minimum(pg + 1, p_hi - 1))
         nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - (pg + 1) * PAGE, skc_p, skc_h, skc_t, sc_w,
                                         sks_p, sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K)
-        sk = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM), qt_c)
-        sk = tl.dot(plane_pairs(restore_parity(k_lo), PAGE, NWL, 2, ASM), qt_lo, sk)
-        if KBITS > 2:
-            sk = tl.dot(plane_pairs(k_hi, PAGE, DP * KHI // 32, KHI, ASM), qt_hi, sk)
+        sk = _key_products(k_lo, k_hi, qt_c, qt_lo, qt_hi, PAGE, NWL, NG, DP, KBITS, KHI, ASM)
         s = sk * (ks * logit_unit)[:, None] + q_mean[None, :]
         if SOFTCAP:
-            s = softcap * (1.0 - 2.0 / (tl.exp(s * (2.0 * sm_scale / softcap)) + 1.0)) * LOG2E
+            s = _softcap_log2(s, sm_scale, softcap)
         tok = pg * PAGE + t[:, None]
         seen = tok < end
         if CAUSAL_PAGES or WINDOW:
@@ -580,10 +602,8 @@ def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr
             l_t += p
             ps = p * vs[:, None]
             ls_t += ps
-            pv = ps.to(tl.float16)
-            acc_lo = tl.dot(tl.trans(coset_plane_pairs(v_lo, PAGE, NWL, ASM)), pv, acc_lo)
-            if VBITS > 2:
-                acc_hi = tl.dot(tl.trans(plane_pairs(v_hi, PAGE, DP * VHI // 32, VHI, ASM)), pv, acc_hi)
+            acc_lo, acc_hi = _value_products(v_lo, v_hi, ps.to(tl.float16), acc_lo, acc_hi, PAGE, NWL, DP, VBITS,
+                                             VHI, ASM)
         keep = ((pid % n_mblk) * BLOCK_M + col) // GROUP < Q_LEN
         x = _values_original(acc_lo, acc_hi, tl.sum(ls_t, axis=0), vg_ptr, BLOCK_M, D, DP, LOG2DP, VBITS, INV_SQRT_N)
         d = tl.arange(0, DP)

@@ -277,6 +277,34 @@ def _merge_slots(m_i, l_i, ls, acc_lo, acc_hi, PK: tl.constexpr, RS: tl.constexp
 
 
 @triton.jit
+def _query_operands(qt_ptr, slot, KQ: tl.constexpr, NG: tl.constexpr, DP: tl.constexpr, KBITS: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+    """One page slot's query operand, written by ``_query_prep_kernel`` (slot ``pid · PK + k`` of [·, KQ, BLOCK_M]):
+    its per-group-constant, low-plane and high-plane rows, the B operands of ``_key_products`` (at 2 bits the
+    high plane's is a placeholder, never read)."""
+    qt = qt_ptr + slot * KQ * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    d = tl.arange(0, DP)
+    qt_c = tl.load(qt + tl.arange(0, NG)[:, None] * BLOCK_M)
+    qt_lo = tl.load(qt + (NG + d)[:, None] * BLOCK_M)
+    qt_hi = qt_lo
+    if KBITS > 2:
+        qt_hi = tl.load(qt + (NG + DP + d)[:, None] * BLOCK_M)
+    return qt_c, qt_lo, qt_hi
+
+
+@triton.jit
+def _logit_units(qm_ptr, pid, sm_scale, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The factor of a page's raw logits (the products' 2^-24 times its key scales; without a soft cap also
+    sm_scale · log2(e), so logits come out in log2 units at once) and the block's q·mean_k in the same units."""
+    q_mean = tl.load(qm_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M))
+    logit_unit = SUBNORMAL_UNIT
+    if not SOFTCAP:
+        logit_unit = SUBNORMAL_UNIT * sm_scale * LOG2E
+        q_mean = q_mean * (sm_scale * LOG2E)
+    return logit_unit, q_mean
+
+
+@triton.jit
 def _key_products(k_lo, k_hi, qt_c, qt_lo, qt_hi, PAGE: tl.constexpr, NWL: tl.constexpr, NG: tl.constexpr,
                   DP: tl.constexpr, KBITS: tl.constexpr, KHI: tl.constexpr, ASM: tl.constexpr):
     """A page's raw logits [PAGE, BLOCK_M] in pair order: its coset flags, low plane and (3-4 bits) high plane, each
@@ -405,21 +433,11 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         if ROPE_HALF == 0:  # the query's operands, from _query_prep_kernel, once the first page is on its way
             if PDL:
                 gdc_wait()
-            m = tl.arange(0, BLOCK_M)[None, :]
             qt_c, qt_lo, qt_hi = (), (), ()
             for k in tl.static_range(PK):
-                qt = qt_ptr + (pid * PK + k) * KQ * BLOCK_M
-                qt_c = qt_c + (tl.load(qt + tl.arange(0, NG)[:, None] * BLOCK_M + m),)
-                qt_lo = qt_lo + (tl.load(qt + (NG + d)[:, None] * BLOCK_M + m),)
-                if KBITS > 2:
-                    qt_hi = qt_hi + (tl.load(qt + (NG + DP + d)[:, None] * BLOCK_M + m),)
-                else:  # no high plane at 2 bits: a placeholder, never read
-                    qt_hi = qt_hi + (qt_lo[k],)
-            q_mean = tl.load(qm_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M))
-            logit_unit = SUBNORMAL_UNIT  # the products' 2^-24; without a soft cap also to log2 units at once
-            if not SOFTCAP:
-                logit_unit = SUBNORMAL_UNIT * sm_scale * LOG2E
-                q_mean = q_mean * (sm_scale * LOG2E)
+                c, lo, hi = _query_operands(qt_ptr, pid * PK + k, KQ, NG, DP, KBITS, BLOCK_M)
+                qt_c, qt_lo, qt_hi = qt_c + (c,), qt_lo + (lo,), qt_hi + (hi,)
+            logit_unit, q_mean = _logit_units(qm_ptr, pid, sm_scale, SOFTCAP, BLOCK_M)
         for pg0 in range(p_lo, p_hi, PK):
             pages, vcodes = (), ()  # ``page``: this step's first page, loaded with its keys
             for k in tl.static_range(PK):
@@ -519,17 +537,8 @@ def _attn_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, qm_ptr, lg_ptr, 
                                     sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K)
     if PDL:
         gdc_wait()
-    qt = qt_ptr + pid * KQ * BLOCK_M + col[None, :]
-    qt_c = tl.load(qt + tl.arange(0, NG)[:, None] * BLOCK_M)
-    qt_lo = tl.load(qt + (NG + tl.arange(0, DP))[:, None] * BLOCK_M)
-    qt_hi = qt_lo  # no high plane at 2 bits: a placeholder, never read
-    if KBITS > 2:
-        qt_hi = tl.load(qt + (NG + DP + tl.arange(0, DP))[:, None] * BLOCK_M)
-    q_mean = tl.load(qm_ptr + pid * BLOCK_M + col)
-    logit_unit = SUBNORMAL_UNIT
-    if not SOFTCAP:
-        logit_unit = SUBNORMAL_UNIT * sm_scale * LOG2E
-        q_mean = q_mean * (sm_scale * LOG2E)
+    qt_c, qt_lo, qt_hi = _query_operands(qt_ptr, pid, KQ, NG, DP, KBITS, BLOCK_M)
+    logit_unit, q_mean = _logit_units(qm_ptr, pid, sm_scale, SOFTCAP, BLOCK_M)
     lg = lg_ptr + pid.to(tl.int64) * n_tok * RS + col[None, :]  # this block's [token, row] logits
     m_t = tl.full((PAGE, BLOCK_M), float("-inf"), tl.float32)
     for pg in range(p_lo, p_hi):

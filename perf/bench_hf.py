@@ -27,7 +27,7 @@ import time
 import torch
 
 from integrations.hf import PRESETS as HF_PRESETS
-from integrations.hf import NQCache, patch, unpatch
+from integrations.hf import NQCache, patch, unpatch, with_cache
 from perf.bench_attention import log
 from perf.bench_cold import llama8b_model
 
@@ -53,7 +53,7 @@ def prompt_cache(model, preset: str, B: int, T: int):
     cache = DynamicCache(config=model.config) if preset == "dynamic" else NQCache(model, preset)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1:].argmax(-1)
     del out
     torch.cuda.synchronize()
@@ -76,7 +76,7 @@ def decode_steps(model, cache, nxt, steps: int) -> list:
         for i in range(steps + 2):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = model(nxt, past_key_values=cache, use_cache=True)
+            out = model(nxt, **with_cache(model, cache), use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             if i >= 2:  # two warm-up steps
@@ -90,7 +90,7 @@ def gpu_ms_per_step(model, cache, nxt, steps: int = 3) -> float:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.no_grad():
         for _ in range(steps):
-            nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            nxt = model(nxt, **with_cache(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / steps
 

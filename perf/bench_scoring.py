@@ -106,6 +106,8 @@ def prefill_with_scoring(dev, T, runs=5):
     """Seconds of (a) the prefill alone and (b) the prefill followed by scoring its cache (32 window-query blocks,
     score_tokens over each layer's cached keys, cross-layer mean, one select_tokens), alternated on one model: the
     difference is what scoring adds to a real prefill, whose GPU queue hides the launch overhead."""
+    from integrations.hf.compat import output_cache
+
     model = llama8b_model(dev)
     ids = torch.randint(0, 128256, (1, T), device=dev)
     queries = [torch.randn(1, W, HQ, D, device=dev, dtype=torch.bfloat16) for _ in range(LAYERS)]
@@ -116,7 +118,7 @@ def prefill_with_scoring(dev, T, runs=5):
             t0 = time.perf_counter()
             out = model(ids, use_cache=True, logits_to_keep=1)
             if i % 2:
-                keys = [layer.keys.transpose(1, 2) for layer in out.past_key_values.layers]  # [1, T, 8, 128] views
+                keys = [layer.keys.transpose(1, 2) for layer in output_cache(out).layers]  # [1, T, 8, 128] views
                 shared = torch.stack([score_tokens(q, k, pool=POOL) for q, k in zip(queries, keys)]).mean(0)
                 select_tokens(shared, evict=0.5, sinks=4, recent=32)
             torch.cuda.synchronize()

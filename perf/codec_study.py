@@ -103,6 +103,8 @@ def main():
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from integrations.hf.compat import output_cache
+
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -111,7 +113,7 @@ def main():
         return key_mode_table(model, chunks, os.path.basename(args.text))
     print(mse_table("Gaussian, 4096 vectors of 128", torch.randn(4096, 128)))
     with torch.no_grad():
-        layers = model(chunks[0][:, :1536], use_cache=True).past_key_values.layers
+        layers = output_cache(model(chunks[0][:, :1536], use_cache=True)).layers
     k = torch.cat([l.keys[0] for l in layers]).reshape(-1, 128)
     v = torch.cat([l.values[0] for l in layers]).reshape(-1, 128)
     # Each method sees the token vectors as stored (keys post-RoPE), centred per layer and head as ours does.

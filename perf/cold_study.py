@@ -49,6 +49,8 @@ def index_entropy(state_codes: torch.Tensor, bits: int, head_dim: int) -> tuple[
 def prefill(model_dir: str, n_tokens: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from integrations.hf.compat import output_cache
+
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     kvs = []
@@ -57,7 +59,7 @@ def prefill(model_dir: str, n_tokens: int):
             ids = tok(f.read(), return_tensors="pt").input_ids[:, :n_tokens]
         with torch.no_grad():
             kvs.append([(l.keys[0].transpose(0, 1), l.values[0].transpose(0, 1))
-                        for l in model(ids, use_cache=True).past_key_values.layers])
+                        for l in output_cache(model(ids, use_cache=True)).layers])
     return kvs, model.config
 
 

@@ -28,10 +28,12 @@ def continuation_ppl(model, chunks: list[torch.Tensor], compress: Optional[Compr
     """Returns (perplexity, bytes of the compressed prefix caches per token per layer per KV head, K+V)."""
     from transformers import DynamicCache
 
+    from integrations.hf.compat import output_cache, with_cache
+
     nll, n, nbytes, slots = 0.0, 0, 0, 0
     for ids in chunks:
         out = model(ids[:, :prefix], use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         if compress is not None:
             new = DynamicCache()
             for li, layer in enumerate(cache.layers):
@@ -40,7 +42,7 @@ def continuation_ppl(model, chunks: list[torch.Tensor], compress: Optional[Compr
                 nbytes += b
                 slots += layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[2]
             cache = new
-        logits = model(ids[:, prefix:], past_key_values=cache).logits[0, :-1].float()
+        logits = model(ids[:, prefix:], **with_cache(model, cache)).logits[0, :-1].float()
         nll += torch.nn.functional.cross_entropy(logits, ids[0, prefix + 1:], reduction="sum").item()
         n += ids.shape[1] - prefix - 1
     return math.exp(nll / n), (nbytes / slots if slots else None)

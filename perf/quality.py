@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from nqkernels import (KVCodec, PagedKVCache, key_norm_scores, layer_budgets, random_scores, score_tokens,
                        select_tokens)
 from integrations.hf import PRESETS as HF_PRESETS
-from integrations.hf import NQCache
+from integrations.hf import NQCache, with_cache
 from perf.continuation import load_chunks
 
 # The named presets of integrations.hf, spelled in the harness's grammar (one definition of what they are).
@@ -244,7 +244,7 @@ class Harness:
 
         if preset.hf is not None:
             cache = NQCache(self.model, preset.hf, **self.hf_options(preset))
-            self.model(ids, past_key_values=cache, use_cache=True)
+            self.model(ids, **with_cache(self.model, cache), use_cache=True)
             return cache, self.held(preset, cache) / ids.shape[1]
         if preset.peer is not None:
             return self.prefill_peer(preset, ids)
@@ -253,11 +253,11 @@ class Harness:
         try:
             if preset.press is not None:
                 with _press(preset)(self.model):  # kvpress reads cache_position, which transformers >= 5.3 dropped
-                    self.model(ids, past_key_values=cache, use_cache=True,
+                    self.model(ids, **with_cache(self.model, cache), use_cache=True,
                                cache_position=torch.arange(ids.shape[1], device=ids.device))
                 nbytes = sum(2 * (l.keys.numel() + l.values.numel()) for l in cache.layers)
                 return cache, nbytes / ids.shape[1]
-            self.model(ids, past_key_values=cache, use_cache=True)
+            self.model(ids, **with_cache(self.model, cache), use_cache=True)
             queries = self.attn.capture
         finally:
             self.attn.capture = None
@@ -273,7 +273,7 @@ class Harness:
         if preset.peer == "nexusquant":
             nexusquant = _import_peer("nexusquant", "pip install nexusquant-kv")
             cache = DynamicCache()
-            self.model(ids, past_key_values=cache, use_cache=True)
+            self.model(ids, **with_cache(self.model, cache), use_cache=True)
             nexusquant.compress_kv_cache(cache, mode="quant_only", head_dim=self.head_dim, key_bits=preset.bits[0],
                                          value_bits=preset.bits[1], rope_base=self.rope.theta,
                                          model_config=self.model.config)
@@ -281,7 +281,7 @@ class Harness:
         _import_peer("optimum.quanto" if preset.peer == "quanto" else "hqq",
                      "pip install optimum-quanto" if preset.peer == "quanto" else "pip install hqq")
         cache = QuantizedCache(backend=preset.peer, config=self.model.config, nbits=preset.bits[0])
-        self.model(ids, past_key_values=cache, use_cache=True)
+        self.model(ids, **with_cache(self.model, cache), use_cache=True)
         return cache, self.held(preset, cache) / ids.shape[1]
 
     def hf_options(self, preset: Preset) -> dict:
@@ -328,7 +328,7 @@ class Harness:
     def step(self, ids: torch.Tensor, cache, start: int):
         """Feed ``ids`` through ``cache`` at true positions start.. ; returns logits."""
         pos = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
-        return self.model(ids, past_key_values=cache, position_ids=pos, use_cache=True).logits
+        return self.model(ids, **with_cache(self.model, cache), position_ids=pos, use_cache=True).logits
 
     # -- protocol ------------------------------------------------------------------------------------------------
     @torch.no_grad()

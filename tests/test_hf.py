@@ -1,6 +1,7 @@
 """integrations.hf: transformers models on the compressed cache (tiny random configs built in memory, and the
 fixture model). The oracle of a compressed decode step is the plain model attending over the dequantized cache."""
 import os
+import sys
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 
 from integrations.hf import (PRESETS, CompressedLayer, NQCache, Policy, compress, graduated_bits, patch,  # noqa: E402
-                             resolve, unpatch)
+                             resolve, unpatch, with_cache)
 from perf.codec_study import FIXTURE  # noqa: E402
 
 ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma2")
@@ -70,13 +71,13 @@ def step_vs_oracle(model, preset, ids, nxt=None, **options):
     pos = torch.arange(ids.shape[1], ids.shape[1] + nxt.shape[1], device=ids.device).expand(ids.shape[0], -1)
     with compress(model, preset, **options) as state, torch.no_grad():
         cache = state.new_cache(model)
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **with_cache(model, cache), use_cache=True)
         assert cache.compressed
         before = {i: (l.keys.clone(), l.values.clone()) for i, l in enumerate(cache.layers)
                   if not isinstance(l, CompressedLayer)}
-        got = model(nxt, past_key_values=cache, position_ids=pos, use_cache=True).logits
+        got = model(nxt, **with_cache(model, cache), position_ids=pos, use_cache=True).logits
         dc = oracle_cache(model, cache, nxt.shape[1], before)
-        want = model(nxt, past_key_values=dc, position_ids=pos, use_cache=True).logits
+        want = model(nxt, **with_cache(model, dc), position_ids=pos, use_cache=True).logits
     return got, want, cache
 
 
@@ -187,12 +188,12 @@ def test_multi_turn_never_recompresses(reference_mode):
     turn1 = prompt(60)
     with compress(model, "k3v2", **SMALL):
         cache = NQCache(model, "k3v2", **SMALL)
-        out1 = model.generate(turn1, past_key_values=cache, max_new_tokens=4, do_sample=False)
+        out1 = model.generate(turn1, **with_cache(model, cache), max_new_tokens=4, do_sample=False)
         layer = cache.layers[0]
         pages = layer.hot._pages[0][:]
         codes = layer.hot.k_codes[pages].clone()
         turn2 = torch.cat((out1, prompt(30, seed=5)), dim=1)
-        out2 = model.generate(turn2, past_key_values=cache, max_new_tokens=4, do_sample=False)
+        out2 = model.generate(turn2, **with_cache(model, cache), max_new_tokens=4, do_sample=False)
         assert torch.equal(layer.hot.k_codes[pages], codes)  # earlier pages untouched
         assert layer.hot._pages[0][:len(pages)] == pages
         assert cache.get_seq_length() == out2.shape[1] - 1
@@ -278,6 +279,52 @@ def test_errors():
     unpatch(model)
     with pytest.raises(RuntimeError, match="not patched"):
         unpatch(model)
+
+
+# -- never a silent no-op: whatever would run uncompressed raises (or, for the caller's own cache, warns) ----------
+def test_generate_attaches_on_this_transformers(reference_mode):
+    """The installed release's generate builds the NQCache and every step goes through the pages."""
+    model = tiny("llama")
+    with compress(model, "k3v2", **SMALL) as state:
+        model.generate(prompt(40), max_new_tokens=3, do_sample=False)
+    assert isinstance(state.last_cache, NQCache) and state.last_cache.compressed
+    assert state.last_cache.layers[0].hot.seq_lens() == [42]
+
+
+def test_unknown_cache_keyword_raises_at_patch(monkeypatch):
+    """A future release that renames the cache keyword again: refused before anything runs."""
+    monkeypatch.setattr("integrations.hf.compat.CACHE_NAMES", ("kv_state",))
+    with pytest.raises(RuntimeError, match="takes its KV cache under none of"):
+        patch(tiny("llama"), "k3v2")
+
+
+def test_cache_under_an_unknown_name_raises_in_generate(monkeypatch, reference_mode):
+    """transformers 5.24's break, replayed: generate keeps its cache under a name the patch does not read."""
+    model = tiny("llama")
+    monkeypatch.setattr(sys.modules["integrations.hf.patch"], "find_cache", lambda kwargs: (None, None))
+    with compress(model, "k3v2", **SMALL), pytest.raises(RuntimeError, match="prepared no cache"):
+        model.generate(prompt(40), max_new_tokens=3, do_sample=False)
+
+
+def test_generate_that_bypasses_the_hook_raises(reference_mode):
+    """A release whose generate builds its cache without _prepare_cache_for_generation: the first forward raises."""
+    model = tiny("llama")
+    with compress(model, "k3v2", **SMALL):
+        model._prepare_cache_for_generation = type(model)._prepare_cache_for_generation.__get__(model)
+        with pytest.raises(RuntimeError, match="could not attach"):
+            model.generate(prompt(40), max_new_tokens=3, do_sample=False)
+
+
+def test_caches_that_would_run_uncompressed(reference_mode):
+    model = tiny("llama")
+    with compress(model, "k3v2", **SMALL):
+        with pytest.raises(ValueError, match="use_cache=False"):
+            model.generate(prompt(40), max_new_tokens=2, do_sample=False, use_cache=False)
+        with pytest.raises(ValueError, match="StaticCache"):
+            model.generate(prompt(40), max_new_tokens=2, do_sample=False, cache_implementation="static")
+        with pytest.warns(UserWarning, match="runs uncompressed"):
+            model.generate(prompt(40), max_new_tokens=2, do_sample=False,
+                           **with_cache(model, DynamicCache(config=model.config)))
 
 
 def test_presets_and_profiles():

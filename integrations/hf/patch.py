@@ -2,23 +2,32 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 from transformers import DynamicCache
 
 from .cache import NQCache, take_layer
+from .compat import CACHE_NAMES, cache_name, find_cache
 from .policy import Policy, plan_layers, resolve
 
 
 @dataclass
 class Patched:
-    """What ``patch`` changed on a model (``model._nq_patch``): undone by ``unpatch``."""
+    """What ``patch`` changed on a model (``model._nq_patch``): undone by ``unpatch``.
+
+    ``generating`` / ``prepared`` / ``expected`` are the guard against a silent no-op: while ``generate`` runs, every
+    forward must receive the cache that the patched ``_prepare_cache_for_generation`` installed."""
     policy: Policy
     base_impl: str
-    hook: object
+    hook: object = None
     last_cache: Optional[NQCache] = None
+    generating: bool = False
+    prepared: bool = False
+    expected: object = None
 
     def new_cache(self, model) -> NQCache:
         """A fresh ``NQCache`` with this patch's policy (for manual forwards)."""
@@ -59,10 +68,54 @@ def _attention_modules(model):
             any(hasattr(m, p) for p in ("k_proj", "qkv_proj"))]
 
 
-def _observe(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _observe(state: Patched):
+    """The model's forward pre-hook: hands the forward's mask and positions to an ``NQCache``, and inside
+    ``generate`` refuses to run a forward that did not get the compressed cache (it would run uncompressed)."""
+    def hook(module, args, kwargs):
+        _, cache = find_cache(kwargs)
+        if isinstance(cache, NQCache):
+            cache.observe(kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        if not state.generating:
+            return
+        if not state.prepared:
+            raise RuntimeError(f"integrations.hf could not attach: generate() of transformers {_version()} did not "
+                               f"build its cache through _prepare_cache_for_generation, so the model would run "
+                               f"uncompressed; pass an NQCache to generate (integrations.hf.with_cache) or unpatch(model)")
+        if state.expected is not None and cache is not state.expected:
+            raise RuntimeError(f"integrations.hf could not attach: inside generate() (transformers {_version()}) the "
+                               f"model's forward got {type(cache).__name__} instead of the NQCache installed for it "
+                               f"(looked under {CACHE_NAMES}), so it would run uncompressed")
+    return hook
+
+
+def _install_cache(state: Patched, model, generation_config, model_kwargs) -> None:
+    """After transformers prepared ``generate``'s cache: put an ``NQCache`` where it put its ``DynamicCache``
+    (under whichever of ``CACHE_NAMES`` this release uses), or refuse what would run uncompressed."""
+    state.prepared, state.expected = True, None
+    name, cache = find_cache(model_kwargs)
     if isinstance(cache, NQCache):
-        cache.observe(kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        state.last_cache = state.expected = cache
+    elif cache is None:
+        if generation_config.use_cache is False:
+            raise ValueError("generate(use_cache=False) keeps no KV cache, so nothing would be compressed: drop "
+                             "use_cache=False, or unpatch(model)")
+        raise RuntimeError(f"integrations.hf could not attach: generate() of transformers {_version()} prepared no "
+                           f"cache under any of {CACHE_NAMES}, so the model would run uncompressed")
+    elif getattr(cache, "_is_user_defined", False):
+        warnings.warn(f"generate() got a {type(cache).__name__} from the caller: it is used as is and this "
+                      f"generation runs uncompressed (pass an NQCache to compress)", stacklevel=4)
+    elif type(cache) is DynamicCache:
+        state.last_cache = state.expected = model_kwargs[name] = NQCache(model, state.policy)
+    else:
+        raise ValueError(f"generate() built a {type(cache).__name__} (cache_implementation="
+                         f"{generation_config.cache_implementation!r}): the compressed cache replaces the default "
+                         f"dynamic cache only; drop cache_implementation, or unpatch(model)")
 
 
 def patch(model, preset="balanced", **options) -> Patched:
@@ -72,8 +125,11 @@ def patch(model, preset="balanced", **options) -> Patched:
     ``"kXvY"`` / ``"kXvY-evictNN"``, or a ``Policy``; ``options``: ``Policy`` fields (per-layer bits, kept layers
     or heads, eviction, ...). Unsupported models raise ValueError here, before anything runs.
 
-    After it, ``model.generate(...)`` builds an ``NQCache`` instead of a ``DynamicCache`` (a cache you pass is used
-    as is), and the model's attention goes through ``nq_attention``.
+    After it, ``model.generate(...)`` builds an ``NQCache`` instead of a ``DynamicCache`` (an ``NQCache`` you pass
+    is used; any other cache you pass is used as is, with a warning that it runs uncompressed), and the model's
+    attention goes through ``nq_attention``. Whatever would make ``generate`` run uncompressed raises instead: a
+    transformers release whose ``generate`` builds its cache elsewhere, ``cache_implementation="static"``,
+    ``use_cache=False``.
     """
     if getattr(model, "_nq_patch", None) is not None:
         raise RuntimeError("model is already patched: unpatch(model) first")
@@ -82,28 +138,38 @@ def patch(model, preset="balanced", **options) -> Patched:
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__}: no attention modules with a layer_idx found")
+    cache_name(model)  # a release whose cache keyword is unknown raises here
+    if "_prepare_cache_for_generation" not in dir(type(model)):
+        raise RuntimeError(f"integrations.hf cannot attach to transformers {_version()}: {type(model).__name__} has "
+                           f"no _prepare_cache_for_generation, where generate() builds its cache")
     impl = model.config._attn_implementation or "sdpa"
     if impl not in ("eager", "sdpa"):
         impl = "sdpa"  # the prompt's dense attention; decode steps use decode_attention either way
     name = _register(impl)
     for m in modules:
         m._nq_base_attention = _base_attention(impl, m)
-    state = Patched(policy, model.config._attn_implementation, model.register_forward_pre_hook(_observe,
-                                                                                              with_kwargs=True))
-    prepare = model._prepare_cache_for_generation
+    state = Patched(policy, model.config._attn_implementation)
+    state.hook = model.register_forward_pre_hook(_observe(state), with_kwargs=True)
+    prepare, generate = model._prepare_cache_for_generation, model.generate
 
     def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
         if getattr(generation_config, "num_beams", 1) > 1:
             raise ValueError("beam search (num_beams > 1) is not supported on the compressed cache: its sequences "
                              "own their pages; use greedy, sampling or assisted decoding, or unpatch(model)")
-        prepare(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            state.last_cache = model_kwargs["past_key_values"] = NQCache(model, policy)
-        elif isinstance(cache, NQCache):
-            state.last_cache = cache
+        out = prepare(generation_config, model_kwargs, *args, **kwargs)
+        _install_cache(state, model, generation_config, model_kwargs)
+        return out
+
+    @functools.wraps(generate)
+    def guarded_generate(*args, **kwargs):
+        state.generating, state.prepared, state.expected = True, False, None
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            state.generating = False
 
     model._prepare_cache_for_generation = prepare_cache
+    model.generate = guarded_generate
     model.set_attn_implementation(name)
     model._nq_patch = state
     return state
@@ -115,7 +181,7 @@ def unpatch(model) -> None:
     if state is None:
         raise RuntimeError("model is not patched")
     state.hook.remove()
-    del model._prepare_cache_for_generation  # the class's method again
+    del model._prepare_cache_for_generation, model.generate  # the class's methods again
     for m in _attention_modules(model):
         del m._nq_base_attention
     model.set_attn_implementation(state.base_impl)

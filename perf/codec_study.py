@@ -20,10 +20,7 @@ import torch
 
 from nqkernels import KVCodec, RopeSpec
 from nqkernels import reference as R
-from perf.continuation import codec_compressor, continuation_ppl, load_chunks
-
-FIXTURE = os.environ.get("NQ_FIXTURE_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
-                                                          "fixtures"))
+from perf.continuation import FIXTURE, codec_compressor, continuation_ppl, load_chunks, load_model
 
 
 def scalar_uniform(x, bits):
@@ -101,13 +98,10 @@ def main():
     ap.add_argument("--skip-ppl", action="store_true")
     ap.add_argument("--key-modes", action="store_true", help="only the key-mode perplexity comparison")
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from integrations.hf.compat import output_cache
 
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tok, model = load_model(args.model)
     chunks = load_chunks(tok, args.text, args.chunks, 2048)
     if args.key_modes:
         return key_mode_table(model, chunks, os.path.basename(args.text))

@@ -21,7 +21,7 @@ import torch
 
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, save_cache
 from nqkernels import reference as R
-from perf.codec_study import FIXTURE
+from perf.continuation import FIXTURE, load_model, read_text
 
 TEXTS = ("eval_pydocs", "eval_gcide", "eval_foldoc", "eval_jargon")
 SETTINGS = ((4, 4), (3, 3), (3, 2), (2, 2))
@@ -47,16 +47,13 @@ def index_entropy(state_codes: torch.Tensor, bits: int, head_dim: int) -> tuple[
 
 
 def prefill(model_dir: str, n_tokens: int):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from integrations.hf.compat import output_cache
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok, model = load_model(model_dir)
     kvs = []
     for name in TEXTS:
-        with open(os.path.join(FIXTURE, "text", f"{name}.txt")) as f:
-            ids = tok(f.read(), return_tensors="pt").input_ids[:, :n_tokens]
+        text = read_text(os.path.join(FIXTURE, "text", f"{name}.txt"))
+        ids = tok(text, return_tensors="pt").input_ids[:, :n_tokens]
         with torch.no_grad():
             kvs.append([(l.keys[0].transpose(0, 1), l.values[0].transpose(0, 1))
                         for l in output_cache(model(ids, use_cache=True)).layers])

@@ -7,6 +7,7 @@ C continuation tokens are fed in one forward over the cache and the C - 1 target
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Optional
 
 import torch
@@ -14,10 +15,39 @@ import torch
 # compress(layer_index, keys [B, Hkv, P, D], values) -> (keys', values', bytes of the compressed form)
 Compressor = Callable[[int, torch.Tensor, torch.Tensor], tuple]
 
+# The quality fixture: a small trained Llama (llama-tiny-hd128/) and held-out texts (text/), kept beside the
+# repository (../shared/fixtures), not in it; NQ_FIXTURE_DIR points elsewhere.
+FIXTURE = os.environ.get("NQ_FIXTURE_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                                          "fixtures"))
+_WHERE = ("The quality numbers in docs/ and perf/results/ come from a small trained fixture model that is not part of "
+          f"the repository: its folder (llama-tiny-hd128/ and text/) is looked up at {os.path.abspath(FIXTURE)}; set "
+          "NQ_FIXTURE_DIR to where yours is. Any local (or cached hub) causal-LM directory works with perf.quality: "
+          "--model DIR --text held_out.txt.")
+
+
+def load_model(path: str, dtype=torch.float32):
+    """``(tokenizer, model)`` of a transformers causal LM directory (eval mode); a clear SystemExit when it is not
+    there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        return (AutoTokenizer.from_pretrained(path),
+                AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval())
+    except (OSError, ValueError) as e:
+        missing = "does not exist" if not os.path.exists(path) else f"could not be loaded ({str(e).splitlines()[0]})"
+        raise SystemExit(f"model {path!r} {missing}. {_WHERE}") from e
+
+
+def read_text(path: str) -> str:
+    """The text file at ``path``; a clear SystemExit when it is not there."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"text {path!r} does not exist. {_WHERE}")
+    with open(path) as f:
+        return f.read()
+
 
 def load_chunks(tokenizer, text_path: str, n_chunks: int, length: int) -> list[torch.Tensor]:
-    with open(text_path) as f:
-        ids = tokenizer(f.read(), return_tensors="pt").input_ids[0]
+    ids = tokenizer(read_text(text_path), return_tensors="pt").input_ids[0]
     if len(ids) < n_chunks * length:
         raise ValueError(f"{text_path} has {len(ids)} tokens, fewer than {n_chunks} chunks of {length}")
     return [ids[i * length:(i + 1) * length][None] for i in range(n_chunks)]

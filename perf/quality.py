@@ -49,7 +49,7 @@ from nqkernels import (KVCodec, PagedKVCache, key_norm_scores, layer_budgets, ra
                        select_tokens)
 from integrations.hf import PRESETS as HF_PRESETS
 from integrations.hf import NQCache, with_cache
-from perf.continuation import load_chunks
+from perf.continuation import load_chunks, load_model
 
 # The named presets of integrations.hf, spelled in the harness's grammar (one definition of what they are).
 NAMED = {name: f"k{p.key_bits}v{p.value_bits}" + (f"-evict{round(100 * p.evict)}" if p.evict else "")
@@ -485,10 +485,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     presets = [parse_preset(p) for p in ["fp16"] + [p for p in args.preset if p != "fp16"]]
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    tok, model = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model = model.to(args.device)
     chunks = [c.to(args.device) for c in load_chunks(tok, args.text, args.chunks, args.prefix + args.continuation)]
     prompts = [(p.to(args.device), k) for p, k in passkey_prompts(tok, args.text, args.passkey,
                                                                         args.passkey_length)] if args.passkey else []

@@ -128,3 +128,18 @@ def test_fixture_control_and_evict50(capsys, monkeypatch):
     assert round(result["presets"]["fp16"]["ppl"], 4) == round(result["plain_model_ppl"], 4)
     row = result["presets"]["evict50"]
     assert row["compression_ratio"] == 2.0 and 0 < row["ppl_delta_pct"] < 2.0
+
+
+def test_missing_model_or_text_says_what_and_where(tmp_path, monkeypatch):
+    """No fixture (a fresh clone without ../shared): the harnesses say what is missing and how to point at a model."""
+    import perf.codec_study
+
+    text = tmp_path / "t.txt"
+    text.write_text("some text " * 50)
+    for run in (lambda: main(["--model", str(tmp_path / "none"), "--text", str(text)]),
+                lambda: main(["--model", str(tmp_path), "--text", str(text)]),  # a folder with no model in it
+                lambda: main(["--model", MODEL, "--text", str(tmp_path / "none.txt")]),
+                lambda: (monkeypatch.setattr("sys.argv", ["codec_study", "--model", str(tmp_path / "none")]),
+                         perf.codec_study.main())):
+        with pytest.raises(SystemExit, match="NQ_FIXTURE_DIR.*--model DIR"):
+            run()

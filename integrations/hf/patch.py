@@ -131,6 +131,9 @@ def patch(model, preset="balanced", **options) -> Patched:
     transformers release whose ``generate`` builds its cache elsewhere, ``cache_implementation="static"``,
     ``use_cache=False``.
     """
+    if not (hasattr(model, "config") and hasattr(model, "generate")):
+        raise TypeError(f"model must be a transformers causal LM (e.g. from AutoModelForCausalLM), got "
+                        f"{type(model).__name__}")
     if getattr(model, "_nq_patch", None) is not None:
         raise RuntimeError("model is already patched: unpatch(model) first")
     policy = resolve(preset, **options)

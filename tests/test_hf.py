@@ -269,7 +269,8 @@ def test_errors():
         patch(model, "k3v2", keep_heads=(0, 1))
     with pytest.raises(ValueError, match="evict must be"):
         resolve("k3v2", evict=1.0)
-    for bad, match in ((dict(page_size="64"), "page_size must be"), (dict(keep_layers=1), "keep_layers must be a tuple"),
+    for bad, match in ((dict(page_size="64"), "page_size must be"),
+                       (dict(keep_layers=1), "keep_layers must be a tuple"),
                        (dict(sinks=True), "sinks must be an int"), (dict(key_bits=3.0), "key_bits must be one of"),
                        (dict(boundary_layers=1, boundary_bits=(3.0, 2)), "boundary_bits must be"),
                        (dict(evict=True), "evict must be")):

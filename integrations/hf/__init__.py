@@ -12,7 +12,8 @@ with per-layer bits (``boundary_layers``/``boundary_bits``, ``layer_bits=graduat
 ``keep_heads``, ``compress_sliding``, ``key_mode``.
 
 Works with ``generate`` (greedy, sampling, assisted decoding), batches with left padding (each sequence scored and
-evicted on its own), multi-turn reuse of one cache (``**with_cache(model, NQCache(model))``: ``cache=`` from transformers 5.24, ``past_key_values=`` before), GQA and MHA, head_dim 64/96/128/256,
+evicted on its own), multi-turn reuse of one cache (``**with_cache(model, NQCache(model))``: ``cache=`` from
+transformers 5.24, ``past_key_values=`` before), GQA and MHA, head_dim 64/96/128/256,
 Llama / Mistral / Qwen2 / Phi-3 / Gemma-2-style models. Not supported: beam search (raises).
 """
 from .cache import CompressedLayer, NQCache

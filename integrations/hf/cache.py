@@ -224,7 +224,8 @@ class CompressedLayer(CacheLayerMixin):
 class NQCache(Cache):
     """A transformers cache compressing the layers a ``Policy`` names (others are transformers' own layers).
 
-    ``patch``/``compress`` make ``generate`` build one; pass one yourself as ``**with_cache(model, NQCache(model))`` (``cache=`` on transformers >= 5.24, ``past_key_values=`` before) for
+    ``patch``/``compress`` make ``generate`` build one; pass one yourself as ``**with_cache(model, NQCache(model))``
+    (``cache=`` on transformers >= 5.24, ``past_key_values=`` before) for
     manual forwards (the model must be patched, so its attention finds the compressed layers).
 
     Args:

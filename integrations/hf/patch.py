@@ -86,7 +86,8 @@ def _observe(state: Patched):
         if not state.prepared:
             raise RuntimeError(f"integrations.hf could not attach: generate() of transformers {_version()} did not "
                                f"build its cache through _prepare_cache_for_generation, so the model would run "
-                               f"uncompressed; pass an NQCache to generate (integrations.hf.with_cache) or unpatch(model)")
+                               f"uncompressed; pass an NQCache to generate (integrations.hf.with_cache) or "
+                               f"unpatch(model)")
         if state.expected is not None and cache is not state.expected:
             raise RuntimeError(f"integrations.hf could not attach: inside generate() (transformers {_version()}) the "
                                f"model's forward got {type(cache).__name__} instead of the NQCache installed for it "

@@ -38,6 +38,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import reference as ref
 from .codec import _config, _max_programs, _rope_tables, _rotation, _use_triton
+from .config import check_positive_float, describe, is_int
 from .lattice import (SUBNORMAL_UNIT, coset_pairs, coset_plane_pairs, inverse_hadamard, load_e8_doubled, plane_pairs,
                       restore_parity, rope_partner, rope_rotate, rope_rows_at, storage_order)
 from .paged import PagedKVCache
@@ -776,17 +777,21 @@ def _value_gather(head_dim: int, bits: int, device: str) -> torch.Tensor:
     return torch.stack(rows).float().to(device)
 
 
-def _check_inputs(q, cache, softmax_scale, softcap, window):
+def _check_inputs(q, cache, softmax_scale, softcap, window, num_splits):
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"q must be a 4-D tensor [batch, q_len, q_heads, head_dim], got "
-                         f"{getattr(q, 'shape', type(q).__name__)}")
+        raise ValueError(f"q must be a 4-D tensor [batch, q_len, q_heads, head_dim], got {describe(q)}")
     B, q_len, Hq, D = q.shape
     if D != cache.codec.head_dim:
         raise ValueError(f"q has head_dim {D}; the cache holds head_dim {cache.codec.head_dim}")
-    if Hq % cache.num_kv_heads:
-        raise ValueError(f"q_heads ({Hq}) must be a multiple of the cache's kv_heads ({cache.num_kv_heads})")
+    H = cache.num_kv_heads
+    if Hq == 0 or Hq % H:
+        # [B, H, T, D] (the layout of attention modules) swaps q_len and q_heads: say so when that reading fits.
+        hint = (f"; q {list(q.shape)} looks like [batch, q_heads, q_len, head_dim]: pass q.transpose(1, 2)"
+                if q_len and q_len % H == 0 else "")
+        raise ValueError(f"q must be [batch, q_len, q_heads, head_dim] with q_heads a positive multiple of the "
+                         f"cache's kv_heads ({H}), got q_heads={Hq}{hint}")
     if q.dtype != cache.dtype:
         raise ValueError(f"q is {q.dtype} but the cache holds {cache.dtype} (they must match)")
     if q.device != cache.device:
@@ -800,12 +805,14 @@ def _check_inputs(q, cache, softmax_scale, softcap, window):
     if short:
         raise ValueError(f"sequences {short} hold fewer tokens than q_len={q_len}: append the chunk's keys and "
                          f"values to the cache before attending")
-    if softmax_scale is not None and not (softmax_scale > 0 and math.isfinite(softmax_scale)):
-        raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale!r}")
-    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
-        raise ValueError(f"softcap must be a positive finite float or None, got {softcap!r}")
-    if window is not None and (not isinstance(window, int) or window < 1):
+    if softmax_scale is not None:
+        check_positive_float("softmax_scale", softmax_scale)
+    if softcap is not None:
+        check_positive_float("softcap", softcap)
+    if window is not None and (not is_int(window) or window < 1):
         raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
+    if num_splits is not None and (not is_int(num_splits) or num_splits < 1):
+        raise ValueError(f"num_splits must be an int >= 1 or None (automatic), got {num_splits!r}")
 
 
 def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Optional[float] = None,
@@ -840,7 +847,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         >>> decode_attention(torch.randn(1, 1, 8, 128, dtype=torch.float16), cache).shape
         torch.Size([1, 1, 8, 128])
     """
-    _check_inputs(q, cache, softmax_scale, softcap, window)
+    _check_inputs(q, cache, softmax_scale, softcap, window, num_splits)
     B, q_len, Hq, D = q.shape
     H = cache.num_kv_heads
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)

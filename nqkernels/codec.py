@@ -20,7 +20,7 @@ import triton.language as tl
 from autotune import lookup
 
 from . import reference as ref
-from .config import KVCodec
+from .config import KVCodec, describe
 from .lattice import e8_nearest, exp2i, fixed_point, integer_transform, inverse_hadamard, load_e8_doubled, pack_plane, \
     rope_partner, rope_partner_index, rope_rotate, rope_rows, round_to, storage_index, storage_order, \
     transform_matrix
@@ -116,22 +116,28 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
 
 
 @triton.jit
-def _mean_partial_kernel(x_ptr, part_ptr, cos_ptr, sin_ptr, pos_ptr, T, H, tiles_per_split,
+def _mean_partial_kernel(x_ptr, part_ptr, count_ptr, cos_ptr, sin_ptr, pos_ptr, T, H, tiles_per_split,
                          sxb, sxh, sxt, sxd, spb, spt, D: tl.constexpr, DP: tl.constexpr,
                          ROPE_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
-    # Partial sums over one split of the tokens of one (batch, head), after the RoPE undo: part[bh, split, :].
+    # Over one split of the tokens of one (batch, head), after the RoPE undo, the sum of the finite tokens (no NaN or
+    # Inf; reference.finite_mean) part[bh, split, :] and their number count[bh, split].
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     d = tl.arange(0, DP)
     dmask = d < D
     acc = tl.zeros((DP,), tl.float32)
+    n = tl.zeros((BLOCK_T,), tl.int32)
     for i in range(tiles_per_split):
         t = (split * tiles_per_split + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = t < T
         x = _load_rope_undone(x_ptr + b * sxb + h * sxh, t, tmask, d, dmask, sxt, sxd, cos_ptr, sin_ptr,
                               pos_ptr + b * spb, spt, ROPE_HALF)
-        acc += tl.sum(x, axis=0)
-    tl.store(part_ptr + (pid_bh * tl.num_programs(1) + split) * DP + d, acc)
+        keep = tmask & (tl.max(((x - x) != 0.0).to(tl.int32), axis=1) == 0)  # x - x is NaN exactly for NaN and ±Inf
+        acc += tl.sum(tl.where(keep[:, None], x, 0.0), axis=0)
+        n += keep.to(tl.int32)
+    at = pid_bh * tl.num_programs(1) + split
+    tl.store(part_ptr + at * DP + d, acc)
+    tl.store(count_ptr + at, tl.sum(n, axis=0))
 
 
 @triton.jit
@@ -223,6 +229,8 @@ def _use_triton(x: torch.Tensor) -> bool:
 def _check_positions(positions, B, T, device) -> torch.Tensor:
     if positions is None:
         return torch.arange(T, device=device, dtype=torch.int32).expand(B, T)
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be an int tensor [batch, tokens] = {[B, T]}, got {type(positions).__name__}")
     if positions.shape != (B, T):
         raise ValueError(f"positions must have shape [batch, tokens] = {[B, T]}, got {list(positions.shape)}")
     if positions.dtype not in (torch.int32, torch.int64) or positions.device != device:
@@ -260,21 +268,34 @@ def _per_token(cos, sin, pos):
     return cos[pos.long()], sin[pos.long()]
 
 
+def _check_codec(codec) -> None:
+    if not isinstance(codec, KVCodec):
+        raise TypeError(f"codec must be a KVCodec, got {type(codec).__name__} {codec!r}")
+
+
 def _check_x(x, codec: KVCodec):
+    _check_codec(codec)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor [batch, heads, tokens, head_dim], got "
-                         f"{getattr(x, 'shape', type(x).__name__)}")
+        raise ValueError(f"x must be a 4-D tensor [batch, heads, tokens, head_dim], got {describe(x)}")
     if x.shape[-1] != codec.head_dim:
         raise ValueError(f"x has head_dim {x.shape[-1]} but the codec has head_dim {codec.head_dim}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
 
 
+def _check_mean(mean, shape, device) -> None:
+    if not isinstance(mean, torch.Tensor) or mean.shape != shape or mean.device != device:
+        raise ValueError(f"mean must be a [batch, heads, head_dim] = {list(shape)} tensor on {device}, got "
+                         f"{describe(mean)}")
+
+
 def centering_mean(x: torch.Tensor, codec: KVCodec, kind: str = "key",
                    positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The mean over tokens that ``encode_kv`` subtracts: fp32 ``[B, H, D]`` of x ``[B, H, T, D]`` (keys with RoPE
-    undone first when ``codec.rope`` is set). One read of x on the GPU (a Triton kernel writes partial sums over
-    token splits, summed in a fixed order), so it is deterministic; on CPU the torch mean.
+    undone first when ``codec.rope`` is set). Tokens holding a NaN/Inf are left out (``reference.finite_mean``), so
+    they cannot shift the offset of every other token; zero where no token is finite. One read of x on the GPU (a
+    Triton kernel writes partial sums and counts over token splits, summed in a fixed order), so it is
+    deterministic; on CPU the torch reference.
 
     Example:
         >>> codec = KVCodec(head_dim=128)
@@ -285,14 +306,14 @@ def centering_mean(x: torch.Tensor, codec: KVCodec, kind: str = "key",
     _check_x(x, codec)
     B, H, T, D = x.shape
     _, use_rope, _, pos, cos, sin = _prepare(codec, kind, B, T, x.device, positions)
-    if T == 0:
+    if T == 0 or B * H == 0:
         return torch.zeros(B, H, D, device=x.device)
     if not _use_triton(x):
         xf = x.float()
         if use_rope:
             c, s_ = _per_token(cos, sin, pos)
             xf = ref.rope_undo(xf, c[:, None], s_[:, None])
-        return xf.mean(2)
+        return ref.finite_mean(xf)
     DP, BLOCK_T = ref.next_pow2(D), 32
     n_tiles = triton.cdiv(T, BLOCK_T)
     # Enough programs to fill the GPU (about 4 per SM in all), each over a run of whole tiles.
@@ -300,11 +321,12 @@ def centering_mean(x: torch.Tensor, codec: KVCodec, kind: str = "key",
     tiles_per_split = triton.cdiv(n_tiles, n_split)
     n_split = triton.cdiv(n_tiles, tiles_per_split)
     part = torch.empty(B * H, n_split, DP, dtype=torch.float32, device=x.device)
+    count = torch.empty(B * H, n_split, dtype=torch.int32, device=x.device)
     cos_a, sin_a, pos_a, pos_strides, rope_half = _rope_args(codec, use_rope, cos, sin, pos, part)
     _mean_partial_kernel[(B * H, n_split)](
-        x, part, cos_a, sin_a, pos_a, T, H, tiles_per_split, *x.stride(), *pos_strides, D=D, DP=DP,
+        x, part, count, cos_a, sin_a, pos_a, T, H, tiles_per_split, *x.stride(), *pos_strides, D=D, DP=DP,
         ROPE_HALF=rope_half, BLOCK_T=BLOCK_T, num_warps=4)
-    return (part.sum(1)[:, :D] / T).view(B, H, D)
+    return (part.sum(1)[:, :D] / count.sum(1, keepdim=True).clamp(min=1)).view(B, H, D)
 
 
 def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Optional[torch.Tensor] = None,
@@ -318,7 +340,9 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         mean: fp32 ``[B, H, D]`` centering offset; default: ``centering_mean`` of x (after the RoPE undo).
     Returns:
         ``EncodedKV(codes int32 [B, H, T, D*bits/32], scales [B, H, T], mean or None)``.
-        Tokens with a NaN/Inf value are zeroed (scale 0); other tokens are unaffected.
+        Tokens with a NaN/Inf value get codes 0 and scale 0 (zero in the centered basis: they decode to the mean,
+        RoPE re-applied for keys, or to zero without centering) and are left out of the default mean, so other
+        tokens are unaffected.
 
     Example:
         >>> codec = KVCodec(head_dim=128, key_bits=3, value_bits=2)
@@ -333,9 +357,7 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
     if center and mean is None:
         mean = centering_mean(x, codec, kind, positions)
     if center:
-        if mean.shape != (B, H, D) or mean.device != x.device:
-            raise ValueError(f"mean must be a [batch, heads, head_dim] = {[B, H, D]} tensor on {x.device}, "
-                             f"got {list(mean.shape)} on {mean.device}")
+        _check_mean(mean, (B, H, D), x.device)
         mean = mean.float().contiguous()
     else:
         mean = None
@@ -374,22 +396,31 @@ def decode_kv(enc: EncodedKV, codec: KVCodec, kind: str = "key", positions: Opti
         >>> bool(((v_hat - v).pow(2).mean() / v.pow(2).mean()) < 0.15)
         True
     """
+    _check_codec(codec)
+    if not isinstance(enc, tuple) or len(enc) != 3:
+        raise TypeError(f"enc must be an EncodedKV (codes, scales, mean) as encode_kv returns, got "
+                        f"{type(enc).__name__}")
     codes, scales, mean = enc
-    if codes.dim() != 4 or codes.dtype != torch.int32:
-        raise ValueError(f"codes must be int32 [batch, heads, tokens, words], got {codes.dtype} {list(codes.shape)}")
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 4 or codes.dtype != torch.int32:
+        raise ValueError(f"codes must be int32 [batch, heads, tokens, words], got {describe(codes)}")
     B, H, T, W = codes.shape
     D = codec.head_dim
     bits, use_rope, center, pos, cos, sin = _prepare(codec, kind, B, T, codes.device, positions)
     if W != codec.words_per_token(bits):
         raise ValueError(f"codes have {W} words per token; {kind}s at {bits} bits, head_dim {D} need "
                          f"{codec.words_per_token(bits)}")
-    if scales.shape != (B, H, T):
-        raise ValueError(f"scales must have shape {[B, H, T]}, got {list(scales.shape)}")
+    if not isinstance(scales, torch.Tensor) or scales.shape != (B, H, T) or not scales.is_floating_point() \
+            or scales.device != codes.device:
+        raise ValueError(f"scales must be a float tensor {[B, H, T]} on {codes.device} (the codes' device), got "
+                         f"{describe(scales)}")
     if center != (mean is not None):
         raise ValueError(f"the codec {'centers' if center else 'does not center'} {kind}s but mean is "
                          f"{'missing' if center else 'given'}")
+    if center:
+        _check_mean(mean, (B, H, D), codes.device)
+        mean = mean.float().contiguous()  # the kernel reads it with unit stride over head_dim
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        raise ValueError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}")
     out = torch.empty(B, H, T, D, dtype=dtype, device=codes.device)
     if T == 0 or B * H == 0:
         return out

@@ -26,7 +26,7 @@ from typing import BinaryIO, Optional, Sequence, Union
 import torch
 import zstandard
 
-from .config import KVCodec
+from .config import KVCodec, is_int
 from .delta import DEFAULT_CHUNK, DELTA, MODES, RAW, SHUFFLE, filter_codes, record_bytes, unfilter_codes
 from .paged import PagedKVCache, SlotState
 
@@ -72,7 +72,15 @@ def _sync(device: torch.device) -> None:
 
 
 def _threads(threads: Optional[int]) -> int:
-    return max(1, threads or min(16, os.cpu_count() or 1))
+    if threads is not None and (not is_int(threads) or threads < 1):
+        raise ValueError(f"threads must be an int >= 1 or None (the CPU count, at most 16), got {threads!r}")
+    return threads or min(16, os.cpu_count() or 1)
+
+
+def _check_file(file, stream: str, methods: tuple) -> None:
+    if not isinstance(file, (str, os.PathLike)) and not all(hasattr(file, m) for m in methods):
+        hint = " (wrap bytes in io.BytesIO)" if isinstance(file, (bytes, bytearray)) else ""
+        raise TypeError(f"file must be a path or a {stream} binary stream, got {type(file).__name__}{hint}")
 
 
 def _report(progress: bool, what: str, i: int, n: int, unit: str) -> None:
@@ -159,10 +167,14 @@ def save_cache(caches: Union[PagedKVCache, Sequence[PagedKVCache]], file: Union[
     """
     caches = _check_caches(caches)
     modes = _parse_modes(modes)
-    if not isinstance(level, int) or not 1 <= level <= 22:
+    if not is_int(level) or not 1 <= level <= 22:
         raise ValueError(f"level must be an int in [1, 22], got {level!r}")
-    if not isinstance(chunk, int) or chunk < 1:
+    if not is_int(chunk) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    if not is_int(sample) or sample < 1:
+        raise ValueError(f"sample must be an int >= 1, got {sample!r}")
+    threads = _threads(threads)
+    _check_file(file, "writable", ("write",))
     if isinstance(file, (str, os.PathLike)):
         path = os.fspath(file)
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -266,22 +278,56 @@ def read_header(f: BinaryIO) -> dict:
     return json.loads(raw)
 
 
+def _footer_index(f: BinaryIO, data_start: int, stop: int) -> bytes:
+    """The index of a COLD stream whose footer ends at byte ``stop``, checked (end marker, length, checksum)."""
+    f.seek(stop - _FOOTER.size)
+    n, crc, magic = _FOOTER.unpack(f.read(_FOOTER.size))
+    if magic != END_MAGIC:
+        raise ColdFormatError("COLD file is truncated or was not completely written (end marker missing)")
+    if n > stop - _FOOTER.size - data_start:
+        raise ColdFormatError("COLD index length is out of range: the file is corrupted")
+    f.seek(stop - _FOOTER.size - n)
+    raw = f.read(n)
+    if zlib.crc32(raw) != crc:
+        raise ColdFormatError("COLD index checksum mismatch: the file is corrupted")
+    return raw
+
+
+def _earlier_end(f: BinaryIO, data_start: int, end: int) -> Optional[int]:
+    """Where the cache ends when its last bytes are no end marker: the end of the last complete footer (end marker,
+    index length and checksum right) before ``end``, searched backwards; None if there is none (truncated)."""
+    block, hi = 1 << 20, end
+    while hi - data_start >= _FOOTER.size:
+        lo = max(data_start, hi - block)
+        f.seek(lo)
+        buf = f.read(hi - lo)
+        at = buf.rfind(END_MAGIC)
+        while at >= 0:
+            stop = lo + at + len(END_MAGIC)
+            if stop - data_start >= _FOOTER.size:
+                try:
+                    _footer_index(f, data_start, stop)
+                    return stop
+                except ColdFormatError:
+                    pass  # these bytes only look like an end marker
+            at = buf.rfind(END_MAGIC, 0, at + len(END_MAGIC) - 1)
+        hi = lo + len(END_MAGIC) - 1  # the next block overlaps by a marker less a byte: none is missed
+    return None
+
+
 def _read_index(f: BinaryIO, data_start: int) -> list:
     end = f.seek(0, os.SEEK_END)
     if end - data_start < _FOOTER.size:
         raise ColdFormatError("COLD file is truncated (no footer)")
     f.seek(end - _FOOTER.size)
-    n, crc, magic = _FOOTER.unpack(f.read(_FOOTER.size))
-    if magic != END_MAGIC:
-        raise ColdFormatError("COLD file is truncated or was not completely written (end marker missing)")
-    if n > end - _FOOTER.size - data_start:
-        raise ColdFormatError("COLD index length is out of range: the file is corrupted")
-    f.seek(end - _FOOTER.size - n)
-    raw = f.read(n)
-    if zlib.crc32(raw) != crc:
-        raise ColdFormatError("COLD index checksum mismatch: the file is corrupted")
+    if f.read(_FOOTER.size)[-len(END_MAGIC):] != END_MAGIC:
+        stop = _earlier_end(f, data_start, end)
+        if stop is not None:
+            raise ColdFormatError(f"COLD file has {end - stop} trailing bytes after the end of the cache (byte "
+                                  f"{stop}): something was appended to it; truncate it to {stop} bytes")
+    raw = _footer_index(f, data_start, end)
     index = json.loads(raw)
-    limit = end - _FOOTER.size - n
+    limit = end - _FOOTER.size - len(raw)
     for e in index:
         if e["offset"] < data_start or e["offset"] + e["size"] > limit:
             raise ColdFormatError(f"frame (layer {e['layer']}, slot {e['slot']}, {e['part']}) lies outside the data")
@@ -313,6 +359,21 @@ def load_cache(file: Union[str, os.PathLike, BinaryIO], device: Union[str, torch
     Returns:
         The caches, sequences in their saved slots, bit-identical to the saved ones.
     """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a string such as 'cuda' or 'cpu', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device is {device} (default cuda) but CUDA is not available: pass device='cpu'")
+    if num_pages is not None and (not is_int(num_pages) or num_pages < 1):
+        raise ValueError(f"num_pages must be an int >= 1 or None, got {num_pages!r}")
+    if codec is not None and not isinstance(codec, KVCodec):
+        raise TypeError(f"codec must be a KVCodec or None, got {type(codec).__name__}")
+    for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads)):
+        if value is not None and (not is_int(value) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+    threads = _threads(threads)
+    _check_file(file, "readable, seekable", ("read", "seek"))
     if isinstance(file, (str, os.PathLike)):
         with open(file, "rb") as f:
             return _load(f, device, num_pages, codec, num_layers, num_kv_heads, threads, progress)

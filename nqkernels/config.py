@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -13,6 +14,38 @@ ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 # Scale rules: the lattice step is alpha * RMS of the token; the stored scale is then that step ("rms"), the
 # least-squares fit to the chosen points ("rms_lsq") or the unbiased fit ("rms_unbiased", docs/decisions.md).
 SCALE_RULES = {"rms": "none", "rms_lsq": "lsq", "rms_unbiased": "unbiased"}
+
+
+def is_int(value) -> bool:
+    """A count proper: an int but not a bool (bool is an int subclass: True would pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number (an int, a float or a numpy scalar), not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def describe(value) -> str:
+    """What an argument is, for error messages: a tensor's dtype, shape and device, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} {list(value.shape)} on {value.device}"
+    return type(value).__name__
+
+
+def check_int(name: str, value, allowed: str) -> None:
+    """TypeError naming ``name`` and what it takes unless ``value`` is an int: not a bool, and not a float such as
+    3.0, which would reach tensor shapes and kernel constants."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}")
+
+
+def check_positive_float(name: str, value) -> None:
+    """ValueError naming ``name`` unless ``value`` is a positive finite real number (an int, a float or a numpy
+    scalar; not a bool or a string)."""
+    if not (is_real(value) and 0 < value < math.inf):
+        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+
 
 # Scale multiplier alpha (quantizer step = alpha * RMS of the token / lattice unit), per bit width.
 # Chosen by minimising MSE of the cube-truncated E8 codebook on Gaussian data (docs/codec.md).
@@ -33,10 +66,19 @@ class RopeSpec:
     max_position_embeddings: int = 4096
 
     def __post_init__(self):
-        if not (self.theta > 0 and math.isfinite(self.theta)):
-            raise ValueError(f"RopeSpec.theta must be a positive finite float, got {self.theta!r}")
+        check_positive_float("RopeSpec.theta", self.theta)
+        if self.rotary_dim is not None:
+            check_int("RopeSpec.rotary_dim", self.rotary_dim, "a positive even int or None")
+        check_int("RopeSpec.max_position_embeddings", self.max_position_embeddings, "an int >= 1")
+        if self.scaling is not None and not (isinstance(self.scaling, tuple) and
+                                             all(isinstance(kv, tuple) and len(kv) == 2 for kv in self.scaling)):
+            raise TypeError(f"RopeSpec.scaling must be a tuple of (key, value) pairs or None (from a dict d: "
+                            f"tuple(sorted(d.items())), or use RopeSpec.from_hf_config), got {self.scaling!r}")
         if self.rotary_dim is not None and (self.rotary_dim <= 0 or self.rotary_dim % 2):
             raise ValueError(f"RopeSpec.rotary_dim must be a positive even int, got {self.rotary_dim!r}")
+        if self.max_position_embeddings < 1:
+            raise ValueError(f"RopeSpec.max_position_embeddings must be an int >= 1, got "
+                             f"{self.max_position_embeddings!r}")
         kind = self.scaling_dict.get("rope_type", self.scaling_dict.get("type", "default"))
         if kind not in ROPE_SCALING_TYPES:
             raise ValueError(f"RopeSpec.scaling type {kind!r} is not supported; allowed: {ROPE_SCALING_TYPES}")
@@ -90,6 +132,15 @@ class KVCodec:
     alpha: dict = field(default_factory=lambda: dict(DEFAULT_ALPHA), compare=False, hash=False)
 
     def __post_init__(self):
+        check_int("KVCodec.head_dim", self.head_dim, f"an int in {SUPPORTED_HEAD_DIMS}")
+        for name in ("key_bits", "value_bits"):
+            check_int(f"KVCodec.{name}", getattr(self, name), f"an int in {SUPPORTED_BITS}")
+        check_int("KVCodec.page_size", self.page_size, "an int, a power of two >= 16")
+        for name in ("center_keys", "center_values"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"KVCodec.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.scale_rule, str):
+            raise TypeError(f"KVCodec.scale_rule must be one of {tuple(SCALE_RULES)}, got {self.scale_rule!r}")
         if self.head_dim not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"KVCodec.head_dim={self.head_dim!r} is not supported; allowed: {SUPPORTED_HEAD_DIMS}")
         for name in ("key_bits", "value_bits"):
@@ -102,9 +153,13 @@ class KVCodec:
         if self.scale_rule not in SCALE_RULES:
             raise ValueError(f"KVCodec.scale_rule={self.scale_rule!r} is not supported; allowed: {tuple(SCALE_RULES)}")
         if self.scale_dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"KVCodec.scale_dtype must be torch.float16 or torch.bfloat16, got {self.scale_dtype}")
+            raise ValueError(f"KVCodec.scale_dtype must be torch.float16 or torch.bfloat16, got {self.scale_dtype!r}")
         if self.page_size < 16 or self.page_size & (self.page_size - 1):
             raise ValueError(f"KVCodec.page_size must be a power of two >= 16, got {self.page_size!r}")
+        if not isinstance(self.alpha, dict):
+            raise TypeError(f"KVCodec.alpha must be a dict {{bits: step multiplier}}, got {self.alpha!r}")
+        for bits in (self.key_bits, self.value_bits):
+            check_positive_float(f"KVCodec.alpha[{bits}]", self.alpha.get(bits))
 
     @property
     def scale_fit(self) -> str:

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from . import reference as ref
 from .codec import _config, _use_triton
+from .config import SUPPORTED_BITS, SUPPORTED_HEAD_DIMS, describe, is_int
 from .lattice import load_words, pack_plane, unpack_plane
 
 RAW, SHUFFLE, DELTA = 0, 1, 2
@@ -194,25 +195,22 @@ def _unfilter_kernel(src_ptr, modes_ptr, codes_ptr, scales_ptr, T, chunk, sc_s, 
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def _check(codes: torch.Tensor, scales: torch.Tensor, modes: torch.Tensor, head_dim: int, bits: int, chunk: int):
-    if bits not in (2, 3, 4):
-        raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
-    if head_dim not in (64, 96, 128, 256):
-        raise ValueError(f"head_dim must be 64, 96, 128 or 256, got {head_dim!r}")
-    W = head_dim * bits // 32
-    if codes.dim() != 3 or codes.dtype != torch.int32 or codes.shape[-1] != W:
-        raise ValueError(f"codes must be int32 [streams, tokens, {W}] (head_dim {head_dim} at {bits} bits), got "
-                         f"{codes.dtype} {list(codes.shape)}")
-    if scales.shape != codes.shape[:2] or scales.element_size() != 2:
-        raise ValueError(f"scales must be a 16-bit tensor [streams, tokens] = {list(codes.shape[:2])}, got "
-                         f"{scales.dtype} {list(scales.shape)}")
-    if modes.shape != codes.shape[:1] or modes.dtype != torch.int32:
-        raise ValueError(f"modes must be int32 [streams] = {list(codes.shape[:1])}, got {modes.dtype} "
-                         f"{list(modes.shape)}")
-    if not isinstance(chunk, int) or chunk < 1:
+def _check_layout(head_dim: int, bits: int, chunk: int) -> None:
+    if not is_int(bits) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be an int in {SUPPORTED_BITS}, got {bits!r}")
+    if not is_int(head_dim) or head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim must be an int in {SUPPORTED_HEAD_DIMS}, got {head_dim!r}")
+    if not is_int(chunk) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
-    if len({codes.device, scales.device, modes.device}) != 1:
-        raise ValueError("codes, scales and modes must be on one device")
+
+
+def _check_modes(modes: torch.Tensor, S: int, device: torch.device) -> None:
+    if not isinstance(modes, torch.Tensor) or modes.shape != (S,) or modes.dtype != torch.int32:
+        raise ValueError(f"modes must be an int32 tensor [streams] = {[S]}, got {describe(modes)}")
+    if modes.device != device:
+        raise ValueError(f"modes are on {modes.device} but the codes on {device}: they must be on one device")
+    if modes.numel() and (int(modes.min()) < 0 or int(modes.max()) > 2):
+        raise ValueError(f"modes must each be 0 (RAW), 1 (SHUFFLE) or 2 (DELTA), got {modes.unique().tolist()}")
 
 
 def filter_codes(codes: torch.Tensor, scales: torch.Tensor, modes: torch.Tensor, head_dim: int, bits: int,
@@ -237,10 +235,18 @@ def filter_codes(codes: torch.Tensor, scales: torch.Tensor, modes: torch.Tensor,
         >>> torch.equal(c, codes) and torch.equal(s, scales)
         True
     """
-    _check(codes, scales, modes, head_dim, bits, chunk)
-    if modes.numel() and (int(modes.min()) < 0 or int(modes.max()) > 2):
-        raise ValueError(f"modes must each be 0 (RAW), 1 (SHUFFLE) or 2 (DELTA), got {modes.unique().tolist()}")
-    S, T, W = codes.shape
+    _check_layout(head_dim, bits, chunk)
+    W = head_dim * bits // 32
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.dtype != torch.int32 or codes.shape[-1] != W:
+        raise ValueError(f"codes must be int32 [streams, tokens, {W}] (head_dim {head_dim} at {bits} bits), got "
+                         f"{describe(codes)}")
+    if not isinstance(scales, torch.Tensor) or scales.shape != codes.shape[:2] or scales.element_size() != 2:
+        raise ValueError(f"scales must be a 16-bit tensor [streams, tokens] = {list(codes.shape[:2])}, got "
+                         f"{describe(scales)}")
+    if scales.device != codes.device:
+        raise ValueError(f"scales are on {scales.device} but the codes on {codes.device}: they must be on one device")
+    _check_modes(modes, codes.shape[0], codes.device)
+    S, T = codes.shape[:2]
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
     sc16 = scales.view(torch.int16)
@@ -257,14 +263,17 @@ def filter_codes(codes: torch.Tensor, scales: torch.Tensor, modes: torch.Tensor,
 def unfilter_codes(data: torch.Tensor, modes: torch.Tensor, head_dim: int, bits: int, chunk: int = DEFAULT_CHUNK,
                    scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of ``filter_codes``: uint8 ``[S, T·RB]`` -> (codes int32 ``[S, T, W]``, scales ``[S, T]``)."""
+    _check_layout(head_dim, bits, chunk)
     RB = record_bytes(head_dim, bits)
-    if data.dim() != 2 or data.dtype != torch.uint8 or data.shape[1] % RB:
-        raise ValueError(f"data must be uint8 [streams, tokens * {RB}], got {data.dtype} {list(data.shape)}")
+    if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.dtype != torch.uint8 or data.shape[1] % RB:
+        raise ValueError(f"data must be uint8 [streams, tokens * {RB}], got {describe(data)}")
+    if scale_dtype not in (torch.float16, torch.bfloat16, torch.int16):
+        raise ValueError(f"scale_dtype must be torch.float16, torch.bfloat16 or torch.int16, got {scale_dtype!r}")
+    _check_modes(modes, data.shape[0], data.device)
     S, T = data.shape[0], data.shape[1] // RB
     W = head_dim * bits // 32
     codes = torch.empty(S, T, W, dtype=torch.int32, device=data.device)
     scales = torch.empty(S, T, dtype=torch.int16, device=data.device)
-    _check(codes, scales, modes, head_dim, bits, chunk)
     data = data.contiguous()
     if not _use_triton(data) or S * T == 0:
         codes, scales = unfilter_reference(data, modes, head_dim, bits, chunk)

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from .config import KVCodec
+from .config import KVCodec, describe, is_int, is_real
 from .scoring import _seq_lens
 
 SCHEDULES = ("uniform", "pyramid")
@@ -31,6 +31,13 @@ class Selection(NamedTuple):
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The kept tokens of ``x`` ``[B, T, H, D]`` (keys or values) → ``[B, K, H, D]``, in token order."""
+        B, H, K = self.indices.shape
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or (x.shape[0], x.shape[2]) != (B, H):
+            raise ValueError(f"x must be a 4-D tensor [batch, tokens, kv_heads, head_dim] with batch {B} and "
+                             f"kv_heads {H} (the scores'), got {describe(x)}")
+        if K and x.shape[1] <= int(self.indices.max()):
+            raise ValueError(f"x holds {x.shape[1]} tokens but the selection keeps token {int(self.indices.max())}: "
+                             f"pass the tensor the scores were computed for, [batch, tokens, kv_heads, head_dim]")
         idx = self.indices.to(x.device).transpose(1, 2)  # [B, K, H]
         return x.gather(1, idx[..., None].expand(*idx.shape, x.shape[-1]))
 
@@ -44,12 +51,13 @@ def _budgets(lens: list[int], evict, keep) -> list[int]:
     if (evict is None) == (keep is None):
         raise ValueError("give exactly one of evict (a fraction of tokens to drop) or keep (tokens to keep)")
     if evict is not None:
-        if not (isinstance(evict, (int, float)) and 0.0 <= evict < 1.0):
+        if not (is_real(evict) and 0.0 <= evict < 1.0):
             raise ValueError(f"evict must be a fraction in [0, 1), got {evict!r}")
         return [n - int(evict * n + 1e-9) for n in lens]
-    counts = [keep] * len(lens) if isinstance(keep, int) else [int(x) for x in keep]
-    if len(counts) != len(lens) or any(c < 1 for c in counts):
-        raise ValueError(f"keep must be an int >= 1 or {len(lens)} such ints (one per sequence), got {keep!r}")
+    counts = [keep] * len(lens) if is_int(keep) else list(keep) if isinstance(keep, (list, tuple)) else None
+    if counts is None or len(counts) != len(lens) or not all(is_int(c) and c >= 1 for c in counts):
+        raise ValueError(f"keep must be an int >= 1 or a list of {len(lens)} such ints (one per sequence), got "
+                         f"{keep!r}")
     return [min(c, n) for c, n in zip(counts, lens)]
 
 
@@ -79,12 +87,15 @@ def select_tokens(scores: torch.Tensor, *, seq_lens: Optional[Union[torch.Tensor
         ([50], torch.Size([1, 2, 50]))
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 3 or not scores.is_floating_point():
-        raise ValueError(f"scores must be a float tensor [batch, kv_heads, tokens], got "
-                         f"{getattr(scores, 'shape', type(scores).__name__)}")
+        raise ValueError(f"scores must be a float tensor [batch, kv_heads, tokens], got {describe(scores)}")
     for name, value in (("sinks", sinks), ("recent", recent)):
-        if not isinstance(value, int) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if not isinstance(per_head, bool):
+        raise TypeError(f"per_head must be a bool, got {per_head!r}")
     B, H, T = scores.shape
+    if T == 0:
+        raise ValueError("scores must hold at least one token")
     dev = scores.device
     lens_t = _seq_lens(seq_lens, B, T, dev)
     lens = lens_t.tolist()
@@ -97,9 +108,9 @@ def select_tokens(scores: torch.Tensor, *, seq_lens: Optional[Union[torch.Tensor
     protected = (t < sinks) | ((t >= L - recent) & (t < L))
     s = torch.where(protected[:, None], float("inf"), s)
     s = torch.where((t >= L)[:, None], float("-inf"), s)
-    K = max(counts)
+    K = max(counts, default=0)  # 0 for an empty batch
     top = s.topk(K, dim=-1, sorted=True).indices  # best first; sequence b takes its first counts[b]
-    counts_t = torch.tensor(counts, device=dev)
+    counts_t = torch.tensor(counts, dtype=torch.long, device=dev)
     taken = torch.arange(K, device=dev)[None, None, :] < counts_t[:, None, None]
     idx = torch.where(taken, top, T).sort(dim=-1).values
     last = idx.gather(-1, (counts_t - 1)[:, None, None].expand(B, H, 1))
@@ -114,12 +125,14 @@ def layer_budgets(num_layers: int, keep: float, schedule: str = "uniform", slope
     first layer to fewer in the last, ``keep · (1 + γ·(1 - 2l/(n-1)))`` with ``γ = min(slope, (1-keep)/keep)`` so
     no layer exceeds 1.
     """
-    if not isinstance(num_layers, int) or num_layers < 1:
+    if not is_int(num_layers) or num_layers < 1:
         raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
-    if not 0.0 < keep <= 1.0:
+    if not (is_real(keep) and 0.0 < keep <= 1.0):
         raise ValueError(f"keep must be a fraction in (0, 1], got {keep!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not (is_real(slope) and slope >= 0):
+        raise ValueError(f"slope must be a float >= 0, got {slope!r}")
     if schedule == "uniform" or num_layers == 1:
         return [keep] * num_layers
     gamma = min(slope, (1.0 - keep) / keep)
@@ -131,6 +144,14 @@ def keep_for_bytes(budget: int, codec: KVCodec, num_kv_heads: int, *, num_layers
     """Tokens per sequence whose cache fits ``budget`` bytes: ``fp_tokens`` uncompressed (sinks + window, at
     ``fp_bytes`` per element) plus as many HOT tokens (codes + scales of K and V) as the rest allows, over
     ``num_layers`` layers of ``num_kv_heads`` heads. Raises if the uncompressed tokens alone exceed the budget."""
+    if not isinstance(codec, KVCodec):
+        raise TypeError(f"codec must be a KVCodec, got {type(codec).__name__}")
+    if not (is_real(budget) and 0 <= budget < math.inf):
+        raise ValueError(f"budget must be a finite number of bytes >= 0, got {budget!r}")
+    for name, value, low in (("num_kv_heads", num_kv_heads, 1), ("num_layers", num_layers, 1),
+                             ("fp_tokens", fp_tokens, 0), ("fp_bytes", fp_bytes, 1)):
+        if not is_int(value) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     per_head_layer = num_kv_heads * num_layers
     fp_cost = fp_tokens * per_head_layer * 2 * codec.head_dim * fp_bytes
     hot = per_head_layer * (codec.bytes_per_token(codec.key_bits) + codec.bytes_per_token(codec.value_bits))

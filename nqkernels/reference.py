@@ -284,6 +284,16 @@ def dequantize(idx: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tenso
     return inverse_hadamard(storage_order(e8_values(idx, bits))) * (scale.to(F32) * sqrt_n)[..., None]
 
 
+def finite_mean(x: torch.Tensor) -> torch.Tensor:
+    """The centering mean: x ``[B, H, T, D]`` fp32 -> ``[B, H, D]``, the mean over the tokens that hold no NaN/Inf.
+
+    A non-finite token encodes to zero (``quantize``), so it is left out of the mean too: otherwise its NaN/Inf
+    would reach every token through the shared offset. Zero where no token is finite.
+    """
+    finite = torch.isfinite(x).all(-1, keepdim=True)
+    return torch.where(finite, x, 0.0).sum(2) / finite.sum(2).clamp(min=1)
+
+
 def encode_reference(x, bits, *, alpha, fit, scale_dtype=torch.float16, cos=None, sin=None, mean=None):
     """Reference of the fused encode: x ``[B, H, T, D]`` -> (codes int32 ``[B, H, T, W]``, scales ``[B, H, T]``).
 

@@ -23,6 +23,7 @@ import triton.language as tl
 from . import reference as ref
 from .attention import _dot_dtype
 from .codec import _config, _max_programs, _use_triton
+from .config import check_positive_float, describe, is_int
 
 AGGREGATES = {"sum": 0, "mean": 1, "max": 2}
 POOLS = ("max", "avg")
@@ -145,16 +146,16 @@ def _pool_kernel(x_ptr, lens_ptr, out_ptr, H, T, sxb, sxh, POOL: tl.constexpr, M
 def _seq_lens(seq_lens, B: int, T: int, device) -> torch.Tensor:
     if seq_lens is None:
         return torch.full((B,), T, dtype=torch.int32, device=device)
-    lens = [int(x) for x in (seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens)]
-    if len(lens) != B or any(n < 1 or n > T for n in lens):
-        raise ValueError(f"seq_lens must hold {B} ints in [1, {T}] (tokens of each sequence), got {lens}")
+    lens = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens
+    if not isinstance(lens, (list, tuple)) or len(lens) != B or not all(is_int(n) and 1 <= n <= T for n in lens):
+        raise ValueError(f"seq_lens must be a list or 1-D int tensor of {B} ints in [1, {T}] (tokens of each "
+                         f"sequence), got {seq_lens!r}")
     return torch.tensor(lens, dtype=torch.int32, device=device)
 
 
 def _check_keys(k: torch.Tensor) -> None:
     if not isinstance(k, torch.Tensor) or k.dim() != 4:
-        raise ValueError(f"k must be a 4-D tensor [batch, tokens, kv_heads, head_dim], got "
-                         f"{getattr(k, 'shape', type(k).__name__)}")
+        raise ValueError(f"k must be a 4-D tensor [batch, tokens, kv_heads, head_dim], got {describe(k)}")
     if k.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"k must be float16, bfloat16 or float32, got {k.dtype}")
     if k.shape[1] < 1:
@@ -164,28 +165,29 @@ def _check_keys(k: torch.Tensor) -> None:
 def _check_inputs(q, k, aggregate, pool, pool_mode, softmax_scale):
     _check_keys(k)
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"q must be a 4-D tensor [batch, window, q_heads, head_dim], got "
-                         f"{getattr(q, 'shape', type(q).__name__)}")
+        raise ValueError(f"q must be a 4-D tensor [batch, window, q_heads, head_dim], got {describe(q)}")
     if q.dtype != k.dtype:
         raise ValueError(f"q is {q.dtype} but k is {k.dtype} (they must match)")
     if q.device != k.device:
         raise ValueError(f"q is on {q.device} but k is on {k.device}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} must agree on batch and head_dim")
-    if q.shape[3] > 256:
-        raise ValueError(f"head_dim must be <= 256, got {q.shape[3]}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"q_heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
+    if not 1 <= q.shape[3] <= 256:
+        raise ValueError(f"head_dim must be in [1, 256], got {q.shape[3]}")
+    if k.shape[2] == 0 or q.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"q_heads ({q.shape[2]}) must be a positive multiple of kv_heads ({k.shape[2]}): q is "
+                         f"[batch, window, q_heads, head_dim] and k [batch, tokens, kv_heads, head_dim] (from "
+                         f"[batch, heads, tokens, head_dim] tensors pass .transpose(1, 2))")
     if q.shape[1] < 1:
         raise ValueError("the observation window q must hold at least one query")
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {tuple(AGGREGATES)}, got {aggregate!r}")
-    if not isinstance(pool, int) or pool < 0 or (pool > 1 and pool % 2 == 0):
+    if not is_int(pool) or pool < 0 or (pool > 1 and pool % 2 == 0):
         raise ValueError(f"pool must be 0 (off) or an odd int kernel size, got {pool!r}")
     if pool_mode not in POOLS:
         raise ValueError(f"pool_mode must be one of {POOLS}, got {pool_mode!r}")
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be a positive float, got {softmax_scale!r}")
+    if softmax_scale is not None:
+        check_positive_float("softmax_scale", softmax_scale)
 
 
 def pool_scores(scores: torch.Tensor, lens: torch.Tensor, pool: int, pool_mode: str) -> torch.Tensor:
@@ -242,7 +244,7 @@ def score_tokens(q: torch.Tensor, k: torch.Tensor, *, seq_lens: Optional[Union[t
     T, H = k.shape[1], k.shape[2]
     lens = _seq_lens(seq_lens, B, T, k.device)
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if not _use_triton(k):
+    if not _use_triton(k) or B == 0:  # the torch reference (an empty batch has no kernel to launch)
         scores = ref.window_scores(q, k, lens, scale=scale, aggregate=aggregate)
         return pool_scores(scores, lens, pool, pool_mode)
     group = Hq // H
@@ -284,6 +286,8 @@ def key_norm_scores(k: torch.Tensor, *, seq_lens=None) -> torch.Tensor:
 def random_scores(k: torch.Tensor, *, seq_lens=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Baseline: uniform random scores ``[B, kv_heads, T]`` (fp32, in [0, 1); 0 at or after each length)."""
     _check_keys(k)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     B, T, H, _ = k.shape
     lens = _seq_lens(seq_lens, B, T, k.device)
     scores = torch.rand(B, H, T, generator=generator, device=generator.device if generator else "cpu").to(k.device)

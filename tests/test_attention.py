@@ -305,6 +305,21 @@ def test_bad_inputs():
         cache.append(torch.randn(2, 2, 2, 128), torch.randn(2, 1, 2, 128))
 
 
+@pytest.mark.parametrize("q_len", (1, 3))
+def test_transposed_query_layout_is_named(q_len):
+    """q in the [batch, heads, q_len, head_dim] layout of attention modules: the error says which layout was
+    expected and that q looks transposed; a q_heads count that merely does not fit the cache gets no such hint."""
+    cache = _cache()
+    _fill(cache, [20, 20])
+    q = torch.randn(2, q_len, 4, 128, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"q must be \[batch, q_len, q_heads, head_dim\].*looks like "
+                                         r"\[batch, q_heads, q_len, head_dim\]: pass q\.transpose\(1, 2\)"):
+        decode_attention(q.transpose(1, 2), cache)
+    with pytest.raises(ValueError, match=r"multiple of the cache's kv_heads \(2\), got q_heads=3$"):
+        decode_attention(torch.randn(2, q_len, 3, 128, dtype=torch.float16), cache)
+    assert decode_attention(q, cache).shape == q.shape
+
+
 def test_reference_mode_runs_the_oracle(reference_mode):
     cache = _cache(recent=4)
     _fill(cache, [30, 18])

@@ -7,7 +7,7 @@ from nqkernels import EncodedKV, KVCodec, RopeSpec, centering_mean, decode_kv, e
 from nqkernels import reference as R
 from nqkernels.codec import _rope_tables
 
-from .conftest import BITS, HEAD_DIMS
+from .conftest import BITS, HEAD_DIMS, interpreted
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -96,6 +96,39 @@ def test_non_finite_token_is_zeroed_and_isolated():
     assert bool(torch.isfinite(out).all()) and bool((out[bad] == 0).all())
 
 
+@pytest.mark.parametrize("path", ("reference", "kernels"))
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("center", (True, False), ids=("centered", "uncentered"))
+@pytest.mark.parametrize("bad", (float("nan"), float("inf")), ids=("nan", "inf"))
+def test_non_finite_token_reaches_no_other_token(path, d, center, bad, request):
+    """A NaN/Inf token is left out of the centering mean: every other token encodes and decodes as it would
+    without it, and the bad token itself stores codes 0 and scale 0 (it decodes to the mean, or to zero)."""
+    if path == "reference":
+        request.getfixturevalue("reference_mode")
+    elif not interpreted():
+        pytest.skip("the kernels run under TRITON_INTERPRET=1")
+    codec = KVCodec(head_dim=d, center_keys=center, center_values=center)
+    x = torch.randn(1, 2, 6, d, dtype=torch.float16) * 2 + 0.5
+    dirty = x.clone()
+    dirty[0, 0, 2, 5] = bad  # head 0, token 2; head 1 is clean
+    keep = [0, 1, 3, 4, 5]
+    for kind in ("key", "value"):
+        enc = encode_kv(dirty, codec, kind)
+        # Tokens encode one by one given the mean, so the same mean must give the clean tokens' codes exactly.
+        clean = encode_kv(x[:, :, keep], codec, kind, mean=enc.mean)
+        assert torch.equal(enc.codes[:, :, keep], clean.codes)
+        assert torch.equal(enc.scales[:, :, keep].view(torch.int16), clean.scales.view(torch.int16))
+        assert bool((enc.codes[0, 0, 2] == 0).all()) and float(enc.scales[0, 0, 2]) == 0.0
+        out = decode_kv(enc, codec, kind, dtype=torch.float32)
+        assert torch.equal(out[:, :, keep], decode_kv(clean, codec, kind, dtype=torch.float32))
+        assert bool(torch.isfinite(out).all())
+        if center:  # the mean of the finite tokens only: head 0 without token 2, head 1 all of them
+            want = torch.stack((centering_mean(x[:, :1, keep], codec, kind)[:, 0],
+                                centering_mean(x[:, 1:], codec, kind)[:, 0]), 1)
+            torch.testing.assert_close(enc.mean, want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(out[0, 0, 2], enc.mean[0, 0] if center else torch.zeros(d))
+
+
 def test_zero_token_decodes_to_zero():
     codec = KVCodec(head_dim=64, center_values=False)
     x = torch.randn(1, 1, 4, 64)
@@ -123,6 +156,20 @@ def test_empty_sequence():
 def test_codec_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         KVCodec(**kwargs)
+
+
+# Every integer field, with a valid value: its float and bool forms must be refused by name (bool is an int).
+INT_FIELDS = [(KVCodec, "head_dim", 128), (KVCodec, "key_bits", 3), (KVCodec, "value_bits", 2),
+              (KVCodec, "page_size", 64), (RopeSpec, "rotary_dim", 64), (RopeSpec, "max_position_embeddings", 4096)]
+
+
+@pytest.mark.parametrize("cls, name, valid", INT_FIELDS, ids=[f"{c.__name__}.{n}" for c, n, _ in INT_FIELDS])
+@pytest.mark.parametrize("how", ("3.0", "True", "float"))
+def test_integer_fields_refuse_floats_and_bools(cls, name, valid, how):
+    value = {"3.0": 3.0, "True": True, "float": float(valid)}[how]
+    assert cls(**{name: valid}) is not None
+    with pytest.raises(TypeError, match=rf"{cls.__name__}\.{name} must be .*\bint\b.*got {type(value).__name__}"):
+        cls(**{name: value})
 
 
 def test_rope_spec_validation():

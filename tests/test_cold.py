@@ -187,6 +187,22 @@ def test_corrupted_files_are_named(damage):
         load_cache(io.BytesIO(bytes(data)), device="cpu")
 
 
+@pytest.mark.parametrize("extra", (1, 37, (1 << 20) + 5), ids=("1", "37", "over_a_search_block"))
+def test_trailing_bytes_are_counted(extra, tmp_path):
+    """Bytes appended after a complete file are named as such (not as truncation), with their count; without them
+    the file loads."""
+    data = _saved(_caches(layers=1))
+    tail = torch.randint(0, 256, (extra,), dtype=torch.uint8).numpy().tobytes()
+    path = tmp_path / "appended.nqkv"
+    path.write_bytes(data + tail)
+    for file in (io.BytesIO(data + tail), path):
+        with pytest.raises(ColdFormatError, match=f"{extra} trailing bytes after the end of the cache "
+                                                  f"\\(byte {len(data)}\\)"):
+            load_cache(file, device="cpu")
+    [back] = load_cache(io.BytesIO(data), device="cpu")
+    assert back.seq_lens() == [70, 0, 33]
+
+
 def test_other_codec_or_shape_is_refused():
     data = _saved(_caches())
     with pytest.raises(ColdFormatError, match="another codec"):

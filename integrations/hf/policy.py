@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Union
 
 from nqkernels import KVCodec, RopeSpec
-from nqkernels.config import ROPE_SCALING_TYPES, SUPPORTED_BITS, SUPPORTED_HEAD_DIMS
+from nqkernels.config import ROPE_SCALING_TYPES, SUPPORTED_BITS, SUPPORTED_HEAD_DIMS, is_int
 
 Bits = Optional[tuple]  # (key_bits, value_bits), or None: the layer stays fp16 (uncompressed)
 KEY_MODES = ("post_rope", "undo_rope")
@@ -15,14 +15,10 @@ KEY_MODES = ("post_rope", "undo_rope")
 SPLIT_HALF_ROPE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "granite", "olmo2")
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)  # True is an int to Python, never a count here
-
-
 def _check_bits(name: str, bits) -> None:
     if bits is None:
         return
-    if not (isinstance(bits, (tuple, list)) and len(bits) == 2 and all(_is_int(b) and b in SUPPORTED_BITS
+    if not (isinstance(bits, (tuple, list)) and len(bits) == 2 and all(is_int(b) and b in SUPPORTED_BITS
                                                                         for b in bits)):
         raise ValueError(f"{name} must be None (fp16) or (key_bits, value_bits) with bits in {SUPPORTED_BITS}, "
                          f"got {bits!r}")
@@ -71,12 +67,12 @@ class Policy:
 
     def __post_init__(self):
         for name in ("key_bits", "value_bits"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) not in SUPPORTED_BITS:
+            if not is_int(getattr(self, name)) or getattr(self, name) not in SUPPORTED_BITS:
                 raise ValueError(f"{name} must be one of {SUPPORTED_BITS}, got {getattr(self, name)!r}")
         if not (isinstance(self.evict, (int, float)) and not isinstance(self.evict, bool) and 0.0 <= self.evict < 1.0):
             raise ValueError(f"evict must be a fraction in [0, 1), got {self.evict!r}")
         for name in ("sinks", "recent", "window", "pool", "fp_window", "boundary_layers"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         if self.evict and self.window < 1:
             raise ValueError("window must be >= 1 when evicting (the scorer's observation window)")
@@ -92,12 +88,12 @@ class Policy:
             if not isinstance(values, (tuple, list, range, set, frozenset)):
                 raise ValueError(f"{name} must be a tuple of ints >= 0 (e.g. (0, 1)), got {values!r}")
             values = tuple(values)
-            if any(not _is_int(x) or x < 0 for x in values):
+            if any(not is_int(x) or x < 0 for x in values):
                 raise ValueError(f"{name} must be ints >= 0, got {values!r}")
             object.__setattr__(self, name, values)
         if self.key_mode not in KEY_MODES:
             raise ValueError(f"key_mode must be one of {KEY_MODES}, got {self.key_mode!r}")
-        if not _is_int(self.page_size) or self.page_size < 16 or self.page_size & (self.page_size - 1):
+        if not is_int(self.page_size) or self.page_size < 16 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 16, got {self.page_size!r}")
 
     def bits_for(self, layer: int, num_layers: int) -> Bits:

@@ -244,6 +244,7 @@ def test_offload_and_restore_slots():
 
 def test_fixture_cache_round_trip():
     transformers = pytest.importorskip("transformers")
+    from integrations.hf.compat import output_cache
     from perf.codec_study import FIXTURE
     model_dir = os.path.join(FIXTURE, "llama-tiny-hd128")
     if not os.path.isdir(model_dir):
@@ -253,7 +254,7 @@ def test_fixture_cache_round_trip():
     with open(os.path.join(FIXTURE, "text", "eval_pydocs.txt")) as f:
         ids = tok(f.read()[:6000], return_tensors="pt").input_ids[:, :300]
     with torch.no_grad():
-        kv = model(ids, use_cache=True).past_key_values
+        kv = output_cache(model(ids, use_cache=True))
     caches = []
     for layer in kv.layers:
         c = PagedKVCache(KVCodec(head_dim=128, page_size=64), num_kv_heads=2, max_batch=1, num_pages=8, device="cpu")

@@ -22,6 +22,7 @@ a sequence carries the same offset (attention is invariant to it) and values get
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .codec import EncodedKV, _use_triton, decode_kv, encode_kv
-from .config import KVCodec
+from .config import KVCodec, is_int
 
 
 class SlotState(NamedTuple):
@@ -99,19 +100,22 @@ class PagedKVCache:
             raise TypeError(f"codec must be a KVCodec, got {type(codec).__name__}")
         for name, value, low in (("num_kv_heads", num_kv_heads, 1), ("max_batch", max_batch, 1),
                                  ("num_pages", num_pages, 1), ("sink_tokens", sink_tokens, 0)):
-            if not isinstance(value, int) or value < low:
+            if not is_int(value) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         recent_tokens = codec.page_size if recent_tokens is None else recent_tokens
-        if not isinstance(recent_tokens, int) or recent_tokens < 0:
+        if not is_int(recent_tokens) or recent_tokens < 0:
             raise ValueError(f"recent_tokens must be an int >= 0, got {recent_tokens!r}")
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
         max_pages_per_seq = num_pages if max_pages_per_seq is None else max_pages_per_seq
-        if not isinstance(max_pages_per_seq, int) or max_pages_per_seq < 1:
+        if not is_int(max_pages_per_seq) or max_pages_per_seq < 1:
             raise ValueError(f"max_pages_per_seq must be an int >= 1, got {max_pages_per_seq!r}")
         self.codec, self.num_kv_heads, self.max_batch = codec, num_kv_heads, max_batch
         self.sink_tokens, self.recent_tokens, self.dtype = sink_tokens, recent_tokens, dtype
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} (the default is 'cuda') but this torch sees no CUDA GPU: pass "
+                             f"device='cpu' (the torch reference, or the Triton interpreter with TRITON_INTERPRET=1)")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         P, D, H = codec.page_size, codec.head_dim, num_kv_heads
@@ -235,9 +239,17 @@ class PagedKVCache:
         B, T = self._check_new(k, v)
         counts = self._check_lengths(lengths, B, T)
         pos, last = self._check_positions(positions, B, T, counts)
-        if self._window_only(counts):  # the decode-step case: one batched write, no page fills
+        if self._window_only(counts, T):  # the decode-step case: one batched write, no page fills
             self._append_window(k, v, pos, last, T)
             return
+        need, widest = self.pages_needed(counts)  # before anything changes: a failed append leaves the cache as it was
+        if need:
+            raise RuntimeError(f"PagedKVCache is out of pages: the append needs {need} more than the "
+                               f"{len(self._free)} free of {self.k_codes.shape[0]} (raise num_pages, grow, or reset "
+                               f"finished slots)")
+        if widest > self.block_table.shape[1]:
+            raise RuntimeError(f"a slot would hold {widest} pages, more than max_pages_per_seq="
+                               f"{self.block_table.shape[1]} (grow with a wider max_pages_per_seq)")
         for b in range(B):
             n = counts[b]
             if n:
@@ -250,9 +262,9 @@ class PagedKVCache:
                 self._next[b] = self._next[b] + n if pos is None else last[b] + 1
         self._sync_lengths()
 
-    def _window_only(self, counts: list) -> bool:
-        """Every slot takes all T > 0 new tokens into its window: sinks complete, no page fills."""
-        P, S, R, T = self.codec.page_size, self.sink_tokens, self.recent_tokens, counts[0]
+    def _window_only(self, counts: list, T: int) -> bool:
+        """Every slot takes all T > 0 new tokens (no padding) into its window: sinks complete, no page fills."""
+        P, S, R = self.codec.page_size, self.sink_tokens, self.recent_tokens
         return T > 0 and all(n == T and self._sink[b] == S and self._fp[b] - S + T < R + P
                              for b, n in enumerate(counts))
 
@@ -408,9 +420,11 @@ class PagedKVCache:
     def _check_lengths(lengths, B, T) -> list[int]:
         if lengths is None:
             return [T] * B
-        counts = [int(x) for x in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
-        if len(counts) != B or any(c < 0 or c > T for c in counts):
-            raise ValueError(f"lengths must hold {B} ints in [0, {T}], got {counts}")
+        raw = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
+        if len(raw) != B or any(not isinstance(c, numbers.Integral) or isinstance(c, bool) or not 0 <= c <= T
+                                for c in raw):
+            raise ValueError(f"lengths must hold {B} ints in [0, {T}] (one per sequence), got {raw}")
+        counts = [int(c) for c in raw]
         return counts
 
     # ----------------------------------------------------------------------------------------------------------

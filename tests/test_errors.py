@@ -175,6 +175,15 @@ CASES = [
      r"modes must each be 0 \(RAW\), 1 \(SHUFFLE\) or 2 \(DELTA\), got \[0, 7\]"),
     ("unfilter modes device", lambda c: _unfilter(c, modes=c.modes.to(c.meta)), ValueError,
      r"modes are on meta but the codes on cpu"),
+    # paged cache
+    ("paged heads bool", lambda c: PagedKVCache(c.codec, num_kv_heads=True, max_batch=1, num_pages=4, device="cpu"),
+     ValueError, r"num_kv_heads must be an int >= 1, got True"),
+    ("paged lengths float", lambda c: PagedKVCache(c.codec, 2, 1, 4, device="cpu").append(c.k[:, :3], c.k[:, :3],
+                                                                                          lengths=[2.5]),
+     ValueError, r"lengths must hold 1 ints in \[0, 3\] \(one per sequence\), got \[2\.5\]"),
+    ("paged lengths bool", lambda c: PagedKVCache(c.codec, 2, 1, 4, device="cpu").append(c.k[:, :3], c.k[:, :3],
+                                                                                         lengths=[True]),
+     ValueError, r"lengths must hold 1 ints"),
 ]
 
 
@@ -189,6 +198,12 @@ def test_load_to_cuda_without_cuda():
     with pytest.raises(ValueError, match=r"device is cuda \(default cuda\) but CUDA is not available: pass "
                                          r"device='cpu'"):
         load_cache(io.BytesIO())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_paged_cache_on_cuda_without_cuda(c):
+    with pytest.raises(ValueError, match=r"device='cuda' \(the default is 'cuda'\) but this torch sees no CUDA GPU"):
+        PagedKVCache(c.codec, num_kv_heads=2, max_batch=1, num_pages=4)
 
 
 def test_empty_inputs_give_empty_answers(c):

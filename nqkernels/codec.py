@@ -191,8 +191,9 @@ def _rotation(head_dim: int, device: str) -> torch.Tensor:
 # give one 4-warp tensor-core (wgmma) tile per step on Hopper. Attention: one warpgroup (decoded 64-token pages
 # are the A operand of 64-row tensor-core products), one stage (the next page is prefetched by hand) and 8
 # programs per SM (short splits balance the SMs; H100, K3V2), but at least 4 pages per split (a split's prologue
-# and partial cost about a page; docs/decisions.md, v3), keys and values in one pass. Scoring: 4 programs per SM
-# over the key splits of pass 1 (BLOCK_N is chosen per head_dim by the launcher). Filter/unfilter: 64-token tiles.
+# and partial cost about a page; docs/attention.md, "Launch configs"), keys and values in one pass. Scoring: 4
+# programs per SM over the key splits of pass 1 (BLOCK_N is chosen per head_dim by the launcher). Filter/unfilter:
+# 64-token tiles.
 _DEFAULTS = {"encode": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2},
              "decode": {"BLOCK_T": 32, "num_warps": 4},
              "attention": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8,

@@ -12,7 +12,8 @@ SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
 SUPPORTED_BITS = (2, 3, 4)
 ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 # Scale rules: the lattice step is alpha * RMS of the token; the stored scale is then that step ("rms"), the
-# least-squares fit to the chosen points ("rms_lsq") or the unbiased fit ("rms_unbiased", docs/decisions.md).
+# least-squares fit to the chosen points ("rms_lsq") or the unbiased fit ("rms_unbiased", docs/codec.md, "The scale
+# rule").
 SCALE_RULES = {"rms": "none", "rms_lsq": "lsq", "rms_unbiased": "unbiased"}
 
 

@@ -32,7 +32,7 @@ from perf.bench_attention import log
 from perf.bench_cold import llama8b_model
 
 LAYERS, HQ, HKV, D, W = 32, 32, 8, 128, 32
-POOL = 31  # the quality harness's default (docs/decisions.md)
+POOL = 31  # the quality harness's default (docs/eviction.md)
 
 
 

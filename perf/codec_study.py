@@ -9,7 +9,7 @@
    the unbiased scale rule (the default), with measured bytes, and the prior art's quant_only mode if installed.
    ``--chunks 40`` gives finer resolution.
 3. ``--key-modes``: only the key-mode comparison (keys stored post-RoPE vs with RoPE undone at encode and re-applied
-   at decode), default scale rule, continuation perplexity at every bit setting (docs/decisions.md).
+   at decode), default scale rule, continuation perplexity at every bit setting (docs/codec.md, "Key mode").
 """
 from __future__ import annotations
 

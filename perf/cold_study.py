@@ -1,4 +1,4 @@
-"""How much smaller COLD is than HOT on the fixture model's real KV (docs/decisions.md, perf/results/cold_ratio.md).
+"""How much smaller COLD is than HOT on the fixture model's real KV (docs/format.md, perf/results/cold_ratio.md).
 
     python -m perf.cold_study [--tokens 2048] [--levels 1,3,9,19] [--out perf/results]
 

@@ -32,7 +32,7 @@ class Policy:
         key_bits / value_bits: bits per coordinate of the HOT format (2..4) in every compressed layer.
         evict: fraction of each prompt's tokens dropped after prefill (0: quantization only). Tokens are scored by
             the attention of the prompt's last ``window`` queries, averaged over layers, max-pooled over ``pool``
-            neighbours (docs/decisions.md); the first ``sinks`` and last ``recent`` prompt tokens are always kept.
+            neighbours (docs/eviction.md); the first ``sinks`` and last ``recent`` prompt tokens are always kept.
         fp_window: most recent tokens kept uncompressed in each compressed layer (and the most tokens a speculative
             step may reject, ``Cache.crop``); default 64.
         boundary_layers / boundary_bits: the first and last ``boundary_layers`` layers are kept fp16

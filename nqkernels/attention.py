@@ -698,6 +698,22 @@ def _pdl(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def _gluon_keys(q: torch.Tensor, codec, rows: int):
+    """The Gluon keys pass (``attention_gluon``, GPU only) where it can run, else None (the portable
+    ``_attn_keys_kernel`` runs): a CUDA device of capability >= 9, a triton whose Gluon API it compiles with (imported
+    lazily, so a triton without it is no import error), and a launch it covers (head_dim 64/128/256, q_len · group
+    <= 8, pages of a multiple of 16 tokens; q_len · group > 8 and head_dim 96 take the portable kernel). Chosen by
+    the launch config's ``gluon_keys`` (default off)."""
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return None
+    try:
+        from . import attention_gluon
+    except Exception:  # noqa: BLE001 - no (or another) Gluon API in this triton: the portable kernel runs
+        return None
+    ok = attention_gluon.supports(codec.head_dim, codec.key_bits, codec.page_size, rows)
+    return attention_gluon if ok else None
+
+
 def _launch(pdl: bool) -> dict:
     """Launch options of a kernel that waits with ``gdc_wait`` before reading its predecessor's output."""
     return {"launch_pdl": True} if pdl else {}
@@ -910,15 +926,23 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     if two_pass and prep:
         n_tok = max_pages * P  # logits workspace: 4 bytes per (sequence, KV head, token slot, row)
         logits = torch.empty(B * H * n_mblk, n_tok, rb, dtype=torch.float32, device=q.device)
-        _attn_keys_kernel[(B * H * n_mblk, num_splits)](
-            cache.k_codes, cache.k_scales, cache.block_table, cache.lengths, q_t, q_mean, logits, m_part,
-            H, n_mblk, num_splits, pages_per_split, n_tok, cache.max_batch, scale, float(softcap or 1.0),
-            int(window or 0), *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], cache.k_codes.stride(3),
-            cache.block_table.stride(0),
-            Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, PAGE=P, NG=NG, KQ=KQ,
-            SOFTCAP=softcap is not None, WINDOW=window is not None, ASM=q.is_cuda, BLOCK_M=block_m, RS=rb,
-            JOIN_K=_join_runs(codec.key_bits, cache.k_codes), PDL=pdl, CAUSAL_PAGES=q_len > 1,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_launch(pdl))
+        fast_keys = _gluon_keys(q, codec, rows) if cfg["gluon_keys"] else None
+        if fast_keys is not None:  # the Gluon keys pass (Hopper+): the same logits and split maxima
+            fast_keys.keys_pass(cache, q_t, q_mean, logits, m_part, q_len=q_len, group=group, block_m=block_m, rs=rb,
+                                num_splits=num_splits, pages_per_split=pages_per_split, n_tok=n_tok, scale=scale,
+                                softcap=softcap, window=window, num_warps=cfg["gluon_warps"],
+                                prefetch=cfg["gluon_prefetch"], l2_prefetch=cfg["gluon_l2"],
+                                maxnreg=cfg["gluon_maxnreg"])
+        else:
+            _attn_keys_kernel[(B * H * n_mblk, num_splits)](
+                cache.k_codes, cache.k_scales, cache.block_table, cache.lengths, q_t, q_mean, logits, m_part,
+                H, n_mblk, num_splits, pages_per_split, n_tok, cache.max_batch, scale, float(softcap or 1.0),
+                int(window or 0), *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], cache.k_codes.stride(3),
+                cache.block_table.stride(0),
+                Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, PAGE=P, NG=NG, KQ=KQ,
+                SOFTCAP=softcap is not None, WINDOW=window is not None, ASM=q.is_cuda, BLOCK_M=block_m, RS=rb,
+                JOIN_K=_join_runs(codec.key_bits, cache.k_codes), PDL=pdl, CAUSAL_PAGES=q_len > 1,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_launch(pdl))
         _attn_values_kernel[(B * H * n_mblk, n_parts)](
             q, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths, logits, cache.fp_k, cache.fp_v,
             m_part, l_part, acc_part, _value_gather(D, codec.value_bits, dev),

@@ -1,0 +1,223 @@
+"""GPU benchmark of the Gluon keys pass (nqkernels/attention_gluon.py) against the portable one, one device call.
+
+    python -m perf.bench_attention_gluon [--shapes 8x32768,16x8192,1x131072] [--out DIR]
+
+Llama-3-8B-shaped layers (32 query heads, 8 KV heads, head_dim 128), K3V2, q_len 1, at each context × batch:
+- the keys pass alone: ``_attn_keys_kernel`` (the launch ``decode_attention`` makes in its two-pass branch, with this
+  GPU's tuned config) against the Gluon kernel (each launch variant, ``parse_variant``) on the same prep output, at
+  the decode's split count and at 2 and 4 times it;
+- the whole decode: two passes with each keys pass (the Gluon one in the variant fastest at the decode's splits) at
+  the decode's split count and twice it, the config store's own choice (``shipped``), and torch SDPA over fp16 K/V
+  with GQA, same run;
+- the GPU time of each kernel of the two two-pass decodes (torch.profiler over graph replays).
+Times are CUDA-graph replays with L2 cleared before each (``autotune.tune.bench_ms``). Also checks that the Gluon
+logits match the portable ones and that both decodes agree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from autotune import store
+from autotune.store import gpu_key
+from autotune.tasks import random_cache
+from autotune.tune import bench_ms
+from nqkernels import KVCodec, decode_attention
+from nqkernels import attention as A
+from nqkernels import attention_gluon as G
+from nqkernels import reference as ref
+from perf.bench_attention import copy_bandwidth, kernel_times
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def capture_keys_launch(q, cache, cfg):
+    """One decode with the Gluon keys pass, recording the arguments of its keys pass (the prep's outputs and the
+    workspace) so that either keys kernel can be replayed alone."""
+    seen = {}
+    real = G.keys_pass
+
+    def spy(cache, q_t, q_mean, logits, m_part, **kw):
+        seen.update(cache=cache, q_t=q_t, q_mean=q_mean, logits=logits, m_part=m_part, kw=kw)
+        real(cache, q_t, q_mean, logits, m_part, **kw)
+
+    G.keys_pass = spy
+    try:
+        with store.override("attention", dict(cfg, two_pass=True, gluon_keys=True)):
+            decode_attention(q, cache)
+    finally:
+        G.keys_pass = real
+    torch.cuda.synchronize()
+    return seen
+
+
+def triton_keys(s, cfg, logits, m_part, splits=None):
+    cache, kw = s["cache"], s["kw"]
+    codec = cache.codec
+    D, kb = codec.head_dim, codec.key_bits
+    DP = ref.next_pow2(D)
+    NG = max(16, DP // 8)
+    splits, pps = split_args(s, splits)
+    grid = (s["q_t"].shape[0], splits)
+
+    def run():
+        A._attn_keys_kernel[grid](
+            cache.k_codes, cache.k_scales, cache.block_table, cache.lengths, s["q_t"], s["q_mean"], logits, m_part,
+            cache.num_kv_heads, 1, splits, pps, kw["n_tok"], cache.max_batch,
+            kw["scale"], 1.0, 0, *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], cache.k_codes.stride(3),
+            cache.block_table.stride(0), Q_LEN=1, GROUP=kw["group"], D=D, DP=DP, KBITS=kb, PAGE=codec.page_size,
+            NG=NG, KQ=NG + DP * (2 if kb > 2 else 1), SOFTCAP=False, WINDOW=False, ASM=True, BLOCK_M=kw["block_m"],
+            RS=kw["rs"], JOIN_K=A._join_runs(kb, cache.k_codes), PDL=False, CAUSAL_PAGES=False,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"])
+    return run
+
+
+def split_args(s, splits):
+    """(splits, pages per split) as decode_attention derives them from a requested split count."""
+    kw = s["kw"]
+    if splits is None:
+        return kw["num_splits"], kw["pages_per_split"]
+    max_pages = kw["n_tok"] // s["cache"].codec.page_size
+    pps = triton.cdiv(max_pages, min(splits, max_pages))
+    return triton.cdiv(max_pages, pps), pps
+
+
+def parse_variant(v: str) -> dict:
+    """'w2p1l2r128' -> warps 2, register prefetch 1 page, L2 prefetch 2 pages further, maxnreg 128 (r optional)."""
+    m = re.fullmatch(r"w(\d+)p(\d+)l(\d+)(?:r(\d+))?", v)
+    return dict(num_warps=int(m[1]), prefetch=int(m[2]), l2_prefetch=int(m[3]),
+                maxnreg=int(m[4]) if m[4] else None)
+
+
+def gluon_cfg(v: str) -> dict:
+    p = parse_variant(v)
+    return dict(gluon_keys=True, gluon_warps=p["num_warps"], gluon_prefetch=p["prefetch"], gluon_l2=p["l2_prefetch"],
+                gluon_maxnreg=p["maxnreg"])
+
+
+def gluon_keys(s, logits, m_part, v, splits=None):
+    kw = dict(s["kw"])
+    kw["num_splits"], kw["pages_per_split"] = split_args(s, splits)
+    kw.update(parse_variant(v))
+    return lambda: G.keys_pass(s["cache"], s["q_t"], s["q_mean"], logits, m_part, **kw)
+
+
+def rel(a, b):
+    fin = torch.isfinite(b)
+    return ((a[fin] - b[fin]).abs().max() / b[fin].abs().max()).item()
+
+
+def bench_shape(dev, Hq, H, D, B, T, variants, mults=(1, 2, 4)):
+    torch.manual_seed(0)
+    codec = KVCodec(head_dim=D, key_bits=3, value_bits=2)
+    group = Hq // H
+    cache, x = random_cache(codec, H, B, T, dev)
+    q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.float16)
+    cfg = A._config("attention", A.attention_buckets(D, 3, 2, group, B, T), dev)  # this GPU's tuned config
+    row = dict(batch=B, context=T, head_dim=D, q_heads=Hq, kv_heads=H, bits="K3V2", config=cfg)
+    s = capture_keys_launch(q, cache, cfg)
+    kw = s["kw"]
+    s0 = kw["num_splits"]
+    row.update(num_splits=s0, pages_per_split=kw["pages_per_split"], programs=s["q_t"].shape[0] * s0)
+    # correctness at this shape: logits and split maxima of both keys passes (every variant)
+    lg_t, m_t = s["logits"].clone().fill_(float("nan")), s["m_part"].clone().fill_(float("nan"))
+    triton_keys(s, cfg, lg_t, m_t)()
+    checks = {}
+    for v in variants:
+        lg_g, m_g = lg_t.clone().fill_(float("nan")), m_t.clone().fill_(float("nan"))
+        gluon_keys(s, lg_g, m_g, v)()
+        torch.cuda.synchronize()
+        same = all(torch.equal(f(a), f(b)) for a, b in ((lg_g, lg_t), (m_g, m_t))
+                   for f in (torch.isnan, torch.isneginf))
+        checks[v] = dict(logits_rel_err=rel(lg_g, lg_t), max_rel_err=rel(m_g, m_t), same_mask=same)
+    row["keys_check"] = checks
+    # keys pass alone, over split counts (each keys pass can take any; the values pass shares the decode's)
+    split_list = sorted({m * s0 for m in mults})
+    t = {}
+    for sp in split_list:
+        n, pps = split_args(s, sp)
+        m_buf = torch.empty(s["q_t"].shape[0], n + 1, kw["block_m"], device=dev)
+        t[f"triton_s{n}"] = bench_ms(triton_keys(s, cfg, lg_t, m_buf, sp)) * 1e3
+        for v in variants:
+            t[f"gluon_{v}_s{n}"] = bench_ms(gluon_keys(s, lg_t, m_buf, v, sp)) * 1e3
+    row["keys_us"] = t
+    n0 = split_args(s, s0)[0]
+    best_g = min((v, k) for k, v in t.items() if k.startswith("gluon") and k.endswith(f"_s{n0}"))[1]
+    bv = best_g.split("_")[1]
+    row["best_gluon_at_decode_splits"] = best_g
+    # whole decode: SDPA, the shipped config, two passes with each keys pass (the decode's splits and the others)
+    qs = q.transpose(1, 2)
+    k16 = x[0].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
+    v16 = x[1].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
+    dec = {"sdpa_fp16": bench_ms(lambda: F.scaled_dot_product_attention(qs, k16, v16, enable_gqa=True)) * 1e3}
+    del k16, v16
+    dec["shipped"] = bench_ms(lambda: decode_attention(q, cache)) * 1e3
+    outs = {}
+    for sp in split_list[:2]:
+        n = split_args(s, sp)[0]
+        for name, extra in (("triton", dict(gluon_keys=False)), (f"gluon_{bv}", gluon_cfg(bv))):
+            with store.override("attention", dict(cfg, two_pass=True, **extra)):
+                dec[f"two_pass_{name}_s{n}"] = bench_ms(lambda: decode_attention(q, cache, num_splits=sp)) * 1e3
+                outs[f"{name}_s{n}"] = decode_attention(q, cache, num_splits=sp).float()
+    row["decode_us"] = dec
+    base = outs[f"triton_s{n0}"]
+    row["decode_rel_diff_vs_triton"] = {k: ((v - base).norm() / base.norm()).item() for k, v in outs.items()}
+    kt = {}
+    for name, extra in (("two_pass_triton", dict(gluon_keys=False)),
+                        (f"two_pass_gluon_{bv}", gluon_cfg(bv))):
+        with store.override("attention", dict(cfg, two_pass=True, **extra)):
+            kt[name] = kernel_times(lambda: decode_attention(q, cache))
+    row["kernel_us"] = kt
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="8x32768,16x8192,1x131072", help="BxT,...")
+    ap.add_argument("--variants", default="w1p1l0,w2p1l0,w4p1l0,w1p1l2,w2p1l2,w4p1l2,w2p1l4,w4p1l0r128,w2p2l2",
+                    help="Gluon launch variants (parse_variant), ...")
+    ap.add_argument("--splits", default="1,2,4", help="split counts for the keys pass alone, as multiples of the "
+                                                      "decode's (the whole decode takes the first two)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    info = dict(device=torch.cuda.get_device_name(), gpu_key=gpu_key(dev), torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
+    log(json.dumps(info))
+    res = dict(info=info, copy_GBps=copy_bandwidth(dev), rows=[])
+    variants = args.variants.split(",")
+    for shape in args.shapes.split(","):
+        B, T = (int(v) for v in shape.split("x"))
+        t0 = time.time()
+        row = bench_shape(dev, 32, 8, 128, B, T, variants, [int(m) for m in args.splits.split(",")])
+        res["rows"].append(row)
+        k, d = row["keys_us"], row["decode_us"]
+        n0 = row["num_splits"]
+        log(f"B={B} T={T} decode splits {n0}, checks " + json.dumps(row["keys_check"]) + f" ({time.time() - t0:.0f}s)")
+        log("  keys: " + "  ".join(f"{n} {v:.1f}" for n, v in k.items()))
+        bt = min((v, n) for n, v in k.items() if n.startswith("triton"))
+        bg = min((v, n) for n, v in k.items() if n.startswith("gluon"))
+        tk, bd = k[f"triton_s{n0}"], row["best_gluon_at_decode_splits"]
+        log(f"  keys at the decode's splits: triton {tk:.1f} vs {bd} {k[bd]:.1f} -> {tk / k[bd]:.2f}x; "
+            f"best of each: {bt[1]} {bt[0]:.1f} vs {bg[1]} {bg[0]:.1f} -> {bt[0] / bg[0]:.2f}x")
+        log("  decode: " + "  ".join(f"{n} {v:.1f} (x{d['sdpa_fp16'] / v:.2f})" for n, v in d.items()))
+        log("  diff vs two-pass triton: " + json.dumps({n: f"{v:.1e}" for n, v in
+                                                          row["decode_rel_diff_vs_triton"].items()}))
+        for n, v in row["kernel_us"].items():
+            log(f"  {n} kernels: " + ", ".join(f"{kn[:40]} {kv:.1f}" for kn, kv in v.items()))
+        with open(os.path.join(args.out, "attention_gluon_h200.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""The Gluon keys pass (nqkernels/attention_gluon.py, GPU only).
+
+On CPU: (1) its fragment maps, by a pure-torch emulation of the kernel's registers and of the mma.sync m16n8k16
+fragment layout against the reference lattice values; (2) the kernel compiled for sm_90 (GluonASTSource, no GPU):
+no local memory, no shared memory in the loop, and (where nvdisasm runs) the expected number of HMMA per 16-token
+unit. On a CUDA GPU of capability >= 9: the logits workspace and split maxima against the portable
+``_attn_keys_kernel``, and the whole two-pass attention against the torch reference."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton
+
+from autotune import store
+from nqkernels import KVCodec, PagedKVCache, decode_attention
+from nqkernels import reference as R
+from nqkernels.attention import _decode_matrix, _reference_attention
+from nqkernels.codec import _rotation
+
+try:
+    from nqkernels import attention_gluon as G
+except Exception:  # noqa: BLE001 - a triton without the Gluon API
+    G = None
+
+needs_gluon = pytest.mark.skipif(G is None, reason="no Gluon API in this triton")
+
+
+# ------------------------------------------------------------------------------------------- CPU: fragment maps
+
+def _u32(x):
+    return x & 0xFFFFFFFF
+
+
+def _regs2(w):  # attention_gluon._regs2 on unsigned words (int64)
+    x = w >> 8
+    return [w & (0x00030003 << 2 * j) for j in range(4)] + [x & (0x00030003 << 2 * j) for j in range(4)]
+
+
+def _regs1(w, n):
+    x = w >> 8
+    return ([w & (0x00010001 << j) for j in range(8)] + [x & (0x00010001 << j) for j in range(8)])[:n]
+
+
+def _parity_fold(w0, w1):
+    f = (w0 & 0x15551555) | ((w1 & 0x15551555) << 1)
+    f = _u32(f ^ (f << 8))
+    f = _u32(f ^ (f << 4))
+    return _u32(f ^ (f << 2))
+
+
+def _with_parity(w, f):
+    return (w & 0xBFFFBFFF) | (f & 0x40004000)
+
+
+def _thread_regs(words, c, d, bits):
+    """attention_gluon._token_words + _token_regs for thread column c: registers [tokens, NREG] (unsigned), and the
+    constant registers of ``_coset_const`` [NREG] (-(2^(b+1) - 1)·2^-24 per half on the real coset registers)."""
+    lw = d // 64
+    lo = [words[:, c * lw + i] for i in range(lw)]
+    cs, lr = [], []
+    for i in range(0, lw, 2):
+        w0, w1 = lo[i], lo[i + 1] if i + 1 < lw else torch.zeros_like(lo[i])
+        f = _parity_fold(w0, w1)
+        cs += [(w >> 13) & 0x00020002 for w in lo[i:i + 2]]
+        lr += _regs2(_with_parity(w0, f)) + (_regs2(_with_parity(w1, f >> 1)) if i + 1 < lw else [])
+    cs += [torch.zeros_like(lo[0])] * max(0, 2 - lw)
+    hr = []
+    if bits == 3:
+        if d >= 128:
+            hr = [r for i in range(d // 128) for r in _regs1(words[:, d // 16 + c * (d // 128) + i], 16)]
+        else:
+            hr = _regs1(words[:, d // 16 + c // 2] >> (8 * (c % 2)), 8)
+    elif bits == 4:
+        hr = [r for i in range(lw) for r in _regs2(words[:, d // 16 + c * lw + i])]
+    regs = torch.stack(cs + lr + hr, dim=1)
+    m = (1 << (bits + 1)) - 1
+    const = torch.zeros(regs.shape[1], dtype=torch.long)
+    const[:lw] = (0x8000 | m) * 0x10001
+    return regs, const
+
+
+def _halves(regs):
+    """Registers (unsigned 32-bit in int64) -> their two fp16 halves as float64 [..., 2]."""
+    lo = (regs & 0xFFFF).to(torch.int32).to(torch.int16).view(torch.float16)
+    hi = ((regs >> 16) & 0xFFFF).to(torch.int32).to(torch.int16).view(torch.float16)
+    return torch.stack((lo, hi), dim=-1).double()
+
+
+def _prep_operand(q, d, bits, block_m=16):
+    """``_query_prep_kernel``'s q_t [KQ, block_m] for one program, in float64 (no fp16 rounding)."""
+    dp = R.next_pow2(d)
+    pk = _decode_matrix(d, bits, "cpu").double()
+    kq = pk.shape[0]
+    ng = max(16, dp // 8)
+    kappa = torch.arange(kq)
+
+    def inv(k, fb):
+        return 2.0 ** -(fb * ((k >> 1) // min(4, dp * fb // 32) % (8 // fb))).double()
+
+    scale = torch.where(kappa < ng + dp, inv(kappa - ng, 2), inv(kappa - ng - dp, 1 if bits == 3 else 2))
+    scale = torch.where(kappa < ng, 1.0, scale)
+    qp = torch.zeros(q.shape[0], dp, dtype=torch.float64)
+    qp[:, :d] = q.double()
+    qb = (qp @ pk.T) / math.sqrt(R.transform_norm(d)) * scale
+    qt = torch.zeros(kq, block_m, dtype=torch.float64)
+    qt[:, :q.shape[0]] = qb.T
+    return qt
+
+
+@needs_gluon
+@pytest.mark.parametrize("d", (64, 128, 256))
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_fragment_maps_match_reference(d, bits):
+    """Emulate one 16-token unit: A fragments from the kernel's masks (lane 4g + c: tokens g, g + 8; a0..a3 =
+    registers 2t, 2t + 1 of each token), B fragments from the prep operand through ``_fragment_index``, and the
+    m16n8k16 contraction (A column 2c + h (+8) meets B row 2c + h (+8) of the lane with the same c). Times 2^24 the
+    logits must be q̃ · v for the reference lattice values v (q̃ = R q / √n), to float64 rounding."""
+    torch.manual_seed(d + bits)
+    idx = R.e8_nearest(torch.randn(16, d) * (1 << bits) / 2.5, bits)
+    words = _u32(R.pack_codes(idx, bits).long())
+    q = torch.randn(8, d)
+    qt = _prep_operand(q, d, bits)
+    qf = qt.flatten()[G._fragment_index(d, bits, 16, "cpu").long()].view(-1, 32, 2)  # [NREG, lane, half]
+    assert qf.shape[0] == G.num_regs(d, bits)
+    got = torch.zeros(16, 8, dtype=torch.float64)
+    for c in range(4):
+        regs, const = _thread_regs(words, c, d, bits)
+        b = qf[:, c::4]  # lanes 4g' + c: [NREG, g', 2]
+        got += torch.einsum("trh,rgh->tg", _halves(regs), b) + torch.einsum("rh,rgh->g", _halves(const), b)
+    values = R.e8_values(idx, bits).double()
+    want = values @ _rotation(d, "cpu")[:d].double() @ torch.nn.functional.pad(q.double(), (0, R.next_pow2(d) - d)).T
+    want /= math.sqrt(R.transform_norm(d))
+    torch.testing.assert_close(got * 2.0 ** 24, want, rtol=1e-12, atol=1e-9)
+
+
+# -------------------------------------------------------------------------------- CPU: compiled for sm_90
+
+# Compiled in a process without TRITON_INTERPRET (as test_attention.test_pdl_paths_compile_for_hopper): each variant's
+# resource usage, and the SASS of its page loop (the largest backward branch's body).
+_COMPILE = r"""
+import inspect, json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from nqkernels import attention_gluon as G
+
+def tool(name):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+def loop_body(sass):
+    labels, ins, branches, pending = {}, [], [], []
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        labels.update({lb: addr for lb in pending})
+        pending = []
+        ins.append((addr, m.group(2)))
+        b = re.search(r"BRA\s+`\((\.L_x_\d+)\)", m.group(2))
+        if b:
+            branches.append((b.group(1), addr))
+    loops = [(labels[t], a) for t, a in branches if t in labels and labels[t] < a]
+    lo, hi = max(loops, key=lambda x: x[1] - x[0])
+    return [t for a, t in ins if lo <= a <= hi]
+
+out = []
+for v in json.loads(sys.argv[1]):
+    consts = dict(Q_LEN=v.get("q_len", 1), GROUP=v.get("group", 4), D=v["d"], KBITS=v["bits"], PAGE=v.get("page", 64),
+                  SOFTCAP=v.get("softcap", False), WINDOW=v.get("window", False), BLOCK_M=16, RS=v.get("rs", 4),
+                  CAUSAL_PAGES=v.get("q_len", 1) > 1, NW=v["nw"], W=v["d"] * v["bits"] // 32,
+                  KQ=max(16, v["d"] // 8) + v["d"] * (2 if v["bits"] > 2 else 1), OFF64=v.get("off64", False),
+                  VEC=v.get("vec", True), PF=v.get("pf", 1), L2PF=v.get("l2", 0))
+    ptrs = dict(kc_ptr="*i32", ks_ptr=v.get("scale", "*fp16"), bt_ptr="*i32", lens_ptr="*i32", qt_ptr="*fp16",
+                fidx_ptr="*i32", qm_ptr="*fp32", lg_ptr="*fp32", m_ptr="*fp32", sm_scale="fp32", softcap="fp32")
+    fn = G._gluon_keys_kernel
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in inspect.signature(fn.fn).parameters}
+    k = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=v["nw"]))
+    ptx = k.asm["ptx"]
+    row = dict(v, local_ptx=len(re.findall(r"\b(ld|st)\.local", ptx)), n_regs=getattr(k, "n_regs", None),
+               shared=k.metadata.shared, sass=None)
+    if os.path.exists(tool("nvdisasm")):
+        with tempfile.TemporaryDirectory() as d:
+            open(f"{d}/k.cubin", "wb").write(k.asm["cubin"])
+            sass = subprocess.run([tool("nvdisasm"), "-c", f"{d}/k.cubin"], capture_output=True, text=True)
+            if sass.returncode == 0:
+                body = loop_body(sass.stdout)
+                ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body]
+                row["sass"] = dict(loop=len(body), hmma=ops.count("HMMA"),
+                                   local=len(re.findall(r"\b(LDL|STL)\b", sass.stdout)),
+                                   loop_shared=sum(ops.count(o) for o in ("LDS", "STS", "BAR", "LDSM")),
+                                   ops={o: ops.count(o) for o in sorted(set(ops))})
+    out.append(row)
+print(json.dumps(out))
+"""
+
+VARIANTS = [dict(d=128, bits=3, nw=4), dict(d=128, bits=3, nw=1, l2=2), dict(d=128, bits=3, nw=2, page=32, pf=2, l2=1),
+            dict(d=128, bits=2, nw=4, vec=False), dict(d=128, bits=4, nw=4, scale="*bf16"),
+            dict(d=64, bits=3, nw=4, rs=8, group=8),
+            dict(d=256, bits=3, nw=4, rs=1, group=1, pf=2),
+            dict(d=128, bits=3, nw=4, softcap=True, window=True, q_len=2, group=4, rs=8, off64=True)]
+
+
+def compile_variants(variants=VARIANTS) -> list:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    run = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(variants)], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@needs_gluon
+def test_keys_kernel_compiles_for_hopper():
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend")
+    rows = compile_variants()
+    for r in rows:
+        assert r["local_ptx"] == 0, r  # no spills
+        if r["nw"] == 1:
+            assert r["shared"] == 0, r  # one warp: no cross-warp max, so no shared memory at all
+        s = r["sass"]
+        if s is None:
+            continue  # no nvdisasm: PTX-level checks only
+        assert s["local"] == 0 and s["loop_shared"] == 0, r
+        units = r.get("page", 64) // 16 // r["nw"]  # units per warp per page (the loop body)
+        assert s["hmma"] == units * G.hmma_per_unit(r["d"], r["bits"]), r
+    main = rows[0]["sass"]
+    if main is not None:  # head_dim 128, K3, 4 warps: 17 HMMA per 16-token unit; the budget of the M1 loop
+        assert main["hmma"] == 17 and main["loop"] <= 260, main
+
+
+# --------------------------------------------------------------------------------------------------------- GPU
+
+def _gpu_ok() -> bool:
+    return G is not None and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+needs_gpu = pytest.mark.skipif(not _gpu_ok(), reason="needs a CUDA GPU of capability >= 9 and Gluon")
+
+
+class _Spy:
+    """Wraps ``attention_gluon.keys_pass``: runs the portable ``_attn_keys_kernel`` into NaN-filled copies of the
+    workspace, then the Gluon pass into the real (NaN-filled) ones, and records both (the Gluon results go on to the
+    values pass)."""
+
+    def __init__(self):
+        self.calls = []
+        self.real = G.keys_pass
+
+    def __call__(self, cache, q_t, q_mean, logits, m_part, **kw):
+        from nqkernels import attention as A
+
+        codec = cache.codec
+        D, kb = codec.head_dim, codec.key_bits
+        DP = R.next_pow2(D)
+        NG = max(16, DP // 8)
+        logits.fill_(float("nan"))
+        m_part.fill_(float("nan"))
+        lg_ref, m_ref = logits.clone(), m_part.clone()
+        A._attn_keys_kernel[(q_t.shape[0], kw["num_splits"])](
+            cache.k_codes, cache.k_scales, cache.block_table, cache.lengths, q_t, q_mean, lg_ref, m_ref,
+            cache.num_kv_heads, 1, kw["num_splits"], kw["pages_per_split"], kw["n_tok"], cache.max_batch, kw["scale"],
+            float(kw["softcap"] or 1.0), int(kw["window"] or 0), *cache.k_codes.stride()[:3],
+            *cache.k_scales.stride()[:2], cache.k_codes.stride(3), cache.block_table.stride(0),
+            Q_LEN=kw["q_len"], GROUP=kw["group"], D=D, DP=DP, KBITS=kb, PAGE=codec.page_size, NG=NG,
+            KQ=NG + DP * (2 if kb > 2 else 1), SOFTCAP=kw["softcap"] is not None, WINDOW=kw["window"] is not None,
+            ASM=True, BLOCK_M=kw["block_m"], RS=kw["rs"], JOIN_K=A._join_runs(kb, cache.k_codes), PDL=False,
+            CAUSAL_PAGES=kw["q_len"] > 1, num_warps=4)
+        self.real(cache, q_t, q_mean, logits, m_part, **kw)
+        self.calls.append((logits.clone(), lg_ref, m_part.clone(), m_ref))
+
+
+def _compare_keys(calls):
+    assert calls, "the Gluon keys pass did not run"
+    for lg, lg_ref, m, m_ref in calls:
+        for got, want in ((lg, lg_ref), (m, m_ref)):
+            assert torch.equal(torch.isnan(got), torch.isnan(want)), "written elements differ"
+            assert torch.equal(torch.isneginf(got), torch.isneginf(want)), "masked elements differ"
+            fin = torch.isfinite(want)
+            scale = want[fin].abs().max().clamp(min=1.0) if fin.any() else 1.0
+            err = (got[fin] - want[fin]).abs().max().item() if fin.any() else 0.0
+            assert err <= 1e-5 * scale, f"logits differ by {err} (scale {scale})"
+
+
+def _gpu_cache(d, bits, kv_heads, lengths, page, sinks, recent, dtype):
+    codec = KVCodec(head_dim=d, key_bits=bits[0], value_bits=bits[1], page_size=page)
+    pages = sum(n // page + 2 for n in lengths) + 4
+    cache = PagedKVCache(codec, num_kv_heads=kv_heads, max_batch=len(lengths), num_pages=pages, sink_tokens=sinks,
+                         recent_tokens=recent, dtype=dtype, device="cuda")
+    k = (torch.randn(len(lengths), max(lengths), kv_heads, d, device="cuda") + 0.3).to(dtype)
+    cache.append(k, torch.randn_like(k), lengths=lengths)
+    return cache
+
+
+CASES = [  # d, bits, group, q_len, lengths, page, sinks, recent, dtype, softcap, window, num_splits
+    (128, (3, 2), 4, 1, [1500, 777, 130], 64, 4, None, torch.float16, None, None, None),
+    (128, (3, 2), 1, 1, [900, 65], 64, 0, None, torch.float16, None, None, 3),
+    (128, (3, 2), 2, 1, [1000, 333, 17], 64, 2, 8, torch.bfloat16, None, None, None),
+    (128, (3, 2), 8, 1, [2000, 1, 640], 64, 4, None, torch.float16, None, None, 5),
+    (128, (3, 2), 4, 1, [1200, 300], 64, 4, None, torch.float16, 30.0, 500, None),
+    (128, (3, 2), 8, 1, [700, 300], 16, 0, None, torch.bfloat16, 20.0, None, 4),
+    (128, (3, 2), 4, 2, [800, 129], 32, 4, None, torch.float16, None, 300, None),  # q_len 2 x group 4 = 8 rows
+    (128, (3, 2), 4, 1, [3, 700], 64, 4, None, torch.float16, None, None, None),  # empty compressed part (seq 0)
+    (128, (2, 2), 4, 1, [1500, 200], 64, 4, None, torch.float16, None, None, None),
+    (128, (4, 4), 8, 1, [1100, 500], 64, 4, None, torch.bfloat16, None, 400, None),
+    (64, (3, 2), 4, 1, [1300, 90], 64, 4, None, torch.float16, None, None, None),
+    (64, (2, 2), 2, 1, [600, 250], 32, 0, None, torch.bfloat16, 30.0, None, None),
+    (64, (4, 4), 1, 1, [640, 641], 64, 4, None, torch.float16, None, None, 2),
+    (256, (3, 2), 4, 1, [1000, 300], 64, 4, None, torch.float16, None, None, None),
+    (256, (2, 2), 8, 1, [500, 70], 16, 4, None, torch.bfloat16, None, 200, None),
+    (256, (4, 4), 2, 1, [800, 800], 64, 0, None, torch.float16, 25.0, None, None),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"d{c[0]}_k{c[1][0]}v{c[1][1]}_g{c[2]}_q{c[3]}_p{c[5]}_"
+                                                     f"{str(c[8]).split('.')[-1]}_sc{c[9]}_w{c[10]}_s{c[11]}")
+def test_gluon_keys_pass_matches_portable_and_reference(case, monkeypatch):
+    d, bits, group, q_len, lengths, page, sinks, recent, dtype, softcap, window, splits = case
+    torch.manual_seed(0)
+    kv_heads = 2
+    cache = _gpu_cache(d, bits, kv_heads, lengths, page, sinks, recent, dtype)
+    q = torch.randn(len(lengths), q_len, kv_heads * group, d, device="cuda", dtype=dtype)
+    spy = _Spy()
+    monkeypatch.setattr(G, "keys_pass", spy)
+    warps, prefetch, l2 = ((4, 1, 0), (1, 2, 2), (2, 1, 2), (4, 2, 1), (1, 1, 0), (2, 1, 0), (4, 1, 2), (2, 1, 4),
+                           (1, 1, 2))[CASES.index(case) % 9]  # launch variants
+    with store.override("attention", {"two_pass": True, "gluon_keys": True, "gluon_warps": warps,
+                                      "gluon_prefetch": prefetch, "gluon_l2": l2}):
+        out = decode_attention(q, cache, softcap=softcap, window=window, num_splits=splits)
+    _compare_keys(spy.calls)
+    with store.override("attention", {"two_pass": True, "gluon_keys": False}):
+        portable = decode_attention(q, cache, softcap=softcap, window=window, num_splits=splits)
+    ref = _reference_attention(q, cache, d ** -0.5, softcap, window)
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    err = (out.float() - ref).abs().max().item()
+    assert err <= tol * max(1.0, ref.abs().max().item()), f"max error {err} vs the reference"
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    rel_portable = ((portable.float() - ref).norm() / ref.norm()).item()
+    assert rel <= rel_portable * 1.05 + 1e-4, (rel, rel_portable)  # within the portable path's error bar
+
+
+@needs_gpu
+def test_more_than_8_rows_fall_back():
+    cache = _gpu_cache(128, (3, 2), 2, [600, 300], 64, 4, None, torch.float16)
+    q = torch.randn(2, 3, 8, 128, device="cuda", dtype=torch.float16)  # q_len 3 x group 4 = 12 rows
+    calls = []
+    real = G.keys_pass
+    G.keys_pass = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        with store.override("attention", {"two_pass": True, "gluon_keys": True}):
+            out = decode_attention(q, cache)
+    finally:
+        G.keys_pass = real
+    assert not calls
+    ref = _reference_attention(q, cache, 128 ** -0.5, None, None)
+    assert (out.float() - ref).abs().max().item() <= 3e-3 * max(1.0, ref.abs().max().item())

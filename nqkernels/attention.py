@@ -23,7 +23,8 @@ all positions of a chunk (q_len > 1, causal inside the chunk).
 Two passes (launch config ``two_pass``, post-RoPE keys): the split's keys first (``_attn_keys_kernel``: fp32 logits
 to a workspace of 4 bytes per (token, row), and the split's max), then its values (``_attn_values_kernel``: no
 running max, nothing rescaled). Each loop holds half the state, so more programs fit an SM and its issue slots are
-shared by more independent work; the logits cost a write and a read (docs/decisions.md, v12).
+shared by more independent work; the logits cost a write and a read (docs/attention.md, "One call: three kernels").
+On Hopper the keys pass may be the Gluon kernel of ``attention_gluon`` (launch config ``gluon_keys``).
 """
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def _page_words(row0, lim, sc_t, sc_w, FIRST: tl.constexpr, N: tl.constexpr, NP:
 
     With JOIN, runs of more than one word are loaded word by word and joined: a join keeps the run in one thread's
     registers, where a single 5-D load lets the compiler lay the run across lanes (the decoded key plane then went
-    through shared memory: docs/decisions.md, v5). (sc_w is 1, but a runtime value: were
+    through shared memory: docs/attention.md, "Loads: the join rule"). (sc_w is 1, but a runtime value: were
     the runs provably adjacent, the compiler would give one thread all C·J words of a token as one vector and then
     exchange them through shared memory.)"""
     C: tl.constexpr = min(4, NP)
@@ -968,7 +969,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             INV_SQRT_N=inv_sqrt_n, NG=NG, KQ=KQ, LOG2DP=DP.bit_length() - 1, ROPE_HALF=rope_half,
             CENTER_K=codec.center_keys,
             SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=dot, ASM=q.is_cuda,
-            # Word-by-word page loads at 2-3 bits (1.2-1.3x); at 4 bits they measured 2-7% slower (decisions v5), unless
+            # Word-by-word page loads at 2-3 bits (1.2-1.3x); at 4 bits they measured 2-7% slower (docs/attention.md), unless
             # a token's words are not a multiple of 16 (head_dim 64/96: 8/12 words): the compiler cannot prove the runs
             # aligned then and loads them one word at a time.
             BLOCK_M=block_m, PK=step, BLOCK_N=cfg["BLOCK_N"], JOIN_K=_join_runs(codec.key_bits, cache.k_codes),

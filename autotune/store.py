@@ -23,6 +23,13 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 _overrides: dict = {}  # kernel -> config forced by the tuner (``override``)
 _untuned = [False]  # ``untuned()``: every lookup answers its default, for tuned-vs-untuned measurements
 _noticed: set = set()
+_generation = [0]  # bumped whenever what lookup answers may change (overrides, untuned, reload)
+
+
+def generation() -> int:
+    """A number that changes whenever ``lookup`` may answer differently (an override or ``untuned()`` entered or
+    left, files reloaded): launchers that keep launches of earlier calls (decode plans) key them by it."""
+    return _generation[0]
 
 
 def gpu_key(device=None) -> str:
@@ -47,6 +54,7 @@ def _load(key: str) -> dict:
 def reload() -> None:
     """Forget the files read so far (after the tuner wrote one)."""
     _load.cache_clear()
+    _generation[0] += 1
 
 
 def lookup(kernel: str, buckets: Union[str, Sequence[str]], default: dict, device=None) -> dict:
@@ -73,17 +81,21 @@ def lookup(kernel: str, buckets: Union[str, Sequence[str]], default: dict, devic
 def override(kernel: str, config: dict) -> Iterator[None]:
     """Force ``config`` (over the launcher's default) for every launch of ``kernel`` inside the block."""
     _overrides[kernel] = dict(config)
+    _generation[0] += 1
     try:
         yield
     finally:
         del _overrides[kernel]
+        _generation[0] += 1
 
 
 @contextlib.contextmanager
 def untuned() -> Iterator[None]:
     """Launch every kernel with its launcher's default config inside the block (no notices)."""
     _untuned[0] = True
+    _generation[0] += 1
     try:
         yield
     finally:
         _untuned[0] = False
+        _generation[0] += 1

@@ -37,9 +37,12 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from autotune import store
+
 from . import reference as ref
 from .codec import _config, _max_programs, _rope_tables, _rotation, _use_triton
 from .config import check_positive_float, describe, is_int
+from .launch import LaunchRecord, launcher
 from .lattice import (SUBNORMAL_UNIT, coset_pairs, coset_plane_pairs, inverse_hadamard, load_e8_doubled, plane_pairs,
                       restore_parity, rope_partner, rope_rotate, rope_rows_at, storage_order)
 from .paged import PagedKVCache
@@ -715,7 +718,30 @@ def _gluon_keys(q: torch.Tensor, codec, rows: int):
     return attention_gluon if ok else None
 
 
-def _launch(pdl: bool) -> dict:
+# Decode plans: the launches of a decode_attention call, replayed for the next calls of the same step (every layer
+# of a model has the same geometry and lengths) with their own tensors (nqkernels.launch). Keyed by what the scalars
+# and the launch config derive from (a config override changes autotune.store.generation); LaunchRecord.matches checks the tensors' dtypes, shapes, strides and alignment. A
+# plan holds its call's workspaces (partials, the two-pass logits): they are reused by the calls that replay it, in
+# stream order. Two plans are kept: the current step's and the one before.
+_PLANS: dict = {}
+_MAX_PLANS = 2
+
+
+def _plan_key(q, cache: PagedKVCache, scale, softcap, window, num_splits) -> tuple:
+    B = q.shape[0]
+    rope_end = max(cache.next_positions()[:B]) if cache.codec.rope is not None else None  # RoPE table length
+    return (tuple(q.shape), q.device, torch.cuda.current_stream(q.device).cuda_stream, cache.codec,
+            tuple(cache.compressed_lens()[:B]), rope_end, scale, softcap, window, num_splits, store.generation())
+
+
+def _call_tensors(q, out, cache: PagedKVCache) -> dict:
+    """The tensors a decode_attention call launches on that are its own (the rest are the plan's)."""
+    return dict(q=q, out=out, k_codes=cache.k_codes, k_scales=cache.k_scales, v_codes=cache.v_codes,
+                v_scales=cache.v_scales, block_table=cache.block_table, lengths=cache.lengths, k_mean=cache.k_mean,
+                v_mean=cache.v_mean, fp_k=cache.fp_k, fp_v=cache.fp_v, positions=cache.positions)
+
+
+def _pdl_options(pdl: bool) -> dict:
     """Launch options of a kernel that waits with ``gdc_wait`` before reading its predecessor's output."""
     return {"launch_pdl": True} if pdl else {}
 
@@ -873,6 +899,15 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         return out
     if not _use_triton(q):
         return _reference_attention(q, cache, scale, softcap, window).to(q.dtype)
+    record, key, inputs = None, None, None
+    if q.is_cuda and not torch.cuda.is_current_stream_capturing():  # a graph replays at no host cost anyway
+        key, inputs = _plan_key(q, cache, scale, softcap, window, num_splits), _call_tensors(q, out, cache)
+        plan = _PLANS.get(key)
+        if plan is not None and plan.matches(inputs):  # another layer of this decode step: replay its launches
+            plan.replay(inputs)
+            return out
+        record = LaunchRecord(inputs)
+    launch = launcher(record)
     codec = cache.codec
     group = Hq // H
     rows = q_len * group
@@ -917,7 +952,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     if prep:
         q_t = torch.empty(B * H * n_mblk, step, KQ, block_m, dtype=torch.float16, device=q.device)
         q_mean = torch.empty(B * H * n_mblk, block_m, dtype=torch.float32, device=q.device)
-        _query_prep_kernel[(B * H * n_mblk, triton.cdiv(KQ, _PREP_ROWS))](
+        launch(_query_prep_kernel, (B * H * n_mblk, triton.cdiv(KQ, _PREP_ROWS)),
             q, pk, cache.k_mean, q_t, q_mean, H, n_mblk, *q.stride()[:3], *cache.k_mean.stride()[:2],
             Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, NG=NG, KQ=KQ, INV_SQRT_N=inv_sqrt_n,
             CENTER_K=codec.center_keys, DOT=dot, BLOCK_M=block_m, PK=step, QR=_PREP_ROWS, PDL=pdl, num_warps=4)
@@ -933,9 +968,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
                                 num_splits=num_splits, pages_per_split=pages_per_split, n_tok=n_tok, scale=scale,
                                 softcap=softcap, window=window, num_warps=cfg["gluon_warps"],
                                 prefetch=cfg["gluon_prefetch"], l2_prefetch=cfg["gluon_l2"],
-                                maxnreg=cfg["gluon_maxnreg"])
+                                maxnreg=cfg["gluon_maxnreg"], launch=launch)
         else:
-            _attn_keys_kernel[(B * H * n_mblk, num_splits)](
+            launch(_attn_keys_kernel, (B * H * n_mblk, num_splits),
                 cache.k_codes, cache.k_scales, cache.block_table, cache.lengths, q_t, q_mean, logits, m_part,
                 H, n_mblk, num_splits, pages_per_split, n_tok, cache.max_batch, scale, float(softcap or 1.0),
                 int(window or 0), *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], cache.k_codes.stride(3),
@@ -943,8 +978,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
                 Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, PAGE=P, NG=NG, KQ=KQ,
                 SOFTCAP=softcap is not None, WINDOW=window is not None, ASM=q.is_cuda, BLOCK_M=block_m, RS=rb,
                 JOIN_K=_join_runs(codec.key_bits, cache.k_codes), PDL=pdl, CAUSAL_PAGES=q_len > 1,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_launch(pdl))
-        _attn_values_kernel[(B * H * n_mblk, n_parts)](
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_pdl_options(pdl))
+        launch(_attn_values_kernel, (B * H * n_mblk, n_parts),
             q, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths, logits, cache.fp_k, cache.fp_v,
             m_part, l_part, acc_part, _value_gather(D, codec.value_bits, dev),
             H, n_mblk, num_splits, pages_per_split, n_tok, cache.max_batch, scale, float(softcap or 1.0),
@@ -954,9 +989,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             LOG2DP=DP.bit_length() - 1, SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=dot,
             ASM=q.is_cuda, BLOCK_M=block_m, RS=rb, BLOCK_N=cfg["BLOCK_N"],
             JOIN_V=_join_runs(codec.value_bits, cache.v_codes), PDL=pdl,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_launch(pdl))
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_pdl_options(pdl))
     else:
-        _attn_split_kernel[(B * H * n_mblk, n_parts)](
+        launch(_attn_split_kernel, (B * H * n_mblk, n_parts),
             q, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths,
             cache.k_mean, q_t, q_mean, rot, cos, sin, positions, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
             _value_gather(D, codec.value_bits, dev),
@@ -975,15 +1010,19 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             BLOCK_M=block_m, PK=step, BLOCK_N=cfg["BLOCK_N"], JOIN_K=_join_runs(codec.key_bits, cache.k_codes),
             JOIN_V=_join_runs(codec.value_bits, cache.v_codes), PDL=pdl and prep,
             CAUSAL_PAGES=q_len > 1,  # a single query follows every key; a chunk may start inside the compressed pages
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_launch(pdl and prep))
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_pdl_options(pdl and prep))
     # The reduce reads only the real rows of a block; small batches spread its output columns over programs.
     n_bh = B * H * n_mblk
     ob = min(DP, 32) if n_bh < _max_programs(q.device, 1) else DP
-    _attn_reduce_kernel[(n_bh, DP // ob)](
+    launch(_attn_reduce_kernel, (n_bh, DP // ob),
         m_part, l_part, acc_part, cache.v_mean, out, H, n_mblk, num_splits, *cache.v_mean.stride()[:2],
         *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP, CENTER_V=codec.center_values, BLOCK_M=block_m,
         RB=rb, SC=max(1, min(triton.next_power_of_2(max(num_splits, 1)), 8192 // (rb * ob))), OB=ob, PDL=pdl,
-        num_warps=4, **_launch(pdl))
+        num_warps=4, **_pdl_options(pdl))
+    if record is not None:
+        _PLANS[key] = record
+        while len(_PLANS) > _MAX_PLANS:  # the oldest step's plan and its workspaces go
+            del _PLANS[next(iter(_PLANS))]
     return out
 
 

@@ -43,6 +43,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from . import reference as ref
+from .launch import launcher
 
 LOG2E = gl.constexpr(1.4426950408889634)
 SUBNORMAL_UNIT = gl.constexpr(16777216.0)  # 2^24
@@ -513,12 +514,13 @@ def _fragment_index(head_dim: int, key_bits: int, block_m: int, device: str) -> 
 
 def keys_pass(cache, q_t, q_mean, logits, m_part, *, q_len: int, group: int, block_m: int, rs: int, num_splits: int,
               pages_per_split: int, n_tok: int, scale: float, softcap, window, num_warps: int = 2,
-              prefetch: int = 1, l2_prefetch: int = 2, maxnreg=None) -> None:
+              prefetch: int = 1, l2_prefetch: int = 2, maxnreg=None, launch=None) -> None:
     """Launch the Gluon keys pass where ``decode_attention`` launches ``_attn_keys_kernel`` (same workspace, same
     partial maxima). ``q_t``/``q_mean``: the prep's outputs (one page slot, [programs, 1, KQ, block_m] fp16).
     ``num_warps``: warps per program (each takes its own 16-token units of a page); ``prefetch``: pages whose codes
     are loaded ahead into registers (1 or 2); ``l2_prefetch``: prefetch the page that many further ahead into L2
-    (0: off); ``maxnreg``: the register cap handed to ptxas. The defaults measured fastest on the H200 at 32K × 8,
+    (0: off); ``maxnreg``: the register cap handed to ptxas; ``launch``: ``nqkernels.launch.launcher``'s (default:
+    a plain launch). The defaults measured fastest on the H200 at 32K × 8,
     128K × 1 and 8K × 16 (perf/results/attention_gluon_h200.md)."""
     codec = cache.codec
     D, P = codec.head_dim, codec.page_size
@@ -532,7 +534,7 @@ def keys_pass(cache, q_t, q_mean, logits, m_part, *, q_len: int, group: int, blo
     # bulk L2 prefetch of a page's codes and scales: 16-byte aligned starts
     l2 = (kc.data_ptr() % 16 == 0 and all(st % 4 == 0 for st in kc.stride()[:2]) and ks.data_ptr() % 16 == 0
           and all(st * ks.element_size() % 16 == 0 for st in ks.stride()[:2]))
-    _gluon_keys_kernel[(n_prog, num_splits)](
+    (launch or launcher(None))(_gluon_keys_kernel, (n_prog, num_splits),
         kc, ks, cache.block_table, cache.lengths, q_t, _fragment_index(D, codec.key_bits, block_m, str(q_t.device)),
         q_mean, logits, m_part, cache.num_kv_heads, num_splits, pages_per_split, n_tok, cache.max_batch, scale,
         float(softcap or 1.0), int(window or 0), *kc.stride()[:2], *ks.stride()[:2], cache.block_table.stride(0),

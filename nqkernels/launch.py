@@ -1,0 +1,73 @@
+"""Replaying a recorded sequence of Triton launches on other tensors of the same geometry, at a few microseconds of
+host time per launch.
+
+Triton's ``kernel[grid](...)`` binds and specializes every argument on every call (tens of microseconds for kernels
+with fifty arguments). A decode step calls the same launches once per layer with identical scalars, shapes and
+strides; only the tensors differ (each layer's cache, its query, its output). ``LaunchRecord`` launches through Triton
+once, keeps the compiled kernels, notes which arguments are the call's own tensors, and replays the launches with
+those tensors swapped in. A replay is used only where Triton would have compiled the same binary: each swapped
+tensor must have the recorded dtype, shape and strides (the scalars the caller derived from them) and the same 16-byte
+alignment (what Triton specializes a pointer on); anything else (a scalar, a config) belongs to the key under which
+the caller keeps the record.
+
+Only for CUDA tensors: under ``TRITON_INTERPRET=1`` kernels launch as usual. Not used while a CUDA graph is being
+captured (the caller checks): a graph replays without host cost anyway, and must own its workspaces.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+
+def _signature(t: torch.Tensor) -> tuple:
+    return t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0
+
+
+class LaunchRecord:
+    """The launches of one call, recorded (``record``) and replayed (``replay``) with the call's own tensors.
+
+    ``inputs`` names the call's own tensors (e.g. ``{"q": q, "k_codes": cache.k_codes, ...}``): an argument that *is*
+    one of them (the same object) is swapped in at replay; every other argument (scalars, constexprs, the record's
+    workspaces) is replayed as recorded. The first launch of each kernel goes through Triton (compiling if needed).
+    """
+
+    def __init__(self, inputs: dict):
+        self._slot = {id(t): name for name, t in inputs.items() if isinstance(t, torch.Tensor)}
+        self._signatures = {name: _signature(t) if isinstance(t, torch.Tensor) else None for name, t in inputs.items()}
+        self._launches: list = []  # (compiled kernel, grid, args in signature order, [(position, name)])
+
+    def record(self, fn, grid: tuple, *args: Any, **kwargs: Any) -> None:
+        """Launch ``fn[grid](*args, **kwargs)`` through Triton and remember it (kwargs: the kernel's keyword arguments
+        and launch options such as ``num_warps``)."""
+        compiled = fn[grid](*args, **kwargs)
+        bound = dict(zip(fn.arg_names, args))
+        bound.update((k, v) for k, v in kwargs.items() if k in fn.arg_names)
+        ordered = [bound[name] for name in fn.arg_names]
+        swaps = [(i, self._slot[id(a)]) for i, a in enumerate(ordered)
+                 if isinstance(a, torch.Tensor) and id(a) in self._slot]
+        self._launches.append((compiled, tuple(grid) + (1,) * (3 - len(grid)), ordered, swaps))  # the runner takes 3
+
+    def matches(self, inputs: dict) -> bool:
+        """Whether ``inputs`` can replay this record: the same tensors by name, each with the recorded dtype, shape,
+        strides and 16-byte alignment."""
+        signatures = self._signatures
+        return inputs.keys() == signatures.keys() and all(
+            signatures[name] == (_signature(t) if isinstance(t, torch.Tensor) else None) for name, t in inputs.items())
+
+    def replay(self, inputs: dict, stream: Optional[int] = None) -> None:
+        """The recorded launches with ``inputs``' tensors swapped in (``matches(inputs)`` must hold)."""
+        if stream is None:
+            stream = torch.cuda.current_stream().cuda_stream
+        for compiled, grid, ordered, swaps in self._launches:
+            args = list(ordered)
+            for i, name in swaps:
+                args[i] = inputs[name]
+            compiled[grid](*args, stream=stream)
+
+
+def launcher(record: Optional[LaunchRecord]) -> Callable:
+    """``launch(fn, grid, *args, **kwargs)``: through ``record`` when one is given, else a plain Triton launch."""
+    if record is not None:
+        return record.record
+    return lambda fn, grid, *args, **kwargs: fn[grid](*args, **kwargs)

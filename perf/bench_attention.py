@@ -80,6 +80,12 @@ def check(dev):
     return rows
 
 
+def device_info(dev) -> dict:
+    """The device, its config-store key, the versions and the date: the head of every result file."""
+    return dict(device=torch.cuda.get_device_name(dev), gpu_key=gpu_key(dev), torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
+
+
 def copy_bandwidth(dev):
     a = torch.randn(1 << 29, device=dev, dtype=torch.float16)
     b = torch.empty_like(a)
@@ -236,8 +242,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     dev = torch.device("cuda")
-    info = dict(device=torch.cuda.get_device_name(), gpu_key=gpu_key(dev), torch=torch.__version__,
-                triton=triton.__version__, python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
+    info = device_info(dev)
     log(json.dumps(info))
     res = dict(info=info)
     FLASHINFER = _import_flashinfer()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import time
 
@@ -27,18 +26,13 @@ import torch.nn.functional as F
 import triton
 
 from autotune import store
-from autotune.store import gpu_key
 from autotune.tasks import random_cache
 from autotune.tune import bench_ms
 from nqkernels import KVCodec, decode_attention
 from nqkernels import attention as A
 from nqkernels import attention_gluon as G
 from nqkernels import reference as ref
-from perf.bench_attention import copy_bandwidth, kernel_times
-
-
-def log(*a):
-    print(*a, flush=True)
+from perf.bench_attention import copy_bandwidth, device_info, kernel_times, log
 
 
 def capture_keys_launch(q, cache, cfg):
@@ -191,8 +185,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     dev = torch.device("cuda")
-    info = dict(device=torch.cuda.get_device_name(), gpu_key=gpu_key(dev), torch=torch.__version__,
-                triton=triton.__version__, python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
+    info = device_info(dev)
     log(json.dumps(info))
     res = dict(info=info, copy_GBps=copy_bandwidth(dev), rows=[])
     variants = args.variants.split(",")

@@ -53,27 +53,32 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def loop_size(sass: str) -> int:
-    """Instructions of the largest backward branch's body (the persistent tile loop)."""
-    labels, addrs, branches = {}, [], []
-    pending = []
+def loop_body(sass: str) -> list[str]:
+    """The instructions (nvdisasm text) of the largest backward branch's body: a kernel's main loop."""
+    labels, ins, branches, pending = {}, [], [], []
     for line in sass.splitlines():
         m = re.match(r"\s*(\.L_x_\d+):", line)
         if m:
             pending.append(m.group(1))
             continue
-        m = re.search(r"/\*([0-9a-f]{4,})\*/", line)
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if not m:
             continue
         addr = int(m.group(1), 16)
         labels.update({lb: addr for lb in pending})
         pending = []
-        addrs.append(addr)
-        b = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
+        ins.append((addr, m.group(2)))
+        b = re.search(r"BRA\s+`\((\.L_x_\d+)\)", m.group(2))
         if b:
             branches.append((b.group(1), addr))
     loops = [(labels[t], a) for t, a in branches if t in labels and labels[t] < a]
-    return max(sum(1 for x in addrs if lo <= x <= hi) for lo, hi in loops)
+    lo, hi = max(loops, key=lambda x: x[1] - x[0])
+    return [t for a, t in ins if lo <= a <= hi]
+
+
+def loop_size(sass: str) -> int:
+    """Instructions of the largest backward branch's body (the persistent tile loop)."""
+    return len(loop_body(sass))
 
 
 def count(block_t: int, warps: int, search: bool, transform: bool, rope: bool) -> tuple[float, int]:

@@ -147,30 +147,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from nqkernels import attention_gluon as G
+from perf.encode_budget import loop_body
 
 def tool(name):
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-
-def loop_body(sass):
-    labels, ins, branches, pending = {}, [], [], []
-    for line in sass.splitlines():
-        m = re.match(r"\s*(\.L_x_\d+):", line)
-        if m:
-            pending.append(m.group(1))
-            continue
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
-        if not m:
-            continue
-        addr = int(m.group(1), 16)
-        labels.update({lb: addr for lb in pending})
-        pending = []
-        ins.append((addr, m.group(2)))
-        b = re.search(r"BRA\s+`\((\.L_x_\d+)\)", m.group(2))
-        if b:
-            branches.append((b.group(1), addr))
-    loops = [(labels[t], a) for t, a in branches if t in labels and labels[t] < a]
-    lo, hi = max(loops, key=lambda x: x[1] - x[0])
-    return [t for a, t in ins if lo <= a <= hi]
 
 out = []
 for v in json.loads(sys.argv[1]):

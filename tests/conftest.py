@@ -3,6 +3,14 @@ import os
 import pytest
 import torch
 
+# Without a GPU the kernels run in Triton's interpreter. Set before any nqkernels import (triton.jit reads it then),
+# so a plain `pytest` on a CPU machine never replaces the kernels by the torch reference they are compared with.
+if not torch.cuda.is_available():
+    if os.environ.get("TRITON_INTERPRET", "1") != "1":
+        raise pytest.UsageError("TRITON_INTERPRET is set to something other than 1 on a machine without CUDA: the "
+                                "Triton kernels would not run, only their torch reference. Unset it or set it to 1.")
+    os.environ["TRITON_INTERPRET"] = "1"
+
 HEAD_DIMS = (64, 96, 128, 256)
 BITS = (2, 3, 4)
 

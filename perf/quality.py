@@ -2,13 +2,18 @@
 
     python -m perf.quality --model DIR --text FILE --preset k3v2 --preset evict50 [--passkey 40] [--json]
 
+    python -m perf.quality ... --passkey 40 --needle " The secret code is {key}. " --question " The secret code is"
+
 Protocol (per chunk of P + C tokens of the text): prefill P tokens uncompressed, compress the cache, then feed the
 next C tokens through the compressed cache in one forward and score the C - 1 targets after the first
 (continuation perplexity). Passkey: a line "The pass key is NNNNN. Remember it." hidden at a random depth of a
 ``--passkey-length``-token stretch of the text, followed by "What is the pass key? The pass key is"; everything
 but the last prompt token is prefilled and compressed, so every generated token (greedy) comes from the
-compressed cache. The uncompressed no-op control (``fp16``) always runs first through the same harness and must
-reproduce the plain model (one forward over each whole chunk) to 4 decimals.
+compressed cache. ``--needle`` / ``--question`` (with ``--passkey N``) replace those two templates, for models
+tuned on other prompt formats: the needle must contain ``{key}`` where the five-digit key goes (literal braces
+written ``{{`` ``}}``), the question must not; an answer counts when the generated text starts with the key. The
+uncompressed no-op control (``fp16``) always runs first through the same harness and must reproduce the plain model
+(one forward over each whole chunk) to 4 decimals.
 
 Attention during the harness is the model's causal attention with the keys of the (possibly shorter) cache all
 visible to new tokens, and RoPE at the tokens' true positions, so evicted caches are attended correctly.
@@ -23,7 +28,12 @@ users run; fp16 sinks and recent window), variants the per-layer policies of ``H
 Peers: ``nexusquant-kXvY`` (the prior art, ``nexusquant-kv``'s quant_only mode: it writes the dequantized fp16 back
 into the DynamicCache), ``quanto-intN`` (N in 2, 4) and ``hqq-intN`` (N in
 2, 3, 4): transformers' ``QuantizedCache`` with its defaults (groups of 64, a 128-token fp16 residual); the
-``peers`` extra installs all three. Integration presets and QuantizedCache peers are fed the
+``peers`` extra installs all three. ``turboquant-kXvY`` (X in 2..5, Y in 1..4) and ``turboquant-mse-kXvY`` (X, Y in
+1..4): TurboQuant (arXiv 2504.19874) implemented from the paper in perf/turboquant.py, keys by its inner-product
+quantizer (an (X-1)-bit Lloyd-Max codebook after a random rotation + a 1-bit QJL sketch of the residual) or its MSE
+quantizer, values by its MSE quantizer; the dequantized K/V (for QJL keys the paper's DeQuant_prod, whose dot
+product with a query is its unbiased estimator) are attended by the harness's attention, and bytes are the packed
+codes, signs and fp16 norms it stores. Integration presets and QuantizedCache peers are fed the
 continuation ``HF_STEP`` tokens per forward, as decoding feeds them.
 Bytes per token are measured from the cache tensors (codes, scales, means, positions, fp16 sinks/window buffers,
 block tables; a peer's quantized tensors, scales and zero points), over all layers, per prefix token; floating-point
@@ -49,6 +59,7 @@ from nqkernels import (KVCodec, PagedKVCache, key_norm_scores, layer_budgets, ra
                        select_tokens)
 from integrations.hf import PRESETS as HF_PRESETS
 from integrations.hf import NQCache, with_cache
+from perf import turboquant
 from perf.continuation import load_chunks, load_model
 
 # The named presets of integrations.hf, spelled in the harness's grammar (one definition of what they are).
@@ -64,6 +75,7 @@ SCORERS = ("window", "window-max", "window-layer", "knorm", "random")
 PRESSES = {"snapkv": "SnapKVPress", "expected": "ExpectedAttentionPress", "knorm": "KnormPress",
            "streaming": "StreamingLLMPress", "tova": "TOVAPress", "random": "RandomPress"}
 QUANTIZED_CACHE_BITS = {"quanto": (2, 4), "hqq": (2, 3, 4)}  # transformers' QuantizedCache backends
+TURBOQUANT = tuple(turboquant.KEY_BITS)  # peers implemented in perf/turboquant.py
 NEEDLE, QUESTION = " The pass key is {key}. Remember it. ", " What is the pass key? The pass key is"
 
 
@@ -78,7 +90,7 @@ class Preset:
     press: Optional[str] = None
     options: dict = field(default_factory=dict)
     hf: Optional[str] = None  # an integrations.hf preset run through NQCache; options: its per-layer policy
-    peer: Optional[str] = None  # a peer's cache: "nexusquant", "quanto" or "hqq" (bits: its key/value bits)
+    peer: Optional[str] = None  # a peer's cache: "nexusquant", "quanto", "hqq", "turboquant", "turboquant-mse"
 
     @property
     def noop(self) -> bool:
@@ -103,6 +115,9 @@ def parse_preset(name: str) -> Preset:
         if m.group(2) and m.group(2) not in HF_VARIANTS:
             raise ValueError(f"unknown policy variant {m.group(2)!r}; allowed: {tuple(HF_VARIANTS)}")
         return Preset(name, hf=m.group(1), options=dict(HF_VARIANTS.get(m.group(2), {})))
+    tq = turboquant.parse(spelled)  # raises for a malformed turboquant-... name
+    if tq:
+        return Preset(name, bits=tq[1:], peer=tq[0])
     m = re.fullmatch(r"nexusquant-k([2-4])v([2-4])", spelled)
     if m:
         return Preset(name, bits=(int(m.group(1)), int(m.group(2))), peer="nexusquant")
@@ -121,7 +136,8 @@ def parse_preset(name: str) -> Preset:
     if not m or not (m.group(1) or m.group(3)):
         raise ValueError(f"unknown preset {name!r}; allowed: fp16, kXvY (X, Y in 2..4), evictNN, kXvY-evictNN, "
                          f"evictNN-<scorer> ({', '.join(SCORERS)}), ...-pyramid, kvpress-<press>-NN "
-                         f"({', '.join(PRESSES)}), nexusquant-kXvY, quanto-intN, hqq-intN, hf-<preset>[+<variant>], "
+                         f"({', '.join(PRESSES)}), nexusquant-kXvY, quanto-intN, hqq-intN, turboquant[-mse]-kXvY, "
+                         f"hf-<preset>[+<variant>], "
                          f"or one of {tuple(NAMED)}")
     p = Preset(name, bits=(int(m.group(1)), int(m.group(2))) if m.group(1) else None,
                evict=int(m.group(3)) / 100 if m.group(3) else 0.0)
@@ -194,7 +210,7 @@ class Harness:
     def scores(self, preset: Preset, cache, queries) -> list:
         """Per layer ``[B, H, T]`` token scores. ``window`` / ``window-max``: the observation window's attention
         (mean / max over its rows) of every layer, averaged over layers, so all layers keep the tokens any layer's
-        window attends to (docs/decisions.md); ``window-layer``: each layer its own (SnapKV's rule)."""
+        window attends to (docs/eviction.md); ``window-layer``: each layer its own (SnapKV's rule)."""
         keys = [layer.keys.transpose(1, 2) for layer in cache.layers]  # [B, T, H, D]
         if preset.scorer == "knorm":
             return [key_norm_scores(k) for k in keys]
@@ -270,6 +286,15 @@ class Harness:
         """Prefill through a peer's cache. Returns (cache, bytes held per prefix token)."""
         from transformers import DynamicCache, QuantizedCache
 
+        if preset.peer in TURBOQUANT:
+            cache, tq = DynamicCache(), self.turboquant(preset, ids.device)
+            self.model(ids, **with_cache(self.model, cache), use_cache=True)
+            new, nbytes = DynamicCache(), 0
+            for li, layer in enumerate(cache.layers):
+                k, v, b = tq.compress(li, layer.keys, layer.values)
+                new.update(k.to(layer.keys.dtype), v.to(layer.values.dtype), li)
+                nbytes += b
+            return new, nbytes / ids.shape[1]
         if preset.peer == "nexusquant":
             nexusquant = _import_peer("nexusquant", "pip install nexusquant-kv")
             cache = DynamicCache()
@@ -284,6 +309,15 @@ class Harness:
         self.model(ids, **with_cache(self.model, cache), use_cache=True)
         return cache, self.held(preset, cache) / ids.shape[1]
 
+    def turboquant(self, preset: Preset, device) -> "turboquant.TurboQuantKV":
+        """The preset's TurboQuant quantizers (per layer, seeded: the same rotations and sketches for every chunk)."""
+        built = self.__dict__.setdefault("_turboquant", {})
+        key = (preset.peer, preset.bits, str(device))
+        if key not in built:
+            built[key] = turboquant.TurboQuantKV(self.num_layers, self.head_dim, *preset.bits,
+                                                 qjl_keys=preset.peer == "turboquant", device=device)
+        return built[key]
+
     def hf_options(self, preset: Preset) -> dict:
         opts = dict(preset.options)
         if opts.get("layer_bits") == "graduated":
@@ -294,8 +328,8 @@ class Harness:
     @contextlib.contextmanager
     def attention(self, preset: Preset):
         """The attention a preset's cache is read with: the patched model (integrations.hf presets), the model's own
-        (peers) or the harness's own attention over a DynamicCache."""
-        if preset.hf is None and preset.peer is None:
+        (peers) or the harness's own attention over a DynamicCache (ours, and TurboQuant's dequantized K/V)."""
+        if preset.hf is None and (preset.peer is None or preset.peer in TURBOQUANT):
             self.model.set_attn_implementation(self.attn.name)
             yield
             return
@@ -426,17 +460,52 @@ def _press(preset: Preset):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def passkey_prompts(tok, path: str, n: int, length: int, seed: int = 0) -> list:
-    """n prompts ``(ids [1, length], key)``: BOS, text with the needle at a uniform random depth, the question."""
+def check_templates(needle: str, question: str) -> None:
+    """Raise ValueError (saying what is wrong and how to write it) unless ``needle`` is a usable passkey needle
+    template (``{key}`` where the key goes, no other ``{...}`` fields, literal braces doubled) and ``question`` a
+    question that does not contain the key."""
+    import string
+
+    if not isinstance(needle, str) or not isinstance(question, str):
+        raise ValueError(f"needle and question must be strings, got {type(needle).__name__} and "
+                         f"{type(question).__name__}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(needle) if f is not None]
+    except ValueError as e:  # a lone "{" or "}"
+        raise ValueError(f"--needle {needle!r} is not a valid template ({e}); write literal braces as '{{{{' and "
+                         f"'}}}}'") from None
+    if "key" not in fields:
+        raise ValueError(f"--needle {needle!r} must contain '{{key}}' where the pass key goes, e.g. "
+                         f"{NEEDLE!r}")
+    others = sorted({f for f in fields if f != "key"})
+    if others:
+        raise ValueError(f"--needle {needle!r} has fields other than {{key}}: "
+                         f"{', '.join('{' + f + '}' for f in others)}; only {{key}} is filled in (write literal "
+                         f"braces as '{{{{' and '}}}}')")
+    if not needle.replace("{key}", "").strip():
+        raise ValueError(f"--needle {needle!r} is only the key; give it some words around {{key}}, e.g. {NEEDLE!r}")
+    if not question.strip():
+        raise ValueError(f"--question must not be empty; e.g. {QUESTION!r}")
+    if "{key}" in question:
+        raise ValueError(f"--question {question!r} contains '{{key}}': the question must not give the key away "
+                         f"(it is not filled in)")
+
+
+def passkey_prompts(tok, path: str, n: int, length: int, seed: int = 0, needle: str = NEEDLE,
+                    question: str = QUESTION) -> list:
+    """n prompts ``(ids [1, length], key)``: BOS, text with the needle (``needle.format(key=...)``) at a uniform
+    random depth, the question."""
+    check_templates(needle, question)
+    template = needle
     with open(path) as f:
         text_ids = tok(f.read()).input_ids
     rng = random.Random(seed)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    question = tok(QUESTION, add_special_tokens=False).input_ids
+    question = tok(question, add_special_tokens=False).input_ids
     prompts = []
     for _ in range(n):
         key = str(rng.randint(10000, 99999))
-        needle = tok(NEEDLE.format(key=key), add_special_tokens=False).input_ids
+        needle = tok(template.format(key=key), add_special_tokens=False).input_ids
         filler = length - len(bos) - len(needle) - len(question)
         if filler < 1:
             raise SystemExit(f"--passkey-length {length} leaves no room for text around the needle")
@@ -475,6 +544,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--preset", action="append", default=[], help="repeatable; see the module doc")
     ap.add_argument("--passkey", type=int, default=0, help="passkey trials per preset (default 0: off)")
     ap.add_argument("--passkey-length", type=int, default=1536, help="tokens per passkey prompt (default 1536)")
+    ap.add_argument("--needle", default=None,
+                    help=f"passkey needle template, with {{key}} where the five-digit key goes (literal braces "
+                         f"doubled); default {NEEDLE!r}".replace("%", "%%"))
+    ap.add_argument("--question", default=None,
+                    help=f"passkey question ending the prompt (must not contain {{key}}); the answer counts when the "
+                         f"generated text starts with the key; default {QUESTION!r}".replace("%", "%%"))
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--recent", type=int, default=32)
     ap.add_argument("--window", type=int, default=32, help="observation-window queries of the default scorer")
@@ -483,13 +558,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)
+    if (args.needle is not None or args.question is not None) and not args.passkey:
+        ap.error("--needle / --question set the passkey prompts: add --passkey N")
+    needle = NEEDLE if args.needle is None else args.needle
+    question = QUESTION if args.question is None else args.question
+    try:
+        check_templates(needle, question)
+    except ValueError as e:
+        ap.error(str(e))
     presets = [parse_preset(p) for p in ["fp16"] + [p for p in args.preset if p != "fp16"]]
 
     tok, model = load_model(args.model, dtype=getattr(torch, args.dtype))
     model = model.to(args.device)
     chunks = [c.to(args.device) for c in load_chunks(tok, args.text, args.chunks, args.prefix + args.continuation)]
-    prompts = [(p.to(args.device), k) for p, k in passkey_prompts(tok, args.text, args.passkey,
-                                                                        args.passkey_length)] if args.passkey else []
+    prompts = [(p.to(args.device), k) for p, k in passkey_prompts(tok, args.text, args.passkey, args.passkey_length,
+                                                                        needle=needle, question=question)
+               ] if args.passkey else []
     h = Harness(model, sinks=args.sinks, recent=args.recent, window=args.window, pool=args.pool)
     plain = h.plain_ppl(chunks, args.prefix)
     rows, base = {}, None
@@ -505,7 +589,8 @@ def main(argv=None) -> dict:
                         "bytes_per_token_decoding": decode_bpt}
     result = {"model": args.model, "text": args.text, "plain_model_ppl": plain,
               "protocol": {"chunks": args.chunks, "prefix": args.prefix, "continuation": args.continuation,
-                           "passkey": args.passkey, "passkey_length": args.passkey_length, "sinks": args.sinks,
+                           "passkey": args.passkey, "passkey_length": args.passkey_length, "needle": needle,
+                           "question": question, "sinks": args.sinks,
                            "recent": args.recent, "window": args.window, "pool": args.pool, "dtype": args.dtype},
               "presets": rows}
     if args.json:

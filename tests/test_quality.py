@@ -100,17 +100,18 @@ def test_peer_presets_run_through_the_harness(tiny, name):
     assert model.config._attn_implementation == h.plain_impl
 
 
+class Tok:  # a byte-level stand-in tokenizer (tests/test_turboquant.py uses it too)
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        return type("E", (), {"input_ids": [3 + (b % 90) for b in text.encode()]})()
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
 def test_passkey_prompts_and_retrieval_runs(tiny):
     model, _ = tiny
-
-    class Tok:  # a byte-level stand-in tokenizer
-        bos_token_id = 1
-
-        def __call__(self, text, add_special_tokens=True, return_tensors=None):
-            return type("E", (), {"input_ids": [3 + (b % 90) for b in text.encode()]})()
-
-        def decode(self, ids):
-            return "".join(chr(i) for i in ids)
     prompts = passkey_prompts(Tok(), __file__, 3, 200)
     assert all(ids.shape == (1, 200) for ids, _ in prompts)
     acc = Harness(model, sinks=2, recent=8, window=8, pool=5, page_size=16).passkey(parse_preset("evict50"), prompts,

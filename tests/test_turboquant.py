@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from perf import turboquant as tq
+from tests.test_quality import Tok
 from perf.codec_study import FIXTURE
 from perf.quality import (NEEDLE, QUESTION, Harness, Preset, check_templates, main, nominal_bits, parse_preset,
                           passkey_prompts)
@@ -235,16 +236,6 @@ def test_check_templates_accepts_good_ones_and_says_what_is_wrong():
             (None, QUESTION, "must be strings")):
         with pytest.raises(ValueError, match=match):
             check_templates(needle, question)
-
-
-class Tok:  # a byte-level stand-in tokenizer
-    bos_token_id = 1
-
-    def __call__(self, text, add_special_tokens=True, return_tensors=None):
-        return type("E", (), {"input_ids": [3 + (b % 90) for b in text.encode()]})()
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
 
 
 def test_passkey_prompts_use_the_templates():

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -702,6 +703,18 @@ def _pdl(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+_GLUON_WARNED = []
+
+
+def _warn_gluon_unavailable(error: Exception) -> None:
+    """Once per process: a config that asks for the Gluon pass on a GPU where it does not import."""
+    if _GLUON_WARNED:
+        return
+    _GLUON_WARNED.append(error)
+    warnings.warn(f"nqkernels: the launch config asks for the Gluon keys pass but it does not import with triton "
+                  f"{triton.__version__} ({type(error).__name__}: {error}); the portable keys pass runs", stacklevel=4)
+
+
 def _gluon_keys(q: torch.Tensor, codec, rows: int):
     """The Gluon keys pass (``attention_gluon``, GPU only) where it can run, else None (the portable
     ``_attn_keys_kernel`` runs): a CUDA device of capability >= 9, a triton whose Gluon API it compiles with (imported
@@ -712,7 +725,8 @@ def _gluon_keys(q: torch.Tensor, codec, rows: int):
         return None
     try:
         from . import attention_gluon
-    except Exception:  # noqa: BLE001 - no (or another) Gluon API in this triton: the portable kernel runs
+    except Exception as e:  # noqa: BLE001 - no (or another) Gluon API in this triton: the portable kernel runs
+        _warn_gluon_unavailable(e)
         return None
     ok = attention_gluon.supports(codec.head_dim, codec.key_bits, codec.page_size, rows)
     return attention_gluon if ok else None

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -346,3 +347,14 @@ def test_more_than_8_rows_fall_back():
     assert not calls
     ref = _reference_attention(q, cache, 128 ** -0.5, None, None)
     assert (out.float() - ref).abs().max().item() <= 3e-3 * max(1.0, ref.abs().max().item())
+
+
+def test_a_gluon_pass_that_does_not_import_is_said_once(monkeypatch):
+    """A config asking for the Gluon keys pass on a triton without its API falls back loudly, once per process."""
+    from nqkernels import attention as A
+    monkeypatch.setattr(A, "_GLUON_WARNED", [])
+    with pytest.warns(UserWarning, match="does not import with triton"):
+        A._warn_gluon_unavailable(ImportError("no gluon"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        A._warn_gluon_unavailable(ImportError("no gluon"))  # not again

@@ -576,10 +576,13 @@ def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr
                         VBITS: tl.constexpr, PAGE: tl.constexpr, INV_SQRT_N: tl.constexpr, LOG2DP: tl.constexpr,
                         SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                         BLOCK_M: tl.constexpr, RS: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_V: tl.constexpr,
-                        PDL: tl.constexpr):
+                        PDL: tl.constexpr, FP_ONLY: tl.constexpr):
     # Two-pass split, pass 2 (values only): p = 2^(s - m) from pass 1's logits and split max, accumulated against
-    # the decoded value pages as in ``_attn_split_kernel``; no running max, so nothing is ever rescaled.
+    # the decoded value pages as in ``_attn_split_kernel``; no running max, so nothing is ever rescaled. FP_ONLY
+    # (grid (programs, 1)): only the uncompressed part, beside the Gluon values pass (which takes the pages).
     pid, split = tl.program_id(0), tl.program_id(1)
+    if FP_ONLY:
+        split = n_splits
     b, h, qi, g, slot = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M, 1)
     seq_len = tl.load(lens_ptr + b)
     comp = tl.load(lens_ptr + max_batch + b)
@@ -629,6 +632,8 @@ def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr
                            q_index, sm_scale, softcap, window, sqb, sqt, sqh, sfb, sfh, sft, Q_LEN, GROUP, D, DP,
                            SOFTCAP, WINDOW, DOT, BLOCK_M, BLOCK_N)
     if PDL:
+        if FP_ONLY:  # launched while the values pass still runs: done only once it is (what the reduce waits for)
+            gdc_wait()
         gdc_launch_dependents()
 
 
@@ -636,12 +641,14 @@ def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr
 def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, vmean_ptr, o_ptr, H, n_mblk, n_splits, svmb, svmh, soh_b, soh_t, soh_h,
                         Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                         CENTER_V: tl.constexpr, BLOCK_M: tl.constexpr, RB: tl.constexpr, SC: tl.constexpr,
-                        OB: tl.constexpr, PDL: tl.constexpr):
+                        OB: tl.constexpr, PDL: tl.constexpr, RAW: tl.constexpr, LOG2DP: tl.constexpr,
+                        INV_SQRT_N: tl.constexpr):
     # Output columns OB·j.. of one (batch, KV head, row block): its splits' partials (already in the original basis)
     # with weights 2^(m_s - max), SC splits per step in one [SC, RB, OB] load, so a pass costs a few memory latencies
     # however many splits there are; then the uncompressed part's, the normalisation and the value mean. Small
     # batches spread the columns over programs. Only the first RB rows of a block are read: the rest pad the split
-    # kernel's tile.
+    # kernel's tile. RAW (OB = DP): the splits' partials are Σ p·s·v in storage order (the Gluon values pass), rotated
+    # back once after their weighted sum.
     pid, cb = tl.program_id(0), tl.program_id(1)
     bh, mb = pid // n_mblk, pid % n_mblk
     b, h = bh // H, bh % H
@@ -678,6 +685,8 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, vmean_ptr, o_ptr, H, n_mblk, n_sp
         l_comp = l_comp * alpha + tl.sum(w * l_s, axis=0)
         u = u * alpha[:, None] + tl.sum(w[:, :, None] * a_s, axis=0)
         m_run = m_new
+    if RAW:
+        u = inverse_hadamard(storage_order(u, RB, DP), RB, D, DP, LOG2DP) * (1.0 / INV_SQRT_N)
     m_all = tl.maximum(m_run, m_fp)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
     w_comp, w_fp = tl.exp2(m_run - m_safe), tl.exp2(m_fp - m_safe)
@@ -707,20 +716,20 @@ _GLUON_WARNED = []
 
 
 def _warn_gluon_unavailable(error: Exception) -> None:
-    """Once per process: a config that asks for the Gluon pass on a GPU where it does not import."""
+    """Once per process: a config that asks for a Gluon pass on a GPU where it does not import."""
     if _GLUON_WARNED:
         return
     _GLUON_WARNED.append(error)
-    warnings.warn(f"nqkernels: the launch config asks for the Gluon keys pass but it does not import with triton "
-                  f"{triton.__version__} ({type(error).__name__}: {error}); the portable keys pass runs", stacklevel=4)
+    warnings.warn(f"nqkernels: the launch config asks for a Gluon pass but it does not import with triton "
+                  f"{triton.__version__} ({type(error).__name__}: {error}); the portable kernels run", stacklevel=4)
 
 
-def _gluon_keys(q: torch.Tensor, codec, rows: int):
-    """The Gluon keys pass (``attention_gluon``, GPU only) where it can run, else None (the portable
-    ``_attn_keys_kernel`` runs): a CUDA device of capability >= 9, a triton whose Gluon API it compiles with (imported
-    lazily, so a triton without it is no import error), and a launch it covers (head_dim 64/128/256, q_len · group
-    <= 8, pages of a multiple of 16 tokens; q_len · group > 8 and head_dim 96 take the portable kernel). Chosen by
-    the launch config's ``gluon_keys`` (default off)."""
+def _gluon(q: torch.Tensor):
+    """The Gluon passes (``attention_gluon``, GPU only) where they can run, else None (the portable kernels run): a
+    CUDA device of capability >= 9 and a triton whose Gluon API they compile with (imported lazily, so a triton
+    without it is no import error). Which launches each pass covers: ``attention_gluon.supports`` (head_dim
+    64/128/256, q_len · group <= 8, pages of a multiple of 16 tokens; the rest take the portable kernels). Chosen
+    by the launch config's ``gluon_keys`` / ``gluon_values`` (default off)."""
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
         return None
     try:
@@ -728,8 +737,7 @@ def _gluon_keys(q: torch.Tensor, codec, rows: int):
     except Exception as e:  # noqa: BLE001 - no (or another) Gluon API in this triton: the portable kernel runs
         _warn_gluon_unavailable(e)
         return None
-    ok = attention_gluon.supports(codec.head_dim, codec.key_bits, codec.page_size, rows)
-    return attention_gluon if ok else None
+    return attention_gluon
 
 
 # Decode plans: the launches of a decode_attention call, replayed for the next calls of the same step (every layer
@@ -973,16 +981,19 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     else:  # placeholders, never read, but of the operands' dtypes: the kernel compiles its compressed-page branch
         q_t, q_mean = acc_part.new_empty(1, dtype=torch.float16), m_part  # anyway, and fp16 x fp32 is not a product
     rb = min(block_m, triton.next_power_of_2(rows))  # the real rows of a block (the reduce reads only these)
+    fast_values = False
     if two_pass and prep:
         n_tok = max_pages * P  # logits workspace: 4 bytes per (sequence, KV head, token slot, row)
         logits = torch.empty(B * H * n_mblk, n_tok, rb, dtype=torch.float32, device=q.device)
-        fast_keys = _gluon_keys(q, codec, rows) if cfg["gluon_keys"] else None
-        if fast_keys is not None:  # the Gluon keys pass (Hopper+): the same logits and split maxima
-            fast_keys.keys_pass(cache, q_t, q_mean, logits, m_part, q_len=q_len, group=group, block_m=block_m, rs=rb,
-                                num_splits=num_splits, pages_per_split=pages_per_split, n_tok=n_tok, scale=scale,
-                                softcap=softcap, window=window, num_warps=cfg["gluon_warps"],
-                                prefetch=cfg["gluon_prefetch"], l2_prefetch=cfg["gluon_l2"],
-                                maxnreg=cfg["gluon_maxnreg"], launch=launch)
+        fast = _gluon(q) if cfg["gluon_keys"] or cfg["gluon_values"] else None
+        fast_keys = fast is not None and cfg["gluon_keys"] and fast.supports(D, codec.key_bits, P, rows)
+        fast_values = fast is not None and cfg["gluon_values"] and fast.supports(D, codec.value_bits, P, rows)
+        if fast_keys:  # the Gluon keys pass (Hopper+): the same logits and split maxima
+            fast.keys_pass(cache, q_t, q_mean, logits, m_part, q_len=q_len, group=group, block_m=block_m, rs=rb,
+                           num_splits=num_splits, pages_per_split=pages_per_split, n_tok=n_tok, scale=scale,
+                           softcap=softcap, window=window, num_warps=cfg["gluon_warps"],
+                           prefetch=cfg["gluon_prefetch"], l2_prefetch=cfg["gluon_l2"],
+                           maxnreg=cfg["gluon_maxnreg"], launch=launch)
         else:
             launch(_attn_keys_kernel, (B * H * n_mblk, num_splits),
                 cache.k_codes, cache.k_scales, cache.block_table, cache.lengths, q_t, q_mean, logits, m_part,
@@ -993,7 +1004,12 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
                 SOFTCAP=softcap is not None, WINDOW=window is not None, ASM=q.is_cuda, BLOCK_M=block_m, RS=rb,
                 JOIN_K=_join_runs(codec.key_bits, cache.k_codes), PDL=pdl, CAUSAL_PAGES=q_len > 1,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_pdl_options(pdl))
-        launch(_attn_values_kernel, (B * H * n_mblk, n_parts),
+        if fast_values:  # the Gluon values pass (Hopper+) takes the pages: raw partials, rotated back by the reduce
+            fast.values_pass(cache, logits, m_part, l_part, acc_part, rows=rows, block_m=block_m, rs=rb,
+                             num_splits=num_splits, pages_per_split=pages_per_split, n_tok=n_tok,
+                             num_warps=cfg["gluon_values_warps"], l2_prefetch=cfg["gluon_l2"],
+                             maxnreg=cfg["gluon_maxnreg"], launch=launch)
+        launch(_attn_values_kernel, (B * H * n_mblk, 1 if fast_values else n_parts),
             q, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths, logits, cache.fp_k, cache.fp_v,
             m_part, l_part, acc_part, _value_gather(D, codec.value_bits, dev),
             H, n_mblk, num_splits, pages_per_split, n_tok, cache.max_batch, scale, float(softcap or 1.0),
@@ -1002,7 +1018,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             Q_LEN=q_len, GROUP=group, D=D, DP=DP, VBITS=codec.value_bits, PAGE=P, INV_SQRT_N=inv_sqrt_n,
             LOG2DP=DP.bit_length() - 1, SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=dot,
             ASM=q.is_cuda, BLOCK_M=block_m, RS=rb, BLOCK_N=cfg["BLOCK_N"],
-            JOIN_V=_join_runs(codec.value_bits, cache.v_codes), PDL=pdl,
+            JOIN_V=_join_runs(codec.value_bits, cache.v_codes), PDL=pdl, FP_ONLY=fast_values,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_pdl_options(pdl))
     else:
         launch(_attn_split_kernel, (B * H * n_mblk, n_parts),
@@ -1027,12 +1043,13 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_pdl_options(pdl and prep))
     # The reduce reads only the real rows of a block; small batches spread its output columns over programs.
     n_bh = B * H * n_mblk
-    ob = min(DP, 32) if n_bh < _max_programs(q.device, 1) else DP
+    raw = two_pass and prep and fast_values  # raw partials: the reduce rotates back, so it takes whole rows
+    ob = min(DP, 32) if n_bh < _max_programs(q.device, 1) and not raw else DP
     launch(_attn_reduce_kernel, (n_bh, DP // ob),
         m_part, l_part, acc_part, cache.v_mean, out, H, n_mblk, num_splits, *cache.v_mean.stride()[:2],
         *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP, CENTER_V=codec.center_values, BLOCK_M=block_m,
         RB=rb, SC=max(1, min(triton.next_power_of_2(max(num_splits, 1)), 8192 // (rb * ob))), OB=ob, PDL=pdl,
-        num_warps=4, **_pdl_options(pdl))
+        RAW=raw, LOG2DP=DP.bit_length() - 1, INV_SQRT_N=inv_sqrt_n, num_warps=4, **_pdl_options(pdl))
     if record is not None:
         _PLANS[key] = record
         while len(_PLANS) > _MAX_PLANS:  # the oldest step's plan and its workspaces go

@@ -405,6 +405,318 @@ def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_pt
     gl.store(m_ptr + part * BLOCK_M + c1 + 1, m1, mask=g0 & (c1 + 1 < RS))
 
 
+# ------------------------------------------------------------------------------------------------- values pass
+#
+# Values contract over tokens: acc[coordinate, row] += Σ_t v_t[coordinate] · p_t[row] · s_t. One m16n8k16 product
+# per 16 coordinates of a 16-token unit: A [16 coordinates × 16 tokens] from the codes, B [16 tokens × 8 rows] the
+# weights p·s in fp16, C the fp32 accumulator. An A register holds one coordinate of two consecutive tokens (2c and
+# 2c + 1, or 2c + 8 and 2c + 9), so a thread (lane 4g + c) loads, of those four tokens, the code bits of "its"
+# coordinates g·D/8 .. (g + 1)·D/8 - 1 (a word, half a word or a byte per plane), and one PRMT per pair of tokens
+# puts the two tokens' bits in the two 16-bit halves of one register ("pair word"). From there a pair word is what a
+# token's code word is to the keys pass: one mask per A register (fp16 subnormals), the parity restored on whole
+# words, the coset flags two instructions per group. The weights p = 2^(logit - split max) come from the keys pass's
+# workspace; B's column g is query row g, and its rows 2c, 2c + 1, 2c + 8, 2c + 9 are exactly this thread's tokens.
+# The coset flags of the thread's groups are a product of their own (M rows = groups). At the split's end a thread
+# holds, for its coordinates and query rows 2c, 2c + 1, Σ p·s·v in storage order (v = lo + c/2 + 4·hi + OFF);
+# ``attention._attn_reduce_kernel`` (RAW) sums the splits and rotates back once.
+
+
+@gluon.jit
+def _prmt(a, b, SEL: gl.constexpr):
+    """Bytes of (a, b) selected by a constant selector (``prmt.b32``)."""
+    return gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, " + SEL + ";", "=r,r,r", [a, b], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _prmt_r(a, b, sel):
+    """Bytes of (a, b) selected by a per-thread selector."""
+    return gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _f16x2(lo, hi):
+    """Two fp32 values as one register of two fp16 (round to nearest): lo in bits 0-15."""
+    return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _shfl_idx(x, src):
+    return gl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 31, -1;", "=f,f,r", [x, src], dtype=gl.float32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _shfl_add(x, MASK: gl.constexpr):
+    return x + gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, " + MASK + ", 31, -1;", "=f,f", [x],
+                                         dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _plane_span(D: gl.constexpr, FBITS: gl.constexpr):
+    """Of one plane of FBITS-bit fields, a thread's bits per token (its D/8 coordinates) and whole words it loads."""
+    TB: gl.constexpr = D // 8 * FBITS
+    return TB, max(1, TB // 32)
+
+
+@gluon.jit
+def _pair_words(wa, wb, sel, TB: gl.constexpr, NWT: gl.constexpr):
+    """The pair words of tokens a, b (each a tuple of the thread's words of one plane): per 16 bits of the thread's
+    span, token a's in bits 0-15 and token b's in bits 16-31. A span below a word is the half (TB 16) or byte (TB 8)
+    ``sel`` picks."""
+    p = ()
+    if TB >= 32:
+        for i in gl.static_range(NWT):
+            p = p + (_prmt(wa[i], wb[i], "0x5410"), _prmt(wa[i], wb[i], "0x7632"))
+    else:
+        p = (_prmt_r(wa[0], wb[0], sel),)
+    return p
+
+
+@gluon.jit
+def _value_regs(pa, pb, TB: gl.constexpr, FBITS: gl.constexpr, LOW: gl.constexpr):
+    """A registers of two token pairs' pair words of one plane (a: tokens 2c, 2c + 1; b: 2c + 8, 2c + 9): register r
+    of each holds the thread's coordinate r (times 4^(r % 4) at 2 bits, 2^(r % 8) at 1 bit, and 2^-24). The low plane
+    has its implied parity bits restored first, and also returns its coset registers (2c·2^-24 per group), one per
+    pair word of each pair."""
+    ca = ()
+    cb = ()
+    if LOW:
+        for i in gl.static_range(len(pa)):
+            ca = ca + (_coset(pa[i]),)
+            cb = cb + (_coset(pb[i]),)
+        ra = ()
+        rb = ()
+        for i in gl.static_range(0, len(pa), 2):
+            if i + 1 < len(pa):
+                fa = _parity_fold(pa[i], pa[i + 1])
+                fb = _parity_fold(pb[i], pb[i + 1])
+                ra = ra + _regs2(_with_parity(pa[i], fa)) + _regs2(_with_parity(pa[i + 1], fa >> 1))
+                rb = rb + _regs2(_with_parity(pb[i], fb)) + _regs2(_with_parity(pb[i + 1], fb >> 1))
+            else:  # a single pair word (head_dim 64): folded with its partner, whose parity bits land on bit 15
+                f = _parity_fold(pa[i], pb[i])
+                ra = ra + _regs2(_with_parity(pa[i], f))
+                rb = rb + _regs2(_with_parity(pb[i], f >> 1))
+    else:
+        ra = ()
+        rb = ()
+        for i in gl.static_range(len(pa)):
+            if FBITS == 2:
+                ra = ra + _regs2(pa[i])
+                rb = rb + _regs2(pb[i])
+            else:
+                ra = ra + _regs1(pa[i], min(16, TB))
+                rb = rb + _regs1(pb[i], min(16, TB))
+    return ra, rb, ca, cb
+
+
+@gluon.jit
+def _value_units(vc_h, vs_h, lg0, page, pg, g_ok, svc_p, svs_p, o_lo, o_hi, t0, D: gl.constexpr,
+                 VBITS: gl.constexpr, W: gl.constexpr, PAGE: gl.constexpr, RS: gl.constexpr, UPW: gl.constexpr,
+                 NW: gl.constexpr, OFF64: gl.constexpr, VEC: gl.constexpr):
+    """What a page's units need of this thread (``o_lo``/``o_hi``/``t0``: its word offsets and token 16w + 2c in
+    unit 0; unit k is 16·NW·k tokens further): per unit, the low- and high-plane words of its four tokens (2c,
+    2c + 1, 2c + 8, 2c + 9), their scales and the logits of query row g. One pointer per page and stream, every
+    load at a constant offset from it. Every load stays inside the page; the logits past the sequence are -inf in
+    the workspace."""
+    if OFF64:
+        page = page.to(gl.int64)
+    p_lo = vc_h + page * svc_p + o_lo
+    p_hi = vc_h + page * svc_p + o_hi
+    p_s = vs_h + page * svs_p + t0
+    p_x = lg0 + (pg * PAGE + t0) * RS
+    NWL: gl.constexpr = max(1, D // 8 * 2 // 32)
+    NWH: gl.constexpr = max(1, D // 8 * max(1, VBITS - 2) // 32)
+    units = ()
+    for k in gl.static_range(UPW):
+        words = ()
+        for dt in gl.static_range(4):  # tokens 2c, 2c + 1, 2c + 8, 2c + 9 of unit k
+            lo = _ld(p_lo + (16 * NW * k + dt % 2 + 8 * (dt // 2)) * W, NWL, VEC)
+            hi = ()
+            if VBITS > 2:
+                hi = _ld(p_hi + (16 * NW * k + dt % 2 + 8 * (dt // 2)) * W, NWH, VEC)
+            words = words + ((lo, hi),)
+        s = ()
+        x = ()
+        for dt in gl.static_range(4):
+            s = s + (gl.load(p_s + (16 * NW * k + dt % 2 + 8 * (dt // 2))).to(gl.float32),)
+            x = x + (gl.load(p_x + (16 * NW * k + dt % 2 + 8 * (dt // 2)) * RS, mask=g_ok, other=float("-inf")),)
+        units = units + ((words, s, x),)
+    return units
+
+
+@gluon.jit
+def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr, acc_ptr,
+                         H, n_splits, pages_per_split, n_tok, max_batch, svc_p, svc_h, svs_p, svs_h, sbt,
+                         ROWS: gl.constexpr, D: gl.constexpr, VBITS: gl.constexpr, PAGE: gl.constexpr,
+                         BLOCK_M: gl.constexpr, RS: gl.constexpr, NW: gl.constexpr, W: gl.constexpr,
+                         OFF64: gl.constexpr, VEC: gl.constexpr, L2PF: gl.constexpr):
+    # Grid (batch · KV heads, splits), as the compressed programs of ``_attn_values_kernel``. A CTA of NW warps takes
+    # a split's pages in order, warp w the units w, w + NW, .. of each page, the next page's loads issued before the
+    # current page is decoded; with L2PF > 0 the page L2PF further ahead is prefetched into L2.
+    L: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
+    zero_i = gl.zeros([NW, 32], gl.int32, L)
+    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, L))[None, :] + zero_i
+    warp = gl.arange(0, NW, layout=gl.SliceLayout(1, L))[:, None] + zero_i
+    g = lane >> 2
+    c = lane & 3
+    pid = gl.program_id(0)
+    split = gl.program_id(1)
+    b = pid // H
+    h = pid % H
+    comp = gl.load(lens_ptr + max_batch + b)
+    part = pid * (n_splits + 1) + split
+    CT: gl.constexpr = D // 8  # coordinates per thread
+    TBL: gl.constexpr = CT * 2
+    TBH: gl.constexpr = CT * max(1, VBITS - 2)
+    # a thread's words: low plane from word g·TBL/32, high plane (words D/16 ..) from word g·TBH/32; a span below a
+    # word is picked by a PRMT selector (half: 0x5410 / 0x7632; byte k: k·0x1111 + 0x4400)
+    if TBL >= 32:
+        lo_w = g * (TBL // 32)
+        sel_lo = zero_i
+    else:
+        lo_w = g >> 1
+        sel_lo = 0x5410 + (g & 1) * 0x2222
+    if TBH >= 32:
+        hi_w = D // 16 + g * (TBH // 32)
+        sel_hi = zero_i
+    elif TBH == 16:
+        hi_w = D // 16 + (g >> 1)
+        sel_hi = 0x5410 + (g & 1) * 0x2222
+    else:
+        hi_w = D // 16 + (g >> 2)
+        sel_hi = (g & 3) * 0x1111 + 0x4400
+    g_ok = g < RS
+    m_g = gl.load(m_ptr + part * BLOCK_M + g, mask=g_ok, other=float("-inf"))
+    m_g = gl.where(m_g == float("-inf"), 0.0, m_g)
+    zero = gl.zeros([NW, 32], gl.float32, L)
+    UPW: gl.constexpr = PAGE // 16 // NW
+    t0 = 16 * warp + 2 * c  # the thread's first token in unit 0 of a page
+    o_lo = t0 * W + lo_w
+    o_hi = t0 * W + hi_w
+    p_lo = split * pages_per_split
+    p_hi = gl.minimum(p_lo + pages_per_split, (comp + PAGE - 1) // PAGE)
+    end = gl.minimum(comp, p_hi * PAGE)
+    vc_h = vc_ptr + h * svc_h
+    vs_h = vs_ptr + h * svs_h
+    bt_b = bt_ptr + b * sbt
+    lg0 = lg_ptr + pid.to(gl.int64) * n_tok * RS + g
+    last = gl.maximum(p_hi - 1, 0)
+    NT: gl.constexpr = D // 16  # value tiles (16 coordinates each) per plane
+    NCT: gl.constexpr = max(1, D // 128)  # coset tiles (16 groups each)
+    acc_lo = ()
+    for t in gl.static_range(NT):
+        acc_lo = acc_lo + ((zero, zero, zero, zero),)
+    acc_hi = ()
+    if VBITS > 2:
+        for t in gl.static_range(NT):
+            acc_hi = acc_hi + ((zero, zero, zero, zero),)
+    acc_c = ()
+    for t in gl.static_range(NCT):
+        acc_c = acc_c + ((zero, zero, zero, zero),)
+    l_g = zero
+    ls_g = zero
+    nxt = _value_units(vc_h, vs_h, lg0, gl.load(bt_b + gl.minimum(p_lo, last)), gl.minimum(p_lo, last), g_ok, svc_p,
+                       svs_p, o_lo, o_hi, t0, D, VBITS, W, PAGE, RS, UPW, NW, OFF64, VEC)
+    page = gl.load(bt_b + gl.minimum(p_lo + 1, last))
+    if L2PF > 0:
+        CODE_BYTES: gl.constexpr = PAGE * W * 4
+        first = lane + warp
+        for i in gl.static_range(L2PF):
+            _l2_prefetch(vc_h, vs_h, gl.load(bt_b + gl.minimum(p_lo + 1 + i, last)), svc_p, svs_p, first, CODE_BYTES,
+                         PAGE * 2, OFF64)
+        l2_page = gl.load(bt_b + gl.minimum(p_lo + 1 + L2PF, last))
+    for pg in range(p_lo, p_hi):
+        if L2PF > 0:
+            _l2_prefetch(vc_h, vs_h, l2_page, svc_p, svs_p, first, CODE_BYTES, PAGE * 2, OFF64)
+            l2_page = gl.load(bt_b + gl.minimum(pg + 2 + L2PF, last))
+        cur = nxt
+        nxt = _value_units(vc_h, vs_h, lg0, page, gl.minimum(pg + 1, last), g_ok, svc_p, svs_p, o_lo, o_hi, t0, D,
+                           VBITS, W, PAGE, RS, UPW, NW, OFF64, VEC)
+        page = gl.load(bt_b + gl.minimum(pg + 2, last))
+        for k in gl.static_range(UPW):
+            words, s, x = cur[k]
+            p0 = gl.exp2(x[0] - m_g)
+            p1 = gl.exp2(x[1] - m_g)
+            p2 = gl.exp2(x[2] - m_g)
+            p3 = gl.exp2(x[3] - m_g)
+            q0 = p0 * s[0]
+            q1 = p1 * s[1]
+            q2 = p2 * s[2]
+            q3 = p3 * s[3]
+            if pg * PAGE + PAGE > end:  # the split's last page: slots past the sequence may hold any scale
+                tk = pg * PAGE + 16 * NW * k + t0
+                q0 = gl.where(tk < end, q0, 0.0)
+                q1 = gl.where(tk + 1 < end, q1, 0.0)
+                q2 = gl.where(tk + 8 < end, q2, 0.0)
+                q3 = gl.where(tk + 9 < end, q3, 0.0)
+            l_g = l_g + ((p0 + p1) + (p2 + p3))
+            ls_g = ls_g + ((q0 + q1) + (q2 + q3))
+            b0 = _f16x2(q0, q1)
+            b1 = _f16x2(q2, q3)
+            pa = _pair_words(words[0][0], words[1][0], sel_lo, TBL, max(1, TBL // 32))
+            pb = _pair_words(words[2][0], words[3][0], sel_lo, TBL, max(1, TBL // 32))
+            ra, rb, ca, cb = _value_regs(pa, pb, TBL, 2, True)
+            nacc = ()
+            for t in gl.static_range(NT):
+                a = acc_lo[t]
+                nacc = nacc + (_mma(ra[2 * t], ra[2 * t + 1], rb[2 * t], rb[2 * t + 1], b0, b1, a[0], a[1], a[2],
+                                    a[3]),)
+            acc_lo = nacc
+            nacc = ()
+            for t in gl.static_range(NCT):
+                a = acc_c[t]
+                if 2 * t + 1 < len(ca):
+                    nacc = nacc + (_mma(ca[2 * t], ca[2 * t + 1], cb[2 * t], cb[2 * t + 1], b0, b1, a[0], a[1], a[2],
+                                        a[3]),)
+                else:  # one group per thread (head_dim 64): rows g + 8 are zero
+                    nacc = nacc + (_mma(ca[2 * t], zero_i, cb[2 * t], zero_i, b0, b1, a[0], a[1], a[2], a[3]),)
+            acc_c = nacc
+            if VBITS > 2:
+                ha = _pair_words(words[0][1], words[1][1], sel_hi, TBH, max(1, TBH // 32))
+                hb = _pair_words(words[2][1], words[3][1], sel_hi, TBH, max(1, TBH // 32))
+                ra, rb, ca, cb = _value_regs(ha, hb, TBH, VBITS - 2, False)
+                nacc = ()
+                for t in gl.static_range(NT):
+                    a = acc_hi[t]
+                    nacc = nacc + (_mma(ra[2 * t], ra[2 * t + 1], rb[2 * t], rb[2 * t + 1], b0, b1, a[0], a[1],
+                                        a[2], a[3]),)
+                acc_hi = nacc
+    # Σp and Σp·s of row g: over the thread's column (lanes 4g .. 4g + 3) and the warps, then fetched for the rows
+    # 2c, 2c + 1 this thread's accumulators hold (lanes 8c and 8c + 4).
+    l_g = gl.sum(_shfl_add(_shfl_add(l_g, "1"), "2"), axis=0)
+    ls_g = gl.sum(_shfl_add(_shfl_add(ls_g, "1"), "2"), axis=0)
+    lane1 = gl.arange(0, 32, layout=gl.SliceLayout(0, L))
+    c1 = lane1 & 3
+    g1 = lane1 >> 2
+    col0 = 2 * c1
+    col1 = col0 + 1
+    ls0 = _shfl_idx(ls_g, 8 * c1)
+    ls1 = _shfl_idx(ls_g, 8 * c1 + 4)
+    row_l = l_ptr + part * BLOCK_M
+    gl.store(row_l + g1, l_g, mask=(c1 == 0) & (g1 < ROWS))
+    OFF: gl.constexpr = 0.25 - (1 << (VBITS - 1))
+    out0 = acc_ptr + (part * BLOCK_M + col0) * D + g1 * CT
+    out1 = out0 + D
+    for r in gl.static_range(CT):
+        # (c0, c1) of tile r // 2: row g (coordinate r, r even); (c2, c3): row g + 8 (r odd). The coset tile of the
+        # thread's group r // 8 is r // 16, rows g (even group) or g + 8.
+        y0 = gl.sum(acc_lo[r // 2][2 * (r % 2)], axis=0) * (SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
+        y1 = gl.sum(acc_lo[r // 2][2 * (r % 2) + 1], axis=0) * (SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
+        if VBITS == 3:
+            y0 = y0 + gl.sum(acc_hi[r // 2][2 * (r % 2)], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (r % 8)))
+            y1 = y1 + gl.sum(acc_hi[r // 2][2 * (r % 2) + 1], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (r % 8)))
+        elif VBITS == 4:
+            y0 = y0 + gl.sum(acc_hi[r // 2][2 * (r % 2)], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
+            y1 = y1 + gl.sum(acc_hi[r // 2][2 * (r % 2) + 1], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
+        y0 = y0 + gl.sum(acc_c[r // 16][2 * (r // 8 % 2)], axis=0) * (SUBNORMAL_UNIT * 0.25) + ls0 * OFF
+        y1 = y1 + gl.sum(acc_c[r // 16][2 * (r // 8 % 2) + 1], axis=0) * (SUBNORMAL_UNIT * 0.25) + ls1 * OFF
+        gl.store(out0 + r, y0, mask=col0 < ROWS)
+        gl.store(out1 + r, y1, mask=col1 < ROWS)
+
+
 # ---------------------------------------------------------------------------------------------------- launcher
 
 
@@ -541,4 +853,35 @@ def keys_pass(cache, q_t, q_mean, logits, m_part, *, q_len: int, group: int, blo
         Q_LEN=q_len, GROUP=group, D=D, KBITS=codec.key_bits, PAGE=P, SOFTCAP=softcap is not None,
         WINDOW=window is not None, BLOCK_M=block_m, RS=rs, CAUSAL_PAGES=q_len > 1, NW=nw, W=words, KQ=kq,
         OFF64=kc.numel() >= 2 ** 31 or ks.numel() >= 2 ** 31, VEC=vec, PF=prefetch, L2PF=l2_prefetch if l2 else 0,
+        num_warps=nw, maxnreg=maxnreg)
+
+
+def supports_values(head_dim: int, value_bits: int, page_size: int, rows: int) -> bool:
+    """Whether the Gluon values pass covers a launch (as ``supports``, for the value bits)."""
+    return supports(head_dim, value_bits, page_size, rows)
+
+
+def values_pass(cache, logits, m_part, l_part, acc_part, *, rows: int, block_m: int, rs: int, num_splits: int,
+                pages_per_split: int, n_tok: int, num_warps: int = 2, l2_prefetch: int = 2, maxnreg=None,
+                launch=None) -> None:
+    """Launch the Gluon values pass for the compressed splits of the two-pass decode: from the keys pass's logits
+    workspace and split maxima, each split's Σp ([programs, splits + 1, block_m] ``l_part``) and Σ p·s·v in storage
+    order ([programs, splits + 1, block_m, head_dim] ``acc_part``, rows < ``rows``), which
+    ``attention._attn_reduce_kernel`` reads with RAW. ``num_warps``: warps per program (each takes its own 16-token
+    units); ``l2_prefetch``: prefetch the page that many ahead into L2 (0: off); ``maxnreg``: the register cap;
+    ``launch``: ``nqkernels.launch.launcher``'s (default: a plain launch)."""
+    codec = cache.codec
+    D, P = codec.head_dim, codec.page_size
+    vc, vs = cache.v_codes, cache.v_scales
+    words = vc.shape[3]
+    assert vc.stride(3) == 1 and vc.stride(2) == words and vs.stride(2) == 1
+    nw = max(1, min(num_warps, P // 16))
+    vec = vc.data_ptr() % 16 == 0 and all(st % 4 == 0 for st in vc.stride()[:2]) and words % 4 == 0
+    l2 = (vc.data_ptr() % 16 == 0 and all(st % 4 == 0 for st in vc.stride()[:2]) and vs.data_ptr() % 16 == 0
+          and all(st * vs.element_size() % 16 == 0 for st in vs.stride()[:2]))
+    (launch or launcher(None))(_gluon_values_kernel, (logits.shape[0], num_splits),
+        vc, vs, cache.block_table, cache.lengths, logits, m_part, l_part, acc_part, cache.num_kv_heads, num_splits,
+        pages_per_split, n_tok, cache.max_batch, *vc.stride()[:2], *vs.stride()[:2], cache.block_table.stride(0),
+        ROWS=rows, D=D, VBITS=codec.value_bits, PAGE=P, BLOCK_M=block_m, RS=rs, NW=nw, W=words,
+        OFF64=vc.numel() >= 2 ** 31 or vs.numel() >= 2 ** 31, VEC=vec, L2PF=l2_prefetch if l2 else 0,
         num_warps=nw, maxnreg=maxnreg)

@@ -200,7 +200,8 @@ _DEFAULTS = {"encode": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "program
              "attention": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8,
                            "min_pages_per_split": 4, "maxnreg": None, "pages_per_step": 1,
                            "two_pass": False, "gluon_keys": False, "gluon_warps": 2, "gluon_prefetch": 1,
-                           "gluon_l2": 2, "gluon_maxnreg": None},
+                           "gluon_l2": 2, "gluon_maxnreg": None, "gluon_values": False,
+                           "gluon_values_warps": 2},
              "scoring": {"num_warps": 4, "programs_per_sm": 4},
              "filter": {"BT": 64, "num_warps": 4},
              "unfilter": {"BT": 64, "num_warps": 4}}

@@ -175,8 +175,76 @@ def bench_shape(dev, Hq, H, D, B, T, variants, mults=(1, 2, 4)):
     return row
 
 
+def decode_variants(dev, B, T, D, bits, Hq=32, H=8, value_warps=(1, 2, 4), mults=(1, 2)):
+    """The whole decode (q_len 1) with each pass portable or Gluon, beside SDPA fp16 (GQA) and the config store's
+    choice, in one process; every variant's output against the portable two-pass one; the kernels of the portable
+    and of the fastest all-Gluon decode."""
+    torch.manual_seed(0)
+    kb, vb = bits
+    codec = KVCodec(head_dim=D, key_bits=kb, value_bits=vb)
+    group = Hq // H
+    cache, x = random_cache(codec, H, B, T, dev)
+    q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.float16)
+    cfg = A._config("attention", A.attention_buckets(D, kb, vb, group, B, T), dev)
+    s0 = capture_keys_launch(q, cache, cfg)["kw"]["num_splits"]
+    qs = q.transpose(1, 2)
+    k16 = x[0].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
+    v16 = x[1].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
+    dec = {"sdpa_fp16": bench_ms(lambda: F.scaled_dot_product_attention(qs, k16, v16, enable_gqa=True)) * 1e3}
+    del k16, v16
+    dec["shipped"] = bench_ms(lambda: decode_attention(q, cache)) * 1e3
+    variants = {"portable": dict(gluon_keys=False, gluon_values=False),
+                "gluon_keys": dict(gluon_keys=True, gluon_values=False)}
+    for w in value_warps:
+        variants[f"gluon_kv_w{w}"] = dict(gluon_keys=True, gluon_values=True, gluon_values_warps=w)
+    outs, cfgs = {}, {}
+    for m in mults:
+        sp = m * s0
+        for name, extra in variants.items():
+            c = dict(cfg, two_pass=True, **extra)
+            with store.override("attention", c):
+                dec[f"{name}_s{sp}"] = bench_ms(lambda: decode_attention(q, cache, num_splits=sp)) * 1e3
+                outs[f"{name}_s{sp}"] = decode_attention(q, cache, num_splits=sp).float()
+            cfgs[f"{name}_s{sp}"] = (c, sp)
+    base = outs[f"portable_s{s0}"]
+    diff = {k: ((v - base).norm() / base.norm()).item() for k, v in outs.items()}
+    best = min((v, k) for k, v in dec.items() if k.startswith("gluon_kv"))[1]
+    kt = {}
+    for name in (f"portable_s{s0}", best):
+        c, sp = cfgs[name]
+        with store.override("attention", c):
+            kt[name] = kernel_times(lambda: decode_attention(q, cache, num_splits=sp))
+    per_tok = codec.bytes_per_token(kb) + codec.bytes_per_token(vb)
+    nbytes = B * T * H * per_tok
+    return dict(batch=B, context=T, head_dim=D, q_heads=Hq, kv_heads=H, bits=f"K{kb}V{vb}", config=cfg,
+                num_splits=s0, decode_us=dec, rel_diff_vs_portable=diff, best=best, kernel_us=kt,
+                compressed_bytes=nbytes, best_GBps=nbytes / dec[best] / 1e3)
+
+
+def main_decode(args, dev, res):
+    for bits in args.bits.split(","):
+        kb, vb = int(bits[1]), int(bits[3])
+        for shape in args.shapes.split(","):
+            parts = [int(v) for v in shape.split("x")]
+            B, T, D = parts[0], parts[1], parts[2] if len(parts) > 2 else 128
+            t0 = time.time()
+            row = decode_variants(dev, B, T, D, (kb, vb))
+            res["decode_rows"].append(row)
+            d = row["decode_us"]
+            log(f"{bits} B={B} T={T} D={D} splits {row['num_splits']} ({time.time() - t0:.0f}s): " +
+                "  ".join(f"{n} {v:.1f} (x{d['sdpa_fp16'] / v:.2f})" for n, v in d.items()))
+            log(f"  best {row['best']}: {row['best_GBps']:.0f} GB/s of compressed bytes; diff vs portable " +
+                json.dumps({n: f"{v:.1e}" for n, v in row["rel_diff_vs_portable"].items()}))
+            for n, v in row["kernel_us"].items():
+                log(f"  {n} kernels: " + ", ".join(f"{kn[:40]} {kv:.1f}" for kn, kv in v.items()))
+            with open(os.path.join(args.out, "attention_gluon_decode_h200.json"), "w") as f:
+                json.dump(res, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--decode", action="store_true", help="whole-decode variants only (decode_variants)")
+    ap.add_argument("--bits", default="K3V2,K2V2,K4V4", help="bit pairs for --decode")
     ap.add_argument("--shapes", default="8x32768,16x8192,1x131072", help="BxT,...")
     ap.add_argument("--variants", default="w1p1l0,w2p1l0,w4p1l0,w1p1l2,w2p1l2,w4p1l2,w2p1l4,w4p1l0r128,w2p2l2",
                     help="Gluon launch variants (parse_variant), ...")
@@ -187,7 +255,9 @@ def main():
     dev = torch.device("cuda")
     info = device_info(dev)
     log(json.dumps(info))
-    res = dict(info=info, copy_GBps=copy_bandwidth(dev), rows=[])
+    res = dict(info=info, copy_GBps=copy_bandwidth(dev), rows=[], decode_rows=[])
+    if args.decode:
+        return main_decode(args, dev, res)
     variants = args.variants.split(",")
     for shape in args.shapes.split(","):
         B, T = (int(v) for v in shape.split("x"))

@@ -138,6 +138,94 @@ def test_fragment_maps_match_reference(d, bits):
     torch.testing.assert_close(got * 2.0 ** 24, want, rtol=1e-12, atol=1e-9)
 
 
+def _prmt(a, b, sel):
+    """prmt.b32 (default mode) on unsigned 32-bit ints."""
+    src = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+    return sum(src[(sel >> 4 * i) & 7] << 8 * i for i in range(4))
+
+
+def _value_thread(words, g, c, d, bits):
+    """attention_gluon's values pass for lane 4g + c of one 16-token unit (words: [16, W] unsigned): per plane its
+    A registers for token pairs (2c, 2c + 1) and (2c + 8, 2c + 9), and the low plane's coset registers."""
+    def plane(first, fbits, low):
+        tb = d // 8 * fbits  # the thread's bits per token
+        nwt = max(1, tb // 32)
+        w0 = first + (g * tb // 32 if tb >= 32 else (g >> 1 if tb == 16 else g >> 2))
+        sel = 0x5410 + (g & 1) * 0x2222 if tb == 16 else (g & 3) * 0x1111 + 0x4400
+        pairs = []
+        for ta, tb_ in ((2 * c, 2 * c + 1), (2 * c + 8, 2 * c + 9)):
+            wa = [int(words[ta, w0 + i]) for i in range(nwt)]
+            wb = [int(words[tb_, w0 + i]) for i in range(nwt)]
+            if tb >= 32:
+                pairs.append([p for i in range(nwt) for p in (_prmt(wa[i], wb[i], 0x5410), _prmt(wa[i], wb[i], 0x7632))])
+            else:
+                pairs.append([_prmt(wa[0], wb[0], sel)])
+        regs, cos = [], []
+        for k, pw in enumerate(pairs):
+            if low:
+                cos.append([(p >> 13) & 0x00020002 for p in pw])
+                r = []
+                if len(pw) == 1:  # head_dim 64: folded with the other pair's word
+                    f = _parity_fold(pairs[0][0], pairs[1][0])
+                    r = _regs2(_with_parity(pw[0], f >> k))
+                for i in range(0, len(pw) - 1, 2):
+                    f = _parity_fold(pw[i], pw[i + 1])
+                    r += _regs2(_with_parity(pw[i], f)) + _regs2(_with_parity(pw[i + 1], f >> 1))
+                regs.append(r)
+            else:
+                regs.append([x for p in pw for x in (_regs2(p) if fbits == 2 else _regs1(p, min(16, tb)))])
+        return regs, cos
+
+    lo, cos = plane(0, 2, True)
+    hi = plane(d // 16, bits - 2, False)[0] if bits > 2 else None
+    return lo, hi, cos
+
+
+@needs_gluon
+@pytest.mark.parametrize("d", (64, 128, 256))
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_value_fragment_maps_match_reference(d, bits):
+    """Emulate one 16-token unit of the values pass: each lane's A registers (pair words, parity, masks), the
+    m16n8k16 contraction (row g of tile t: the thread's coordinate 2t, row g + 8: 2t + 1; A column 2c + h (+8) is
+    token 2c + h (+8), B's row of the same token), and the epilogue's weights. Must give Σ_t w[t, n]·v[t, j] for the
+    reference lattice values v, to float64 rounding."""
+    torch.manual_seed(10 * d + bits)
+    idx = R.e8_nearest(torch.randn(16, d) * (1 << bits) / 2.5, bits)
+    words = _u32(R.pack_codes(idx, bits).long())
+    w = torch.rand(16, 8, dtype=torch.float64)  # p·s per (token, row)
+    ct = d // 8
+    got = torch.zeros(d, 8, dtype=torch.float64)
+
+    def field(reg, h):
+        return float((reg >> 16 * h) & 0xFFFF)  # the fp16 subnormal's value, in units of 2^-24
+
+    for g in range(8):
+        acc_lo = torch.zeros(ct, 8, dtype=torch.float64)
+        acc_hi = torch.zeros(ct, 8, dtype=torch.float64)
+        acc_c = torch.zeros(max(2, d // 64), 8, dtype=torch.float64)
+        for c in range(4):
+            lo, hi, cos = _value_thread(words, g, c, d, bits)
+            for k, base in ((0, 2 * c), (1, 2 * c + 8)):  # token pairs
+                for h in range(2):
+                    for r in range(ct):
+                        acc_lo[r] += field(lo[k][r], h) * w[base + h]
+                        if hi is not None:
+                            acc_hi[r] += field(hi[k][r], h) * w[base + h]
+                    for i, x in enumerate(cos[k]):
+                        acc_c[i] += field(x, h) * w[base + h]
+        ls = w.sum(0)
+        for r in range(ct):  # the kernel's epilogue, in units of 2^-24 already
+            y = acc_lo[r] / 4 ** (r % 4)
+            if bits == 3:
+                y = y + acc_hi[r] * 4.0 / 2 ** (r % 8)
+            elif bits == 4:
+                y = y + acc_hi[r] * 4.0 / 4 ** (r % 4)
+            y = y + acc_c[r // 8] * 0.25 + ls * (0.25 - (1 << (bits - 1)))
+            got[g * ct + r] = y
+    want = R.e8_values(idx, bits).double().T @ w  # [coordinate (storage order), row]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+
+
 # -------------------------------------------------------------------------------- CPU: compiled for sm_90
 
 # Compiled in a process without TRITON_INTERPRET (as test_attention.test_pdl_paths_compile_for_hopper): each variant's
@@ -155,14 +243,22 @@ def tool(name):
 
 out = []
 for v in json.loads(sys.argv[1]):
-    consts = dict(Q_LEN=v.get("q_len", 1), GROUP=v.get("group", 4), D=v["d"], KBITS=v["bits"], PAGE=v.get("page", 64),
-                  SOFTCAP=v.get("softcap", False), WINDOW=v.get("window", False), BLOCK_M=16, RS=v.get("rs", 4),
-                  CAUSAL_PAGES=v.get("q_len", 1) > 1, NW=v["nw"], W=v["d"] * v["bits"] // 32,
-                  KQ=max(16, v["d"] // 8) + v["d"] * (2 if v["bits"] > 2 else 1), OFF64=v.get("off64", False),
-                  VEC=v.get("vec", True), PF=v.get("pf", 1), L2PF=v.get("l2", 0))
-    ptrs = dict(kc_ptr="*i32", ks_ptr=v.get("scale", "*fp16"), bt_ptr="*i32", lens_ptr="*i32", qt_ptr="*fp16",
-                fidx_ptr="*i32", qm_ptr="*fp32", lg_ptr="*fp32", m_ptr="*fp32", sm_scale="fp32", softcap="fp32")
-    fn = G._gluon_keys_kernel
+    if v.get("values"):
+        consts = dict(ROWS=v.get("rs", 4), D=v["d"], VBITS=v["bits"], PAGE=v.get("page", 64), BLOCK_M=16,
+                      RS=v.get("rs", 4), NW=v["nw"], W=v["d"] * v["bits"] // 32, OFF64=v.get("off64", False),
+                      VEC=v.get("vec", True), L2PF=v.get("l2", 0))
+        ptrs = dict(vc_ptr="*i32", vs_ptr=v.get("scale", "*fp16"), bt_ptr="*i32", lens_ptr="*i32", lg_ptr="*fp32",
+                    m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32")
+        fn = G._gluon_values_kernel
+    else:
+        consts = dict(Q_LEN=v.get("q_len", 1), GROUP=v.get("group", 4), D=v["d"], KBITS=v["bits"],
+                      PAGE=v.get("page", 64), SOFTCAP=v.get("softcap", False), WINDOW=v.get("window", False),
+                      BLOCK_M=16, RS=v.get("rs", 4), CAUSAL_PAGES=v.get("q_len", 1) > 1, NW=v["nw"],
+                      W=v["d"] * v["bits"] // 32, KQ=max(16, v["d"] // 8) + v["d"] * (2 if v["bits"] > 2 else 1),
+                      OFF64=v.get("off64", False), VEC=v.get("vec", True), PF=v.get("pf", 1), L2PF=v.get("l2", 0))
+        ptrs = dict(kc_ptr="*i32", ks_ptr=v.get("scale", "*fp16"), bt_ptr="*i32", lens_ptr="*i32", qt_ptr="*fp16",
+                    fidx_ptr="*i32", qm_ptr="*fp32", lg_ptr="*fp32", m_ptr="*fp32", sm_scale="fp32", softcap="fp32")
+        fn = G._gluon_keys_kernel
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in inspect.signature(fn.fn).parameters}
     k = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=v["nw"]))
@@ -199,6 +295,34 @@ def compile_variants(variants=VARIANTS) -> list:
                          text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+VALUE_VARIANTS = [dict(values=True, d=128, bits=2, nw=2, l2=2), dict(values=True, d=128, bits=3, nw=1),
+                  dict(values=True, d=128, bits=4, nw=4, scale="*bf16", off64=True),
+                  dict(values=True, d=64, bits=2, nw=2, rs=8, vec=False), dict(values=True, d=64, bits=3, nw=4),
+                  dict(values=True, d=256, bits=2, nw=2, rs=1, page=32), dict(values=True, d=256, bits=3, nw=2, l2=1)]
+
+
+def value_hmma_per_unit(d: int, bits: int) -> int:
+    """m16n8k16 products per 16-token unit of the values pass: one per 16 coordinates and plane, and the coset
+    flags' (one per 16 groups, at least one)."""
+    return d // 16 * (2 if bits > 2 else 1) + max(1, d // 128)
+
+
+@needs_gluon
+def test_values_kernel_compiles_for_hopper():
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend")
+    for r in compile_variants(VALUE_VARIANTS):
+        assert r["local_ptx"] == 0, r  # no spills
+        s = r["sass"]
+        if s is None:
+            continue
+        assert s["local"] == 0 and s["loop_shared"] == 0, r
+        units = r.get("page", 64) // 16 // r["nw"]
+        assert s["hmma"] == units * value_hmma_per_unit(r["d"], r["bits"]), r
+        if r["d"] == 128 and r["bits"] == 2:  # the budget: ~160 instructions per 16-token unit, ~180 with the
+            assert s["loop"] <= 190 * units, s  # L2 prefetch (triton 3.9)
 
 
 @needs_gluon
@@ -330,6 +454,54 @@ def test_gluon_keys_pass_matches_portable_and_reference(case, monkeypatch):
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     rel_portable = ((portable.float() - ref).norm() / ref.norm()).item()
     assert rel <= rel_portable * 1.05 + 1e-4, (rel, rel_portable)  # within the portable path's error bar
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"d{c[0]}_k{c[1][0]}v{c[1][1]}_g{c[2]}_q{c[3]}_p{c[5]}_"
+                                                     f"{str(c[8]).split('.')[-1]}_sc{c[9]}_w{c[10]}_s{c[11]}")
+def test_gluon_values_pass_matches_reference(case):
+    """Both Gluon passes (keys and values; the values pass's raw partials rotated back by the reduce) against the
+    torch reference, within the portable two-pass path's error bar; the same with the portable keys pass."""
+    d, bits, group, q_len, lengths, page, sinks, recent, dtype, softcap, window, splits = case
+    torch.manual_seed(1)
+    kv_heads = 2
+    cache = _gpu_cache(d, bits, kv_heads, lengths, page, sinks, recent, dtype)
+    q = torch.randn(len(lengths), q_len, kv_heads * group, d, device="cuda", dtype=dtype)
+    ref = _reference_attention(q, cache, d ** -0.5, softcap, window)
+    with store.override("attention", {"two_pass": True, "gluon_keys": False}):
+        portable = decode_attention(q, cache, softcap=softcap, window=window, num_splits=splits)
+    rel_portable = ((portable.float() - ref).norm() / ref.norm()).item()
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    i = CASES.index(case)
+    for keys in (True, False):
+        warps, l2 = ((2, 2), (1, 0), (4, 2), (2, 0), (1, 2), (4, 0))[(i + keys) % 6]  # launch variants
+        with store.override("attention", {"two_pass": True, "gluon_keys": keys, "gluon_values": True,
+                                          "gluon_values_warps": warps, "gluon_l2": l2}):
+            out = decode_attention(q, cache, softcap=softcap, window=window, num_splits=splits)
+        err = (out.float() - ref).abs().max().item()
+        assert err <= tol * max(1.0, ref.abs().max().item()), f"max error {err} vs the reference (keys {keys})"
+        rel = ((out.float() - ref).norm() / ref.norm()).item()
+        assert rel <= rel_portable * 1.05 + 1e-4, (keys, rel, rel_portable)
+
+
+@needs_gpu
+def test_gluon_values_pass_nan_token_and_plan_replay():
+    """A NaN token stays in its own sequence; a second call replays the recorded plan (raw reduce included) to the
+    same output."""
+    codec = KVCodec(head_dim=128, key_bits=3, value_bits=2)
+    cache = PagedKVCache(codec, num_kv_heads=2, max_batch=2, num_pages=40, device="cuda")
+    k = torch.randn(2, 900, 2, 128, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    v[0, 100] = float("nan")
+    cache.append(k, v)
+    q = torch.randn(2, 1, 8, 128, device="cuda", dtype=torch.float16)
+    with store.override("attention", {"two_pass": True, "gluon_keys": True, "gluon_values": True}):
+        out1 = decode_attention(q, cache)
+        out2 = decode_attention(q, cache)
+    assert torch.isfinite(out1).all()
+    assert torch.equal(out1, out2)
+    ref = _reference_attention(q, cache, 128 ** -0.5, None, None)
+    assert (out1.float() - ref).abs().max().item() <= 3e-3 * max(1.0, ref.abs().max().item())
 
 
 @needs_gpu

@@ -641,14 +641,12 @@ def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr
 def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, vmean_ptr, o_ptr, H, n_mblk, n_splits, svmb, svmh, soh_b, soh_t, soh_h,
                         Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                         CENTER_V: tl.constexpr, BLOCK_M: tl.constexpr, RB: tl.constexpr, SC: tl.constexpr,
-                        OB: tl.constexpr, PDL: tl.constexpr, RAW: tl.constexpr, LOG2DP: tl.constexpr,
-                        INV_SQRT_N: tl.constexpr):
+                        OB: tl.constexpr, PDL: tl.constexpr):
     # Output columns OB·j.. of one (batch, KV head, row block): its splits' partials (already in the original basis)
     # with weights 2^(m_s - max), SC splits per step in one [SC, RB, OB] load, so a pass costs a few memory latencies
     # however many splits there are; then the uncompressed part's, the normalisation and the value mean. Small
     # batches spread the columns over programs. Only the first RB rows of a block are read: the rest pad the split
-    # kernel's tile. RAW (OB = DP): the splits' partials are Σ p·s·v in storage order (the Gluon values pass), rotated
-    # back once after their weighted sum.
+    # kernel's tile.
     pid, cb = tl.program_id(0), tl.program_id(1)
     bh, mb = pid // n_mblk, pid % n_mblk
     b, h = bh // H, bh % H
@@ -685,8 +683,6 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, vmean_ptr, o_ptr, H, n_mblk, n_sp
         l_comp = l_comp * alpha + tl.sum(w * l_s, axis=0)
         u = u * alpha[:, None] + tl.sum(w[:, :, None] * a_s, axis=0)
         m_run = m_new
-    if RAW:
-        u = inverse_hadamard(storage_order(u, RB, DP), RB, D, DP, LOG2DP) * (1.0 / INV_SQRT_N)
     m_all = tl.maximum(m_run, m_fp)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
     w_comp, w_fp = tl.exp2(m_run - m_safe), tl.exp2(m_fp - m_safe)
@@ -981,7 +977,6 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     else:  # placeholders, never read, but of the operands' dtypes: the kernel compiles its compressed-page branch
         q_t, q_mean = acc_part.new_empty(1, dtype=torch.float16), m_part  # anyway, and fp16 x fp32 is not a product
     rb = min(block_m, triton.next_power_of_2(rows))  # the real rows of a block (the reduce reads only these)
-    fast_values = False
     if two_pass and prep:
         n_tok = max_pages * P  # logits workspace: 4 bytes per (sequence, KV head, token slot, row)
         logits = torch.empty(B * H * n_mblk, n_tok, rb, dtype=torch.float32, device=q.device)
@@ -1004,7 +999,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
                 SOFTCAP=softcap is not None, WINDOW=window is not None, ASM=q.is_cuda, BLOCK_M=block_m, RS=rb,
                 JOIN_K=_join_runs(codec.key_bits, cache.k_codes), PDL=pdl, CAUSAL_PAGES=q_len > 1,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_pdl_options(pdl))
-        if fast_values:  # the Gluon values pass (Hopper+) takes the pages: raw partials, rotated back by the reduce
+        if fast_values:  # the Gluon values pass (Hopper+) takes the pages; the portable kernel the uncompressed part
             fast.values_pass(cache, logits, m_part, l_part, acc_part, rows=rows, block_m=block_m, rs=rb,
                              num_splits=num_splits, pages_per_split=pages_per_split, n_tok=n_tok,
                              num_warps=cfg["gluon_values_warps"], l2_prefetch=cfg["gluon_l2"],
@@ -1043,13 +1038,12 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_pdl_options(pdl and prep))
     # The reduce reads only the real rows of a block; small batches spread its output columns over programs.
     n_bh = B * H * n_mblk
-    raw = two_pass and prep and fast_values  # raw partials: the reduce rotates back, so it takes whole rows
-    ob = min(DP, 32) if n_bh < _max_programs(q.device, 1) and not raw else DP
+    ob = min(DP, 32) if n_bh < _max_programs(q.device, 1) else DP
     launch(_attn_reduce_kernel, (n_bh, DP // ob),
         m_part, l_part, acc_part, cache.v_mean, out, H, n_mblk, num_splits, *cache.v_mean.stride()[:2],
         *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP, CENTER_V=codec.center_values, BLOCK_M=block_m,
         RB=rb, SC=max(1, min(triton.next_power_of_2(max(num_splits, 1)), 8192 // (rb * ob))), OB=ob, PDL=pdl,
-        RAW=raw, LOG2DP=DP.bit_length() - 1, INV_SQRT_N=inv_sqrt_n, num_warps=4, **_pdl_options(pdl))
+        num_warps=4, **_pdl_options(pdl))
     if record is not None:
         _PLANS[key] = record
         while len(_PLANS) > _MAX_PLANS:  # the oldest step's plan and its workspaces go

@@ -417,8 +417,9 @@ def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_pt
 # words, the coset flags two instructions per group. The weights p = 2^(logit - split max) come from the keys pass's
 # workspace; B's column g is query row g, and its rows 2c, 2c + 1, 2c + 8, 2c + 9 are exactly this thread's tokens.
 # The coset flags of the thread's groups are a product of their own (M rows = groups). At the split's end a thread
-# holds, for its coordinates and query rows 2c, 2c + 1, Σ p·s·v in storage order (v = lo + c/2 + 4·hi + OFF);
-# ``attention._attn_reduce_kernel`` (RAW) sums the splits and rotates back once.
+# holds, for its coordinates and query rows 2c, 2c + 1, Σ p·s·v in storage order (v = lo + c/2 + 4·hi + OFF), and
+# rotates it back with a Hadamard transform in registers and across lanes: the split's partial is what the portable
+# ``_attn_values_kernel`` writes, so ``_attn_reduce_kernel`` is unchanged.
 
 
 @gluon.jit
@@ -455,10 +456,11 @@ def _shfl_add(x, MASK: gl.constexpr):
 
 
 @gluon.jit
-def _plane_span(D: gl.constexpr, FBITS: gl.constexpr):
-    """Of one plane of FBITS-bit fields, a thread's bits per token (its D/8 coordinates) and whole words it loads."""
-    TB: gl.constexpr = D // 8 * FBITS
-    return TB, max(1, TB // 32)
+def _launch_dependents(x):
+    """``griddepcontrol.launch_dependents``: a grid launched after this one with programmatic dependent launch may
+    start (it waits with ``griddepcontrol.wait`` before reading what this grid writes)."""
+    return gl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.b32 $0, 0;", "=r,r", [x], dtype=gl.int32,
+                                     is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -552,7 +554,8 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
                          H, n_splits, pages_per_split, n_tok, max_batch, svc_p, svc_h, svs_p, svs_h, sbt,
                          ROWS: gl.constexpr, D: gl.constexpr, VBITS: gl.constexpr, PAGE: gl.constexpr,
                          BLOCK_M: gl.constexpr, RS: gl.constexpr, NW: gl.constexpr, W: gl.constexpr,
-                         OFF64: gl.constexpr, VEC: gl.constexpr, L2PF: gl.constexpr):
+                         OFF64: gl.constexpr, VEC: gl.constexpr, L2PF: gl.constexpr, OUT_SCALE: gl.constexpr,
+                         LOG2CT: gl.constexpr):
     # Grid (batch · KV heads, splits), as the compressed programs of ``_attn_values_kernel``. A CTA of NW warps takes
     # a split's pages in order, warp w the units w, w + NW, .. of each page, the next page's loads issued before the
     # current page is decoded; with L2PF > 0 the page L2PF further ahead is prefetched into L2.
@@ -562,6 +565,7 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
     warp = gl.arange(0, NW, layout=gl.SliceLayout(1, L))[:, None] + zero_i
     g = lane >> 2
     c = lane & 3
+    _launch_dependents(zero_i)  # the uncompressed part's kernel (PDL) may start beside this grid
     pid = gl.program_id(0)
     split = gl.program_id(1)
     b = pid // H
@@ -698,23 +702,68 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
     row_l = l_ptr + part * BLOCK_M
     gl.store(row_l + g1, l_g, mask=(c1 == 0) & (g1 < ROWS))
     OFF: gl.constexpr = 0.25 - (1 << (VBITS - 1))
-    out0 = acc_ptr + (part * BLOCK_M + col0) * D + g1 * CT
-    out1 = out0 + D
+    y0 = ()
+    y1 = ()
     for r in gl.static_range(CT):
         # (c0, c1) of tile r // 2: row g (coordinate r, r even); (c2, c3): row g + 8 (r odd). The coset tile of the
         # thread's group r // 8 is r // 16, rows g (even group) or g + 8.
-        y0 = gl.sum(acc_lo[r // 2][2 * (r % 2)], axis=0) * (SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
-        y1 = gl.sum(acc_lo[r // 2][2 * (r % 2) + 1], axis=0) * (SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
+        a0 = gl.sum(acc_lo[r // 2][2 * (r % 2)], axis=0) * (SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
+        a1 = gl.sum(acc_lo[r // 2][2 * (r % 2) + 1], axis=0) * (SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
         if VBITS == 3:
-            y0 = y0 + gl.sum(acc_hi[r // 2][2 * (r % 2)], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (r % 8)))
-            y1 = y1 + gl.sum(acc_hi[r // 2][2 * (r % 2) + 1], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (r % 8)))
+            a0 = a0 + gl.sum(acc_hi[r // 2][2 * (r % 2)], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (r % 8)))
+            a1 = a1 + gl.sum(acc_hi[r // 2][2 * (r % 2) + 1], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (r % 8)))
         elif VBITS == 4:
-            y0 = y0 + gl.sum(acc_hi[r // 2][2 * (r % 2)], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
-            y1 = y1 + gl.sum(acc_hi[r // 2][2 * (r % 2) + 1], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
-        y0 = y0 + gl.sum(acc_c[r // 16][2 * (r // 8 % 2)], axis=0) * (SUBNORMAL_UNIT * 0.25) + ls0 * OFF
-        y1 = y1 + gl.sum(acc_c[r // 16][2 * (r // 8 % 2) + 1], axis=0) * (SUBNORMAL_UNIT * 0.25) + ls1 * OFF
-        gl.store(out0 + r, y0, mask=col0 < ROWS)
-        gl.store(out1 + r, y1, mask=col1 < ROWS)
+            a0 = a0 + gl.sum(acc_hi[r // 2][2 * (r % 2)], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
+            a1 = a1 + gl.sum(acc_hi[r // 2][2 * (r % 2) + 1], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
+        y0 = y0 + (a0 + gl.sum(acc_c[r // 16][2 * (r // 8 % 2)], axis=0) * (SUBNORMAL_UNIT * 0.25) + ls0 * OFF,)
+        y1 = y1 + (a1 + gl.sum(acc_c[r // 16][2 * (r // 8 % 2) + 1], axis=0) * (SUBNORMAL_UNIT * 0.25) + ls1 * OFF,)
+    # Back to the original basis: x = Rᵀ y / √n = σ(H y) / √D (Sylvester H commutes with the bit permutation σ of
+    # the storage order, docs/format.md). Coordinate g·CT + r: H = H_8 over g (lanes 4, 8, 16 apart) ⊗ H_CT over r
+    # (in registers); H y's element j lands at x[σ(j)], σ(g·CT + r) = σ(g·CT) + σ(r).
+    y0 = _fwht_regs(y0, CT, LOG2CT)
+    y1 = _fwht_regs(y1, CT, LOG2CT)
+    sgn = 1.0 - 2.0 * (g1 & 1).to(gl.float32)
+    y0 = _fwht_lanes(y0, sgn, CT, "4")
+    y1 = _fwht_lanes(y1, sgn, CT, "4")
+    sgn = 1.0 - 2.0 * ((g1 >> 1) & 1).to(gl.float32)
+    y0 = _fwht_lanes(y0, sgn, CT, "8")
+    y1 = _fwht_lanes(y1, sgn, CT, "8")
+    sgn = 1.0 - 2.0 * ((g1 >> 2) & 1).to(gl.float32)
+    y0 = _fwht_lanes(y0, sgn, CT, "16")
+    y1 = _fwht_lanes(y1, sgn, CT, "16")
+    j = g1 * CT
+    sg = (j & ~30) | (((j >> 3) & 3) << 1) | (((j >> 1) & 3) << 3)  # σ(g·CT)
+    out0 = acc_ptr + (part * BLOCK_M + col0) * D + sg
+    out1 = out0 + D
+    for r in gl.static_range(CT):
+        sr = (r & ~30) | (((r >> 3) & 3) << 1) | (((r >> 1) & 3) << 3)
+        gl.store(out0 + sr, y0[r] * OUT_SCALE, mask=col0 < ROWS)
+        gl.store(out1 + sr, y1[r] * OUT_SCALE, mask=col1 < ROWS)
+
+
+@gluon.jit
+def _fwht_regs(y, N: gl.constexpr, LOGN: gl.constexpr):
+    """Sylvester Hadamard over a thread's N = 2^LOGN registers (a tuple): butterflies (a, b) -> (a + b, a - b)."""
+    for s in gl.static_range(LOGN):
+        z = ()
+        for r in gl.static_range(N):
+            if (r >> s) & 1:
+                z = z + (y[r - (1 << s)] - y[r],)
+            else:
+                z = z + (y[r] + y[r + (1 << s)],)
+        y = z
+    return y
+
+
+@gluon.jit
+def _fwht_lanes(y, sgn, N: gl.constexpr, MASK: gl.constexpr):
+    """One butterfly stage across lanes MASK apart: the lower lane gets a + b, the upper a - b (sgn: +1 / -1)."""
+    z = ()
+    for r in gl.static_range(N):
+        other = gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, " + MASK + ", 31, -1;", "=f,f", [y[r]],
+                                          dtype=gl.float32, is_pure=True, pack=1)
+        z = z + (other + sgn * y[r],)
+    return z
 
 
 # ---------------------------------------------------------------------------------------------------- launcher
@@ -865,9 +914,9 @@ def values_pass(cache, logits, m_part, l_part, acc_part, *, rows: int, block_m: 
                 pages_per_split: int, n_tok: int, num_warps: int = 2, l2_prefetch: int = 2, maxnreg=None,
                 launch=None) -> None:
     """Launch the Gluon values pass for the compressed splits of the two-pass decode: from the keys pass's logits
-    workspace and split maxima, each split's Σp ([programs, splits + 1, block_m] ``l_part``) and Σ p·s·v in storage
-    order ([programs, splits + 1, block_m, head_dim] ``acc_part``, rows < ``rows``), which
-    ``attention._attn_reduce_kernel`` reads with RAW. ``num_warps``: warps per program (each takes its own 16-token
+    workspace and split maxima, each split's Σp ([programs, splits + 1, block_m] ``l_part``) and Σ p·x in the
+    original basis ([programs, splits + 1, block_m, head_dim] ``acc_part``, rows < ``rows``), as the compressed
+    programs of ``attention._attn_values_kernel`` write them. ``num_warps``: warps per program (each takes its own 16-token
     units); ``l2_prefetch``: prefetch the page that many ahead into L2 (0: off); ``maxnreg``: the register cap;
     ``launch``: ``nqkernels.launch.launcher``'s (default: a plain launch)."""
     codec = cache.codec
@@ -884,4 +933,4 @@ def values_pass(cache, logits, m_part, l_part, acc_part, *, rows: int, block_m: 
         pages_per_split, n_tok, cache.max_batch, *vc.stride()[:2], *vs.stride()[:2], cache.block_table.stride(0),
         ROWS=rows, D=D, VBITS=codec.value_bits, PAGE=P, BLOCK_M=block_m, RS=rs, NW=nw, W=words,
         OFF64=vc.numel() >= 2 ** 31 or vs.numel() >= 2 ** 31, VEC=vec, L2PF=l2_prefetch if l2 else 0,
-        num_warps=nw, maxnreg=maxnreg)
+        OUT_SCALE=D ** -0.5, LOG2CT=(D // 8).bit_length() - 1, num_warps=nw, maxnreg=maxnreg)

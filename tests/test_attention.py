@@ -398,7 +398,9 @@ KERNELS = {
     "keys": (A._attn_keys_kernel, dict(KBITS=3, PAGE=64, KQ=272, SOFTCAP=False, WINDOW=False, ASM=True, RS=4,
                                        JOIN_K=True, CAUSAL_PAGES=False)),
     "values": (A._attn_values_kernel, dict(VBITS=2, PAGE=64, LOG2DP=7, SOFTCAP=False, WINDOW=False, DOT=tl.float16,
-                                           ASM=True, RS=4, BLOCK_N=64, JOIN_V=True)),
+                                           ASM=True, RS=4, BLOCK_N=64, JOIN_V=True, FP_ONLY=False)),
+    "values_fp": (A._attn_values_kernel, dict(VBITS=2, PAGE=64, LOG2DP=7, SOFTCAP=False, WINDOW=False, DOT=tl.float16,
+                                              ASM=True, RS=4, BLOCK_N=64, JOIN_V=True, FP_ONLY=True)),
     "reduce": (A._attn_reduce_kernel, dict(CENTER_V=True, RB=4, SC=8, OB=32)),
     "reduce_nomean": (A._attn_reduce_kernel, dict(CENTER_V=False, RB=4, SC=8, OB=32)),
 }
@@ -440,5 +442,9 @@ def test_pdl_paths_compile_for_hopper():
     for name in ("keys", "values"):  # two passes: each issues its first page's loads before it waits
         assert got[f"{name}_True"]["wait"] == 1 and got[f"{name}_True"]["signal"] == 1
         assert not got[f"{name}_True"]["wait_before_first_load"]
-    for name in ("prep", "split", "keys", "values", "reduce"):
+    # beside the Gluon values pass: the uncompressed part only, then a wait (so the reduce, waiting for this grid,
+    # also sees the values pass's partials) and the signal
+    assert got["values_fp_True"]["wait"] == 1 and got["values_fp_True"]["signal"] == 1
+    assert not got["values_fp_True"]["wait_before_first_load"]
+    for name in ("prep", "split", "keys", "values", "values_fp", "reduce"):
         assert got[f"{name}_False"]["wait"] == 0 and got[f"{name}_False"]["signal"] == 0

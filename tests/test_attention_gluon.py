@@ -224,6 +224,17 @@ def test_value_fragment_maps_match_reference(d, bits):
             got[g * ct + r] = y
     want = R.e8_values(idx, bits).double().T @ w  # [coordinate (storage order), row]
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+    # the epilogue's rotation: Sylvester H over g·CT + r (H_8 across lanes ⊗ H_CT in registers), element j of H y
+    # stored at σ(j), times 1/√D; against Rᵀ y / √n
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < d:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    j = torch.arange(d)
+    sigma = (j & ~30) | (((j >> 3) & 3) << 1) | (((j >> 1) & 3) << 3)
+    x = torch.empty_like(got)
+    x[sigma] = h @ got / math.sqrt(d)
+    x_ref = (got.T @ _rotation(d, "cpu").double()).T / math.sqrt(R.transform_norm(d))
+    torch.testing.assert_close(x, x_ref, rtol=1e-10, atol=1e-9)
 
 
 # -------------------------------------------------------------------------------- CPU: compiled for sm_90
@@ -246,7 +257,8 @@ for v in json.loads(sys.argv[1]):
     if v.get("values"):
         consts = dict(ROWS=v.get("rs", 4), D=v["d"], VBITS=v["bits"], PAGE=v.get("page", 64), BLOCK_M=16,
                       RS=v.get("rs", 4), NW=v["nw"], W=v["d"] * v["bits"] // 32, OFF64=v.get("off64", False),
-                      VEC=v.get("vec", True), L2PF=v.get("l2", 0))
+                      VEC=v.get("vec", True), L2PF=v.get("l2", 0), OUT_SCALE=v["d"] ** -0.5,
+                      LOG2CT=(v["d"] // 8).bit_length() - 1)
         ptrs = dict(vc_ptr="*i32", vs_ptr=v.get("scale", "*fp16"), bt_ptr="*i32", lens_ptr="*i32", lg_ptr="*fp32",
                     m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32")
         fn = G._gluon_values_kernel

@@ -43,7 +43,7 @@ from autotune import store
 from . import reference as ref
 from .codec import _config, _max_programs, _rope_tables, _rotation, _use_triton
 from .config import check_positive_float, describe, is_int
-from .launch import LaunchRecord, launcher
+from .launch import LaunchRecord, launcher, signature
 from .lattice import (SUBNORMAL_UNIT, coset_pairs, coset_plane_pairs, inverse_hadamard, load_e8_doubled, plane_pairs,
                       restore_parity, rope_partner, rope_rotate, rope_rows_at, storage_order)
 from .paged import PagedKVCache
@@ -738,18 +738,22 @@ def _gluon(q: torch.Tensor):
 
 # Decode plans: the launches of a decode_attention call, replayed for the next calls of the same step (every layer
 # of a model has the same geometry and lengths) with their own tensors (nqkernels.launch). Keyed by what the scalars
-# and the launch config derive from (a config override changes autotune.store.generation); LaunchRecord.matches checks the tensors' dtypes, shapes, strides and alignment. A
-# plan holds its call's workspaces (partials, the two-pass logits): they are reused by the calls that replay it, in
+# and the launch config derive from (``_plan_key``: the tensors' signatures among them; a config override changes
+# autotune.store.generation). A plan holds its call's workspaces (partials, the two-pass logits): they are reused by the calls that replay it, in
 # stream order. Two plans are kept: the current step's and the one before.
 _PLANS: dict = {}
 _MAX_PLANS = 2
 
 
 def _plan_key(q, cache: PagedKVCache, scale, softcap, window, num_splits) -> tuple:
+    """Everything a recorded plan's launches derive from but the tensors' contents: the tensors' signatures
+    (``launch.signature``: dtype, shape, strides, alignment; the cache's are kept by the cache), lengths, options,
+    the stream and the config store's generation. Equal keys replay (``LaunchRecord.replay``)."""
     B = q.shape[0]
     rope_end = max(cache.next_positions()[:B]) if cache.codec.rope is not None else None  # RoPE table length
-    return (tuple(q.shape), q.device, torch.cuda.current_stream(q.device).cuda_stream, cache.codec,
-            tuple(cache.compressed_lens()[:B]), rope_end, scale, softcap, window, num_splits, store.generation())
+    return (signature(q), q.device, torch.cuda.current_stream(q.device).cuda_stream, cache.codec,
+            cache.launch_signature(), tuple(cache.compressed_lens()[:B]), rope_end, scale, softcap, window, num_splits,
+            store.generation())
 
 
 def _call_tensors(q, out, cache: PagedKVCache) -> dict:
@@ -921,7 +925,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     if q.is_cuda and not torch.cuda.is_current_stream_capturing():  # a graph replays at no host cost anyway
         key, inputs = _plan_key(q, cache, scale, softcap, window, num_splits), _call_tensors(q, out, cache)
         plan = _PLANS.get(key)
-        if plan is not None and plan.matches(inputs):  # another layer of this decode step: replay its launches
+        if plan is not None:  # another layer of this decode step: replay its launches (the key holds the signatures)
             plan.replay(inputs)
             return out
         record = LaunchRecord(inputs)

@@ -20,7 +20,9 @@ from typing import Any, Callable, Optional
 import torch
 
 
-def _signature(t: torch.Tensor) -> tuple:
+def signature(t: torch.Tensor) -> tuple:
+    """What Triton specializes a compiled kernel on, of a tensor argument: dtype, shape, strides, 16-byte alignment
+    (shape and strides for the scalars callers derive from them)."""
     return t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0
 
 
@@ -34,8 +36,8 @@ class LaunchRecord:
 
     def __init__(self, inputs: dict):
         self._slot = {id(t): name for name, t in inputs.items() if isinstance(t, torch.Tensor)}
-        self._signatures = {name: _signature(t) if isinstance(t, torch.Tensor) else None for name, t in inputs.items()}
-        self._launches: list = []  # (compiled kernel, grid, args in signature order, [(position, name)])
+        self._signatures = {name: signature(t) if isinstance(t, torch.Tensor) else None for name, t in inputs.items()}
+        self._launches: list = []  # (compiled kernel's runner for its grid, args in signature order, [(position, name)])
 
     def record(self, fn, grid: tuple, *args: Any, **kwargs: Any) -> None:
         """Launch ``fn[grid](*args, **kwargs)`` through Triton and remember it (kwargs: the kernel's keyword arguments
@@ -46,24 +48,24 @@ class LaunchRecord:
         ordered = [bound[name] for name in fn.arg_names]
         swaps = [(i, self._slot[id(a)]) for i, a in enumerate(ordered)
                  if isinstance(a, torch.Tensor) and id(a) in self._slot]
-        self._launches.append((compiled, tuple(grid) + (1,) * (3 - len(grid)), ordered, swaps))  # the runner takes 3
+        self._launches.append((compiled[tuple(grid) + (1,) * (3 - len(grid))], ordered, swaps))  # the runner: 3-D grid
 
     def matches(self, inputs: dict) -> bool:
         """Whether ``inputs`` can replay this record: the same tensors by name, each with the recorded dtype, shape,
         strides and 16-byte alignment."""
         signatures = self._signatures
         return inputs.keys() == signatures.keys() and all(
-            signatures[name] == (_signature(t) if isinstance(t, torch.Tensor) else None) for name, t in inputs.items())
+            signatures[name] == (signature(t) if isinstance(t, torch.Tensor) else None) for name, t in inputs.items())
 
     def replay(self, inputs: dict, stream: Optional[int] = None) -> None:
         """The recorded launches with ``inputs``' tensors swapped in (``matches(inputs)`` must hold)."""
         if stream is None:
             stream = torch.cuda.current_stream().cuda_stream
-        for compiled, grid, ordered, swaps in self._launches:
+        for runner, ordered, swaps in self._launches:
             args = list(ordered)
             for i, name in swaps:
                 args[i] = inputs[name]
-            compiled[grid](*args, stream=stream)
+            runner(*args, stream=stream)
 
 
 def launcher(record: Optional[LaunchRecord]) -> Callable:

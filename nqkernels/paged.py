@@ -29,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .codec import EncodedKV, _use_triton, decode_kv, encode_kv
+from .codec import EncodedKV, _decode, _encode, _use_triton
 from .config import KVCodec, is_int
+from .launch import signature
 
 
 class SlotState(NamedTuple):
@@ -145,11 +146,21 @@ class PagedKVCache:
         self._next = [0] * max_batch
         self._pages: list[list[int]] = [[] for _ in range(max_batch)]
         self._free = list(range(num_pages - 1, -1, -1))
+        self._signature = None  # launch_signature
 
     # ----------------------------------------------------------------------------------------------------------
     def seq_lens(self) -> list[int]:
         """Tokens held per slot."""
         return list(self._len)
+
+    def launch_signature(self) -> tuple:
+        """Dtype, shape, strides and 16-byte alignment of every tensor a kernel launch takes from this cache
+        (``nqkernels.launch``): equal for caches that compiled kernels can be replayed on. Kept until ``grow``."""
+        if self._signature is None:
+            self._signature = tuple(signature(t) for t in (
+                self.k_codes, self.k_scales, self.v_codes, self.v_scales, self.block_table, self.lengths, self.k_mean,
+                self.v_mean, self.fp_k, self.fp_v, self.positions) if t is not None)
+        return self._signature
 
     def compressed_lens(self) -> list[int]:
         """Tokens held in HOT pages per slot."""
@@ -196,6 +207,7 @@ class PagedKVCache:
         if max_pages_per_seq is not None and max_pages_per_seq > width:
             self.block_table = torch.cat((self.block_table, self.block_table.new_zeros(
                 self.max_batch, max_pages_per_seq - width)), dim=1)
+        self._signature = None
 
     def crop(self, tokens: int) -> None:
         """Drop the last ``tokens`` tokens of every non-empty slot (rejected speculative tokens). They must still be
@@ -347,9 +359,8 @@ class PagedKVCache:
             raise RuntimeError(f"slot {b} would hold {len(self._pages[b]) + n_pages} pages, more than "
                                f"max_pages_per_seq={self.block_table.shape[1]}")
         first = self._comp[b] == 0
-        enc_k = encode_kv(k[:, None], self.codec, "key", positions=pos,
-                          mean=None if first else self.k_mean[b, :, None])
-        enc_v = encode_kv(v[:, None], self.codec, "value", mean=None if first else self.v_mean[b, :, None])
+        enc_k = _encode(k[:, None], self.codec, "key", pos, None if first else self.k_mean[b, :, None])
+        enc_v = _encode(v[:, None], self.codec, "value", None, None if first else self.v_mean[b, :, None])
         if first:
             if enc_k.mean is not None:
                 self.k_mean[b] = enc_k.mean[:, 0]
@@ -544,7 +555,7 @@ class PagedKVCache:
         mean = (self.k_mean if kind == "key" else self.v_mean)[b, :, None] if center else None
         positions = self._stream(self.positions, b) if self.positions is not None and kind == "key" else None
         enc = EncodedKV(self._stream(codes, b)[:, None], self._stream(scales, b)[:, None], mean)
-        return decode_kv(enc, self.codec, kind, positions=positions, dtype=torch.float32)[:, 0].transpose(0, 1)
+        return _decode(enc, self.codec, kind, positions, torch.float32)[:, 0].transpose(0, 1)
 
 
 @triton.jit

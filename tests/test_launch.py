@@ -60,3 +60,17 @@ def test_without_a_record_it_is_a_plain_launch():
     fn = FakeKernel()
     launcher(None)(fn, (1,), torch.randn(2), torch.randn(2), 2, BLOCK=4)
     assert [entry[0] for entry in fn.log] == ["triton"]
+
+
+def test_cache_launch_signature_is_shared_by_equal_caches_and_follows_grow():
+    from nqkernels import KVCodec, PagedKVCache
+
+    def cache():
+        return PagedKVCache(KVCodec(head_dim=64, page_size=16), num_kv_heads=2, max_batch=2, num_pages=6, device="cpu")
+
+    a, b = cache(), cache()
+    assert a.launch_signature() == b.launch_signature()  # every layer's cache replays one plan
+    a.grow(extra_pages=3)
+    assert a.launch_signature() != b.launch_signature()  # new pools: another plan
+    b.grow(0, max_pages_per_seq=b.block_table.shape[1] + 1)
+    assert b.launch_signature() != cache().launch_signature()

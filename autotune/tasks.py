@@ -96,8 +96,8 @@ def codec_setup(d: int, bits: int, problems, decode: bool) -> Setup:
 
     def setup(device):
         torch.manual_seed(0)
-        xs = [torch.randn(B, KV_HEADS, T, d, device=device, dtype=torch.float16) for B, T in problems]
-        small = (torch.randn(1, 2, 257, d) * 3 + 0.3).half()
+        xs = [torch.randn(B, T, KV_HEADS, d, device=device, dtype=torch.float16) for B, T in problems]
+        small = (torch.randn(1, 257, 2, d) * 3 + 0.3).half()
         ref = encode_kv(small, codec, "key")  # CPU: the torch reference
         if decode:
             encs = [encode_kv(x, codec, "key") for x in xs]

@@ -30,8 +30,9 @@ from .rope import rope_cos_sin
 class EncodedKV(NamedTuple):
     """HOT codes of one K or V tensor.
 
-    codes: int32 ``[B, H, T, head_dim * bits / 32]``; scales: ``[B, H, T]`` (codec.scale_dtype);
-    mean: fp32 ``[B, H, D]`` subtracted before the rotation, or None.
+    codes: int32 ``[B, T, H, head_dim * bits / 32]``; scales: ``[B, T, H]`` (codec.scale_dtype);
+    mean: fp32 ``[B, H, D]`` subtracted before the rotation, or None. (The paged cache and the kernels take the
+    ``[B, H, T, ...]`` transpose of these views: any strides.)
     """
 
     codes: torch.Tensor
@@ -280,7 +281,7 @@ def _check_codec(codec) -> None:
 def _check_x(x, codec: KVCodec):
     _check_codec(codec)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor [batch, heads, tokens, head_dim], got {describe(x)}")
+        raise ValueError(f"x must be a 4-D tensor [batch, tokens, heads, head_dim], got {describe(x)}")
     if x.shape[-1] != codec.head_dim:
         raise ValueError(f"x has head_dim {x.shape[-1]} but the codec has head_dim {codec.head_dim}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -295,7 +296,7 @@ def _check_mean(mean, shape, device) -> None:
 
 def centering_mean(x: torch.Tensor, codec: KVCodec, kind: str = "key",
                    positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The mean over tokens that ``encode_kv`` subtracts: fp32 ``[B, H, D]`` of x ``[B, H, T, D]`` (keys with RoPE
+    """The mean over tokens that ``encode_kv`` subtracts: fp32 ``[B, H, D]`` of x ``[B, T, H, D]`` (keys with RoPE
     undone first when ``codec.rope`` is set). Tokens holding a NaN/Inf are left out (``reference.finite_mean``), so
     they cannot shift the offset of every other token; zero where no token is finite. One read of x on the GPU (a
     Triton kernel writes partial sums and counts over token splits, summed in a fixed order), so it is
@@ -303,11 +304,16 @@ def centering_mean(x: torch.Tensor, codec: KVCodec, kind: str = "key",
 
     Example:
         >>> codec = KVCodec(head_dim=128)
-        >>> k = torch.randn(1, 8, 100, 128)
-        >>> torch.allclose(centering_mean(k, codec, "key"), k.mean(2), atol=1e-6)
+        >>> k = torch.randn(1, 100, 8, 128)
+        >>> torch.allclose(centering_mean(k, codec, "key"), k.mean(1), atol=1e-6)
         True
     """
     _check_x(x, codec)
+    return _centering_mean(x.transpose(1, 2), codec, kind, positions)
+
+
+def _centering_mean(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """``centering_mean`` of x ``[B, H, T, D]`` (any strides; checked by the caller)."""
     B, H, T, D = x.shape
     _, use_rope, _, pos, cos, sin = _prepare(codec, kind, B, T, x.device, positions)
     if T == 0 or B * H == 0:
@@ -338,42 +344,57 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
     """Encode K or V into the HOT format (fixed-rate E8 codes + one scale per token per head).
 
     Args:
-        x: ``[B, H, T, D]`` fp16/bf16/fp32, any strides (keys post-RoPE, as the model produced them).
+        x: ``[B, T, H, D]`` fp16/bf16/fp32, any strides (keys post-RoPE, as the model produced them).
         codec: the ``KVCodec``; ``kind`` ("key" or "value") picks bits, RoPE undo and centering.
         positions: ``[B, T]`` int token positions for the RoPE undo (default ``0..T-1``).
         mean: fp32 ``[B, H, D]`` centering offset; default: ``centering_mean`` of x (after the RoPE undo).
     Returns:
-        ``EncodedKV(codes int32 [B, H, T, D*bits/32], scales [B, H, T], mean or None)``.
+        ``EncodedKV(codes int32 [B, T, H, D*bits/32], scales [B, T, H], mean fp32 [B, H, D] or None)``.
         Tokens with a NaN/Inf value get codes 0 and scale 0 (zero in the centered basis: they decode to the mean,
         RoPE re-applied for keys, or to zero without centering) and are left out of the default mean, so other
         tokens are unaffected.
 
     Example:
         >>> codec = KVCodec(head_dim=128, key_bits=3, value_bits=2)
-        >>> k = torch.randn(1, 8, 100, 128, dtype=torch.float16)
+        >>> k = torch.randn(1, 100, 8, 128, dtype=torch.float16)
         >>> enc = encode_kv(k, codec, "key")
         >>> enc.codes.shape, enc.scales.shape
-        (torch.Size([1, 8, 100, 12]), torch.Size([1, 8, 100]))
+        (torch.Size([1, 100, 8, 12]), torch.Size([1, 100, 8]))
     """
     _check_x(x, codec)
+    enc = _encode(x.transpose(1, 2), codec, kind, positions, mean, token_major=True)
+    return EncodedKV(enc.codes.transpose(1, 2), enc.scales.transpose(1, 2), enc.mean)
+
+
+def _encode(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optional[torch.Tensor],
+            mean: Optional[torch.Tensor], token_major: bool = False) -> EncodedKV:
+    """``encode_kv`` of x ``[B, H, T, D]`` (any strides; checked by the caller) into ``[B, H, T, ...]`` codes and
+    scales, stored token-major (``[B, T, H, ...]`` in memory) when ``token_major``."""
     B, H, T, D = x.shape
     bits, use_rope, center, pos, cos, sin = _prepare(codec, kind, B, T, x.device, positions)
     if center and mean is None:
-        mean = centering_mean(x, codec, kind, positions)
+        mean = _centering_mean(x, codec, kind, positions)
     if center:
         _check_mean(mean, (B, H, D), x.device)
         mean = mean.float().contiguous()
     else:
         mean = None
     alpha, fit = codec.alpha[bits], codec.scale_fit
-    codes = torch.empty(B, H, T, codec.words_per_token(bits), dtype=torch.int32, device=x.device)
-    scales = torch.empty(B, H, T, dtype=codec.scale_dtype, device=x.device)
+    W = codec.words_per_token(bits)
+    if token_major:
+        codes = torch.empty(B, T, H, W, dtype=torch.int32, device=x.device).transpose(1, 2)
+        scales = torch.empty(B, T, H, dtype=codec.scale_dtype, device=x.device).transpose(1, 2)
+    else:
+        codes = torch.empty(B, H, T, W, dtype=torch.int32, device=x.device)
+        scales = torch.empty(B, H, T, dtype=codec.scale_dtype, device=x.device)
     if T == 0 or B * H == 0:
         return EncodedKV(codes, scales, mean)
     if not _use_triton(x):
         c, s_ = _per_token(cos, sin, pos)
-        codes, scales = ref.encode_reference(x, bits, alpha=alpha, fit=fit, scale_dtype=codec.scale_dtype,
-                                             cos=c, sin=s_, mean=mean)
+        ref_codes, ref_scales = ref.encode_reference(x, bits, alpha=alpha, fit=fit, scale_dtype=codec.scale_dtype,
+                                                     cos=c, sin=s_, mean=mean)
+        codes.copy_(ref_codes)
+        scales.copy_(ref_scales)
         return EncodedKV(codes, scales, mean)
     cfg = _config("encode", f"d{D}_b{bits}", x.device)
     dummy = codes  # never read when the feature is off
@@ -391,11 +412,13 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
 
 def decode_kv(enc: EncodedKV, codec: KVCodec, kind: str = "key", positions: Optional[torch.Tensor] = None,
               dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Dequantize HOT codes back to dense ``[B, H, T, D]`` (RoPE re-applied to keys, mean added back).
+    """Dequantize HOT codes (``EncodedKV``: codes ``[B, T, H, W]``, scales ``[B, T, H]``, mean) back to dense
+    ``[B, T, H, D]`` in ``dtype`` (RoPE re-applied to keys at ``positions`` ``[B, T]``, default ``0..T-1``; mean added
+    back).
 
     Example:
         >>> codec = KVCodec(head_dim=128, key_bits=3, value_bits=2)
-        >>> v = torch.randn(1, 8, 100, 128)
+        >>> v = torch.randn(1, 100, 8, 128)
         >>> v_hat = decode_kv(encode_kv(v, codec, "value"), codec, "value", dtype=torch.float32)
         >>> bool(((v_hat - v).pow(2).mean() / v.pow(2).mean()) < 0.15)
         True
@@ -406,17 +429,27 @@ def decode_kv(enc: EncodedKV, codec: KVCodec, kind: str = "key", positions: Opti
                         f"{type(enc).__name__}")
     codes, scales, mean = enc
     if not isinstance(codes, torch.Tensor) or codes.dim() != 4 or codes.dtype != torch.int32:
-        raise ValueError(f"codes must be int32 [batch, heads, tokens, words], got {describe(codes)}")
+        raise ValueError(f"codes must be int32 [batch, tokens, heads, words], got {describe(codes)}")
+    if not isinstance(scales, torch.Tensor) or scales.shape != codes.shape[:3] or not scales.is_floating_point() \
+            or scales.device != codes.device:
+        raise ValueError(f"scales must be a float tensor {list(codes.shape[:3])} on {codes.device} (the codes' "
+                         f"batch, tokens, heads and device), got {describe(scales)}")
+    out = _decode(EncodedKV(codes.transpose(1, 2), scales.transpose(1, 2), mean), codec, kind, positions, dtype,
+                  token_major=True)
+    return out.transpose(1, 2)
+
+
+def _decode(enc: EncodedKV, codec: KVCodec, kind: str, positions: Optional[torch.Tensor], dtype: torch.dtype,
+            token_major: bool = False) -> torch.Tensor:
+    """``decode_kv`` of ``[B, H, T, ...]`` codes and scales (any strides) into ``[B, H, T, D]``, stored token-major
+    (``[B, T, H, D]`` in memory) when ``token_major``. The caller checked the codec, codes and scales."""
+    codes, scales, mean = enc
     B, H, T, W = codes.shape
     D = codec.head_dim
     bits, use_rope, center, pos, cos, sin = _prepare(codec, kind, B, T, codes.device, positions)
     if W != codec.words_per_token(bits):
         raise ValueError(f"codes have {W} words per token; {kind}s at {bits} bits, head_dim {D} need "
                          f"{codec.words_per_token(bits)}")
-    if not isinstance(scales, torch.Tensor) or scales.shape != (B, H, T) or not scales.is_floating_point() \
-            or scales.device != codes.device:
-        raise ValueError(f"scales must be a float tensor {[B, H, T]} on {codes.device} (the codes' device), got "
-                         f"{describe(scales)}")
     if center != (mean is not None):
         raise ValueError(f"the codec {'centers' if center else 'does not center'} {kind}s but mean is "
                          f"{'missing' if center else 'given'}")
@@ -425,12 +458,15 @@ def decode_kv(enc: EncodedKV, codec: KVCodec, kind: str = "key", positions: Opti
         mean = mean.float().contiguous()  # the kernel reads it with unit stride over head_dim
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}")
-    out = torch.empty(B, H, T, D, dtype=dtype, device=codes.device)
+    if token_major:
+        out = torch.empty(B, T, H, D, dtype=dtype, device=codes.device).transpose(1, 2)
+    else:
+        out = torch.empty(B, H, T, D, dtype=dtype, device=codes.device)
     if T == 0 or B * H == 0:
         return out
     if not _use_triton(codes):
         c, s_ = _per_token(cos, sin, pos)
-        return ref.decode_reference(codes, scales, bits, D, cos=c, sin=s_, mean=mean, dtype=dtype)
+        return out.copy_(ref.decode_reference(codes, scales, bits, D, cos=c, sin=s_, mean=mean, dtype=dtype))
     cfg = _config("decode", f"d{D}_b{bits}", codes.device)
     dummy = codes
     cos_a, sin_a, pos_a, pos_strides, rope_half = _rope_args(codec, use_rope, cos, sin, pos, dummy)

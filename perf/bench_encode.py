@@ -42,7 +42,7 @@ def check_exact(dev):
     cases += [(128, bits, RopeSpec(theta=500000.0), rule) for bits in (2, 3, 4) for rule in ("rms", "rms_lsq")]
     for d, bits, rope, rule in cases:
         codec = KVCodec(head_dim=d, key_bits=bits, value_bits=bits, rope=rope, scale_rule=rule)
-        x = (torch.randn(2, 4, 257, d) * 3 + 0.3).half()
+        x = (torch.randn(2, 257, 4, d) * 3 + 0.3).half()
         for kind in ("key", "value"):
             c = encode_kv(x, codec, kind)  # CPU: the torch reference
             # The same centering mean for both: a mean reduced on the GPU differs in the last bits.
@@ -77,7 +77,7 @@ def bench_encode(dev, codec, kind, B, T, with_mean=False):
     """GPU time of encode_kv (autotune.tune.bench_ms: a CUDA-graph replay, L2 cleared before each) with the mean
     given, as a cache that fixed it at prefill does (with_mean: computed by centering_mean inside the call, one
     more read of x), and GB/s of the encode's own bytes."""
-    x = torch.randn(B, T, H, D, device=dev, dtype=torch.float16).transpose(1, 2)
+    x = torch.randn(B, T, H, D, device=dev, dtype=torch.float16)
     mean = torch.randn(B, H, D, device=dev) * 0.1
     ms = bench_ms(lambda: encode_kv(x, codec, kind, mean=None if with_mean else mean))
     return ms, encode_bytes(B, T, codec.bits_for(kind)) / ms / 1e6
@@ -109,8 +109,8 @@ def prior_art(dev, T):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for l in range(32):
-            encode_kv(ks[l], codec, "key")
-            encode_kv(vs[l], codec, "value")
+            encode_kv(ks[l].transpose(1, 2), codec, "key")  # the DynamicCache layout [B, H, T, D], as a view
+            encode_kv(vs[l].transpose(1, 2), codec, "value")
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 

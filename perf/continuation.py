@@ -82,10 +82,10 @@ def codec_compressor(codec) -> Compressor:
     """Ours: encode K and V to the HOT format, decode back; bytes are those of codes, scales and means."""
     from nqkernels import decode_kv, encode_kv
 
-    def compress(li, k, v):
-        ek, ev = encode_kv(k, codec, "key"), encode_kv(v, codec, "value")
+    def compress(li, k, v):  # k, v: [B, H, T, D] (transformers' layout): encoded through [B, T, H, D] views
+        ek, ev = encode_kv(k.transpose(1, 2), codec, "key"), encode_kv(v.transpose(1, 2), codec, "value")
         nbytes = sum(t.nbytes for e in (ek, ev) for t in e if t is not None)
-        return (decode_kv(ek, codec, "key", dtype=torch.float32),
-                decode_kv(ev, codec, "value", dtype=torch.float32), nbytes)
+        return (decode_kv(ek, codec, "key", dtype=torch.float32).transpose(1, 2),
+                decode_kv(ev, codec, "value", dtype=torch.float32).transpose(1, 2), nbytes)
 
     return compress

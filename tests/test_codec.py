@@ -13,16 +13,18 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _reference(x, codec, kind, positions=None, mean=None):
-    """Codes and scales straight from the reference functions (independent of the launcher's dispatch)."""
+    """Codes and scales straight from the reference functions (independent of the launcher's dispatch), for x
+    ``[B, T, H, D]``: ``[B, T, H, ...]`` as encode_kv returns them (the reference works on ``[B, H, T, D]``)."""
     bits = codec.bits_for(kind)
-    B, H, T, D = x.shape
+    B, T, H, D = x.shape
     cos = sin = None
     if kind == "key" and codec.rope is not None:
         pos = positions if positions is not None else torch.arange(T).expand(B, T)
         c, s = _rope_tables(codec, int(pos.max()) + 1, x.device)
         cos, sin = c[pos.long()], s[pos.long()]
-    return R.encode_reference(x, bits, alpha=codec.alpha[bits], fit=codec.scale_fit,
-                              scale_dtype=codec.scale_dtype, cos=cos, sin=sin, mean=mean)
+    codes, scales = R.encode_reference(x.transpose(1, 2), bits, alpha=codec.alpha[bits], fit=codec.scale_fit,
+                                       scale_dtype=codec.scale_dtype, cos=cos, sin=sin, mean=mean)
+    return codes.transpose(1, 2), scales.transpose(1, 2)
 
 
 def _check(x, codec, kind, positions=None):
@@ -37,11 +39,13 @@ def _check(x, codec, kind, positions=None):
 @pytest.mark.parametrize("bits", BITS)
 def test_encode_bit_exact_and_roundtrip(d, bits):
     codec = KVCodec(head_dim=d, key_bits=bits, value_bits=bits, rope=RopeSpec(theta=10000.0))
-    x = torch.randn(2, 3, 37, d, dtype=torch.float16) * 2 + 0.5
+    x = torch.randn(2, 37, 3, d, dtype=torch.float16) * 2 + 0.5
     for kind in ("key", "value"):
         enc = _check(x, codec, kind)
+        assert enc.codes.is_contiguous() and enc.scales.is_contiguous()
         out = decode_kv(enc, codec, kind, dtype=torch.float32)
-        nmse = ((out - x.float()) ** 2).mean() / ((x.float() - x.float().mean(2, keepdim=True)) ** 2).mean()
+        assert out.shape == x.shape and out.is_contiguous()
+        nmse = ((out - x.float()) ** 2).mean() / ((x.float() - x.float().mean(1, keepdim=True)) ** 2).mean()
         assert nmse < {2: 0.12, 3: 0.04, 4: 0.012}[bits]
         bits_ = codec.bits_for(kind)
         assert enc.codes.shape[-1] * 32 == d * bits_
@@ -52,7 +56,7 @@ def test_encode_bit_exact_and_roundtrip(d, bits):
 @pytest.mark.parametrize("scale_rule", ("rms", "rms_lsq", "rms_unbiased"))
 def test_dtypes_and_scale_rules(dtype, scale_dtype, scale_rule):
     codec = KVCodec(head_dim=128, scale_dtype=scale_dtype, scale_rule=scale_rule)
-    x = torch.randn(1, 2, 19, 128, dtype=dtype)
+    x = torch.randn(1, 19, 2, 128, dtype=dtype)
     for kind in ("key", "value"):
         enc = _check(x, codec, kind)
         assert enc.scales.dtype == scale_dtype
@@ -66,8 +70,8 @@ def test_dtypes_and_scale_rules(dtype, scale_dtype, scale_rule):
                          ids=["partial", "llama3"])
 def test_rope_undo_with_positions_and_strides(rope):
     codec = KVCodec(head_dim=128, rope=rope, center_keys=False)
-    base = torch.randn(3, 45, 4, 128)  # [B, T, H, D] as HF projections come out: a strided view
-    x = base.transpose(1, 2)[:, :, 3:]
+    base = torch.randn(3, 4, 45, 128)  # transformers' [B, H, T, D]: a strided [B, T, H, D] view
+    x = base.transpose(1, 2)[:, 3:]
     positions = torch.randint(0, 3000, (3, 42))
     enc = _check(x, codec, "key", positions=positions)
     out = decode_kv(enc, codec, "key", positions=positions, dtype=torch.float32)
@@ -77,18 +81,18 @@ def test_rope_undo_with_positions_and_strides(rope):
 def test_ragged_sizes_and_gqa_shapes():
     codec = KVCodec(head_dim=64)
     for B, H, T in [(1, 1, 1), (4, 8, 3), (2, 1, 65)]:
-        _check(torch.randn(B, H, T, 64), codec, "key")
+        _check(torch.randn(B, T, H, 64), codec, "key")
 
 
 def test_non_finite_token_is_zeroed_and_isolated():
     codec = KVCodec(head_dim=128, center_keys=False, center_values=False)
-    x = torch.randn(1, 2, 10, 128)
+    x = torch.randn(1, 10, 2, 128)
     clean = encode_kv(x, codec, "value")
-    x[0, 0, 3, 7] = float("nan")
-    x[0, 1, 5, 0] = float("inf")
+    x[0, 3, 0, 7] = float("nan")
+    x[0, 5, 1, 0] = float("inf")
     enc = encode_kv(x, codec, "value")
-    bad = torch.zeros(1, 2, 10, dtype=torch.bool)
-    bad[0, 0, 3] = bad[0, 1, 5] = True
+    bad = torch.zeros(1, 10, 2, dtype=torch.bool)
+    bad[0, 3, 0] = bad[0, 5, 1] = True
     assert bool((enc.scales[bad] == 0).all()) and bool((enc.codes[bad] == 0).all())
     assert torch.equal(enc.codes[~bad], clean.codes[~bad])
     assert torch.equal(enc.scales[~bad], clean.scales[~bad])
@@ -108,40 +112,40 @@ def test_non_finite_token_reaches_no_other_token(path, d, center, bad, request):
     elif not interpreted():
         pytest.skip("the kernels run under TRITON_INTERPRET=1")
     codec = KVCodec(head_dim=d, center_keys=center, center_values=center)
-    x = torch.randn(1, 2, 6, d, dtype=torch.float16) * 2 + 0.5
+    x = torch.randn(1, 6, 2, d, dtype=torch.float16) * 2 + 0.5
     dirty = x.clone()
-    dirty[0, 0, 2, 5] = bad  # head 0, token 2; head 1 is clean
+    dirty[0, 2, 0, 5] = bad  # head 0, token 2; head 1 is clean
     keep = [0, 1, 3, 4, 5]
     for kind in ("key", "value"):
         enc = encode_kv(dirty, codec, kind)
         # Tokens encode one by one given the mean, so the same mean must give the clean tokens' codes exactly.
-        clean = encode_kv(x[:, :, keep], codec, kind, mean=enc.mean)
-        assert torch.equal(enc.codes[:, :, keep], clean.codes)
-        assert torch.equal(enc.scales[:, :, keep].view(torch.int16), clean.scales.view(torch.int16))
-        assert bool((enc.codes[0, 0, 2] == 0).all()) and float(enc.scales[0, 0, 2]) == 0.0
+        clean = encode_kv(x[:, keep], codec, kind, mean=enc.mean)
+        assert torch.equal(enc.codes[:, keep], clean.codes)
+        assert torch.equal(enc.scales[:, keep].view(torch.int16), clean.scales.view(torch.int16))
+        assert bool((enc.codes[0, 2, 0] == 0).all()) and float(enc.scales[0, 2, 0]) == 0.0
         out = decode_kv(enc, codec, kind, dtype=torch.float32)
-        assert torch.equal(out[:, :, keep], decode_kv(clean, codec, kind, dtype=torch.float32))
+        assert torch.equal(out[:, keep], decode_kv(clean, codec, kind, dtype=torch.float32))
         assert bool(torch.isfinite(out).all())
         if center:  # the mean of the finite tokens only: head 0 without token 2, head 1 all of them
-            want = torch.stack((centering_mean(x[:, :1, keep], codec, kind)[:, 0],
-                                centering_mean(x[:, 1:], codec, kind)[:, 0]), 1)
+            want = torch.stack((centering_mean(x[:, keep, :1], codec, kind)[:, 0],
+                                centering_mean(x[:, :, 1:], codec, kind)[:, 0]), 1)
             torch.testing.assert_close(enc.mean, want, rtol=1e-6, atol=1e-6)
-        assert torch.equal(out[0, 0, 2], enc.mean[0, 0] if center else torch.zeros(d))
+        assert torch.equal(out[0, 2, 0], enc.mean[0, 0] if center else torch.zeros(d))
 
 
 def test_zero_token_decodes_to_zero():
     codec = KVCodec(head_dim=64, center_values=False)
-    x = torch.randn(1, 1, 4, 64)
-    x[0, 0, 2] = 0
+    x = torch.randn(1, 4, 1, 64)
+    x[0, 2, 0] = 0
     out = decode_kv(encode_kv(x, codec, "value"), codec, "value")
-    assert bool((out[0, 0, 2] == 0).all())
+    assert bool((out[0, 2, 0] == 0).all())
 
 
 def test_empty_sequence():
     codec = KVCodec(head_dim=128)
-    enc = encode_kv(torch.randn(2, 2, 0, 128), codec, "key")
-    assert enc.codes.shape == (2, 2, 0, 12)
-    assert decode_kv(enc, codec, "key").shape == (2, 2, 0, 128)
+    enc = encode_kv(torch.randn(2, 0, 2, 128), codec, "key")
+    assert enc.codes.shape == (2, 0, 2, 12)
+    assert decode_kv(enc, codec, "key").shape == (2, 0, 2, 128)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -203,7 +207,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize("scale_rule", ("rms", "rms_lsq"))
 def test_every_scale_rule_bit_exact_at_every_head_dim(d, scale_rule):
     codec = KVCodec(head_dim=d, key_bits=3, value_bits=2, rope=RopeSpec(theta=1e4), scale_rule=scale_rule)
-    x = torch.randn(1, 2, 23, d) * 1.5 - 0.2
+    x = torch.randn(1, 23, 2, d) * 1.5 - 0.2
     for kind in ("key", "value"):
         _check(x, codec, kind)
 
@@ -214,13 +218,13 @@ def test_every_scale_rule_bit_exact_at_every_head_dim(d, scale_rule):
 def test_centering_mean_matches_torch(d, T, dtype):
     """The Triton mean (partial sums over token splits) vs the torch mean of the RoPE-undone keys, strided input."""
     codec = KVCodec(head_dim=d, rope=RopeSpec(theta=1e4, rotary_dim=d // 2))
-    x = (torch.randn(2, T, 3, d) * 3 + 1).to(dtype).transpose(1, 2)
+    x = (torch.randn(2, 3, T, d) * 3 + 1).to(dtype).transpose(1, 2)  # [B, T, H, D], strided
     positions = torch.randint(0, 500, (2, T))
     got = centering_mean(x, codec, "key", positions)
     cos, sin = _rope_tables(codec, 500, x.device)
-    want = R.rope_undo(x.float(), cos[positions][:, None], sin[positions][:, None]).mean(2)
+    want = R.rope_undo(x.float(), cos[positions][:, :, None], sin[positions][:, :, None]).mean(1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(centering_mean(x, codec, "value"), x.float().mean(2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(centering_mean(x, codec, "value"), x.float().mean(1), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="head_dim"):
         centering_mean(x[..., :-2], codec, "key")
 
@@ -231,12 +235,12 @@ def test_decode_matches_reference_on_random_codes(d, bits):
     # Random words exercise every index, coset flag and parity pattern of the word-level decode.
     codec = KVCodec(head_dim=d, key_bits=bits, value_bits=bits, rope=RopeSpec(theta=10000.0))
     B, H, T = 2, 3, 21
-    codes = torch.randint(-2**31, 2**31 - 1, (B, H, T, codec.words_per_token(bits)), dtype=torch.int32)
-    scales = (torch.rand(B, H, T) + 0.1).half()
+    codes = torch.randint(-2**31, 2**31 - 1, (B, T, H, codec.words_per_token(bits)), dtype=torch.int32)
+    scales = (torch.rand(B, T, H) + 0.1).half()
     mean = torch.randn(B, H, d)
     positions = torch.randint(0, 500, (B, T))
     out = decode_kv(EncodedKV(codes, scales, mean), codec, "key", positions=positions, dtype=torch.float32)
     c, s = _rope_tables(codec, 500, "cpu")
-    want = R.decode_reference(codes, scales, bits, d, cos=c[positions], sin=s[positions], mean=mean,
-                              dtype=torch.float32)
+    want = R.decode_reference(codes.transpose(1, 2), scales.transpose(1, 2), bits, d, cos=c[positions],
+                              sin=s[positions], mean=mean, dtype=torch.float32).transpose(1, 2)
     assert torch.allclose(out, want, rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ def c():
     cache = PagedKVCache(codec, num_kv_heads=2, max_batch=2, num_pages=8, device="cpu")
     k = torch.randn(1, 40, 2, 64, generator=gen).half()  # [batch, tokens, kv_heads, head_dim]
     cache.append(k, torch.randn(k.shape, generator=gen).half())
-    x = torch.randn(1, 2, 5, 64, generator=gen)  # [batch, heads, tokens, head_dim]
+    x = torch.randn(1, 5, 2, 64, generator=gen)  # [batch, tokens, heads, head_dim]
     scores = torch.rand(1, 2, 40, generator=gen)
     return SimpleNamespace(codec=codec, rope_codec=KVCodec(head_dim=64, rope=RopeSpec()), cache=cache, k=k, x=x,
                            enc=encode_kv(x, codec, "key"), q=torch.randn(1, 1, 4, 64, generator=gen).half(),
@@ -29,7 +29,8 @@ def c():
 
 
 def _filter(c, **kw):
-    args = dict(codes=c.enc.codes[0], scales=c.enc.scales[0], modes=c.modes, head_dim=64, bits=3)
+    args = dict(codes=c.enc.codes[0].transpose(0, 1), scales=c.enc.scales[0].transpose(0, 1), modes=c.modes,
+                head_dim=64, bits=3)
     return filter_codes(**{**args, **kw})
 
 
@@ -65,9 +66,9 @@ CASES = [
     ("decode codes int64", lambda c: decode_kv(c.enc._replace(codes=c.enc.codes.long()), c.codec), ValueError,
      r"codes must be int32 .*got torch\.int64"),
     ("decode scales list", lambda c: decode_kv(c.enc._replace(scales=c.enc.scales.tolist()), c.codec), ValueError,
-     r"scales must be a float tensor \[1, 2, 5\] on cpu .*got list"),
+     r"scales must be a float tensor \[1, 5, 2\] on cpu .*got list"),
     ("decode scales device", lambda c: decode_kv(c.enc._replace(scales=c.enc.scales.to(c.meta)), c.codec),
-     ValueError, r"scales must be a float tensor \[1, 2, 5\] on cpu .*on meta"),
+     ValueError, r"scales must be a float tensor \[1, 5, 2\] on cpu .*on meta"),
     ("decode mean of one head", lambda c: decode_kv(c.enc._replace(mean=c.enc.mean[:, :1]), c.codec), ValueError,
      r"mean must be a \[batch, heads, head_dim\] = \[1, 2, 64\] tensor on cpu, got torch\.float32 \[1, 1, 64\]"),
     ("decode dtype str", lambda c: decode_kv(c.enc, c.codec, dtype="float16"), ValueError,
@@ -165,7 +166,7 @@ CASES = [
     ("filter head_dim float", lambda c: _filter(c, head_dim=64.0), ValueError, r"head_dim must be an int in"),
     ("filter chunk bool", lambda c: _filter(c, chunk=True), ValueError, r"chunk must be an int >= 1, got True"),
     ("filter modes list", lambda c: _filter(c, modes=[0, 0]), ValueError, r"modes must be an int32 tensor"),
-    ("filter scales device", lambda c: _filter(c, scales=c.enc.scales[0].to(c.meta)), ValueError,
+    ("filter scales device", lambda c: _filter(c, scales=c.enc.scales[0].transpose(0, 1).to(c.meta)), ValueError,
      r"scales are on meta but the codes on cpu"),
     ("unfilter data list", lambda c: _unfilter(c, data=[[1, 2]]), ValueError, r"data must be uint8 .*got list"),
     ("unfilter bits float", lambda c: _unfilter(c, bits=3.0), ValueError, r"bits must be an int in"),

@@ -345,16 +345,16 @@ class _Run:
             for kind, x, mean, codes, scales, dense in (("key", s.k, c.k_mean, c.k_codes, c.k_scales, K),
                                                        ("value", s.v, c.v_mean, c.v_codes, c.v_scales, V)):
                 p = s.pos[:, s.sink:end] if c.positions is not None and kind == "key" else None
-                first = centering_mean(x[:, None, s.sink:s.sink + s.first], self.codec, kind,
+                first = centering_mean(x[:, s.sink:s.sink + s.first, None], self.codec, kind,
                                        None if p is None else p[:, :s.first])[:, 0]
                 _ok(torch.allclose(mean[b], first, rtol=0, atol=1e-4),
                     f"slot {b}: the {kind} mean is not that of the first compressed chunk ({s.first} tokens)")
-                enc = encode_kv(x[:, None, s.sink:end], self.codec, kind, positions=p, mean=mean[b, :, None])
+                enc = encode_kv(x[:, s.sink:end, None], self.codec, kind, positions=p, mean=mean[b, :, None])
                 got_c = codes[pages].transpose(0, 1).reshape(H, s.comp, -1)
                 got_s = scales[pages].transpose(0, 1).reshape(H, s.comp)
-                _ok(torch.equal(got_c, enc.codes[:, 0]) and torch.equal(got_s, enc.scales[:, 0]),
+                _ok(torch.equal(got_c, enc.codes[:, :, 0]) and torch.equal(got_s, enc.scales[:, :, 0]),
                     f"slot {b}: {kind} pages are not the encode of the shadow's tokens {s.sink}..{end - 1}")
-                want = decode_kv(enc, self.codec, kind, positions=p, dtype=torch.float32)[:, 0].transpose(0, 1)
+                want = decode_kv(enc, self.codec, kind, positions=p, dtype=torch.float32)[:, :, 0].transpose(0, 1)
                 _ok(torch.equal(dense[b, s.sink:end], want), f"slot {b}: dense {kind} pages")
 
     def check_attention(self):

@@ -275,14 +275,24 @@ def plot(res: dict, out: Path) -> list[Path]:
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"decode attention, Llama-3-8B layer (32q/8kv, d128), {dev}")
         paths.append(_save(fig, out / "sweep_attention_latency.png"))
+        # Each compressed setting's byte limit: SDPA's fp16 bytes / the bytes it reads, the speed-up a kernel running
+        # at SDPA's bandwidth would reach (dashed, in the setting's colour).
+        fp16_bytes = {(r["batch"], r["context"]): r["bytes"] for r in rows if r["method"] == "sdpa_fp16"}
         fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), squeeze=False)
         for ax, B in zip(axes[0], batches):
             for m in methods:
                 pts = sorted((r["context"], r["speedup_vs_sdpa"]) for r in rows if r["batch"] == B and r["method"] == m)
                 if pts and m != "sdpa_fp16":
-                    ax.plot(*zip(*pts), marker="o", label=m)
+                    line, = ax.plot(*zip(*pts), marker="o", label=m)
+                    limit = sorted((r["context"], fp16_bytes[B, r["context"]] / r["bytes"]) for r in rows
+                                   if r["batch"] == B and r["method"] == m and r.get("bytes")
+                                   and (B, r["context"]) in fp16_bytes and not m.endswith("fp16"))
+                    if limit:
+                        ax.plot(*zip(*limit), linestyle="--", linewidth=0.9, color=line.get_color(),
+                                label=f"{m} byte limit")
             ax.axhline(1.0, color="gray", linewidth=0.8)
-            ax.set(xscale="log", xlabel="context (tokens)", ylabel="speed-up vs SDPA fp16", title=f"batch {B}")
+            ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="speed-up vs SDPA fp16",
+                   title=f"batch {B}")
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"decode attention speed-up vs SDPA over fp16 K/V, {dev}")
         paths.append(_save(fig, out / "sweep_attention_speedup.png"))

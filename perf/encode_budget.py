@@ -30,6 +30,8 @@ import tempfile
 
 import triton
 import triton.language as tl
+
+from autotune.sass import loop_body
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -51,29 +53,6 @@ def _pass_through(x_int, tm, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr
 
 def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-
-
-def loop_body(sass: str) -> list[str]:
-    """The instructions (nvdisasm text) of the largest backward branch's body: a kernel's main loop."""
-    labels, ins, branches, pending = {}, [], [], []
-    for line in sass.splitlines():
-        m = re.match(r"\s*(\.L_x_\d+):", line)
-        if m:
-            pending.append(m.group(1))
-            continue
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
-        if not m:
-            continue
-        addr = int(m.group(1), 16)
-        labels.update({lb: addr for lb in pending})
-        pending = []
-        ins.append((addr, m.group(2)))
-        b = re.search(r"BRA\s+`\((\.L_x_\d+)\)", m.group(2))
-        if b:
-            branches.append((b.group(1), addr))
-    loops = [(labels[t], a) for t, a in branches if t in labels and labels[t] < a]
-    lo, hi = max(loops, key=lambda x: x[1] - x[0])
-    return [t for a, t in ins if lo <= a <= hi]
 
 
 def loop_size(sass: str) -> int:

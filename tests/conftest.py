@@ -12,6 +12,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 HEAD_DIMS = (64, 96, 128, 256)
+# The quality fixture (a small trained Llama and held-out texts), beside the repository; NQ_FIXTURE_DIR elsewhere.
+FIXTURE = os.environ.get("NQ_FIXTURE_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures"))
 BITS = (2, 3, 4)
 
 

@@ -247,7 +247,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from nqkernels import attention_gluon as G
-from perf.encode_budget import loop_body
+from autotune.sass import loop_body
 
 def tool(name):
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)

@@ -11,7 +11,7 @@ from nqkernels import (ColdFormatError, KVCodec, PagedKVCache, RopeSpec, filter_
 from nqkernels import reference as R
 from nqkernels.delta import filter_reference, record_bytes, unfilter_reference
 
-from .conftest import BITS, HEAD_DIMS
+from .conftest import BITS, FIXTURE, HEAD_DIMS
 
 
 @pytest.mark.parametrize("d", HEAD_DIMS)
@@ -245,7 +245,6 @@ def test_offload_and_restore_slots():
 def test_fixture_cache_round_trip():
     transformers = pytest.importorskip("transformers")
     from integrations.hf.compat import output_cache
-    from perf.codec_study import FIXTURE
     model_dir = os.path.join(FIXTURE, "llama-tiny-hd128")
     if not os.path.isdir(model_dir):
         pytest.skip(f"fixture model not found at {model_dir} (set NQ_FIXTURE_DIR)")

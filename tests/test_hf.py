@@ -11,7 +11,7 @@ from transformers import DynamicCache  # noqa: E402
 
 from integrations.hf import (PRESETS, CompressedLayer, NQCache, Policy, compress, graduated_bits, patch,  # noqa: E402
                              resolve, unpatch, with_cache)
-from perf.codec_study import FIXTURE  # noqa: E402
+from .conftest import FIXTURE  # noqa: E402
 
 ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma2")
 

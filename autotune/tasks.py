@@ -18,7 +18,7 @@ from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention, decode_
 from nqkernels import filter_codes, unfilter_codes
 from nqkernels import reference as R
 from nqkernels.attention import BATCH_RANGES, CONTEXT_RANGES, _reference_attention, attention_buckets
-from nqkernels.delta import filter_reference
+from nqkernels.reference import filter_reference
 
 KERNELS = ("attention", "encode", "scoring", "filter", "unfilter", "decode")
 HEAD_DIMS = (128, 64, 256, 96)  # tuning order: the common head_dim first, so a bounded run covers it

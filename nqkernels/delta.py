@@ -22,18 +22,13 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
+from .reference import DELTA, MODES, RAW, SHUFFLE, filter_reference, record_bytes, unfilter_reference  # noqa: F401 (MODES: the
+# modes' home for nqkernels.cold; the constants and the references live in reference.py)
 from .codec import _config, _use_triton
 from .config import SUPPORTED_BITS, SUPPORTED_HEAD_DIMS, describe, is_int
 from .lattice import load_words, pack_plane, unpack_plane
 
-RAW, SHUFFLE, DELTA = 0, 1, 2
-MODES = (RAW, SHUFFLE, DELTA)
 DEFAULT_CHUNK = 1024
-
-
-def record_bytes(head_dim: int, bits: int) -> int:
-    """Bytes of one token's record: its code words and its 16-bit scale."""
-    return head_dim * bits // 8 + 2
 
 
 def _layout(head_dim: int, bits: int) -> dict:
@@ -284,74 +279,3 @@ def unfilter_codes(data: torch.Tensor, modes: torch.Tensor, head_dim: int, bits:
                                                     **_layout(head_dim, bits), BT=cfg["BT"],
                                                     num_warps=cfg["num_warps"])
     return codes, scales.view(scale_dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The torch reference (oracle and CPU path).
-
-def _zigzag_ref(r: torch.Tensor, b: int) -> torch.Tensor:
-    return ((r << 1) ^ -(r >> (b - 1))) & ((1 << b) - 1)
-
-
-def _unzigzag_ref(z: torch.Tensor, b: int) -> torch.Tensor:
-    return ((z >> 1) ^ -(z & 1)) & ((1 << b) - 1)
-
-
-def _records(codes: torch.Tensor, sc16: torch.Tensor) -> torch.Tensor:
-    """[S, T, W] int32 + [S, T] int16 -> [S, T, RB] uint8 (little-endian)."""
-    shifts = torch.arange(4, device=codes.device) * 8
-    cb = (codes.to(torch.int64)[..., None] >> shifts) & 255
-    sb = (sc16.to(torch.int64)[..., None] >> shifts[:2]) & 255
-    return torch.cat((cb.flatten(-2), sb), dim=-1).to(torch.uint8)
-
-
-def _chunk_views(T: int, chunk: int):
-    return [(c0, min(T, c0 + chunk)) for c0 in range(0, T, chunk)]
-
-
-def filter_reference(codes, sc16, modes, head_dim: int, bits: int, chunk: int) -> torch.Tensor:
-    S, T, W = codes.shape
-    idx = ref.unpack_codes(codes, bits, head_dim)  # [S, T, D] int64
-    sc = sc16.to(torch.int64) & 0xFFFF
-    prev, prev_sc = torch.zeros_like(idx), torch.zeros_like(sc)
-    prev[:, 1:], prev_sc[:, 1:] = idx[:, :-1], sc[:, :-1]
-    prev[:, ::chunk], prev_sc[:, ::chunk] = 0, 0  # each chunk starts against zero
-    delta = ref.pack_codes(_zigzag_ref((idx - prev) & ((1 << bits) - 1), bits), bits)
-    delta_sc = _zigzag_ref((sc - prev_sc) & 0xFFFF, 16)
-    rec = _records(codes, sc16)
-    rec_delta = _records(delta, delta_sc.to(torch.int16))
-    out = []
-    for s in range(S):
-        r = rec_delta[s] if int(modes[s]) == DELTA else rec[s]
-        parts = [r[a:b] if int(modes[s]) == RAW else r[a:b].T for a, b in _chunk_views(T, chunk)]
-        out.append(torch.cat([p.reshape(-1) for p in parts]) if parts else r.reshape(-1))
-    return torch.stack(out) if out else torch.empty(0, T * (4 * W + 2), dtype=torch.uint8, device=codes.device)
-
-
-def unfilter_reference(data, modes, head_dim: int, bits: int, chunk: int):
-    RB = record_bytes(head_dim, bits)
-    S, T = data.shape[0], data.shape[1] // RB
-    rec = torch.empty(S, T, RB, dtype=torch.uint8, device=data.device)
-    for s in range(S):
-        pos = 0
-        for a, b in _chunk_views(T, chunk):
-            part = data[s, pos:pos + (b - a) * RB]
-            rec[s, a:b] = part.view(b - a, RB) if int(modes[s]) == RAW else part.view(RB, b - a).T
-            pos += (b - a) * RB
-    shifts = torch.arange(4, device=data.device) * 8
-    r = rec.to(torch.int64)
-    words = (r[..., :RB - 2].reshape(S, T, (RB - 2) // 4, 4) << shifts).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    sc = r[..., RB - 2] | (r[..., RB - 1] << 8)
-    for s in range(S):
-        if int(modes[s]) != DELTA:
-            continue
-        d = _unzigzag_ref(ref.unpack_codes(words[s], bits, head_dim), bits)
-        ds = _unzigzag_ref(sc[s], 16)
-        for a, b in _chunk_views(T, chunk):
-            d[a:b] = d[a:b].cumsum(0) & ((1 << bits) - 1)
-            ds[a:b] = ds[a:b].cumsum(0) & 0xFFFF
-        words[s] = ref.pack_codes(d, bits).to(torch.int64)
-        sc[s] = ds
-    sc = torch.where(sc >= 2**15, sc - 2**16, sc)
-    return words.to(torch.int32), sc.to(torch.int16)

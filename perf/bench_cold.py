@@ -31,7 +31,7 @@ from triton.testing import do_bench
 from nqkernels import KVCodec, PagedKVCache, filter_codes, load_cache, save_cache, unfilter_codes
 from nqkernels import reference as R
 from nqkernels.cold import _compressor, _decompressor
-from nqkernels.delta import filter_reference, record_bytes
+from nqkernels.reference import filter_reference, record_bytes
 from perf.bench_attention import copy_bandwidth, log
 
 

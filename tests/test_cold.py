@@ -9,7 +9,7 @@ import torch
 from nqkernels import (ColdFormatError, KVCodec, PagedKVCache, RopeSpec, filter_codes, load_cache, save_cache,
                        unfilter_codes)
 from nqkernels import reference as R
-from nqkernels.delta import filter_reference, record_bytes, unfilter_reference
+from nqkernels.reference import filter_reference, record_bytes, unfilter_reference
 
 from .conftest import BITS, FIXTURE, HEAD_DIMS
 

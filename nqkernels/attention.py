@@ -41,7 +41,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from autotune import store
 
 from . import reference as ref
-from .codec import _config, _max_programs, _rope_tables, _rotation, _use_triton
+from .runtime import launch_config, max_programs, rope_tables, rotation, use_triton
 from .config import check_positive_float, describe, is_int
 from .launch import LaunchRecord, launcher, signature
 from .lattice import (SUBNORMAL_UNIT, coset_pairs, coset_plane_pairs, inverse_hadamard, load_e8_doubled, plane_pairs,
@@ -809,7 +809,7 @@ def _decode_matrix(head_dim: int, bits: int, device: str, dtype: torch.dtype = t
     this matrix is Σ_d R[d]·v_d in the original basis (up to ``plane_pairs``' powers of two and 2^-24), and the
     query times its transpose gives the logit weight of each decoded element. Kernels take it in their operand
     dtype (the entries are exact in fp16 and bf16 except at head_dim 96)."""
-    rot = _rotation(head_dim, "cpu")
+    rot = rotation(head_dim, "cpu")
     dp = rot.shape[0]
     nwl = dp // 16
     ng = max(16, 2 * nwl)
@@ -919,7 +919,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     out = torch.empty_like(q)
     if B == 0:
         return out
-    if not _use_triton(q):
+    if not use_triton(q):
         return _reference_attention(q, cache, scale, softcap, window).to(q.dtype)
     record, key, inputs = None, None, None
     if q.is_cuda and not torch.cuda.is_current_stream_capturing():  # a graph replays at no host cost anyway
@@ -938,14 +938,14 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     P = codec.page_size
     longest = max(cache.compressed_lens()[:B])
     max_pages = triton.cdiv(longest, P)
-    cfg = _config("attention", attention_buckets(D, codec.key_bits, codec.value_bits, group, B, longest), q.device)
+    cfg = launch_config("attention", attention_buckets(D, codec.key_bits, codec.value_bits, group, B, longest), q.device)
     # Pages per step: a block of few rows holds several pages' logits side by side (post-RoPE keys only).
     step = 1 if codec.rope is not None else max(1, min(cfg["pages_per_step"], block_m // triton.next_power_of_2(rows)))
     two_pass = cfg["two_pass"] and codec.rope is None  # keys, then values (_attn_keys_kernel; post-RoPE keys only)
     if two_pass:
         step = 1
     if num_splits is None:  # fill the GPU, but give each split a few pages (its prologue and partial cost a page)
-        want = triton.cdiv(_max_programs(q.device, cfg["programs_per_sm"]), B * H * n_mblk)
+        want = triton.cdiv(max_programs(q.device, cfg["programs_per_sm"]), B * H * n_mblk)
         num_splits = min(triton.cdiv(max_pages, cfg["min_pages_per_split"]), max(1, want))
     num_splits = min(int(num_splits), max_pages)
     # Whole steps per split, so no step but the last of the longest sequence has empty slots.
@@ -958,14 +958,14 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(B * H * n_mblk, n_parts, block_m, DP, dtype=torch.float32, device=q.device)
     dev = str(q.device)
-    rot = _rotation(D, dev)
+    rot = rotation(D, dev)
     dot = _dot_dtype(q)
     pk = _decode_matrix(D, codec.key_bits, dev, _TORCH_DTYPE[dot])
     rope_half = 0
     cos = sin = rot  # placeholders, never read without RoPE
     positions = cache.k_scales if cache.positions is None else cache.positions  # placeholder without RoPE
     if codec.rope is not None:
-        cos, sin = _rope_tables(codec, max(cache.next_positions()[:B]), q.device)
+        cos, sin = rope_tables(codec, max(cache.next_positions()[:B]), q.device)
         rope_half = (codec.rope.rotary_dim or D) // 2
     inv_sqrt_n = 1.0 / math.sqrt(ref.transform_norm(D))
     KQ = NG + DP * (2 if codec.key_bits > 2 else 1)
@@ -1042,7 +1042,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_pdl_options(pdl and prep))
     # The reduce reads only the real rows of a block; small batches spread its output columns over programs.
     n_bh = B * H * n_mblk
-    ob = min(DP, 32) if n_bh < _max_programs(q.device, 1) else DP
+    ob = min(DP, 32) if n_bh < max_programs(q.device, 1) else DP
     launch(_attn_reduce_kernel, (n_bh, DP // ob),
         m_part, l_part, acc_part, cache.v_mean, out, H, n_mblk, num_splits, *cache.v_mean.stride()[:2],
         *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP, CENTER_V=codec.center_values, BLOCK_M=block_m,

@@ -8,23 +8,19 @@ decode: the inverse, for callers that want dense K/V (attention kernels decode i
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from autotune import lookup
-
 from . import reference as ref
 from .config import KVCodec, describe
 from .lattice import e8_nearest, exp2i, fixed_point, integer_transform, inverse_hadamard, load_e8_doubled, pack_plane, \
     rope_partner, rope_partner_index, rope_rotate, rope_rows, round_to, storage_index, storage_order, \
     transform_matrix
-from .rope import rope_cos_sin
+from .runtime import launch_config, max_programs, rope_tables, use_triton
 
 
 class EncodedKV(NamedTuple):
@@ -167,70 +163,6 @@ def _decode_kernel(codes_ptr, scales_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, me
              mask=tmask[:, None] & dmask[None, :])
 
 
-_TABLES: dict = {}
-
-
-def _rope_tables(codec: KVCodec, n_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(n_positions, codec.rope.max_position_embeddings)
-    n = 1 << (n - 1).bit_length()
-    key = (codec.rope, codec.head_dim, n, str(device))
-    if key not in _TABLES:
-        _TABLES[key] = rope_cos_sin(codec.rope, codec.head_dim, n, device=device, seq_len=n_positions)
-    return _TABLES[key]
-
-
-@functools.lru_cache(maxsize=None)
-def _rotation(head_dim: int, device: str) -> torch.Tensor:
-    """reference.rotation_matrix zero-padded to ``[DP, DP]`` (DP the next power of two), fp32, cached per device."""
-    dp = ref.next_pow2(head_dim)
-    rot = torch.zeros(dp, dp, dtype=torch.float32)
-    rot[:head_dim, :head_dim] = ref.rotation_matrix(head_dim)
-    return rot.to(device)
-
-
-# Untuned defaults (autotune.store.lookup answers these where a GPU's file has no entry). Encode: 64-token tiles
-# give one 4-warp tensor-core (wgmma) tile per step on Hopper. Attention: one warpgroup (decoded 64-token pages
-# are the A operand of 64-row tensor-core products), one stage (the next page is prefetched by hand) and 8
-# programs per SM (short splits balance the SMs; H100, K3V2), but at least 4 pages per split (a split's prologue
-# and partial cost about a page; docs/attention.md, "Launch configs"), keys and values in one pass. Scoring: 4
-# programs per SM over the key splits of pass 1 (BLOCK_N is chosen per head_dim by the launcher). Filter/unfilter:
-# 64-token tiles. The two-pass keys pass may be the Gluon kernel (``gluon_keys``, Hopper; attention_gluon: 2-warp
-# programs, registers one page ahead, an L2 prefetch two pages further; perf/results/attention_gluon_h200.md).
-_DEFAULTS = {"encode": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2},
-             "decode": {"BLOCK_T": 32, "num_warps": 4},
-             "attention": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8,
-                           "min_pages_per_split": 4, "maxnreg": None, "pages_per_step": 1,
-                           "two_pass": False, "gluon_keys": False, "gluon_warps": 2, "gluon_prefetch": 1,
-                           "gluon_l2": 2, "gluon_maxnreg": None, "gluon_values": False,
-                           "gluon_values_warps": 2},
-             "scoring": {"num_warps": 4, "programs_per_sm": 4},
-             "filter": {"BT": 64, "num_warps": 4},
-             "unfilter": {"BT": 64, "num_warps": 4}}
-
-
-def _config(kernel: str, buckets, device, **default) -> dict:
-    """Launch config of ``kernel``: the config store's entry for the first of ``buckets`` (most specific first) this
-    GPU has, over ``_DEFAULTS[kernel]`` updated with ``default``."""
-    return lookup(kernel, buckets, {**_DEFAULTS[kernel], **default}, device)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _max_programs(device, per_sm: int) -> int:
-    """Grid size that fills a GPU: ``per_sm`` programs per SM; a few under the interpreter (loops exercised)."""
-    if device.type != "cuda":
-        return 3
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count(index) * per_sm
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _check_positions(positions, B, T, device) -> torch.Tensor:
     if positions is None:
         return torch.arange(T, device=device, dtype=torch.int32).expand(B, T)
@@ -254,7 +186,7 @@ def _prepare(codec: KVCodec, kind: str, B: int, T: int, device, positions):
     if use_rope:
         pos = _check_positions(positions, B, T, device)
         need = int(pos.max()) + 1 if (positions is not None and pos.numel()) else T
-        cos, sin = _rope_tables(codec, need, device)
+        cos, sin = rope_tables(codec, need, device)
     return bits, use_rope, center, pos, cos, sin
 
 
@@ -318,7 +250,7 @@ def _centering_mean(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optio
     _, use_rope, _, pos, cos, sin = _prepare(codec, kind, B, T, x.device, positions)
     if T == 0 or B * H == 0:
         return torch.zeros(B, H, D, device=x.device)
-    if not _use_triton(x):
+    if not use_triton(x):
         xf = x.float()
         if use_rope:
             c, s_ = _per_token(cos, sin, pos)
@@ -327,7 +259,7 @@ def _centering_mean(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optio
     DP, BLOCK_T = ref.next_pow2(D), 32
     n_tiles = triton.cdiv(T, BLOCK_T)
     # Enough programs to fill the GPU (about 4 per SM in all), each over a run of whole tiles.
-    n_split = max(1, min(n_tiles, triton.cdiv(_max_programs(x.device, 4), B * H)))
+    n_split = max(1, min(n_tiles, triton.cdiv(max_programs(x.device, 4), B * H)))
     tiles_per_split = triton.cdiv(n_tiles, n_split)
     n_split = triton.cdiv(n_tiles, tiles_per_split)
     part = torch.empty(B * H, n_split, DP, dtype=torch.float32, device=x.device)
@@ -389,18 +321,18 @@ def _encode(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optional[torc
         scales = torch.empty(B, H, T, dtype=codec.scale_dtype, device=x.device)
     if T == 0 or B * H == 0:
         return EncodedKV(codes, scales, mean)
-    if not _use_triton(x):
+    if not use_triton(x):
         c, s_ = _per_token(cos, sin, pos)
         ref_codes, ref_scales = ref.encode_reference(x, bits, alpha=alpha, fit=fit, scale_dtype=codec.scale_dtype,
                                                      cos=c, sin=s_, mean=mean)
         codes.copy_(ref_codes)
         scales.copy_(ref_scales)
         return EncodedKV(codes, scales, mean)
-    cfg = _config("encode", f"d{D}_b{bits}", x.device)
+    cfg = launch_config("encode", f"d{D}_b{bits}", x.device)
     dummy = codes  # never read when the feature is off
     cos_a, sin_a, pos_a, pos_strides, rope_half = _rope_args(codec, use_rope, cos, sin, pos, dummy)
     n_tiles = B * H * triton.cdiv(T, cfg["BLOCK_T"])
-    _encode_kernel[(min(n_tiles, _max_programs(x.device, cfg["programs_per_sm"])),)](
+    _encode_kernel[(min(n_tiles, max_programs(x.device, cfg["programs_per_sm"])),)](
         x, codes, scales, cos_a, sin_a, pos_a, mean if center else dummy, T, H, n_tiles, *x.stride(),
         *codes.stride()[:3], *scales.stride(), *pos_strides, *(mean.stride()[:2] if center else (0, 0)),
         D=D, DP=ref.next_pow2(D), BITS=bits, ALPHA=alpha, SQRT_N=math.sqrt(ref.transform_norm(D)),
@@ -464,10 +396,10 @@ def _decode(enc: EncodedKV, codec: KVCodec, kind: str, positions: Optional[torch
         out = torch.empty(B, H, T, D, dtype=dtype, device=codes.device)
     if T == 0 or B * H == 0:
         return out
-    if not _use_triton(codes):
+    if not use_triton(codes):
         c, s_ = _per_token(cos, sin, pos)
         return out.copy_(ref.decode_reference(codes, scales, bits, D, cos=c, sin=s_, mean=mean, dtype=dtype))
-    cfg = _config("decode", f"d{D}_b{bits}", codes.device)
+    cfg = launch_config("decode", f"d{D}_b{bits}", codes.device)
     dummy = codes
     cos_a, sin_a, pos_a, pos_strides, rope_half = _rope_args(codec, use_rope, cos, sin, pos, dummy)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * H)

@@ -24,7 +24,7 @@ import triton.language as tl
 from . import reference as ref
 from .reference import DELTA, MODES, RAW, SHUFFLE, filter_reference, record_bytes, unfilter_reference  # noqa: F401 (MODES: the
 # modes' home for nqkernels.cold; the constants and the references live in reference.py)
-from .codec import _config, _use_triton
+from .runtime import launch_config, use_triton
 from .config import SUPPORTED_BITS, SUPPORTED_HEAD_DIMS, describe, is_int
 from .lattice import load_words, pack_plane, unpack_plane
 
@@ -245,10 +245,10 @@ def filter_codes(codes: torch.Tensor, scales: torch.Tensor, modes: torch.Tensor,
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
     sc16 = scales.view(torch.int16)
-    if not _use_triton(codes) or S * T == 0:
+    if not use_triton(codes) or S * T == 0:
         return filter_reference(codes, sc16, modes, head_dim, bits, chunk)
     out = torch.empty(S, T * record_bytes(head_dim, bits), dtype=torch.uint8, device=codes.device)
-    cfg = _config("filter", f"d{head_dim}_b{bits}", codes.device)
+    cfg = launch_config("filter", f"d{head_dim}_b{bits}", codes.device)
     _filter_kernel[(S, triton.cdiv(T, cfg["BT"]))](codes, sc16, modes, out, T, chunk, codes.stride(0),
                                                   codes.stride(1), sc16.stride(0), sc16.stride(1),
                                                   **_layout(head_dim, bits), BT=cfg["BT"], num_warps=cfg["num_warps"])
@@ -270,10 +270,10 @@ def unfilter_codes(data: torch.Tensor, modes: torch.Tensor, head_dim: int, bits:
     codes = torch.empty(S, T, W, dtype=torch.int32, device=data.device)
     scales = torch.empty(S, T, dtype=torch.int16, device=data.device)
     data = data.contiguous()
-    if not _use_triton(data) or S * T == 0:
+    if not use_triton(data) or S * T == 0:
         codes, scales = unfilter_reference(data, modes, head_dim, bits, chunk)
     else:
-        cfg = _config("unfilter", f"d{head_dim}_b{bits}", data.device)
+        cfg = launch_config("unfilter", f"d{head_dim}_b{bits}", data.device)
         _unfilter_kernel[(S, triton.cdiv(T, chunk))](data, modes, codes, scales, T, chunk, codes.stride(0),
                                                     codes.stride(1), scales.stride(0), scales.stride(1),
                                                     **_layout(head_dim, bits), BT=cfg["BT"],

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .codec import EncodedKV, _decode, _encode, _use_triton
+from .codec import EncodedKV, _decode, _encode
+from .runtime import use_triton
 from .config import KVCodec, is_int
 from .launch import signature
 
@@ -288,7 +289,7 @@ class PagedKVCache:
             return (torch.arange(B, device=self.device)[:, None].expand(B, T),
                     self.lengths[2, :B].long()[:, None] + torch.arange(T, device=self.device)[None])
 
-        if _use_triton(k):  # one launch instead of ~10 small ones: a decode step runs this once per layer
+        if use_triton(k):  # one launch instead of ~10 small ones: a decode step runs this once per layer
             D = self.codec.head_dim
             _window_write_kernel[(B * T, self.num_kv_heads)](
                 k, v, self.fp_k, self.fp_v, self.lengths, self.max_batch, T, *k.stride()[:3], *v.stride()[:3],

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from . import reference as ref
 from .attention import _dot_dtype
-from .codec import _config, _max_programs, _use_triton
+from .runtime import launch_config, max_programs, use_triton
 from .config import check_positive_float, describe, is_int
 
 AGGREGATES = {"sum": 0, "mean": 1, "max": 2}
@@ -196,7 +196,7 @@ def pool_scores(scores: torch.Tensor, lens: torch.Tensor, pool: int, pool_mode: 
     if pool <= 1:
         return scores
     B, H, T = scores.shape
-    if _use_triton(scores):
+    if use_triton(scores):
         out = torch.empty_like(scores)
         _pool_kernel[(B * H, triton.cdiv(T, 256))](scores, lens, out, H, T, *scores.stride()[:2], POOL=pool,
                                                     MAX=pool_mode == "max", BLOCK=256)
@@ -244,7 +244,7 @@ def score_tokens(q: torch.Tensor, k: torch.Tensor, *, seq_lens: Optional[Union[t
     T, H = k.shape[1], k.shape[2]
     lens = _seq_lens(seq_lens, B, T, k.device)
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if not _use_triton(k) or B == 0:  # the torch reference (an empty batch has no kernel to launch)
+    if not use_triton(k) or B == 0:  # the torch reference (an empty batch has no kernel to launch)
         scores = ref.window_scores(q, k, lens, scale=scale, aggregate=aggregate)
         return pool_scores(scores, lens, pool, pool_mode)
     group = Hq // H
@@ -252,10 +252,10 @@ def score_tokens(q: torch.Tensor, k: torch.Tensor, *, seq_lens: Optional[Union[t
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     n_mblk = triton.cdiv(rows, block_m)
     DP = max(16, ref.next_pow2(D))
-    cfg = _config("scoring", f"d{D}_g{group}", k.device, BLOCK_N=64 if DP <= 128 else 32)
+    cfg = launch_config("scoring", f"d{D}_g{group}", k.device, BLOCK_N=64 if DP <= 128 else 32)
     block_n = cfg["BLOCK_N"]
     # Pass 1 splits the keys so that B · H · row blocks · splits programs fill the GPU.
-    want = triton.cdiv(_max_programs(k.device, cfg["programs_per_sm"]), B * H * n_mblk)
+    want = triton.cdiv(max_programs(k.device, cfg["programs_per_sm"]), B * H * n_mblk)
     n_splits = max(1, min(triton.cdiv(T, block_n), want, MAX_SPLITS))
     keys_per_split = triton.cdiv(triton.cdiv(T, n_splits), block_n) * block_n
     n_splits = triton.cdiv(T, keys_per_split)

@@ -32,6 +32,7 @@ from nqkernels import KVCodec, decode_attention
 from nqkernels import attention as A
 from nqkernels import attention_gluon as G
 from nqkernels import reference as ref
+from nqkernels import runtime
 from perf.bench_attention import copy_bandwidth, device_info, kernel_times, log
 
 
@@ -117,7 +118,7 @@ def bench_shape(dev, Hq, H, D, B, T, variants, mults=(1, 2, 4)):
     group = Hq // H
     cache, x = random_cache(codec, H, B, T, dev)
     q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.float16)
-    cfg = A._config("attention", A.attention_buckets(D, 3, 2, group, B, T), dev)  # this GPU's tuned config
+    cfg = runtime.launch_config("attention", A.attention_buckets(D, 3, 2, group, B, T), dev)  # this GPU's tuned config
     row = dict(batch=B, context=T, head_dim=D, q_heads=Hq, kv_heads=H, bits="K3V2", config=cfg)
     s = capture_keys_launch(q, cache, cfg)
     kw = s["kw"]
@@ -185,7 +186,7 @@ def decode_variants(dev, B, T, D, bits, Hq=32, H=8, value_warps=(1, 2, 4), mults
     group = Hq // H
     cache, x = random_cache(codec, H, B, T, dev)
     q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.float16)
-    cfg = A._config("attention", A.attention_buckets(D, kb, vb, group, B, T), dev)
+    cfg = runtime.launch_config("attention", A.attention_buckets(D, kb, vb, group, B, T), dev)
     s0 = capture_keys_launch(q, cache, cfg)["kw"]["num_splits"]
     qs = q.transpose(1, 2)
     k16 = x[0].expand(B, -1, -1, -1).transpose(1, 2).contiguous()

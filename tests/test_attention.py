@@ -8,7 +8,7 @@ import triton.language as tl
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
 from nqkernels import reference as R
 from nqkernels.attention import _decode_matrix, _page_codes, _reference_attention, _value_gather
-from nqkernels.codec import _rotation
+from nqkernels.runtime import rotation
 from nqkernels.lattice import coset_pairs, coset_plane_pairs, plane_pairs, restore_parity
 
 from .conftest import HEAD_DIMS
@@ -368,7 +368,7 @@ def test_pair_decode_matches_reference(d, bits, join):
         got += (hi.double() * inv(1 if bits == 3 else 2)) @ m[ng + dp:]
         got_v += hi.double()[:, vg[2].long()] * vg[3]
     values = R.e8_values(idx, bits).double()
-    want = values @ _rotation(d, "cpu")[:d].double()
+    want = values @ rotation(d, "cpu")[:d].double()
     # exact but for head_dim 96, whose Helmert constants are fp32-rounded (group sums round once more)
     torch.testing.assert_close(got * 2.0 ** 24, want, rtol=0, atol=1e-9 if d != 96 else 1e-4)
     torch.testing.assert_close(got_v[:, :d], values, rtol=0, atol=0)

@@ -20,7 +20,7 @@ from autotune import store
 from nqkernels import KVCodec, PagedKVCache, decode_attention
 from nqkernels import reference as R
 from nqkernels.attention import _decode_matrix, _reference_attention
-from nqkernels.codec import _rotation
+from nqkernels.runtime import rotation
 
 try:
     from nqkernels import attention_gluon as G
@@ -133,7 +133,7 @@ def test_fragment_maps_match_reference(d, bits):
         b = qf[:, c::4]  # lanes 4g' + c: [NREG, g', 2]
         got += torch.einsum("trh,rgh->tg", _halves(regs), b) + torch.einsum("rh,rgh->g", _halves(const), b)
     values = R.e8_values(idx, bits).double()
-    want = values @ _rotation(d, "cpu")[:d].double() @ torch.nn.functional.pad(q.double(), (0, R.next_pow2(d) - d)).T
+    want = values @ rotation(d, "cpu")[:d].double() @ torch.nn.functional.pad(q.double(), (0, R.next_pow2(d) - d)).T
     want /= math.sqrt(R.transform_norm(d))
     torch.testing.assert_close(got * 2.0 ** 24, want, rtol=1e-12, atol=1e-9)
 
@@ -233,7 +233,7 @@ def test_value_fragment_maps_match_reference(d, bits):
     sigma = (j & ~30) | (((j >> 3) & 3) << 1) | (((j >> 1) & 3) << 3)
     x = torch.empty_like(got)
     x[sigma] = h @ got / math.sqrt(d)
-    x_ref = (got.T @ _rotation(d, "cpu").double()).T / math.sqrt(R.transform_norm(d))
+    x_ref = (got.T @ rotation(d, "cpu").double()).T / math.sqrt(R.transform_norm(d))
     torch.testing.assert_close(x, x_ref, rtol=1e-10, atol=1e-9)
 
 

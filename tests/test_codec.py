@@ -5,7 +5,7 @@ import torch
 
 from nqkernels import EncodedKV, KVCodec, RopeSpec, centering_mean, decode_kv, encode_kv
 from nqkernels import reference as R
-from nqkernels.codec import _rope_tables
+from nqkernels.runtime import rope_tables
 
 from .conftest import BITS, HEAD_DIMS, interpreted
 
@@ -20,7 +20,7 @@ def _reference(x, codec, kind, positions=None, mean=None):
     cos = sin = None
     if kind == "key" and codec.rope is not None:
         pos = positions if positions is not None else torch.arange(T).expand(B, T)
-        c, s = _rope_tables(codec, int(pos.max()) + 1, x.device)
+        c, s = rope_tables(codec, int(pos.max()) + 1, x.device)
         cos, sin = c[pos.long()], s[pos.long()]
     codes, scales = R.encode_reference(x.transpose(1, 2), bits, alpha=codec.alpha[bits], fit=codec.scale_fit,
                                        scale_dtype=codec.scale_dtype, cos=cos, sin=sin, mean=mean)
@@ -221,7 +221,7 @@ def test_centering_mean_matches_torch(d, T, dtype):
     x = (torch.randn(2, 3, T, d) * 3 + 1).to(dtype).transpose(1, 2)  # [B, T, H, D], strided
     positions = torch.randint(0, 500, (2, T))
     got = centering_mean(x, codec, "key", positions)
-    cos, sin = _rope_tables(codec, 500, x.device)
+    cos, sin = rope_tables(codec, 500, x.device)
     want = R.rope_undo(x.float(), cos[positions][:, :, None], sin[positions][:, :, None]).mean(1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(centering_mean(x, codec, "value"), x.float().mean(1), atol=1e-5, rtol=1e-5)
@@ -240,7 +240,7 @@ def test_decode_matches_reference_on_random_codes(d, bits):
     mean = torch.randn(B, H, d)
     positions = torch.randint(0, 500, (B, T))
     out = decode_kv(EncodedKV(codes, scales, mean), codec, "key", positions=positions, dtype=torch.float32)
-    c, s = _rope_tables(codec, 500, "cpu")
+    c, s = rope_tables(codec, 500, "cpu")
     want = R.decode_reference(codes.transpose(1, 2), scales.transpose(1, 2), bits, d, cos=c[positions],
                               sin=s[positions], mean=mean, dtype=torch.float32).transpose(1, 2)
     assert torch.allclose(out, want, rtol=1e-5, atol=1e-5)

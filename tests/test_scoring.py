@@ -9,7 +9,7 @@ from nqkernels import (KVCodec, PagedKVCache, RopeSpec, decode_attention, key_no
                        layer_budgets, load_cache, random_scores, save_cache, score_tokens, select_tokens)
 from nqkernels import reference as R
 from nqkernels.attention import _reference_attention
-from nqkernels.codec import _rope_tables
+from nqkernels.runtime import rope_tables
 
 from .conftest import HEAD_DIMS
 
@@ -152,7 +152,7 @@ def test_layer_budgets_and_byte_budget():
 # ---------------------------------------------------------------------------------------------------------------
 def _rotated_keys(B, T, H, D, spec):
     """Keys as a model makes them: RoPE applied at each token's position."""
-    cos, sin = _rope_tables(KVCodec(head_dim=D, rope=spec), T, "cpu")
+    cos, sin = rope_tables(KVCodec(head_dim=D, rope=spec), T, "cpu")
     cos, sin = cos[:T], sin[:T]
     k = torch.randn(B, T, H, D) + 0.3
     return R.rope_apply(k.transpose(1, 2), cos, sin).transpose(1, 2)

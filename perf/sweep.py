@@ -277,7 +277,8 @@ def plot(res: dict, out: Path) -> list[Path]:
         paths.append(_save(fig, out / "sweep_attention_latency.png"))
         # Each compressed setting's byte limit: SDPA's fp16 bytes / the bytes it reads, the speed-up a kernel running
         # at SDPA's bandwidth would reach (dashed, in the setting's colour).
-        fp16_bytes = {(r["batch"], r["context"]): r["bytes"] for r in rows if r["method"] == "sdpa_fp16"}
+        fp16_bytes = {(r["batch"], r["context"]): r["bytes"] for r in rows
+                      if r["method"] == "sdpa_fp16" and r.get("bytes")}
         fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), squeeze=False)
         for ax, B in zip(axes[0], batches):
             for m in methods:

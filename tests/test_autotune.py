@@ -188,8 +188,9 @@ def test_sweep_plots_a_gpu_run(tmp_path):
     pytest.importorskip("matplotlib")
     from perf import sweep
 
-    att = [dict(method=m, batch=B, context=T, us=T / s, speedup_vs_sdpa=s, GBps=1.0)
-           for m, s in (("sdpa_fp16", 1.0), ("K3V2", 2.0)) for B in (1, 8) for T in (4096, 32768)]
+    att = [dict(method=m, batch=B, context=T, us=T / s, speedup_vs_sdpa=s, GBps=1.0, bytes=B * T * 1024 // f)
+           for m, s, f in (("sdpa_fp16", 1.0, 1), ("K3V2", 2.0, 6)) for B in (1, 8) for T in (4096, 32768)]
+    att += [dict(method="flashinfer_fp16", batch=1, context=4096, us=3.0, speedup_vs_sdpa=1.1, GBps=1.0)]  # no bytes
     res = dict(info=dict(device="Test GPU"), copy_GBps=3000.0, tables=dict(
         attention=att, encode=[dict(kind="key", batch=1, tokens=T, GBps=300.0) for T in (1024, 4096)],
         scoring=[dict(tokens=T, score_ms=1.0, snapkv_torch_ms=None) for T in (8192, 32768)]))

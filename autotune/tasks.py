@@ -17,7 +17,8 @@ import torch
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention, decode_kv, encode_kv, score_tokens
 from nqkernels import filter_codes, unfilter_codes
 from nqkernels import reference as R
-from nqkernels.attention import BATCH_RANGES, CONTEXT_RANGES, _reference_attention, attention_buckets
+from nqkernels.attention import BATCH_RANGES, CONTEXT_RANGES, attention_buckets
+from nqkernels.attention.launcher import _reference_attention
 from nqkernels.reference import filter_reference
 
 KERNELS = ("attention", "encode", "scoring", "filter", "unfilter", "decode")

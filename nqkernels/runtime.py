@@ -42,7 +42,7 @@ def rotation(head_dim: int, device: str) -> torch.Tensor:
 # programs per SM (short splits balance the SMs; H100, K3V2), but at least 4 pages per split (a split's prologue
 # and partial cost about a page; docs/attention.md, "Launch configs"), keys and values in one pass. Scoring: 4
 # programs per SM over the key splits of pass 1 (BLOCK_N is chosen per head_dim by the launcher). Filter/unfilter:
-# 64-token tiles. The two-pass keys pass may be the Gluon kernel (``gluon_keys``, Hopper; attention_gluon: 2-warp
+# 64-token tiles. The two-pass keys pass may be the Gluon kernel (``gluon_keys``, Hopper; attention/gluon.py: 2-warp
 # programs, registers one page ahead, an L2 prefetch two pages further; perf/results/attention_gluon_h200.md).
 DEFAULTS = {"encode": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2},
              "decode": {"BLOCK_T": 32, "num_warps": 4},

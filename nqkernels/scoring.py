@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
-from .attention import _dot_dtype
+from .attention.launcher import _dot_dtype
 from .runtime import launch_config, max_programs, use_triton
 from .config import check_positive_float, describe, is_int
 

@@ -36,7 +36,7 @@ from autotune.store import gpu_key, untuned
 from autotune.tasks import random_cache
 from autotune.tune import bench_ms, graph_replay
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
-from nqkernels.attention import _reference_attention
+from nqkernels.attention.launcher import _reference_attention
 
 SETTINGS = ((4, 4), (3, 3), (3, 2), (2, 2))
 

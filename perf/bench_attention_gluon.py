@@ -1,4 +1,4 @@
-"""GPU benchmark of the Gluon keys pass (nqkernels/attention_gluon.py) against the portable one, one device call.
+"""GPU benchmark of the Gluon passes (nqkernels/attention/gluon.py) against the portable ones, one device call.
 
     python -m perf.bench_attention_gluon [--shapes 8x32768,16x8192,1x131072] [--out DIR]
 
@@ -29,8 +29,9 @@ from autotune import store
 from autotune.tasks import random_cache
 from autotune.tune import bench_ms
 from nqkernels import KVCodec, decode_attention
-from nqkernels import attention as A
-from nqkernels import attention_gluon as G
+from nqkernels.attention import gluon as G
+from nqkernels.attention import kernels as K
+from nqkernels.attention import launcher as A
 from nqkernels import reference as ref
 from nqkernels import runtime
 from perf.bench_attention import copy_bandwidth, device_info, kernel_times, log
@@ -66,7 +67,7 @@ def triton_keys(s, cfg, logits, m_part, splits=None):
     grid = (s["q_t"].shape[0], splits)
 
     def run():
-        A._attn_keys_kernel[grid](
+        K._attn_keys_kernel[grid](
             cache.k_codes, cache.k_scales, cache.block_table, cache.lengths, s["q_t"], s["q_mean"], logits, m_part,
             cache.num_kv_heads, 1, splits, pps, kw["n_tok"], cache.max_batch,
             kw["scale"], 1.0, 0, *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], cache.k_codes.stride(3),

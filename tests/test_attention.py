@@ -7,7 +7,8 @@ import triton.language as tl
 
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
 from nqkernels import reference as R
-from nqkernels.attention import _decode_matrix, _page_codes, _reference_attention, _value_gather
+from nqkernels.attention.kernels import _page_codes
+from nqkernels.attention.launcher import _decode_matrix, _reference_attention, _value_gather
 from nqkernels.runtime import rotation
 from nqkernels.lattice import coset_pairs, coset_plane_pairs, plane_pairs, restore_parity
 
@@ -382,7 +383,7 @@ import inspect, json, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from nqkernels import attention as A
+from nqkernels.attention import kernels as A
 
 F16, F32, I32 = "*fp16", "*fp32", "*i32"
 PTRS = dict(q_ptr=F16, pk_ptr=F16, kmean_ptr=F32, qt_ptr=F16, qm_ptr=F32, kc_ptr=I32, ks_ptr=F16, vc_ptr=I32,

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from autotune import store
-from nqkernels import KVCodec, PagedKVCache, attention, decode_attention
+from nqkernels import KVCodec, PagedKVCache, decode_attention
+from nqkernels.attention import launcher as attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 

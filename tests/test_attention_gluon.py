@@ -1,4 +1,4 @@
-"""The Gluon keys pass (nqkernels/attention_gluon.py, GPU only).
+"""The Gluon keys and values passes (nqkernels/attention/gluon.py, GPU only).
 
 On CPU: (1) its fragment maps, by a pure-torch emulation of the kernel's registers and of the mma.sync m16n8k16
 fragment layout against the reference lattice values; (2) the kernel compiled for sm_90 (GluonASTSource, no GPU):
@@ -19,11 +19,11 @@ import triton
 from autotune import store
 from nqkernels import KVCodec, PagedKVCache, decode_attention
 from nqkernels import reference as R
-from nqkernels.attention import _decode_matrix, _reference_attention
+from nqkernels.attention.launcher import _decode_matrix, _reference_attention
 from nqkernels.runtime import rotation
 
 try:
-    from nqkernels import attention_gluon as G
+    from nqkernels.attention import gluon as G
 except Exception:  # noqa: BLE001 - a triton without the Gluon API
     G = None
 
@@ -246,7 +246,7 @@ import inspect, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
-from nqkernels import attention_gluon as G
+from nqkernels.attention import gluon as G
 from autotune.sass import loop_body
 
 def tool(name):
@@ -376,7 +376,8 @@ class _Spy:
         self.real = G.keys_pass
 
     def __call__(self, cache, q_t, q_mean, logits, m_part, **kw):
-        from nqkernels import attention as A
+        from nqkernels.attention import kernels as A
+        from nqkernels.attention.launcher import _join_runs
 
         codec = cache.codec
         D, kb = codec.head_dim, codec.key_bits
@@ -392,7 +393,7 @@ class _Spy:
             *cache.k_scales.stride()[:2], cache.k_codes.stride(3), cache.block_table.stride(0),
             Q_LEN=kw["q_len"], GROUP=kw["group"], D=D, DP=DP, KBITS=kb, PAGE=codec.page_size, NG=NG,
             KQ=NG + DP * (2 if kb > 2 else 1), SOFTCAP=kw["softcap"] is not None, WINDOW=kw["window"] is not None,
-            ASM=True, BLOCK_M=kw["block_m"], RS=kw["rs"], JOIN_K=A._join_runs(kb, cache.k_codes), PDL=False,
+            ASM=True, BLOCK_M=kw["block_m"], RS=kw["rs"], JOIN_K=_join_runs(kb, cache.k_codes), PDL=False,
             CAUSAL_PAGES=kw["q_len"] > 1, num_warps=4)
         self.real(cache, q_t, q_mean, logits, m_part, **kw)
         self.calls.append((logits.clone(), lg_ref, m_part.clone(), m_ref))
@@ -535,10 +536,17 @@ def test_more_than_8_rows_fall_back():
 
 def test_a_gluon_pass_that_does_not_import_is_said_once(monkeypatch):
     """A config asking for the Gluon keys pass on a triton without its API falls back loudly, once per process."""
-    from nqkernels import attention as A
+    from nqkernels.attention import launcher as A
     monkeypatch.setattr(A, "_GLUON_WARNED", [])
     with pytest.warns(UserWarning, match="does not import with triton"):
         A._warn_gluon_unavailable(ImportError("no gluon"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         A._warn_gluon_unavailable(ImportError("no gluon"))  # not again
+
+
+@needs_gluon
+def test_the_launcher_imports_this_module():
+    """``launcher._gluon`` (run on CUDA only) imports the Gluon passes through ``_import_gluon``: the same module."""
+    from nqkernels.attention import launcher
+    assert launcher._import_gluon() is G

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ("nqkernels.codec", "nqkernels.paged", "nqkernels.attention", "nqkernels.delta", "nqkernels.cold",
+MODULES = ("nqkernels.codec", "nqkernels.paged", "nqkernels.attention.launcher", "nqkernels.delta", "nqkernels.cold",
            "nqkernels.scoring", "nqkernels.eviction", "integrations.flash")
 
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
-from nqkernels.attention import _reference_attention
+from nqkernels.attention.launcher import _reference_attention
 from nqkernels.codec import centering_mean, decode_kv, encode_kv
 
 from .conftest import interpreted

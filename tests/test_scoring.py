@@ -8,7 +8,7 @@ import torch
 from nqkernels import (KVCodec, PagedKVCache, RopeSpec, decode_attention, key_norm_scores, keep_for_bytes,
                        layer_budgets, load_cache, random_scores, save_cache, score_tokens, select_tokens)
 from nqkernels import reference as R
-from nqkernels.attention import _reference_attention
+from nqkernels.attention.launcher import _reference_attention
 from nqkernels.runtime import rope_tables
 
 from .conftest import HEAD_DIMS

@@ -1,9 +1,9 @@
-"""Gluon fast path (NVIDIA, capability >= 9): the keys pass of the two-pass decode, in today's HOT format.
+"""Gluon fast path (NVIDIA, capability >= 9): the keys and values passes of the two-pass decode, in today's HOT format.
 
-``_gluon_keys_kernel`` writes exactly what ``attention._attn_keys_kernel`` writes (the fp32 logits workspace
+``_gluon_keys_kernel`` writes exactly what ``kernels._attn_keys_kernel`` writes (the fp32 logits workspace
 ``lg[program, token, row]`` in log2 units, masked keys -inf, and each split's max per row), so the portable
 ``_attn_values_kernel`` and ``_attn_reduce_kernel`` complete the attention unchanged. GPU only (Gluon has no CPU
-interpreter); ``attention.decode_attention`` imports this module lazily and only where it can run, and the portable
+interpreter); ``launcher.decode_attention`` imports this module lazily and only where it can run, and the portable
 kernel stays the fallback and the reference.
 
 Shape of the computation: warps work on their own 16-token units, with no shared memory and no cross-warp
@@ -24,7 +24,7 @@ Register order (per thread c, per token; ``fragment_elements`` / ``_fragment_ind
   * high plane, 3 bits: bit j of each half of word c·D/128 + k // 16 (head_dim 64: the byte j // 8 = c % 2 of word
     c // 2), times 2^(j % 8); 4 bits: as the low plane.
 Register 2t and 2t + 1 of a plane are the a0/a2 (token g) and a1/a3 (token g + 8) of k-tile t. The B fragment of
-lane (g', c) is the prep's query operand (``attention._query_prep_kernel``, pair order, unchanged) gathered to the
+lane (g', c) is the prep's query operand (``kernels._query_prep_kernel``, pair order, unchanged) gathered to the
 elements of thread c's registers, column g': each program gathers its fragments once, through a cached index table
 (``_fragment_index``). The coset registers hold 2c only; the constant part of the group constants is the low chain's
 start value (``_coset_const``), and the parity is restored for two words at once (``_parity_fold``).
@@ -42,8 +42,8 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from . import reference as ref
-from .launch import launcher
+from .. import reference as ref
+from ..launch import launcher
 
 LOG2E = gl.constexpr(1.4426950408889634)
 SUBNORMAL_UNIT = gl.constexpr(16777216.0)  # 2^24
@@ -294,7 +294,7 @@ def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_pt
                                              is_pure=True, pack=1),)
     qm0 = gl.load(qm_ptr + pid * BLOCK_M + col0)
     qm1 = gl.load(qm_ptr + pid * BLOCK_M + col1)
-    unit = SUBNORMAL_UNIT  # (``attention._logit_units``)
+    unit = SUBNORMAL_UNIT  # (``kernels._logit_units``)
     if not SOFTCAP:
         unit = SUBNORMAL_UNIT * sm_scale * LOG2E
         qm0 = qm0 * (sm_scale * LOG2E)
@@ -833,8 +833,8 @@ def _fragment_index(head_dim: int, key_bits: int, block_m: int, device: str) -> 
     """Flat indices into one program's prep output ``q_t[pid]`` ([KQ, block_m] fp16, ``_query_prep_kernel``, pair
     order) that give its B fragments in the kernel's order: int32 [NREG, 32 lanes, 2 halves], lane 4g' + c reading
     column g' (the kernel gathers them once per program). Checks that the prep's power of two at each element undoes
-    the kernel's (``attention._pair_inv_scale``)."""
-    from .attention import _deal_order, _pair_order
+    the kernel's (``kernels._pair_inv_scale``)."""
+    from .launcher import _deal_order, _pair_order
 
     D = head_dim
     dp = ref.next_pow2(D)
@@ -849,7 +849,7 @@ def _fragment_index(head_dim: int, key_bits: int, block_m: int, device: str) -> 
         inv = torch.empty_like(order)
         inv[order] = torch.arange(len(order))
         cw = min(4, dp * fbits // 32)
-        power = fbits * (torch.arange(len(order)) // 2 // cw % (8 // fbits))  # attention._pair_inv_scale
+        power = fbits * (torch.arange(len(order)) // 2 // cw % (8 // fbits))  # kernels._pair_inv_scale
         return inv, power
 
     lo_inv, lo_pow = plane(2)
@@ -916,7 +916,7 @@ def values_pass(cache, logits, m_part, l_part, acc_part, *, rows: int, block_m: 
     """Launch the Gluon values pass for the compressed splits of the two-pass decode: from the keys pass's logits
     workspace and split maxima, each split's Σp ([programs, splits + 1, block_m] ``l_part``) and Σ p·x in the
     original basis ([programs, splits + 1, block_m, head_dim] ``acc_part``, rows < ``rows``), as the compressed
-    programs of ``attention._attn_values_kernel`` write them. ``num_warps``: warps per program (each takes its own 16-token
+    programs of ``kernels._attn_values_kernel`` write them. ``num_warps``: warps per program (each takes its own 16-token
     units); ``l2_prefetch``: prefetch the page that many ahead into L2 (0: off); ``maxnreg``: the register cap;
     ``launch``: ``nqkernels.launch.launcher``'s (default: a plain launch)."""
     codec = cache.codec

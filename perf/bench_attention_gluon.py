@@ -108,6 +108,18 @@ def gluon_keys(s, logits, m_part, v, splits=None):
     return lambda: G.keys_pass(s["cache"], s["q_t"], s["q_mean"], logits, m_part, **kw)
 
 
+def sdpa_and_shipped(q, cache, x) -> dict:
+    """µs of SDPA over the fp16 K/V ``x`` (one copy per sequence, GQA) and of the store's own decode launch."""
+    B = q.shape[0]
+    qs = q.transpose(1, 2)
+    k16 = x[0].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
+    v16 = x[1].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
+    dec = {"sdpa_fp16": bench_ms(lambda: F.scaled_dot_product_attention(qs, k16, v16, enable_gqa=True)) * 1e3}
+    del k16, v16
+    dec["shipped"] = bench_ms(lambda: decode_attention(q, cache)) * 1e3
+    return dec
+
+
 def rel(a, b):
     fin = torch.isfinite(b)
     return ((a[fin] - b[fin]).abs().max() / b[fin].abs().max()).item()
@@ -152,12 +164,7 @@ def bench_shape(dev, Hq, H, D, B, T, variants, mults=(1, 2, 4)):
     bv = best_g.split("_")[1]
     row["best_gluon_at_decode_splits"] = best_g
     # whole decode: SDPA, the shipped config, two passes with each keys pass (the decode's splits and the others)
-    qs = q.transpose(1, 2)
-    k16 = x[0].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
-    v16 = x[1].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
-    dec = {"sdpa_fp16": bench_ms(lambda: F.scaled_dot_product_attention(qs, k16, v16, enable_gqa=True)) * 1e3}
-    del k16, v16
-    dec["shipped"] = bench_ms(lambda: decode_attention(q, cache)) * 1e3
+    dec = sdpa_and_shipped(q, cache, x)
     outs = {}
     for sp in split_list[:2]:
         n = split_args(s, sp)[0]
@@ -189,12 +196,7 @@ def decode_variants(dev, B, T, D, bits, Hq=32, H=8, value_warps=(1, 2, 4), mults
     q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.float16)
     cfg = runtime.launch_config("attention", A.attention_buckets(D, kb, vb, group, B, T), dev)
     s0 = capture_keys_launch(q, cache, cfg)["kw"]["num_splits"]
-    qs = q.transpose(1, 2)
-    k16 = x[0].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
-    v16 = x[1].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
-    dec = {"sdpa_fp16": bench_ms(lambda: F.scaled_dot_product_attention(qs, k16, v16, enable_gqa=True)) * 1e3}
-    del k16, v16
-    dec["shipped"] = bench_ms(lambda: decode_attention(q, cache)) * 1e3
+    dec = sdpa_and_shipped(q, cache, x)
     variants = {"portable": dict(gluon_keys=False, gluon_values=False),
                 "gluon_keys": dict(gluon_keys=True, gluon_values=False)}
     for w in value_warps:

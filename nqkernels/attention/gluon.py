@@ -249,6 +249,16 @@ def _seen(tok, end, n_sink, q_index, window, WINDOW: gl.constexpr, CAUSAL: gl.co
 
 
 @gluon.jit
+def _lanes(L: gl.constexpr, NW: gl.constexpr):
+    """The [NW warps, 32 lanes] grid of a program in layout L (one element per thread): zeros, lane, warp, and the
+    lane's mma.sync fragment coordinates g = lane // 4 (group) and c = lane % 4 (thread in group)."""
+    zero_i = gl.zeros([NW, 32], gl.int32, L)
+    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, L))[None, :] + zero_i
+    warp = gl.arange(0, NW, layout=gl.SliceLayout(1, L))[:, None] + zero_i
+    return zero_i, lane, warp, lane >> 2, lane & 3
+
+
+@gluon.jit
 def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_ptr, lg_ptr, m_ptr,
                        H, n_splits, pages_per_split, n_tok, max_batch, sm_scale, softcap, window,
                        skc_p, skc_h, sks_p, sks_h, sbt,
@@ -263,11 +273,7 @@ def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_pt
     # L2PF > 0 the page L2PF further ahead is prefetched into L2 (its loads are then L2 hits, wherever the compiler
     # schedules them).
     L: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
-    zero_i = gl.zeros([NW, 32], gl.int32, L)
-    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, L))[None, :] + zero_i
-    warp = gl.arange(0, NW, layout=gl.SliceLayout(1, L))[:, None] + zero_i
-    g = lane >> 2
-    c = lane & 3
+    zero_i, lane, warp, g, c = _lanes(L, NW)
     pid = gl.program_id(0)
     split = gl.program_id(1)
     b = pid // H
@@ -560,11 +566,7 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
     # a split's pages in order, warp w the units w, w + NW, .. of each page, the next page's loads issued before the
     # current page is decoded; with L2PF > 0 the page L2PF further ahead is prefetched into L2.
     L: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
-    zero_i = gl.zeros([NW, 32], gl.int32, L)
-    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, L))[None, :] + zero_i
-    warp = gl.arange(0, NW, layout=gl.SliceLayout(1, L))[:, None] + zero_i
-    g = lane >> 2
-    c = lane & 3
+    zero_i, lane, warp, g, c = _lanes(L, NW)
     _launch_dependents(zero_i)  # the uncompressed part's kernel (PDL) may start beside this grid
     pid = gl.program_id(0)
     split = gl.program_id(1)

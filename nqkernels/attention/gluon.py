@@ -778,10 +778,11 @@ def _triton_version() -> tuple:
     return tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
 
 
-def supports(head_dim: int, key_bits: int, page_size: int, rows: int) -> bool:
-    """Whether the Gluon keys pass covers a launch: a triton >= 3.6, head_dim 64/128/256, 2-4 key bits, pages of a
-    multiple of 16 tokens, q_len · group <= 8 (one row block of at most 8 rows; more rows run the portable kernel)."""
-    return (_triton_version() >= MIN_TRITON and head_dim in HEAD_DIMS and key_bits in (2, 3, 4)
+def supports(head_dim: int, bits: int, page_size: int, rows: int) -> bool:
+    """Whether a Gluon pass covers a launch (``bits``: the key bits for the keys pass, the value bits for the values
+    pass): a triton >= 3.6, head_dim 64/128/256, 2-4 bits, pages of a multiple of 16 tokens, q_len · group <= 8 (one
+    row block of at most 8 rows; more rows run the portable kernel)."""
+    return (_triton_version() >= MIN_TRITON and head_dim in HEAD_DIMS and bits in (2, 3, 4)
             and page_size % 16 == 0 and 1 <= rows <= MAX_ROWS)
 
 
@@ -905,11 +906,6 @@ def keys_pass(cache, q_t, q_mean, logits, m_part, *, q_len: int, group: int, blo
         WINDOW=window is not None, BLOCK_M=block_m, RS=rs, CAUSAL_PAGES=q_len > 1, NW=nw, W=words, KQ=kq,
         OFF64=kc.numel() >= 2 ** 31 or ks.numel() >= 2 ** 31, VEC=vec, PF=prefetch, L2PF=l2_prefetch if l2 else 0,
         num_warps=nw, maxnreg=maxnreg)
-
-
-def supports_values(head_dim: int, value_bits: int, page_size: int, rows: int) -> bool:
-    """Whether the Gluon values pass covers a launch (as ``supports``, for the value bits)."""
-    return supports(head_dim, value_bits, page_size, rows)
 
 
 def values_pass(cache, logits, m_part, l_part, acc_part, *, rows: int, block_m: int, rs: int, num_splits: int,

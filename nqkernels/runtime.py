@@ -42,15 +42,16 @@ def rotation(head_dim: int, device: str) -> torch.Tensor:
 # programs per SM (short splits balance the SMs; H100, K3V2), but at least 4 pages per split (a split's prologue
 # and partial cost about a page; docs/attention.md, "Launch configs"), keys and values in one pass. Scoring: 4
 # programs per SM over the key splits of pass 1 (BLOCK_N is chosen per head_dim by the launcher). Filter/unfilter:
-# 64-token tiles. The two-pass keys pass may be the Gluon kernel (``gluon_keys``, Hopper; attention/gluon.py: 2-warp
-# programs, registers one page ahead, an L2 prefetch two pages further; perf/results/attention_gluon_h200.md).
+# 64-token tiles. Gluon passes (Hopper; attention/gluon.py; docs/attention.md): the two-pass keys pass
+# (``gluon_keys``: 2-warp programs, registers one page ahead, an L2 prefetch two pages further), the values pass
+# (``gluon_values``), or both in one fused pass (``gluon_fused``, which takes precedence over ``two_pass``).
 DEFAULTS = {"encode": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2},
              "decode": {"BLOCK_T": 32, "num_warps": 4},
              "attention": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8,
                            "min_pages_per_split": 4, "maxnreg": None, "pages_per_step": 1,
                            "two_pass": False, "gluon_keys": False, "gluon_warps": 2, "gluon_prefetch": 1,
                            "gluon_l2": 2, "gluon_maxnreg": None, "gluon_values": False,
-                           "gluon_values_warps": 2},
+                           "gluon_values_warps": 2, "gluon_fused": False, "gluon_fused_warps": 2},
              "scoring": {"num_warps": 4, "programs_per_sm": 4},
              "filter": {"BT": 64, "num_warps": 4},
              "unfilter": {"BT": 64, "num_warps": 4}}

@@ -1,6 +1,8 @@
 """GPU benchmark of the Gluon passes (nqkernels/attention/gluon.py) against the portable ones, one device call.
 
     python -m perf.bench_attention_gluon [--shapes 8x32768,16x8192,1x131072] [--out DIR]
+    python -m perf.bench_attention_gluon --decode --bits K3V2 [--shapes ...] [--fused-warps 1,2] [--mults 1,2]
+    python -m perf.bench_attention_gluon --shipped --bits K3V2,K2V2 --shapes 8x32768,1x4096x64
 
 Llama-3-8B-shaped layers (32 query heads, 8 KV heads, head_dim 128), K3V2, q_len 1, at each context × batch:
 - the keys pass alone: ``_attn_keys_kernel`` (the launch ``decode_attention`` makes in its two-pass branch, with this
@@ -49,7 +51,7 @@ def capture_keys_launch(q, cache, cfg):
 
     G.keys_pass = spy
     try:
-        with store.override("attention", dict(cfg, two_pass=True, gluon_keys=True)):
+        with store.override("attention", dict(cfg, two_pass=True, gluon_keys=True, gluon_fused=False)):
             decode_attention(q, cache)
     finally:
         G.keys_pass = real
@@ -132,6 +134,7 @@ def bench_shape(dev, Hq, H, D, B, T, variants, mults=(1, 2, 4)):
     cache, x = random_cache(codec, H, B, T, dev)
     q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.float16)
     cfg = runtime.launch_config("attention", A.attention_buckets(D, 3, 2, group, B, T), dev)  # this GPU's tuned config
+    cfg = dict(cfg, gluon_fused=False)  # the two passes, compared here
     row = dict(batch=B, context=T, head_dim=D, q_heads=Hq, kv_heads=H, bits="K3V2", config=cfg)
     s = capture_keys_launch(q, cache, cfg)
     kw = s["kw"]
@@ -184,10 +187,12 @@ def bench_shape(dev, Hq, H, D, B, T, variants, mults=(1, 2, 4)):
     return row
 
 
-def decode_variants(dev, B, T, D, bits, Hq=32, H=8, value_warps=(1, 2, 4), mults=(1, 2)):
-    """The whole decode (q_len 1) with each pass portable or Gluon, beside SDPA fp16 (GQA) and the config store's
-    choice, in one process; every variant's output against the portable two-pass one; the kernels of the portable
-    and of the fastest all-Gluon decode."""
+def decode_variants(dev, B, T, D, bits, Hq=32, H=8, value_warps=(1, 2, 4), fused_warps=(1, 2, 4), mults=(1, 2),
+                    fused_maxnreg=()):
+    """The whole decode (q_len 1) with each pass portable or Gluon (two passes, or the fused pass with N warps per
+    program: ``gluon_fused_wN``), beside SDPA fp16 (GQA) and the config store's choice, in one process; every
+    variant's output against the portable two-pass one; the kernels of the portable and of the fastest Gluon
+    decode."""
     torch.manual_seed(0)
     kb, vb = bits
     codec = KVCodec(head_dim=D, key_bits=kb, value_bits=vb)
@@ -197,10 +202,14 @@ def decode_variants(dev, B, T, D, bits, Hq=32, H=8, value_warps=(1, 2, 4), mults
     cfg = runtime.launch_config("attention", A.attention_buckets(D, kb, vb, group, B, T), dev)
     s0 = capture_keys_launch(q, cache, cfg)["kw"]["num_splits"]
     dec = sdpa_and_shipped(q, cache, x)
-    variants = {"portable": dict(gluon_keys=False, gluon_values=False),
-                "gluon_keys": dict(gluon_keys=True, gluon_values=False)}
+    variants = {"portable": dict(gluon_keys=False, gluon_values=False, gluon_fused=False),
+                "gluon_keys": dict(gluon_keys=True, gluon_values=False, gluon_fused=False)}
     for w in value_warps:
-        variants[f"gluon_kv_w{w}"] = dict(gluon_keys=True, gluon_values=True, gluon_values_warps=w)
+        variants[f"gluon_kv_w{w}"] = dict(gluon_keys=True, gluon_values=True, gluon_values_warps=w, gluon_fused=False)
+    for w in fused_warps:
+        variants[f"gluon_fused_w{w}"] = dict(gluon_fused=True, gluon_fused_warps=w)
+        for r in fused_maxnreg:  # a register cap: more programs per SM
+            variants[f"gluon_fused_w{w}_r{r}"] = dict(gluon_fused=True, gluon_fused_warps=w, gluon_maxnreg=r)
     outs, cfgs = {}, {}
     for m in mults:
         sp = m * s0
@@ -212,7 +221,7 @@ def decode_variants(dev, B, T, D, bits, Hq=32, H=8, value_warps=(1, 2, 4), mults
             cfgs[f"{name}_s{sp}"] = (c, sp)
     base = outs[f"portable_s{s0}"]
     diff = {k: ((v - base).norm() / base.norm()).item() for k, v in outs.items()}
-    best = min((v, k) for k, v in dec.items() if k.startswith("gluon_kv"))[1]
+    best = min((v, k) for k, v in dec.items() if k.startswith(("gluon_kv", "gluon_fused")))[1]
     kt = {}
     for name in (f"portable_s{s0}", best):
         c, sp = cfgs[name]
@@ -225,6 +234,10 @@ def decode_variants(dev, B, T, D, bits, Hq=32, H=8, value_warps=(1, 2, 4), mults
                 compressed_bytes=nbytes, best_GBps=nbytes / dec[best] / 1e3)
 
 
+def ints(text: str) -> tuple:
+    return tuple(int(v) for v in text.split(",") if v)
+
+
 def main_decode(args, dev, res):
     for bits in args.bits.split(","):
         kb, vb = int(bits[1]), int(bits[3])
@@ -232,7 +245,9 @@ def main_decode(args, dev, res):
             parts = [int(v) for v in shape.split("x")]
             B, T, D = parts[0], parts[1], parts[2] if len(parts) > 2 else 128
             t0 = time.time()
-            row = decode_variants(dev, B, T, D, (kb, vb))
+            row = decode_variants(dev, B, T, D, (kb, vb), value_warps=ints(args.value_warps),
+                                  fused_warps=ints(args.fused_warps), mults=ints(args.mults),
+                                  fused_maxnreg=ints(args.fused_maxnreg))
             res["decode_rows"].append(row)
             d = row["decode_us"]
             log(f"{bits} B={B} T={T} D={D} splits {row['num_splits']} ({time.time() - t0:.0f}s): " +
@@ -245,11 +260,50 @@ def main_decode(args, dev, res):
                 json.dump(res, f, indent=1)
 
 
+def shipped_rows(dev, bits_list, shapes, Hq=32, H=8):
+    """Per bit pair and shape (B, T, D): SDPA fp16 (GQA) and ``decode_attention(q, cache)`` with no override, the
+    store's bucket and config, in one process."""
+    for kb, vb in bits_list:
+        for B, T, D in shapes:
+            torch.manual_seed(0)
+            codec = KVCodec(head_dim=D, key_bits=kb, value_bits=vb)
+            cache, x = random_cache(codec, H, B, T, dev)
+            q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.float16)
+            buckets = A.attention_buckets(D, kb, vb, Hq // H, B, T)
+            dec = sdpa_and_shipped(q, cache, x)
+            yield dict(batch=B, context=T, head_dim=D, bits=f"K{kb}V{vb}", buckets=buckets,
+                       config=runtime.launch_config("attention", buckets, dev), decode_us=dec,
+                       speedup=dec["sdpa_fp16"] / dec["shipped"])
+            del cache, x
+
+
+def main_shipped(args, dev, res):
+    bits = [(int(b[1]), int(b[3])) for b in args.bits.split(",")]
+    shapes = []
+    for shape in args.shapes.split(","):
+        parts = [int(v) for v in shape.split("x")]
+        shapes.append((parts[0], parts[1], parts[2] if len(parts) > 2 else 128))
+    res["shipped_rows"] = []
+    for row in shipped_rows(dev, bits, shapes):
+        res["shipped_rows"].append(row)
+        d = row["decode_us"]
+        log(f"{row['bits']} B={row['batch']} T={row['context']} D={row['head_dim']}: SDPA {d['sdpa_fp16']:.1f}  "
+            f"shipped {d['shipped']:.1f} (x{row['speedup']:.2f})  " + json.dumps(row["config"]))
+        with open(os.path.join(args.out, "attention_shipped_h200.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--decode", action="store_true", help="whole-decode variants only (decode_variants)")
     ap.add_argument("--bits", default="K3V2,K2V2,K4V4", help="bit pairs for --decode")
-    ap.add_argument("--shapes", default="8x32768,16x8192,1x131072", help="BxT,...")
+    ap.add_argument("--shapes", default="8x32768,16x8192,1x131072", help="BxT[xD],...")
+    ap.add_argument("--value-warps", default="1,2,4", help="warps of the Gluon values pass for --decode (none: '')")
+    ap.add_argument("--fused-warps", default="1,2,4", help="warps of the fused Gluon pass for --decode (none: '')")
+    ap.add_argument("--mults", default="1,2", help="split counts for --decode, as multiples of the decode's")
+    ap.add_argument("--fused-maxnreg", default="", help="register caps of extra fused variants for --decode")
+    ap.add_argument("--shipped", action="store_true", help="SDPA and the config store's launch only, per bit pair "
+                                                           "and shape (shipped_rows)")
     ap.add_argument("--variants", default="w1p1l0,w2p1l0,w4p1l0,w1p1l2,w2p1l2,w4p1l2,w2p1l4,w4p1l0r128,w2p2l2",
                     help="Gluon launch variants (parse_variant), ...")
     ap.add_argument("--splits", default="1,2,4", help="split counts for the keys pass alone, as multiples of the "
@@ -262,6 +316,8 @@ def main():
     res = dict(info=info, copy_GBps=copy_bandwidth(dev), rows=[], decode_rows=[])
     if args.decode:
         return main_decode(args, dev, res)
+    if args.shipped:
+        return main_shipped(args, dev, res)
     variants = args.variants.split(",")
     for shape in args.shapes.split(","):
         B, T = (int(v) for v in shape.split("x"))

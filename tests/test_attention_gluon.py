@@ -254,7 +254,20 @@ def tool(name):
 
 out = []
 for v in json.loads(sys.argv[1]):
-    if v.get("values"):
+    if v.get("fused"):
+        kb, vb = v["bits"]
+        consts = dict(Q_LEN=v.get("q_len", 1), GROUP=v.get("group", 4), ROWS=v.get("q_len", 1) * v.get("group", 4),
+                      D=v["d"], KBITS=kb, VBITS=vb, PAGE=v.get("page", 64), SOFTCAP=v.get("softcap", False),
+                      WINDOW=v.get("window", False), BLOCK_M=16, RS=v.get("rs", 4),
+                      CAUSAL_PAGES=v.get("q_len", 1) > 1, NW=v["nw"], WK=v["d"] * kb // 32, WV=v["d"] * vb // 32,
+                      KQ=max(16, v["d"] // 8) + v["d"] * (2 if kb > 2 else 1), OFF64=v.get("off64", False),
+                      VEC_K=v.get("vec", True), VEC_V=v.get("vec", True), L2PF=v.get("l2", 0),
+                      OUT_SCALE=v["d"] ** -0.5, LOG2CT=(v["d"] // 8).bit_length() - 1)
+        ptrs = dict(kc_ptr="*i32", ks_ptr=v.get("scale", "*fp16"), vc_ptr="*i32", vs_ptr=v.get("scale", "*fp16"),
+                    bt_ptr="*i32", lens_ptr="*i32", qt_ptr="*fp16", fidx_ptr="*i32", qm_ptr="*fp32", m_ptr="*fp32",
+                    l_ptr="*fp32", acc_ptr="*fp32", sm_scale="fp32", softcap="fp32")
+        fn = G._gluon_fused_kernel
+    elif v.get("values"):
         consts = dict(ROWS=v.get("rs", 4), D=v["d"], VBITS=v["bits"], PAGE=v.get("page", 64), BLOCK_M=16,
                       RS=v.get("rs", 4), NW=v["nw"], W=v["d"] * v["bits"] // 32, OFF64=v.get("off64", False),
                       VEC=v.get("vec", True), L2PF=v.get("l2", 0), OUT_SCALE=v["d"] ** -0.5,
@@ -275,6 +288,10 @@ for v in json.loads(sys.argv[1]):
     k = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=v["nw"]))
     ptx = k.asm["ptx"]
+    try:  # registers per thread: known once the kernel is loaded (a GPU)
+        k._init_handles()
+    except Exception:
+        pass
     row = dict(v, local_ptx=len(re.findall(r"\b(ld|st)\.local", ptx)), n_regs=getattr(k, "n_regs", None),
                shared=k.metadata.shared, sass=None)
     if os.path.exists(tool("nvdisasm")):
@@ -335,6 +352,34 @@ def test_values_kernel_compiles_for_hopper():
         assert s["hmma"] == units * value_hmma_per_unit(r["d"], r["bits"]), r
         if r["d"] == 128 and r["bits"] == 2:  # the budget: ~160 instructions per 16-token unit, ~180 with the
             assert s["loop"] <= 190 * units, s  # L2 prefetch (triton 3.9)
+
+
+FUSED_VARIANTS = [dict(fused=True, d=128, bits=(3, 2), nw=2, l2=2), dict(fused=True, d=128, bits=(2, 2), nw=1),
+                  dict(fused=True, d=64, bits=(2, 2), nw=2, rs=8, group=8, vec=False),
+                  dict(fused=True, d=256, bits=(3, 2), nw=4, scale="*bf16", off64=True, l2=1),
+                  dict(fused=True, d=128, bits=(3, 3), nw=2, page=32, softcap=True, window=True, q_len=2, group=4,
+                       rs=8)]
+
+
+@needs_gluon
+def test_fused_kernel_compiles_for_hopper():
+    """The fused pass: no spills, no shared memory in the loop, the keys' and the values' products per unit."""
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend")
+    for r in compile_variants(FUSED_VARIANTS):
+        assert r["local_ptx"] == 0, r
+        if r["nw"] == 1:
+            assert r["shared"] == 0, r  # one warp: nothing to merge across warps
+        s = r["sass"]
+        if s is None:
+            continue
+        assert s["local"] == 0 and s["loop_shared"] == 0, r
+        kb, vb = r["bits"]
+        units = r.get("page", 64) // 16 // r["nw"]
+        assert s["hmma"] == units * (G.hmma_per_unit(r["d"], kb) + value_hmma_per_unit(r["d"], vb)), r
+        assert s["ops"].get("MOVM", 0) == 2 * units, r  # one transpose per 8 tokens
+        if r["d"] == 128 and r["bits"] == [3, 2]:  # fewer instructions than the two passes (~200 + ~160 per unit)
+            assert s["loop"] <= 370 * units, s
 
 
 @needs_gluon
@@ -469,38 +514,53 @@ def test_gluon_keys_pass_matches_portable_and_reference(case, monkeypatch):
     assert rel <= rel_portable * 1.05 + 1e-4, (rel, rel_portable)  # within the portable path's error bar
 
 
+class _Against:
+    """A case's cache and queries, the torch reference and the portable two-pass path's error: calling it with a
+    launch config checks that config's output within the portable kernel's bar (3e-3 fp16, 2e-2 bf16 of the largest
+    output) and within 5% of the portable path's relative error."""
+
+    def __init__(self, case, seed: int):
+        d, bits, group, q_len, lengths, page, sinks, recent, dtype, softcap, window, splits = case
+        torch.manual_seed(seed)
+        kv_heads = 2
+        self.cache = _gpu_cache(d, bits, kv_heads, lengths, page, sinks, recent, dtype)
+        self.q = torch.randn(len(lengths), q_len, kv_heads * group, d, device="cuda", dtype=dtype)
+        self.kw = dict(softcap=softcap, window=window, num_splits=splits)
+        self.ref = _reference_attention(self.q, self.cache, d ** -0.5, softcap, window)
+        with store.override("attention", {"two_pass": True, "gluon_keys": False}):
+            portable = decode_attention(self.q, self.cache, **self.kw)
+        self.rel_portable = ((portable.float() - self.ref).norm() / self.ref.norm()).item()
+        self.tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+
+    def __call__(self, config: dict) -> None:
+        with store.override("attention", config):
+            out = decode_attention(self.q, self.cache, **self.kw)
+        err = (out.float() - self.ref).abs().max().item()
+        assert err <= self.tol * max(1.0, self.ref.abs().max().item()), f"max error {err} vs the reference ({config})"
+        rel = ((out.float() - self.ref).norm() / self.ref.norm()).item()
+        assert rel <= self.rel_portable * 1.05 + 1e-4, (config, rel, self.rel_portable)
+
+
 @needs_gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"d{c[0]}_k{c[1][0]}v{c[1][1]}_g{c[2]}_q{c[3]}_p{c[5]}_"
                                                      f"{str(c[8]).split('.')[-1]}_sc{c[9]}_w{c[10]}_s{c[11]}")
 def test_gluon_values_pass_matches_reference(case):
     """Both Gluon passes (keys and values; the values pass's raw partials rotated back by the reduce) against the
     torch reference, within the portable two-pass path's error bar; the same with the portable keys pass."""
-    d, bits, group, q_len, lengths, page, sinks, recent, dtype, softcap, window, splits = case
-    torch.manual_seed(1)
-    kv_heads = 2
-    cache = _gpu_cache(d, bits, kv_heads, lengths, page, sinks, recent, dtype)
-    q = torch.randn(len(lengths), q_len, kv_heads * group, d, device="cuda", dtype=dtype)
-    ref = _reference_attention(q, cache, d ** -0.5, softcap, window)
-    with store.override("attention", {"two_pass": True, "gluon_keys": False}):
-        portable = decode_attention(q, cache, softcap=softcap, window=window, num_splits=splits)
-    rel_portable = ((portable.float() - ref).norm() / ref.norm()).item()
-    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    check = _Against(case, seed=1)
     i = CASES.index(case)
     for keys in (True, False):
         warps, l2 = ((2, 2), (1, 0), (4, 2), (2, 0), (1, 2), (4, 0))[(i + keys) % 6]  # launch variants
-        with store.override("attention", {"two_pass": True, "gluon_keys": keys, "gluon_values": True,
-                                          "gluon_values_warps": warps, "gluon_l2": l2}):
-            out = decode_attention(q, cache, softcap=softcap, window=window, num_splits=splits)
-        err = (out.float() - ref).abs().max().item()
-        assert err <= tol * max(1.0, ref.abs().max().item()), f"max error {err} vs the reference (keys {keys})"
-        rel = ((out.float() - ref).norm() / ref.norm()).item()
-        assert rel <= rel_portable * 1.05 + 1e-4, (keys, rel, rel_portable)
+        check({"two_pass": True, "gluon_keys": keys, "gluon_values": True, "gluon_values_warps": warps,
+               "gluon_l2": l2})
 
 
 @needs_gpu
-def test_gluon_values_pass_nan_token_and_plan_replay():
-    """A NaN token stays in its own sequence; a second call replays the recorded plan (raw reduce included) to the
-    same output."""
+@pytest.mark.parametrize("config", [{"two_pass": True, "gluon_keys": True, "gluon_values": True},
+                                    {"gluon_fused": True}], ids=["two_passes", "fused"])
+def test_gluon_nan_token_and_plan_replay(config):
+    """A NaN value token stays in its own sequence (the codec keeps it finite); a second call replays the recorded
+    plan (reduce included) to the same output."""
     codec = KVCodec(head_dim=128, key_bits=3, value_bits=2)
     cache = PagedKVCache(codec, num_kv_heads=2, max_batch=2, num_pages=40, device="cuda")
     k = torch.randn(2, 900, 2, 128, device="cuda", dtype=torch.float16)
@@ -508,13 +568,34 @@ def test_gluon_values_pass_nan_token_and_plan_replay():
     v[0, 100] = float("nan")
     cache.append(k, v)
     q = torch.randn(2, 1, 8, 128, device="cuda", dtype=torch.float16)
-    with store.override("attention", {"two_pass": True, "gluon_keys": True, "gluon_values": True}):
+    with store.override("attention", config):
         out1 = decode_attention(q, cache)
         out2 = decode_attention(q, cache)
     assert torch.isfinite(out1).all()
     assert torch.equal(out1, out2)
     ref = _reference_attention(q, cache, 128 ** -0.5, None, None)
     assert (out1.float() - ref).abs().max().item() <= 3e-3 * max(1.0, ref.abs().max().item())
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"d{c[0]}_k{c[1][0]}v{c[1][1]}_g{c[2]}_q{c[3]}_p{c[5]}_"
+                                                     f"{str(c[8]).split('.')[-1]}_sc{c[9]}_w{c[10]}_s{c[11]}")
+def test_gluon_fused_pass_matches_reference(case):
+    """The fused Gluon pass (keys and values in one loop, online softmax) against the torch reference, within the
+    portable path's error bar, in two launch variants per case."""
+    d, bits, group, q_len, lengths, page = case[:6]
+    check = _Against(case, seed=2)
+    i = CASES.index(case)
+    calls = []
+    real = G.fused_pass
+    G.fused_pass = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        for warps, l2 in (((1, 2), (2, 0), (4, 2), (1, 0), (2, 2), (4, 0))[i % 6], ((4, 1), (1, 1), (2, 1))[i % 3]):
+            check({"gluon_fused": True, "gluon_fused_warps": warps, "gluon_l2": l2})
+    finally:
+        G.fused_pass = real
+    covered = G.supports_fused(d, bits[0], bits[1], page, q_len * group) and max(check.cache.compressed_lens()) > 0
+    assert len(calls) == (2 if covered else 0)
 
 
 @needs_gpu

@@ -1,4 +1,5 @@
-"""Gluon fast path (NVIDIA, capability >= 9): the keys and values passes of the two-pass decode, in today's HOT format.
+"""Gluon fast path (NVIDIA, capability >= 9), in today's HOT format: the keys and values passes of the two-pass decode,
+and both fused into one pass (``_gluon_fused_kernel``, section "fused pass" below).
 
 ``_gluon_keys_kernel`` writes exactly what ``kernels._attn_keys_kernel`` writes (the fp32 logits workspace
 ``lg[program, token, row]`` in log2 units, masked keys -inf, and each split's max per row), so the portable
@@ -259,6 +260,105 @@ def _lanes(L: gl.constexpr, NW: gl.constexpr):
 
 
 @gluon.jit
+def _split_program(lens_ptr, H, n_splits, max_batch, c, Q_LEN: gl.constexpr, GROUP: gl.constexpr):
+    """A split program of the keys or fused pass (grid (batch · KV heads, splits)): its program and split ids,
+    sequence b and KV head h, the sequence's compressed length and sinks, its partials' index, and this thread's
+    columns of the C fragment (query rows (chunk position, head) = divmod(col, GROUP)) with their query positions."""
+    pid = gl.program_id(0)
+    split = gl.program_id(1)
+    b = pid // H
+    h = pid % H
+    seq_len = gl.load(lens_ptr + b)
+    comp = gl.load(lens_ptr + max_batch + b)
+    n_sink = gl.load(lens_ptr + 3 * max_batch + b)
+    part = pid * (n_splits + 1) + split
+    col0 = 2 * c
+    col1 = col0 + 1
+    return (pid, split, b, h, comp, n_sink, part, col0, col1, seq_len - Q_LEN + col0 // GROUP,
+            seq_len - Q_LEN + col1 // GROUP)
+
+
+@gluon.jit
+def _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D: gl.constexpr, KBITS: gl.constexpr,
+                   KQ: gl.constexpr, BLOCK_M: gl.constexpr, SOFTCAP: gl.constexpr):
+    """The keys product's B fragments (the prep's query operand in pair order, gathered to the kernel's order through
+    ``_fragment_index``), q·mean_k of this thread's columns col0, col1, and the factor from the accumulator to logits
+    (2^24, times the softmax scale in log2 units without softcap: ``kernels._logit_units``)."""
+    NREG: gl.constexpr = max(2, D // 64) + D // 8 * (2 if KBITS > 2 else 1)
+    qt = qt_ptr + pid * (KQ * BLOCK_M)
+    fi = fidx_ptr + 2 * lane
+    QF = ()
+    for r in gl.static_range(NREG):
+        h0 = gl.load(qt + gl.load(fi + r * 64))
+        h1 = gl.load(qt + gl.load(fi + (r * 64 + 1)))
+        QF = QF + (gl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [h0, h1], dtype=gl.int32,
+                                             is_pure=True, pack=1),)
+    qm0 = gl.load(qm_ptr + pid * BLOCK_M + col0)
+    qm1 = gl.load(qm_ptr + pid * BLOCK_M + col1)
+    unit = SUBNORMAL_UNIT
+    if not SOFTCAP:
+        unit = SUBNORMAL_UNIT * sm_scale * LOG2E
+        qm0 = qm0 * (sm_scale * LOG2E)
+        qm1 = qm1 * (sm_scale * LOG2E)
+    return QF, qm0, qm1, unit
+
+
+@gluon.jit
+def _unit_logits(unit, QF, kc4, c, zero, unit_scale, qm0, qm1, sm_scale, softcap, tok0, end, partial, n_sink,
+                 q_index0, q_index1, window, D: gl.constexpr, KBITS: gl.constexpr, SOFTCAP: gl.constexpr,
+                 WINDOW: gl.constexpr, CAUSAL_PAGES: gl.constexpr):
+    """A 16-token unit's logits in log2 units, this thread's four C elements: (token g, row 2c), (g, 2c + 1),
+    (g + 8, 2c), (g + 8, 2c + 1); keys past ``end`` (and, with CAUSAL_PAGES / WINDOW, keys a row may not see) -inf.
+    ``unit``: the unit's words and scales (``_page_units``), ``kc4``: the accumulator's start value
+    (``_coset_const``), ``tok0``: the split's token index of token g, ``partial``: the page reaches past ``end``."""
+    NCR: gl.constexpr = max(2, D // 64)
+    NLR: gl.constexpr = D // 8
+    lo0, hi0, lo1, hi1, s0, s1 = unit[0], unit[1], unit[2], unit[3], unit[4], unit[5]
+    cs0, lr0, hr0 = _token_regs(lo0, hi0, c, D, KBITS)
+    cs1, lr1, hr1 = _token_regs(lo1, hi1, c, D, KBITS)
+    a0, a1, a2, a3 = kc4  # coset + low plane, from the constant part
+    for t in gl.static_range(NCR // 2):
+        a0, a1, a2, a3 = _mma(cs0[2 * t], cs1[2 * t], cs0[2 * t + 1], cs1[2 * t + 1], QF[2 * t], QF[2 * t + 1],
+                              a0, a1, a2, a3)
+    for t in gl.static_range(NLR // 2):
+        a0, a1, a2, a3 = _mma(lr0[2 * t], lr1[2 * t], lr0[2 * t + 1], lr1[2 * t + 1], QF[NCR + 2 * t],
+                              QF[NCR + 2 * t + 1], a0, a1, a2, a3)
+    if KBITS > 2:  # high plane: a second accumulator chain
+        e0, e1, e2, e3 = zero, zero, zero, zero
+        for t in gl.static_range(NLR // 2):
+            e0, e1, e2, e3 = _mma(hr0[2 * t], hr1[2 * t], hr0[2 * t + 1], hr1[2 * t + 1], QF[NCR + NLR + 2 * t],
+                                  QF[NCR + NLR + 2 * t + 1], e0, e1, e2, e3)
+        a0 = a0 + e0
+        a1 = a1 + e1
+        a2 = a2 + e2
+        a3 = a3 + e3
+    u0 = s0 * unit_scale
+    u1 = s1 * unit_scale
+    x0 = a0 * u0 + qm0
+    x1 = a1 * u0 + qm1
+    x2 = a2 * u1 + qm0
+    x3 = a3 * u1 + qm1
+    if SOFTCAP:
+        f = 2.0 * sm_scale / softcap
+        x0 = softcap * (1.0 - 2.0 / (gl.exp(x0 * f) + 1.0)) * LOG2E
+        x1 = softcap * (1.0 - 2.0 / (gl.exp(x1 * f) + 1.0)) * LOG2E
+        x2 = softcap * (1.0 - 2.0 / (gl.exp(x2 * f) + 1.0)) * LOG2E
+        x3 = softcap * (1.0 - 2.0 / (gl.exp(x3 * f) + 1.0)) * LOG2E
+    tok1 = tok0 + 8
+    if CAUSAL_PAGES or WINDOW:
+        x0 = gl.where(_seen(tok0, end, n_sink, q_index0, window, WINDOW, CAUSAL_PAGES), x0, float("-inf"))
+        x1 = gl.where(_seen(tok0, end, n_sink, q_index1, window, WINDOW, CAUSAL_PAGES), x1, float("-inf"))
+        x2 = gl.where(_seen(tok1, end, n_sink, q_index0, window, WINDOW, CAUSAL_PAGES), x2, float("-inf"))
+        x3 = gl.where(_seen(tok1, end, n_sink, q_index1, window, WINDOW, CAUSAL_PAGES), x3, float("-inf"))
+    elif partial:  # the split's last page, partly past the sequence
+        x0 = gl.where(tok0 < end, x0, float("-inf"))
+        x1 = gl.where(tok0 < end, x1, float("-inf"))
+        x2 = gl.where(tok1 < end, x2, float("-inf"))
+        x3 = gl.where(tok1 < end, x3, float("-inf"))
+    return x0, x1, x2, x3
+
+
+@gluon.jit
 def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_ptr, lg_ptr, m_ptr,
                        H, n_splits, pages_per_split, n_tok, max_batch, sm_scale, softcap, window,
                        skc_p, skc_h, sks_p, sks_h, sbt,
@@ -274,39 +374,12 @@ def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_pt
     # schedules them).
     L: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
     zero_i, lane, warp, g, c = _lanes(L, NW)
-    pid = gl.program_id(0)
-    split = gl.program_id(1)
-    b = pid // H
-    h = pid % H
-    seq_len = gl.load(lens_ptr + b)
-    comp = gl.load(lens_ptr + max_batch + b)
-    n_sink = gl.load(lens_ptr + 3 * max_batch + b)
-    part = pid * (n_splits + 1) + split
-    col0 = 2 * c  # this thread's columns of the C fragment: query rows (chunk position, head) = divmod(col, GROUP)
-    col1 = col0 + 1
-    q_index0 = seq_len - Q_LEN + col0 // GROUP
-    q_index1 = seq_len - Q_LEN + col1 // GROUP
-    NCR: gl.constexpr = max(2, D // 64)  # coset registers (padded)
-    NLR: gl.constexpr = D // 8  # registers per plane
-    NREG: gl.constexpr = NCR + NLR * (2 if KBITS > 2 else 1)
-    # The B fragments: the prep's query operand (pair order) gathered to the kernel's order (``_fragment_index``).
-    qt = qt_ptr + pid * (KQ * BLOCK_M)
-    fi = fidx_ptr + 2 * lane
-    QF = ()
-    for r in gl.static_range(NREG):
-        h0 = gl.load(qt + gl.load(fi + r * 64))
-        h1 = gl.load(qt + gl.load(fi + (r * 64 + 1)))
-        QF = QF + (gl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [h0, h1], dtype=gl.int32,
-                                             is_pure=True, pack=1),)
-    qm0 = gl.load(qm_ptr + pid * BLOCK_M + col0)
-    qm1 = gl.load(qm_ptr + pid * BLOCK_M + col1)
-    unit = SUBNORMAL_UNIT  # (``kernels._logit_units``)
-    if not SOFTCAP:
-        unit = SUBNORMAL_UNIT * sm_scale * LOG2E
-        qm0 = qm0 * (sm_scale * LOG2E)
-        qm1 = qm1 * (sm_scale * LOG2E)
+    pid, split, b, h, comp, n_sink, part, col0, col1, q_index0, q_index1 = _split_program(lens_ptr, H, n_splits,
+                                                                                         max_batch, c, Q_LEN, GROUP)
+    QF, qm0, qm1, unit = _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D, KBITS, KQ,
+                                        BLOCK_M, SOFTCAP)
     zero = gl.zeros([NW, 32], gl.float32, L)
-    k0, k1, k2, k3 = _coset_const(QF, zero, zero_i, D, KBITS)
+    kc4 = _coset_const(QF, zero, zero_i, D, KBITS)
     m0 = zero - float("inf")
     m1 = zero - float("inf")
     UPW: gl.constexpr = PAGE // 16 // NW
@@ -349,49 +422,9 @@ def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_pt
         page = gl.load(bt_b + gl.minimum(pg + PF + 1, last))
         lg_pg = lg0 + pg * (PAGE * RS)
         for k in gl.static_range(UPW):
-            lo0, hi0, lo1, hi1, s0, s1 = cur[k]
-            cs0, lr0, hr0 = _token_regs(lo0, hi0, c, D, KBITS)
-            cs1, lr1, hr1 = _token_regs(lo1, hi1, c, D, KBITS)
-            a0, a1, a2, a3 = k0, k1, k2, k3  # coset + low plane, from the constant part
-            for t in gl.static_range(NCR // 2):
-                a0, a1, a2, a3 = _mma(cs0[2 * t], cs1[2 * t], cs0[2 * t + 1], cs1[2 * t + 1], QF[2 * t],
-                                      QF[2 * t + 1], a0, a1, a2, a3)
-            for t in gl.static_range(NLR // 2):
-                a0, a1, a2, a3 = _mma(lr0[2 * t], lr1[2 * t], lr0[2 * t + 1], lr1[2 * t + 1], QF[NCR + 2 * t],
-                                      QF[NCR + 2 * t + 1], a0, a1, a2, a3)
-            if KBITS > 2:  # high plane: a second accumulator chain
-                e0, e1, e2, e3 = zero, zero, zero, zero
-                for t in gl.static_range(NLR // 2):
-                    e0, e1, e2, e3 = _mma(hr0[2 * t], hr1[2 * t], hr0[2 * t + 1], hr1[2 * t + 1],
-                                          QF[NCR + NLR + 2 * t], QF[NCR + NLR + 2 * t + 1], e0, e1, e2, e3)
-                a0 = a0 + e0
-                a1 = a1 + e1
-                a2 = a2 + e2
-                a3 = a3 + e3
-            u0 = s0 * unit
-            u1 = s1 * unit
-            x0 = a0 * u0 + qm0  # (token g, col0), (token g, col1), (token g + 8, col0), (token g + 8, col1)
-            x1 = a1 * u0 + qm1
-            x2 = a2 * u1 + qm0
-            x3 = a3 * u1 + qm1
-            if SOFTCAP:
-                f = 2.0 * sm_scale / softcap
-                x0 = softcap * (1.0 - 2.0 / (gl.exp(x0 * f) + 1.0)) * LOG2E
-                x1 = softcap * (1.0 - 2.0 / (gl.exp(x1 * f) + 1.0)) * LOG2E
-                x2 = softcap * (1.0 - 2.0 / (gl.exp(x2 * f) + 1.0)) * LOG2E
-                x3 = softcap * (1.0 - 2.0 / (gl.exp(x3 * f) + 1.0)) * LOG2E
-            tok0 = pg * PAGE + offs[k][2]
-            tok1 = tok0 + 8
-            if CAUSAL_PAGES or WINDOW:
-                x0 = gl.where(_seen(tok0, end, n_sink, q_index0, window, WINDOW, CAUSAL_PAGES), x0, float("-inf"))
-                x1 = gl.where(_seen(tok0, end, n_sink, q_index1, window, WINDOW, CAUSAL_PAGES), x1, float("-inf"))
-                x2 = gl.where(_seen(tok1, end, n_sink, q_index0, window, WINDOW, CAUSAL_PAGES), x2, float("-inf"))
-                x3 = gl.where(_seen(tok1, end, n_sink, q_index1, window, WINDOW, CAUSAL_PAGES), x3, float("-inf"))
-            elif pg * PAGE + PAGE > end:  # the split's last page, partly past the sequence
-                x0 = gl.where(tok0 < end, x0, float("-inf"))
-                x1 = gl.where(tok0 < end, x1, float("-inf"))
-                x2 = gl.where(tok1 < end, x2, float("-inf"))
-                x3 = gl.where(tok1 < end, x3, float("-inf"))
+            x0, x1, x2, x3 = _unit_logits(cur[k], QF, kc4, c, zero, unit, qm0, qm1, sm_scale, softcap,
+                                          pg * PAGE + offs[k][2], end, pg * PAGE + PAGE > end, n_sink, q_index0,
+                                          q_index1, window, D, KBITS, SOFTCAP, WINDOW, CAUSAL_PAGES)
             m0 = gl.maximum(m0, gl.maximum(x0, x2))
             m1 = gl.maximum(m1, gl.maximum(x1, x3))
             st = lg_pg + (16 * NW * RS) * k
@@ -521,6 +554,22 @@ def _value_regs(pa, pb, TB: gl.constexpr, FBITS: gl.constexpr, LOW: gl.constexpr
 
 
 @gluon.jit
+def _value_words(p_lo, p_hi, t, D: gl.constexpr, VBITS: gl.constexpr, W: gl.constexpr, VEC: gl.constexpr):
+    """The value code words a thread decodes of the unit ``t`` tokens after its first token (``p_lo``/``p_hi``: its
+    low- and high-plane words of that token): per token 2c, 2c + 1, 2c + 8, 2c + 9, (low words, high words)."""
+    NWL: gl.constexpr = max(1, D // 8 * 2 // 32)
+    NWH: gl.constexpr = max(1, D // 8 * max(1, VBITS - 2) // 32)
+    words = ()
+    for dt in gl.static_range(4):
+        lo = _ld(p_lo + (t + dt % 2 + 8 * (dt // 2)) * W, NWL, VEC)
+        hi = ()
+        if VBITS > 2:
+            hi = _ld(p_hi + (t + dt % 2 + 8 * (dt // 2)) * W, NWH, VEC)
+        words = words + ((lo, hi),)
+    return words
+
+
+@gluon.jit
 def _value_units(vc_h, vs_h, lg0, page, pg, g_ok, svc_p, svs_p, o_lo, o_hi, t0, D: gl.constexpr,
                  VBITS: gl.constexpr, W: gl.constexpr, PAGE: gl.constexpr, RS: gl.constexpr, UPW: gl.constexpr,
                  NW: gl.constexpr, OFF64: gl.constexpr, VEC: gl.constexpr):
@@ -535,17 +584,9 @@ def _value_units(vc_h, vs_h, lg0, page, pg, g_ok, svc_p, svs_p, o_lo, o_hi, t0, 
     p_hi = vc_h + page * svc_p + o_hi
     p_s = vs_h + page * svs_p + t0
     p_x = lg0 + (pg * PAGE + t0) * RS
-    NWL: gl.constexpr = max(1, D // 8 * 2 // 32)
-    NWH: gl.constexpr = max(1, D // 8 * max(1, VBITS - 2) // 32)
     units = ()
     for k in gl.static_range(UPW):
-        words = ()
-        for dt in gl.static_range(4):  # tokens 2c, 2c + 1, 2c + 8, 2c + 9 of unit k
-            lo = _ld(p_lo + (16 * NW * k + dt % 2 + 8 * (dt // 2)) * W, NWL, VEC)
-            hi = ()
-            if VBITS > 2:
-                hi = _ld(p_hi + (16 * NW * k + dt % 2 + 8 * (dt // 2)) * W, NWH, VEC)
-            words = words + ((lo, hi),)
+        words = _value_words(p_lo, p_hi, 16 * NW * k, D, VBITS, W, VEC)
         s = ()
         x = ()
         for dt in gl.static_range(4):
@@ -553,6 +594,89 @@ def _value_units(vc_h, vs_h, lg0, page, pg, g_ok, svc_p, svs_p, o_lo, o_hi, t0, 
             x = x + (gl.load(p_x + (16 * NW * k + dt % 2 + 8 * (dt // 2)) * RS, mask=g_ok, other=float("-inf")),)
         units = units + ((words, s, x),)
     return units
+
+
+@gluon.jit
+def _value_spans(g, zero_i, D: gl.constexpr, VBITS: gl.constexpr):
+    """A thread's span of a token's value words (coordinates g·D/8 .. (g + 1)·D/8 - 1): its first low-plane word and
+    PRMT selector, its first high-plane word (words D/16 ..) and selector. A span below a word is picked by the
+    selector (half: 0x5410 / 0x7632; byte k: k·0x1111 + 0x4400)."""
+    CT: gl.constexpr = D // 8  # coordinates per thread
+    TBL: gl.constexpr = CT * 2
+    TBH: gl.constexpr = CT * max(1, VBITS - 2)
+    if TBL >= 32:
+        lo_w = g * (TBL // 32)
+        sel_lo = zero_i
+    else:
+        lo_w = g >> 1
+        sel_lo = 0x5410 + (g & 1) * 0x2222
+    if TBH >= 32:
+        hi_w = D // 16 + g * (TBH // 32)
+        sel_hi = zero_i
+    elif TBH == 16:
+        hi_w = D // 16 + (g >> 1)
+        sel_hi = 0x5410 + (g & 1) * 0x2222
+    else:
+        hi_w = D // 16 + (g >> 2)
+        sel_hi = (g & 3) * 0x1111 + 0x4400
+    return lo_w, sel_lo, hi_w, sel_hi
+
+
+@gluon.jit
+def _value_accumulators(zero, D: gl.constexpr, VBITS: gl.constexpr):
+    """Zero accumulators: D/16 tiles (16 coordinates each) per plane, max(1, D/128) coset tiles (16 groups each);
+    each tile (c0, c1, c2, c3) = (coordinate g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)."""
+    acc_lo = ()
+    for t in gl.static_range(D // 16):
+        acc_lo = acc_lo + ((zero, zero, zero, zero),)
+    acc_hi = ()
+    if VBITS > 2:
+        for t in gl.static_range(D // 16):
+            acc_hi = acc_hi + ((zero, zero, zero, zero),)
+    acc_c = ()
+    for t in gl.static_range(max(1, D // 128)):
+        acc_c = acc_c + ((zero, zero, zero, zero),)
+    return acc_lo, acc_hi, acc_c
+
+
+@gluon.jit
+def _value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi, zero_i, D: gl.constexpr,
+                    VBITS: gl.constexpr):
+    """One 16-token unit's products: acc[coordinate, row] += codes · weights, per plane and for the coset flags.
+    ``words``: the unit's value words (``_value_words``), ``b0``/``b1``: the B fragment (weights of tokens 2c, 2c + 1
+    and 2c + 8, 2c + 9 for query row g, fp16 pairs), ``sel_lo``/``sel_hi``: the PRMT selectors of a span below a word."""
+    CT: gl.constexpr = D // 8
+    TBL: gl.constexpr = CT * 2
+    TBH: gl.constexpr = CT * max(1, VBITS - 2)
+    NT: gl.constexpr = D // 16
+    NCT: gl.constexpr = max(1, D // 128)
+    pa = _pair_words(words[0][0], words[1][0], sel_lo, TBL, max(1, TBL // 32))
+    pb = _pair_words(words[2][0], words[3][0], sel_lo, TBL, max(1, TBL // 32))
+    ra, rb, ca, cb = _value_regs(pa, pb, TBL, 2, True)
+    nacc = ()
+    for t in gl.static_range(NT):
+        a = acc_lo[t]
+        nacc = nacc + (_mma(ra[2 * t], ra[2 * t + 1], rb[2 * t], rb[2 * t + 1], b0, b1, a[0], a[1], a[2], a[3]),)
+    acc_lo = nacc
+    nacc = ()
+    for t in gl.static_range(NCT):
+        a = acc_c[t]
+        if 2 * t + 1 < len(ca):
+            nacc = nacc + (_mma(ca[2 * t], ca[2 * t + 1], cb[2 * t], cb[2 * t + 1], b0, b1, a[0], a[1], a[2], a[3]),)
+        else:  # one group per thread (head_dim 64): rows g + 8 are zero
+            nacc = nacc + (_mma(ca[2 * t], zero_i, cb[2 * t], zero_i, b0, b1, a[0], a[1], a[2], a[3]),)
+    acc_c = nacc
+    if VBITS > 2:
+        ha = _pair_words(words[0][1], words[1][1], sel_hi, TBH, max(1, TBH // 32))
+        hb = _pair_words(words[2][1], words[3][1], sel_hi, TBH, max(1, TBH // 32))
+        ra, rb, ca, cb = _value_regs(ha, hb, TBH, VBITS - 2, False)
+        nacc = ()
+        for t in gl.static_range(NT):
+            a = acc_hi[t]
+            nacc = nacc + (_mma(ra[2 * t], ra[2 * t + 1], rb[2 * t], rb[2 * t + 1], b0, b1, a[0], a[1], a[2],
+                                a[3]),)
+        acc_hi = nacc
+    return acc_lo, acc_hi, acc_c
 
 
 @gluon.jit
@@ -574,26 +698,7 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
     h = pid % H
     comp = gl.load(lens_ptr + max_batch + b)
     part = pid * (n_splits + 1) + split
-    CT: gl.constexpr = D // 8  # coordinates per thread
-    TBL: gl.constexpr = CT * 2
-    TBH: gl.constexpr = CT * max(1, VBITS - 2)
-    # a thread's words: low plane from word g·TBL/32, high plane (words D/16 ..) from word g·TBH/32; a span below a
-    # word is picked by a PRMT selector (half: 0x5410 / 0x7632; byte k: k·0x1111 + 0x4400)
-    if TBL >= 32:
-        lo_w = g * (TBL // 32)
-        sel_lo = zero_i
-    else:
-        lo_w = g >> 1
-        sel_lo = 0x5410 + (g & 1) * 0x2222
-    if TBH >= 32:
-        hi_w = D // 16 + g * (TBH // 32)
-        sel_hi = zero_i
-    elif TBH == 16:
-        hi_w = D // 16 + (g >> 1)
-        sel_hi = 0x5410 + (g & 1) * 0x2222
-    else:
-        hi_w = D // 16 + (g >> 2)
-        sel_hi = (g & 3) * 0x1111 + 0x4400
+    lo_w, sel_lo, hi_w, sel_hi = _value_spans(g, zero_i, D, VBITS)
     g_ok = g < RS
     m_g = gl.load(m_ptr + part * BLOCK_M + g, mask=g_ok, other=float("-inf"))
     m_g = gl.where(m_g == float("-inf"), 0.0, m_g)
@@ -610,18 +715,7 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
     bt_b = bt_ptr + b * sbt
     lg0 = lg_ptr + pid.to(gl.int64) * n_tok * RS + g
     last = gl.maximum(p_hi - 1, 0)
-    NT: gl.constexpr = D // 16  # value tiles (16 coordinates each) per plane
-    NCT: gl.constexpr = max(1, D // 128)  # coset tiles (16 groups each)
-    acc_lo = ()
-    for t in gl.static_range(NT):
-        acc_lo = acc_lo + ((zero, zero, zero, zero),)
-    acc_hi = ()
-    if VBITS > 2:
-        for t in gl.static_range(NT):
-            acc_hi = acc_hi + ((zero, zero, zero, zero),)
-    acc_c = ()
-    for t in gl.static_range(NCT):
-        acc_c = acc_c + ((zero, zero, zero, zero),)
+    acc_lo, acc_hi, acc_c = _value_accumulators(zero, D, VBITS)
     l_g = zero
     ls_g = zero
     nxt = _value_units(vc_h, vs_h, lg0, gl.load(bt_b + gl.minimum(p_lo, last)), gl.minimum(p_lo, last), g_ok, svc_p,
@@ -662,34 +756,8 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
             ls_g = ls_g + ((q0 + q1) + (q2 + q3))
             b0 = _f16x2(q0, q1)
             b1 = _f16x2(q2, q3)
-            pa = _pair_words(words[0][0], words[1][0], sel_lo, TBL, max(1, TBL // 32))
-            pb = _pair_words(words[2][0], words[3][0], sel_lo, TBL, max(1, TBL // 32))
-            ra, rb, ca, cb = _value_regs(pa, pb, TBL, 2, True)
-            nacc = ()
-            for t in gl.static_range(NT):
-                a = acc_lo[t]
-                nacc = nacc + (_mma(ra[2 * t], ra[2 * t + 1], rb[2 * t], rb[2 * t + 1], b0, b1, a[0], a[1], a[2],
-                                    a[3]),)
-            acc_lo = nacc
-            nacc = ()
-            for t in gl.static_range(NCT):
-                a = acc_c[t]
-                if 2 * t + 1 < len(ca):
-                    nacc = nacc + (_mma(ca[2 * t], ca[2 * t + 1], cb[2 * t], cb[2 * t + 1], b0, b1, a[0], a[1], a[2],
-                                        a[3]),)
-                else:  # one group per thread (head_dim 64): rows g + 8 are zero
-                    nacc = nacc + (_mma(ca[2 * t], zero_i, cb[2 * t], zero_i, b0, b1, a[0], a[1], a[2], a[3]),)
-            acc_c = nacc
-            if VBITS > 2:
-                ha = _pair_words(words[0][1], words[1][1], sel_hi, TBH, max(1, TBH // 32))
-                hb = _pair_words(words[2][1], words[3][1], sel_hi, TBH, max(1, TBH // 32))
-                ra, rb, ca, cb = _value_regs(ha, hb, TBH, VBITS - 2, False)
-                nacc = ()
-                for t in gl.static_range(NT):
-                    a = acc_hi[t]
-                    nacc = nacc + (_mma(ra[2 * t], ra[2 * t + 1], rb[2 * t], rb[2 * t + 1], b0, b1, a[0], a[1],
-                                        a[2], a[3]),)
-                acc_hi = nacc
+            acc_lo, acc_hi, acc_c = _value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi,
+                                                    zero_i, D, VBITS)
     # Σp and Σp·s of row g: over the thread's column (lanes 4g .. 4g + 3) and the warps, then fetched for the rows
     # 2c, 2c + 1 this thread's accumulators hold (lanes 8c and 8c + 4).
     l_g = gl.sum(_shfl_add(_shfl_add(l_g, "1"), "2"), axis=0)
@@ -703,6 +771,222 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
     ls1 = _shfl_idx(ls_g, 8 * c1 + 4)
     row_l = l_ptr + part * BLOCK_M
     gl.store(row_l + g1, l_g, mask=(c1 == 0) & (g1 < ROWS))
+    _store_values_partial(acc_lo, acc_hi, acc_c, ls0, ls1, g1, col0, col1, acc_ptr + part * BLOCK_M * D, ROWS, D,
+                          VBITS, OUT_SCALE, LOG2CT)
+
+# -------------------------------------------------------------------------------------------------- fused pass
+#
+# Keys and values in one loop, with an online softmax (no logits workspace). A unit's keys product leaves its
+# logits in the C layout of m16n8k16: thread (g, c) holds tokens g, g + 8 × query rows 2c, 2c + 1. The values
+# product wants the weights as its B operand: thread (g, c) holds tokens 2c, 2c + 1 (and 2c + 8, 2c + 9) of query
+# row g. Those are transposes of each other per 8 × 8 block, so the weights, packed to fp16 pairs in the C layout,
+# become the B fragment with one ``movmatrix.trans`` per 8 tokens. The running max is per page: the page's logits
+# of rows 2c, 2c + 1 are reduced over the lanes of a column (g) and the accumulators, whose columns are the same
+# rows 2c, 2c + 1, are rescaled once per page.
+
+
+@gluon.jit
+def _transpose8(x):
+    """An 8 × 8 block of fp16 pairs in the mma fragment layout (thread 4g + c: row g, columns 2c, 2c + 1), transposed
+    (``movmatrix.sync.aligned.m8n8.trans.b16``)."""
+    return gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [x], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _rescale(acc, a0, a1):
+    """Accumulator tiles (c0, c1, c2, c3: columns 2c, 2c + 1, 2c, 2c + 1) times a0 (column 2c) and a1 (2c + 1)."""
+    out = ()
+    for t in gl.static_range(len(acc)):
+        x = acc[t]
+        out = out + ((x[0] * a0, x[1] * a1, x[2] * a0, x[3] * a1),)
+    return out
+
+
+@gluon.jit
+def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_ptr, m_ptr, l_ptr,
+                        acc_ptr, H, n_splits, pages_per_split, max_batch, sm_scale, softcap, window,
+                        skc_p, skc_h, sks_p, sks_h, svc_p, svc_h, svs_p, svs_h, sbt,
+                        Q_LEN: gl.constexpr, GROUP: gl.constexpr, ROWS: gl.constexpr, D: gl.constexpr,
+                        KBITS: gl.constexpr, VBITS: gl.constexpr, PAGE: gl.constexpr, SOFTCAP: gl.constexpr,
+                        WINDOW: gl.constexpr, BLOCK_M: gl.constexpr, RS: gl.constexpr, CAUSAL_PAGES: gl.constexpr,
+                        NW: gl.constexpr, WK: gl.constexpr, WV: gl.constexpr, KQ: gl.constexpr, OFF64: gl.constexpr,
+                        VEC_K: gl.constexpr, VEC_V: gl.constexpr, L2PF: gl.constexpr, OUT_SCALE: gl.constexpr,
+                        LOG2CT: gl.constexpr):
+    # Grid (batch · KV heads, splits), as the split programs of ``_attn_split_kernel`` (one row block, q_len · group
+    # <= 8); each split writes its max, Σp and partial Σ p·x in the original basis, so ``_attn_reduce_kernel``
+    # completes the attention. Warp w takes the units w, w + NW, .. of each page with its own running max; the warps
+    # are merged at the split's end. The next page's key and value words are loaded before the current page is
+    # decoded; with L2PF > 0 the page L2PF further ahead is prefetched into L2.
+    L: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
+    zero_i, lane, warp, g, c = _lanes(L, NW)
+    _launch_dependents(zero_i)  # the uncompressed part's kernel (PDL) may start beside this grid
+    pid, split, b, h, comp, n_sink, part, col0, col1, q_index0, q_index1 = _split_program(lens_ptr, H, n_splits,
+                                                                                         max_batch, c, Q_LEN, GROUP)
+    QF, qm0, qm1, unit = _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D, KBITS, KQ,
+                                        BLOCK_M, SOFTCAP)
+    zero = gl.zeros([NW, 32], gl.float32, L)
+    kc4 = _coset_const(QF, zero, zero_i, D, KBITS)
+    UPW: gl.constexpr = PAGE // 16 // NW
+    offs = ()  # keys: per unit of a page, this thread's word offsets and token g
+    for k in gl.static_range(UPW):
+        tk = 16 * (k * NW + warp) + g
+        o_klo, o_khi = _word_offsets(tk, c, D, KBITS, WK)
+        offs = offs + ((o_klo, o_khi, tk),)
+    lo_w, sel_lo, hi_w, sel_hi = _value_spans(g, zero_i, D, VBITS)
+    tv = 16 * warp + 2 * c  # values: the thread's first token in unit 0 of a page
+    o_vlo = tv * WV + lo_w
+    o_vhi = tv * WV + hi_w
+    p_lo = split * pages_per_split
+    p_hi = gl.minimum(p_lo + pages_per_split, (comp + PAGE - 1) // PAGE)
+    end = gl.minimum(comp, p_hi * PAGE)
+    kc_h = kc_ptr + h * skc_h
+    ks_h = ks_ptr + h * sks_h
+    vc_h = vc_ptr + h * svc_h
+    vs_h = vs_ptr + h * svs_h
+    bt_b = bt_ptr + b * sbt
+    last = gl.maximum(p_hi - 1, 0)
+    acc_lo, acc_hi, acc_c = _value_accumulators(zero, D, VBITS)
+    m0 = zero - float("inf")  # running max, Σp and Σp·s of rows 2c, 2c + 1 (this warp's units)
+    m1 = zero - float("inf")
+    l0 = zero
+    l1 = zero
+    ls0 = zero
+    ls1 = zero
+    page = gl.load(bt_b + gl.minimum(p_lo, last))
+    nxt_k = _page_units(kc_h, ks_h, page, skc_p, sks_p, offs, D, KBITS, WK, UPW, OFF64, VEC_K)
+    nxt_v = _fused_value_units(vc_h, vs_h, page, svc_p, svs_p, o_vlo, o_vhi, offs, D, VBITS, WV, UPW, NW, OFF64,
+                               VEC_V)
+    page = gl.load(bt_b + gl.minimum(p_lo + 1, last))
+    if L2PF > 0:
+        first = lane + warp
+        for i in gl.static_range(L2PF):
+            pf = gl.load(bt_b + gl.minimum(p_lo + 1 + i, last))
+            _l2_prefetch(kc_h, ks_h, pf, skc_p, sks_p, first, PAGE * WK * 4, PAGE * 2, OFF64)
+            _l2_prefetch(vc_h, vs_h, pf, svc_p, svs_p, first, PAGE * WV * 4, PAGE * 2, OFF64)
+        l2_page = gl.load(bt_b + gl.minimum(p_lo + 1 + L2PF, last))
+    for pg in range(p_lo, p_hi):
+        if L2PF > 0:
+            _l2_prefetch(kc_h, ks_h, l2_page, skc_p, sks_p, first, PAGE * WK * 4, PAGE * 2, OFF64)
+            _l2_prefetch(vc_h, vs_h, l2_page, svc_p, svs_p, first, PAGE * WV * 4, PAGE * 2, OFF64)
+            l2_page = gl.load(bt_b + gl.minimum(pg + 2 + L2PF, last))
+        cur_k = nxt_k
+        cur_v = nxt_v
+        nxt_k = _page_units(kc_h, ks_h, page, skc_p, sks_p, offs, D, KBITS, WK, UPW, OFF64, VEC_K)
+        nxt_v = _fused_value_units(vc_h, vs_h, page, svc_p, svs_p, o_vlo, o_vhi, offs, D, VBITS, WV, UPW, NW, OFF64,
+                                   VEC_V)
+        page = gl.load(bt_b + gl.minimum(pg + 2, last))
+        partial = pg * PAGE + PAGE > end
+        xs = ()
+        mp0 = m0
+        mp1 = m1
+        for k in gl.static_range(UPW):
+            x = _unit_logits(cur_k[k], QF, kc4, c, zero, unit, qm0, qm1, sm_scale, softcap, pg * PAGE + offs[k][2],
+                             end, partial, n_sink, q_index0, q_index1, window, D, KBITS, SOFTCAP, WINDOW, CAUSAL_PAGES)
+            xs = xs + (x,)
+            mp0 = gl.maximum(mp0, gl.maximum(x[0], x[2]))
+            mp1 = gl.maximum(mp1, gl.maximum(x[1], x[3]))
+        mp0 = _shfl_max(_shfl_max(_shfl_max(mp0, "4"), "8"), "16")  # the new max of rows 2c, 2c + 1
+        mp1 = _shfl_max(_shfl_max(_shfl_max(mp1, "4"), "8"), "16")
+        ms0 = gl.where(mp0 == float("-inf"), 0.0, mp0)  # nothing seen yet: any finite reference
+        ms1 = gl.where(mp1 == float("-inf"), 0.0, mp1)
+        a0 = gl.exp2(m0 - ms0)
+        a1 = gl.exp2(m1 - ms1)
+        m0 = mp0
+        m1 = mp1
+        l0 = l0 * a0
+        l1 = l1 * a1
+        ls0 = ls0 * a0
+        ls1 = ls1 * a1
+        acc_lo = _rescale(acc_lo, a0, a1)
+        acc_hi = _rescale(acc_hi, a0, a1)
+        acc_c = _rescale(acc_c, a0, a1)
+        for k in gl.static_range(UPW):
+            x0, x1, x2, x3 = xs[k]
+            words, sv0, sv1 = cur_v[k]
+            p0 = gl.exp2(x0 - ms0)  # (token g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
+            p1 = gl.exp2(x1 - ms1)
+            p2 = gl.exp2(x2 - ms0)
+            p3 = gl.exp2(x3 - ms1)
+            q0 = p0 * sv0
+            q1 = p1 * sv0
+            q2 = p2 * sv1
+            q3 = p3 * sv1
+            if partial:  # slots past the sequence may hold any scale
+                tk = pg * PAGE + offs[k][2]
+                q0 = gl.where(tk < end, q0, 0.0)
+                q1 = gl.where(tk < end, q1, 0.0)
+                q2 = gl.where(tk + 8 < end, q2, 0.0)
+                q3 = gl.where(tk + 8 < end, q3, 0.0)
+            l0 = l0 + (p0 + p2)
+            l1 = l1 + (p1 + p3)
+            ls0 = ls0 + (q0 + q2)
+            ls1 = ls1 + (q1 + q3)
+            b0 = _transpose8(_f16x2(q0, q1))  # tokens 2c, 2c + 1 of row g
+            b1 = _transpose8(_f16x2(q2, q3))  # tokens 2c + 8, 2c + 9
+            acc_lo, acc_hi, acc_c = _value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi, zero_i, D,
+                                                    VBITS)
+    # Σp and Σp·s over the lanes of a column; then the warps, each scaled to the split's max.
+    l0 = _shfl_add(_shfl_add(_shfl_add(l0, "4"), "8"), "16")
+    l1 = _shfl_add(_shfl_add(_shfl_add(l1, "4"), "8"), "16")
+    ls0 = _shfl_add(_shfl_add(_shfl_add(ls0, "4"), "8"), "16")
+    ls1 = _shfl_add(_shfl_add(_shfl_add(ls1, "4"), "8"), "16")
+    M0 = gl.max(m0, axis=0)
+    M1 = gl.max(m1, axis=0)
+    if NW > 1:
+        w0 = gl.exp2(m0 - gl.expand_dims(gl.where(M0 == float("-inf"), 0.0, M0), 0))
+        w1 = gl.exp2(m1 - gl.expand_dims(gl.where(M1 == float("-inf"), 0.0, M1), 0))
+        l0 = l0 * w0
+        l1 = l1 * w1
+        ls0 = ls0 * w0
+        ls1 = ls1 * w1
+        acc_lo = _rescale(acc_lo, w0, w1)
+        acc_hi = _rescale(acc_hi, w0, w1)
+        acc_c = _rescale(acc_c, w0, w1)
+    l0 = gl.sum(l0, axis=0)
+    l1 = gl.sum(l1, axis=0)
+    ls0 = gl.sum(ls0, axis=0)
+    ls1 = gl.sum(ls1, axis=0)
+    lane1 = gl.arange(0, 32, layout=gl.SliceLayout(0, L))
+    c1 = lane1 & 3
+    g1 = lane1 >> 2
+    s0 = 2 * c1
+    s1 = s0 + 1
+    g0 = lane1 < 4
+    gl.store(m_ptr + part * BLOCK_M + s0, M0, mask=g0 & (s0 < RS))
+    gl.store(m_ptr + part * BLOCK_M + s1, M1, mask=g0 & (s1 < RS))
+    gl.store(l_ptr + part * BLOCK_M + s0, l0, mask=g0 & (s0 < RS))
+    gl.store(l_ptr + part * BLOCK_M + s1, l1, mask=g0 & (s1 < RS))
+    _store_values_partial(acc_lo, acc_hi, acc_c, ls0, ls1, g1, s0, s1, acc_ptr + part * BLOCK_M * D, ROWS, D, VBITS,
+                          OUT_SCALE, LOG2CT)
+
+
+@gluon.jit
+def _fused_value_units(vc_h, vs_h, page, svc_p, svs_p, o_lo, o_hi, offs, D: gl.constexpr, VBITS: gl.constexpr,
+                       W: gl.constexpr, UPW: gl.constexpr, NW: gl.constexpr, OFF64: gl.constexpr, VEC: gl.constexpr):
+    """What the fused pass needs of a page's values: per unit, this thread's value words (``_value_words``) and the
+    value scales of its key tokens g and g + 8 (``offs``), which weight the probabilities before the transpose."""
+    if OFF64:
+        page = page.to(gl.int64)
+    p_lo = vc_h + page * svc_p + o_lo
+    p_hi = vc_h + page * svc_p + o_hi
+    sbase = vs_h + page * svs_p
+    units = ()
+    for k in gl.static_range(UPW):
+        words = _value_words(p_lo, p_hi, 16 * NW * k, D, VBITS, W, VEC)
+        t0 = offs[k][2]
+        units = units + ((words, gl.load(sbase + t0).to(gl.float32), gl.load(sbase + (t0 + 8)).to(gl.float32)),)
+    return units
+
+
+@gluon.jit
+def _store_values_partial(acc_lo, acc_hi, acc_c, ls0, ls1, g1, col0, col1, out_ptr, ROWS: gl.constexpr,
+                          D: gl.constexpr, VBITS: gl.constexpr, OUT_SCALE: gl.constexpr, LOG2CT: gl.constexpr):
+    """A split's partial Σ p·x in the original basis, rows col0 and col1 of ``out_ptr`` ([rows, D] fp32), from the
+    accumulators of the warps (summed here; each already scaled to the split's max), this thread's coordinates g1·D/8
+    .. in storage order: the planes and coset flags weighted (v = lo + c/2 + 4·hi + OFF, OFF carried by Σ p·s =
+    ``ls0``/``ls1``), then rotated back."""
+    CT: gl.constexpr = D // 8
     OFF: gl.constexpr = 0.25 - (1 << (VBITS - 1))
     y0 = ()
     y1 = ()
@@ -735,7 +1019,7 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
     y1 = _fwht_lanes(y1, sgn, CT, "16")
     j = g1 * CT
     sg = (j & ~30) | (((j >> 3) & 3) << 1) | (((j >> 1) & 3) << 3)  # σ(g·CT)
-    out0 = acc_ptr + (part * BLOCK_M + col0) * D + sg
+    out0 = out_ptr + col0 * D + sg
     out1 = out0 + D
     for r in gl.static_range(CT):
         sr = (r & ~30) | (((r >> 3) & 3) << 1) | (((r >> 1) & 3) << 3)
@@ -784,6 +1068,23 @@ def supports(head_dim: int, bits: int, page_size: int, rows: int) -> bool:
     row block of at most 8 rows; more rows run the portable kernel)."""
     return (_triton_version() >= MIN_TRITON and head_dim in HEAD_DIMS and bits in (2, 3, 4)
             and page_size % 16 == 0 and 1 <= rows <= MAX_ROWS)
+
+
+def supports_fused(head_dim: int, key_bits: int, value_bits: int, page_size: int, rows: int) -> bool:
+    """Whether the fused pass covers a launch: both passes' conditions (``supports``), and at head_dim 256 2 value
+    bits only (3-4 value bits need more accumulator registers than a thread has beside the query operand: ptxas
+    spills)."""
+    return (supports(head_dim, key_bits, page_size, rows) and supports(head_dim, value_bits, page_size, rows)
+            and (head_dim < 256 or value_bits == 2))
+
+
+def fused_warps(num_warps: int, head_dim: int, key_bits: int, page_size: int) -> int:
+    """Warps per program of the fused pass: ``num_warps``, but with 3-4 key bits at least 2 at head_dim 128 and 4 at
+    head_dim 256 (a warp holds its units' words of two pages; more units per warp take more registers than a thread
+    has: ptxas spills), and at most one per 16-token unit."""
+    if key_bits > 2 and head_dim >= 128:
+        num_warps = max(num_warps, 2 if head_dim == 128 else 4)
+    return max(1, min(num_warps, page_size // 16))
 
 
 def num_regs(head_dim: int, key_bits: int) -> int:
@@ -932,3 +1233,39 @@ def values_pass(cache, logits, m_part, l_part, acc_part, *, rows: int, block_m: 
         ROWS=rows, D=D, VBITS=codec.value_bits, PAGE=P, BLOCK_M=block_m, RS=rs, NW=nw, W=words,
         OFF64=vc.numel() >= 2 ** 31 or vs.numel() >= 2 ** 31, VEC=vec, L2PF=l2_prefetch if l2 else 0,
         OUT_SCALE=D ** -0.5, LOG2CT=(D // 8).bit_length() - 1, num_warps=nw, maxnreg=maxnreg)
+
+
+def fused_pass(cache, q_t, q_mean, m_part, l_part, acc_part, *, q_len: int, group: int, block_m: int, rs: int,
+               num_splits: int, pages_per_split: int, scale: float, softcap, window, num_warps: int = 1,
+               l2_prefetch: int = 2, maxnreg=None, launch=None) -> None:
+    """Launch the fused Gluon pass for the compressed splits: keys and values in one loop with an online softmax,
+    from the prep's outputs (``q_t``/``q_mean``, one page slot), each split's max, Σp and Σ p·x in the original basis
+    ([programs, splits + 1, block_m(, head_dim)] ``m_part``/``l_part``/``acc_part``, rows < q_len · group), as the
+    compressed programs of ``kernels._attn_split_kernel`` write them. No logits workspace. Covers what
+    ``supports_fused`` says. ``num_warps``: warps per program (each takes its own 16-token units, merged at the split's
+    end; ``fused_warps``); ``l2_prefetch``: prefetch the page that
+    many ahead into L2 (0: off); ``maxnreg``: the register cap; ``launch``: ``nqkernels.launch.launcher``'s (default:
+    a plain launch)."""
+    codec = cache.codec
+    D, P = codec.head_dim, codec.page_size
+    kc, ks, vc, vs = cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales
+    wk, wv = kc.shape[3], vc.shape[3]
+    assert kc.stride(3) == 1 and kc.stride(2) == wk and ks.stride(2) == 1 and q_t.is_contiguous()
+    assert vc.stride(3) == 1 and vc.stride(2) == wv and vs.stride(2) == 1
+    nw = fused_warps(num_warps, D, codec.key_bits, P)
+    n_prog, _, kq, _ = q_t.shape
+    vec_k = kc.data_ptr() % 16 == 0 and all(st % 4 == 0 for st in kc.stride()[:2]) and wk % 4 == 0
+    vec_v = vc.data_ptr() % 16 == 0 and all(st % 4 == 0 for st in vc.stride()[:2]) and wv % 4 == 0
+    l2 = all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:2])
+             for t in (kc, ks, vc, vs))
+    (launch or launcher(None))(_gluon_fused_kernel, (n_prog, num_splits),
+        kc, ks, vc, vs, cache.block_table, cache.lengths, q_t, _fragment_index(D, codec.key_bits, block_m,
+                                                                               str(q_t.device)),
+        q_mean, m_part, l_part, acc_part, cache.num_kv_heads, num_splits, pages_per_split, cache.max_batch, scale,
+        float(softcap or 1.0), int(window or 0), *kc.stride()[:2], *ks.stride()[:2], *vc.stride()[:2],
+        *vs.stride()[:2], cache.block_table.stride(0),
+        Q_LEN=q_len, GROUP=group, ROWS=q_len * group, D=D, KBITS=codec.key_bits, VBITS=codec.value_bits, PAGE=P,
+        SOFTCAP=softcap is not None, WINDOW=window is not None, BLOCK_M=block_m, RS=rs, CAUSAL_PAGES=q_len > 1,
+        NW=nw, WK=wk, WV=wv, KQ=kq, OFF64=max(t.numel() for t in (kc, ks, vc, vs)) >= 2 ** 31, VEC_K=vec_k,
+        VEC_V=vec_v, L2PF=l2_prefetch if l2 else 0, OUT_SCALE=D ** -0.5, LOG2CT=(D // 8).bit_length() - 1,
+        num_warps=nw, maxnreg=maxnreg)

@@ -76,8 +76,9 @@ def _gluon(q: torch.Tensor):
     """The Gluon passes (``attention.gluon``, GPU only) where they can run, else None (the portable kernels run): a
     CUDA device of capability >= 9 and a triton whose Gluon API they compile with (imported lazily, so a triton
     without it is no import error). Which launches each pass covers: ``gluon.supports`` (head_dim
-    64/128/256, q_len · group <= 8, pages of a multiple of 16 tokens; the rest take the portable kernels). Chosen
-    by the launch config's ``gluon_keys`` / ``gluon_values`` (default off)."""
+    64/128/256, q_len · group <= 8, pages of a multiple of 16 tokens; the rest take the portable kernels) and
+    ``gluon.supports_fused``. Chosen by the launch config's ``gluon_keys`` / ``gluon_values`` / ``gluon_fused``
+    (default off)."""
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
         return None
     try:
@@ -298,7 +299,10 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     # Pages per step: a block of few rows holds several pages' logits side by side (post-RoPE keys only).
     step = 1 if codec.rope is not None else max(1, min(cfg["pages_per_step"], block_m // triton.next_power_of_2(rows)))
     two_pass = cfg["two_pass"] and codec.rope is None  # keys, then values (_attn_keys_kernel; post-RoPE keys only)
-    if two_pass:
+    fast = _gluon(q) if codec.rope is None and (cfg["gluon_keys"] or cfg["gluon_values"] or cfg["gluon_fused"]) else None
+    # The fused Gluon pass (keys and values in one loop) where it covers the launch; it takes precedence over both
+    fused = fast is not None and cfg["gluon_fused"] and fast.supports_fused(D, codec.key_bits, codec.value_bits, P, rows)
+    if two_pass or fused:
         step = 1
     if num_splits is None:  # fill the GPU, but give each split a few pages (its prologue and partial cost a page)
         want = triton.cdiv(max_programs(q.device, cfg["programs_per_sm"]), B * H * n_mblk)
@@ -337,10 +341,15 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     else:  # placeholders, never read, but of the operands' dtypes: the kernel compiles its compressed-page branch
         q_t, q_mean = acc_part.new_empty(1, dtype=torch.float16), m_part  # anyway, and fp16 x fp32 is not a product
     rb = min(block_m, triton.next_power_of_2(rows))  # the real rows of a block (the reduce reads only these)
-    if two_pass and prep:
+    if fused and prep:  # the compressed splits in one Gluon pass; the uncompressed part as in two passes
+        n_tok, logits, fast_values = 0, m_part, True  # no logits workspace (a placeholder the FP_ONLY kernel never reads)
+        fast.fused_pass(cache, q_t, q_mean, m_part, l_part, acc_part, q_len=q_len, group=group, block_m=block_m,
+                        rs=rb, num_splits=num_splits, pages_per_split=pages_per_split, scale=scale, softcap=softcap,
+                        window=window, num_warps=cfg["gluon_fused_warps"], l2_prefetch=cfg["gluon_l2"],
+                        maxnreg=cfg["gluon_maxnreg"], launch=launch)
+    elif two_pass and prep:
         n_tok = max_pages * P  # logits workspace: 4 bytes per (sequence, KV head, token slot, row)
         logits = torch.empty(B * H * n_mblk, n_tok, rb, dtype=torch.float32, device=q.device)
-        fast = _gluon(q) if cfg["gluon_keys"] or cfg["gluon_values"] else None
         fast_keys = fast is not None and cfg["gluon_keys"] and fast.supports(D, codec.key_bits, P, rows)
         fast_values = fast is not None and cfg["gluon_values"] and fast.supports(D, codec.value_bits, P, rows)
         if fast_keys:  # the Gluon keys pass (Hopper+): the same logits and split maxima
@@ -364,6 +373,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
                              num_splits=num_splits, pages_per_split=pages_per_split, n_tok=n_tok,
                              num_warps=cfg["gluon_values_warps"], l2_prefetch=cfg["gluon_l2"],
                              maxnreg=cfg["gluon_maxnreg"], launch=launch)
+    if (fused or two_pass) and prep:
         launch(_attn_values_kernel, (B * H * n_mblk, 1 if fast_values else n_parts),
             q, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths, logits, cache.fp_k, cache.fp_v,
             m_part, l_part, acc_part, _value_gather(D, codec.value_bits, dev),

@@ -1,5 +1,2 @@
-"""Per-GPU kernel configurations: JSON files keyed by GPU name, kernel and shape bucket (written by
-``python -m autotune.tune``)."""
-from .store import gpu_key, lookup, override, untuned
-
-__all__ = ["gpu_key", "lookup", "override", "untuned"]
+"""The search for per-GPU kernel configurations (``python -m autotune.tune``; ``autotune.tasks`` holds what each
+kernel's search times and checks). The shipped tables and their lookup are the library's: ``nqkernels.store``."""

@@ -13,8 +13,9 @@ bucket keeps the default. Timings are ``bench_ms``: do_bench medians of CUDA-gra
 every call).
 
 Results are written after every bucket: the search record (default and tuned times of every bucket searched so
-far) into ``perf/results/tune_<gpu>.json`` and ``.md``, and its winners into ``autotune/configs/<gpu>.json`` (with a
-``_meta`` entry naming the device and versions). A run stops when ``--budget-min`` is spent,
+far) into ``tune_<gpu>.json`` and ``.md`` in the working directory (``--record``; the published records are
+perf/results/tune_<gpu>.*), and its winners into the library's store, ``nqkernels/configs/<gpu>.json`` (``--store``;
+with a ``_meta`` entry naming the device and versions). A run stops when ``--budget-min`` is spent,
 between buckets; the next run skips the buckets the record already holds (``--fresh`` searches them again).
 ``--refine pages_per_step`` searches only that parameter on top of each recorded winner (a parameter added after
 the buckets were searched), and records that it did.
@@ -35,12 +36,11 @@ from typing import Callable, Optional
 
 import torch
 
-from . import store
+from nqkernels import store
 from .tasks import KERNELS, Task, make_tasks
 
 NOISE = 1.02  # a candidate must be this much faster than the best so far to replace it
 GUARD = 1.03  # ... and no slower than the default by more than this on any of the bucket's problems
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "perf" / "results"
 
 
 def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
@@ -152,7 +152,7 @@ def report_markdown(record: dict) -> str:
              f"and the winner timed again side by side after the search; the speed-up is their geometric mean. A "
              f"winner had to reproduce the reference first, beat the default by 2% in that mean and be at most 3% "
              f"slower on every problem, twice. Store: "
-             f"`autotune/configs/{meta['gpu_key']}.json`.", ""]
+             f"`nqkernels/configs/{meta['gpu_key']}.json`.", ""]
     for kernel, buckets in record["buckets"].items():
         speedups = [r["speedup"] for r in buckets.values()]
         geo = float(torch.tensor(speedups).log().mean().exp())
@@ -183,8 +183,8 @@ def main(argv=None) -> int:
                     help="comma-separated launch parameters (e.g. pages_per_step): search only their values, on top "
                          "of each selected bucket's recorded winner (buckets the record holds; with --fresh also "
                          "those already refined by them)")
-    ap.add_argument("--store", type=Path, help="config file to write (default autotune/configs/<gpu>.json)")
-    ap.add_argument("--record", type=Path, help="search record (default perf/results/tune_<gpu>.json)")
+    ap.add_argument("--store", type=Path, help="config file to write (default nqkernels/configs/<gpu>.json)")
+    ap.add_argument("--record", type=Path, help="search record (default ./tune_<gpu>.json)")
     args = ap.parse_args(argv)
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
     unknown = sorted(set(kernels) - set(KERNELS))
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     key = store.gpu_key(device)
     store_path = args.store or store.config_path(key)
-    record_path = args.record or RESULTS_DIR / f"tune_{key}.json"
+    record_path = args.record or Path(f"tune_{key}.json")
     meta = dict(device=torch.cuda.get_device_name(), gpu_key=key, torch=torch.__version__,
                 triton=triton.__version__, python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
     record = json.loads(record_path.read_text()) if record_path.exists() else {"buckets": {}}

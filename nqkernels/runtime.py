@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from autotune import lookup
+from .store import lookup
 
 from . import reference as ref
 from .config import KVCodec
@@ -36,7 +36,7 @@ def rotation(head_dim: int, device: str) -> torch.Tensor:
     return rot.to(device)
 
 
-# Untuned defaults (autotune.store.lookup answers these where a GPU's file has no entry). Encode: 64-token tiles
+# Untuned defaults (``store.lookup`` answers these where a GPU's file has no entry). Encode: 64-token tiles
 # give one 4-warp tensor-core (wgmma) tile per step on Hopper. Attention: one warpgroup (decoded 64-token pages
 # are the A operand of 64-row tensor-core products), one stage (the next page is prefetched by hand) and 8
 # programs per SM (short splits balance the SMs; H100, K3V2), but at least 4 pages per split (a split's prologue

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from autotune import store
-from autotune.store import gpu_key, untuned
+from nqkernels import store
+from nqkernels.store import gpu_key, untuned
 from autotune.tasks import random_cache
 from autotune.tune import bench_ms, graph_replay
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention

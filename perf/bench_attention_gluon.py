@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from autotune import store
+from nqkernels import store
 from autotune.tasks import random_cache
 from autotune.tune import bench_ms
 from nqkernels import KVCodec, decode_attention

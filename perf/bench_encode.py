@@ -23,7 +23,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from autotune.store import gpu_key
+from nqkernels.store import gpu_key
 from autotune.tune import bench_ms
 from nqkernels import KVCodec, RopeSpec, decode_kv, encode_kv
 

@@ -11,7 +11,7 @@ On a GPU, in one run and beside the device-to-device copy ceiling:
              128) beside SDPA over fp16 K/V and FlashInfer's fp16 decode where it imports;
   cold       filter/unfilter kernel GB/s, zstd GB/s on the CPU, and delta + zstd end to end beside the prior art's.
 Every timing is a triton.testing.do_bench median (L2 cleared before each call). Our kernels are timed with the
-tuned configs of this GPU and again with the launchers' defaults (``autotune.store.untuned``): the ``tuned``
+tuned configs of this GPU and again with the launchers' defaults (``nqkernels.store.untuned``): the ``tuned``
 column is the speed-up the config store gives. Writes ``sweep.md`` (tables), ``sweep.json``, one CSV per table
 (``--csv``) and PNG plots (latency vs context per batch, speed-up vs SDPA, encode and scoring) when matplotlib
 imports. Without a GPU it runs a reduced sweep through the Triton interpreter: every kernel runs and is checked
@@ -66,7 +66,7 @@ def log(*a):
 
 def _timed_both(measure):
     """(tuned result, default-config result) of ``measure()``."""
-    from autotune.store import untuned
+    from nqkernels.store import untuned
 
     tuned = measure()
     with untuned():
@@ -144,7 +144,7 @@ def gpu_sweep(sections, quick, out: Path) -> dict:
     import torch
     import triton
 
-    from autotune.store import gpu_key
+    from nqkernels.store import gpu_key
     from perf.bench_attention import copy_bandwidth
 
     dev = torch.device("cuda")

@@ -129,7 +129,7 @@ def test_pages_side_by_side(step, d, bits, group, q_len):
     # pages_per_step > 1: a step's pages fill the column slots of a 16-column block (16 / rows, at most the config's
     # value: GQA 8 takes 2 slots), each with its own online softmax, merged at the split's end. Ragged page counts
     # (splits and steps with empty slots), sinks, chunks (causal), a sliding window and a soft cap.
-    from autotune import store
+    from nqkernels import store
 
     cache = _cache(d=d, recent=4, sinks=1, bits=bits, pages=40)
     _fill(cache, [150, 37])
@@ -149,7 +149,7 @@ def test_two_pass(d, bits, group, q_len, dtype):
     # two_pass: keys (logits to a workspace, each split's max), then values (no running max). Ragged page counts
     # (splits of the shorter sequence hold no tokens), sinks, chunks (causal pages), a sliding window that masks
     # whole splits, a soft cap; keys with RoPE undone fall back to the one-pass kernel.
-    from autotune import store
+    from nqkernels import store
 
     cache = _cache(d=d, recent=4, sinks=1, bits=bits, pages=40, dtype=dtype)
     _fill(cache, [150, 37])

@@ -4,7 +4,7 @@ the host; a call still captures into a CUDA graph."""
 import pytest
 import torch
 
-from autotune import store
+from nqkernels import store
 from nqkernels import KVCodec, PagedKVCache, decode_attention
 from nqkernels.attention import launcher as attention
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import triton
 
-from autotune import store
+from nqkernels import store
 from nqkernels import KVCodec, PagedKVCache, decode_attention
 from nqkernels import reference as R
 from nqkernels.attention.launcher import _decode_matrix, _reference_attention

@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
-import autotune.store as store
-from autotune import lookup, override, untuned
+import nqkernels.store as store
+from nqkernels.store import lookup, override, untuned
 from autotune.tasks import KERNELS, Task, cold_setup, make_tasks
 from autotune.tune import main as tune_main
 from autotune.tune import report_markdown, search, write_store

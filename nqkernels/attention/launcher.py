@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from autotune import store
+from .. import store
 
 from .. import reference as ref
 from ..runtime import launch_config, max_programs, rope_tables, rotation, use_triton
@@ -96,7 +96,7 @@ def _import_gluon():
 # Decode plans: the launches of a decode_attention call, replayed for the next calls of the same step (every layer
 # of a model has the same geometry and lengths) with their own tensors (nqkernels.launch). Keyed by what the scalars
 # and the launch config derive from (``_plan_key``: the tensors' signatures among them; a config override changes
-# autotune.store.generation). A plan holds its call's workspaces (partials, the two-pass logits): they are reused by the calls that replay it, in
+# nqkernels.store.generation). A plan holds its call's workspaces (partials, the two-pass logits): they are reused by the calls that replay it, in
 # stream order. Two plans are kept: the current step's and the one before.
 _PLANS: dict = {}
 _MAX_PLANS = 2

@@ -1,4 +1,5 @@
-"""Config store: ``configs/<gpu>.json`` maps kernel name -> shape bucket -> launch config.
+"""Config store: ``nqkernels/configs/<gpu>.json`` maps kernel name -> shape bucket -> launch config (the shipped
+per-GPU tables; ``python -m autotune.tune`` searches and writes them).
 
 Launchers call ``lookup(kernel, buckets, default)`` with their buckets from the most specific to the coarsest
 (``["d128_k3v2_g4_t32k_b8", "d128_k3v2"]``); the first bucket the GPU's file holds wins. A GPU or shape without a

@@ -331,14 +331,14 @@ def _encode(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optional[torc
     cfg = launch_config("encode", f"d{D}_b{bits}", x.device)
     dummy = codes  # never read when the feature is off
     cos_a, sin_a, pos_a, pos_strides, rope_half = _rope_args(codec, use_rope, cos, sin, pos, dummy)
-    n_tiles = B * H * triton.cdiv(T, cfg["BLOCK_T"])
-    _encode_kernel[(min(n_tiles, max_programs(x.device, cfg["programs_per_sm"])),)](
+    n_tiles = B * H * triton.cdiv(T, cfg.BLOCK_T)
+    _encode_kernel[(min(n_tiles, max_programs(x.device, cfg.programs_per_sm)),)](
         x, codes, scales, cos_a, sin_a, pos_a, mean if center else dummy, T, H, n_tiles, *x.stride(),
         *codes.stride()[:3], *scales.stride(), *pos_strides, *(mean.stride()[:2] if center else (0, 0)),
         D=D, DP=ref.next_pow2(D), BITS=bits, ALPHA=alpha, SQRT_N=math.sqrt(ref.transform_norm(D)),
         DN=float(D * ref.transform_norm(D)), FIX_BITS=ref.FIX_BITS, FIT=ref.FITS.index(fit),
         ROPE_HALF=rope_half, CENTER=center,
-        BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
+        BLOCK_T=cfg.BLOCK_T, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
     return EncodedKV(codes, scales, mean)
 
 
@@ -402,11 +402,11 @@ def _decode(enc: EncodedKV, codec: KVCodec, kind: str, positions: Optional[torch
     cfg = launch_config("decode", f"d{D}_b{bits}", codes.device)
     dummy = codes
     cos_a, sin_a, pos_a, pos_strides, rope_half = _rope_args(codec, use_rope, cos, sin, pos, dummy)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * H)
+    grid = (triton.cdiv(T, cfg.BLOCK_T), B * H)
     _decode_kernel[grid](
         codes, scales, out, cos_a, sin_a, pos_a, mean if center else dummy, T, H, *codes.stride()[:3],
         *scales.stride(), *out.stride()[:3], *pos_strides, *(mean.stride()[:2] if center else (0, 0)),
         D=D, DP=ref.next_pow2(D), LOG2DP=ref.next_pow2(D).bit_length() - 1, BITS=bits,
         SQRT_N=math.sqrt(ref.transform_norm(D)), ROPE_HALF=rope_half, CENTER=center,
-        BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"])
+        BLOCK_T=cfg.BLOCK_T, num_warps=cfg.num_warps)
     return out

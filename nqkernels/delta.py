@@ -249,9 +249,9 @@ def filter_codes(codes: torch.Tensor, scales: torch.Tensor, modes: torch.Tensor,
         return filter_reference(codes, sc16, modes, head_dim, bits, chunk)
     out = torch.empty(S, T * record_bytes(head_dim, bits), dtype=torch.uint8, device=codes.device)
     cfg = launch_config("filter", f"d{head_dim}_b{bits}", codes.device)
-    _filter_kernel[(S, triton.cdiv(T, cfg["BT"]))](codes, sc16, modes, out, T, chunk, codes.stride(0),
+    _filter_kernel[(S, triton.cdiv(T, cfg.BT))](codes, sc16, modes, out, T, chunk, codes.stride(0),
                                                   codes.stride(1), sc16.stride(0), sc16.stride(1),
-                                                  **_layout(head_dim, bits), BT=cfg["BT"], num_warps=cfg["num_warps"])
+                                                  **_layout(head_dim, bits), BT=cfg.BT, num_warps=cfg.num_warps)
     return out
 
 
@@ -276,6 +276,6 @@ def unfilter_codes(data: torch.Tensor, modes: torch.Tensor, head_dim: int, bits:
         cfg = launch_config("unfilter", f"d{head_dim}_b{bits}", data.device)
         _unfilter_kernel[(S, triton.cdiv(T, chunk))](data, modes, codes, scales, T, chunk, codes.stride(0),
                                                     codes.stride(1), scales.stride(0), scales.stride(1),
-                                                    **_layout(head_dim, bits), BT=cfg["BT"],
-                                                    num_warps=cfg["num_warps"])
+                                                    **_layout(head_dim, bits), BT=cfg.BT,
+                                                    num_warps=cfg.num_warps)
     return codes, scales.view(scale_dtype)

@@ -2,8 +2,10 @@
 grid sizing, the interpreter switch, and the cached tables kernels take (RoPE cos/sin, the rotation matrix)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from typing import Optional
 
 import torch
 
@@ -36,31 +38,91 @@ def rotation(head_dim: int, device: str) -> torch.Tensor:
     return rot.to(device)
 
 
-# Untuned defaults (``store.lookup`` answers these where a GPU's file has no entry). Encode: 64-token tiles
-# give one 4-warp tensor-core (wgmma) tile per step on Hopper. Attention: one warpgroup (decoded 64-token pages
-# are the A operand of 64-row tensor-core products), one stage (the next page is prefetched by hand) and 8
-# programs per SM (short splits balance the SMs; H100, K3V2), but at least 4 pages per split (a split's prologue
-# and partial cost about a page; docs/attention.md, "Launch configs"), keys and values in one pass. Scoring: 4
-# programs per SM over the key splits of pass 1 (BLOCK_N is chosen per head_dim by the launcher). Filter/unfilter:
-# 64-token tiles. Gluon passes (Hopper; attention/gluon.py; docs/attention.md): the two-pass keys pass
-# (``gluon_keys``: 2-warp programs, registers one page ahead, an L2 prefetch two pages further), the values pass
-# (``gluon_values``), or both in one fused pass (``gluon_fused``, which takes precedence over ``two_pass``).
-DEFAULTS = {"encode": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2},
-             "decode": {"BLOCK_T": 32, "num_warps": 4},
-             "attention": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8,
-                           "min_pages_per_split": 4, "maxnreg": None, "pages_per_step": 1,
-                           "two_pass": False, "gluon_keys": False, "gluon_warps": 2, "gluon_prefetch": 1,
-                           "gluon_l2": 2, "gluon_maxnreg": None, "gluon_values": False,
-                           "gluon_values_warps": 2, "gluon_fused": False, "gluon_fused_warps": 2},
-             "scoring": {"num_warps": 4, "programs_per_sm": 4},
-             "filter": {"BT": 64, "num_warps": 4},
-             "unfilter": {"BT": 64, "num_warps": 4}}
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """A kernel's launch parameters: the fields of a subclass, each with its untuned default (what ``store.lookup``
+    answers where a GPU's file has no entry). Built from the store's dictionaries by ``launch_config``; a key that
+    is not a field is an error naming the allowed ones."""
+
+    @classmethod
+    def from_dict(cls, kernel: str, config: dict) -> "LaunchConfig":
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(config) - set(names))
+        if unknown:
+            raise ValueError(f"launch config of {kernel!r}: unknown parameter(s) {unknown}; allowed: {names}")
+        return cls(**config)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
-def launch_config(kernel: str, buckets, device, **default) -> dict:
-    """Launch config of ``kernel``: the config store's entry for the first of ``buckets`` (most specific first) this
-    GPU has, over ``DEFAULTS[kernel]`` updated with ``default``."""
-    return lookup(kernel, buckets, {**DEFAULTS[kernel], **default}, device)
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig(LaunchConfig):
+    """Encode: 64-token tiles give one 4-warp tensor-core (wgmma) tile per step on Hopper."""
+    BLOCK_T: int = 64
+    num_warps: int = 4
+    num_stages: int = 1
+    programs_per_sm: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig(LaunchConfig):
+    BLOCK_T: int = 32
+    num_warps: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig(LaunchConfig):
+    """Decode attention: one warpgroup (decoded 64-token pages are the A operand of 64-row tensor-core products), one
+    stage (the next page is prefetched by hand) and 8 programs per SM (short splits balance the SMs; H100, K3V2), but
+    at least 4 pages per split (a split's prologue and partial cost about a page; docs/attention.md, "Launch
+    configs"), keys and values in one pass. ``two_pass``: keys, then values. The Gluon passes (Hopper;
+    attention/gluon.py; docs/attention.md): the two-pass keys pass (``gluon_keys``: 2-warp programs, registers one
+    page ahead, an L2 prefetch two pages further), the values pass (``gluon_values``), or both in one fused pass
+    (``gluon_fused``, which takes precedence over ``two_pass``)."""
+    BLOCK_N: int = 64
+    num_warps: int = 4
+    num_stages: int = 1
+    programs_per_sm: int = 8
+    min_pages_per_split: int = 4
+    maxnreg: Optional[int] = None
+    pages_per_step: int = 1
+    two_pass: bool = False
+    gluon_keys: bool = False
+    gluon_warps: int = 2
+    gluon_prefetch: int = 1
+    gluon_l2: int = 2
+    gluon_maxnreg: Optional[int] = None
+    gluon_values: bool = False
+    gluon_values_warps: int = 2
+    gluon_fused: bool = False
+    gluon_fused_warps: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringConfig(LaunchConfig):
+    """Scoring: 4 programs per SM over the key splits of pass 1; the launcher picks BLOCK_N per head_dim."""
+    num_warps: int = 4
+    programs_per_sm: int = 4
+    BLOCK_N: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterConfig(LaunchConfig):
+    """COLD filter and unfilter: 64-token tiles."""
+    BT: int = 64
+    num_warps: int = 4
+
+
+CONFIGS = {"encode": EncodeConfig, "decode": DecodeConfig, "attention": AttentionConfig, "scoring": ScoringConfig,
+           "filter": FilterConfig, "unfilter": FilterConfig}
+
+
+def launch_config(kernel: str, buckets, device, **default) -> LaunchConfig:
+    """Launch config of ``kernel`` (``CONFIGS``): the config store's entry for the first of ``buckets`` (most specific
+    first) this GPU has, over the untuned defaults updated with ``default``."""
+    cls = CONFIGS[kernel]
+    return cls.from_dict(kernel, lookup(kernel, buckets, {**cls().as_dict(), **default}, device))
 
 
 @functools.lru_cache(maxsize=None)

@@ -253,9 +253,9 @@ def score_tokens(q: torch.Tensor, k: torch.Tensor, *, seq_lens: Optional[Union[t
     n_mblk = triton.cdiv(rows, block_m)
     DP = max(16, ref.next_pow2(D))
     cfg = launch_config("scoring", f"d{D}_g{group}", k.device, BLOCK_N=64 if DP <= 128 else 32)
-    block_n = cfg["BLOCK_N"]
+    block_n = cfg.BLOCK_N
     # Pass 1 splits the keys so that B · H · row blocks · splits programs fill the GPU.
-    want = triton.cdiv(max_programs(k.device, cfg["programs_per_sm"]), B * H * n_mblk)
+    want = triton.cdiv(max_programs(k.device, cfg.programs_per_sm), B * H * n_mblk)
     n_splits = max(1, min(triton.cdiv(T, block_n), want, MAX_SPLITS))
     keys_per_split = triton.cdiv(triton.cdiv(T, n_splits), block_n) * block_n
     n_splits = triton.cdiv(T, keys_per_split)
@@ -263,7 +263,7 @@ def score_tokens(q: torch.Tensor, k: torch.Tensor, *, seq_lens: Optional[Union[t
     l_part = torch.empty_like(m_part)
     out = torch.empty(B, H, T, dtype=torch.float32, device=k.device)
     dot = _dot_dtype(q) if q.dtype != torch.float32 else tl.float32
-    common = dict(GROUP=group, D=D, DP=DP, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot, num_warps=cfg["num_warps"])
+    common = dict(GROUP=group, D=D, DP=DP, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot, num_warps=cfg.num_warps)
     _window_stats_kernel[(B * H * n_mblk, n_splits)](
         q, k, lens, m_part, l_part, H, W, n_mblk, n_splits, keys_per_split, scale, *q.stride(), *k.stride(), **common)
     _window_scores_kernel[(B * H, triton.cdiv(T, block_n))](

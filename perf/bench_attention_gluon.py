@@ -133,8 +133,8 @@ def bench_shape(dev, Hq, H, D, B, T, variants, mults=(1, 2, 4)):
     group = Hq // H
     cache, x = random_cache(codec, H, B, T, dev)
     q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.float16)
-    cfg = runtime.launch_config("attention", A.attention_buckets(D, 3, 2, group, B, T), dev)  # this GPU's tuned config
-    cfg = dict(cfg, gluon_fused=False)  # the two passes, compared here
+    cfg = runtime.launch_config("attention", A.attention_buckets(D, 3, 2, group, B, T), dev).as_dict()  # this GPU's
+    cfg = dict(cfg, gluon_fused=False)  # tuned config, with the two passes compared here
     row = dict(batch=B, context=T, head_dim=D, q_heads=Hq, kv_heads=H, bits="K3V2", config=cfg)
     s = capture_keys_launch(q, cache, cfg)
     kw = s["kw"]
@@ -199,7 +199,7 @@ def decode_variants(dev, B, T, D, bits, Hq=32, H=8, value_warps=(1, 2, 4), fused
     group = Hq // H
     cache, x = random_cache(codec, H, B, T, dev)
     q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.float16)
-    cfg = runtime.launch_config("attention", A.attention_buckets(D, kb, vb, group, B, T), dev)
+    cfg = runtime.launch_config("attention", A.attention_buckets(D, kb, vb, group, B, T), dev).as_dict()
     s0 = capture_keys_launch(q, cache, cfg)["kw"]["num_splits"]
     dec = sdpa_and_shipped(q, cache, x)
     variants = {"portable": dict(gluon_keys=False, gluon_values=False, gluon_fused=False),
@@ -272,7 +272,7 @@ def shipped_rows(dev, bits_list, shapes, Hq=32, H=8):
             buckets = A.attention_buckets(D, kb, vb, Hq // H, B, T)
             dec = sdpa_and_shipped(q, cache, x)
             yield dict(batch=B, context=T, head_dim=D, bits=f"K{kb}V{vb}", buckets=buckets,
-                       config=runtime.launch_config("attention", buckets, dev), decode_us=dec,
+                       config=runtime.launch_config("attention", buckets, dev).as_dict(), decode_us=dec,
                        speedup=dec["sdpa_fp16"] / dec["shipped"])
             del cache, x
 

@@ -164,6 +164,46 @@ def test_two_pass(d, bits, group, q_len, dtype):
             _check(q, rope)
 
 
+@pytest.mark.parametrize("d,q_len,window", [(128, 1, None), (64, 2, 30)])
+def test_uncompressed_part_alone(d, q_len, window, monkeypatch):
+    """``_attn_values_kernel`` with FP_ONLY (the uncompressed part beside a Gluon pass, grid (programs, 1)) writes the
+    same partial as its last program in the two-pass launch, and nothing else."""
+    from nqkernels import store
+    from nqkernels.attention import kernels as K
+    from nqkernels.attention import launcher as L
+
+    cache = _cache(d=d, recent=4, sinks=2, pages=40)
+    _fill(cache, [150, 37])
+    q = torch.randn(2, q_len, 8, d, dtype=torch.float16)
+    seen = []
+    real = L.launcher
+
+    def spy(record):
+        launch = real(record)
+
+        def run(fn, grid, *args, **kwargs):
+            if fn is K._attn_values_kernel:
+                seen.append((grid, args, kwargs))
+            return launch(fn, grid, *args, **kwargs)
+        return run
+
+    monkeypatch.setattr(L, "launcher", spy)
+    with store.override("attention", {"two_pass": True}):
+        decode_attention(q, cache, window=window, num_splits=3)
+    (grid, args, kwargs), = seen
+    names = K._attn_values_kernel.arg_names
+    i_m, i_l, i_acc = names.index("m_ptr"), names.index("l_ptr"), names.index("acc_ptr")
+    m, l, acc = (args[i] for i in (i_m, i_l, i_acc))
+    alone = [t.clone().fill_(float("nan")) for t in (m, l, acc)]
+    args = list(args)
+    args[i_m], args[i_l], args[i_acc] = alone
+    K._attn_values_kernel[(grid[0], 1)](*args, **dict(kwargs, FP_ONLY=True))
+    rows = q_len * 4  # the real rows of a block (GQA 4); the others are padding, written by neither
+    for got, want in zip(alone, (m, l, acc)):
+        torch.testing.assert_close(got[:, -1, :rows], want[:, -1, :rows], rtol=1e-6, atol=1e-6)
+        assert torch.isnan(got[:, :-1]).all()  # the compressed splits' partials are not written
+
+
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_reduce_column_programs_head_dims_and_dtypes(d, dtype):

@@ -1,4 +1,5 @@
-"""The config store (bucket fallback, overrides, untuned), the tuner's search and files, and perf.sweep's CPU path."""
+"""The config store (bucket fallback, overrides, untuned), the typed launch configs, the tuner's search and files, and
+perf.sweep's CPU path."""
 import json
 import time
 import warnings
@@ -199,3 +200,30 @@ def test_sweep_plots_a_gpu_run(tmp_path):
                                        "sweep_encode.png", "sweep_scoring.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
     assert "| 8 | 32768 | K3V2 |" in sweep.markdown(res)
+
+
+def test_launch_configs_are_typed_and_a_bad_key_is_named():
+    """launch_config answers the kernel's typed config; a store entry or override with a key that is not one of its
+    fields is an error naming the key and the allowed ones (never silently ignored)."""
+    from nqkernels.runtime import AttentionConfig, launch_config
+
+    cfg = launch_config("attention", "d128_k3v2", torch.device("cpu"))
+    assert isinstance(cfg, AttentionConfig) and cfg == AttentionConfig()
+    with override("attention", {"two_pass": True, "num_warp": 8}):
+        with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['num_warp'\].*num_warps"):
+            launch_config("attention", "d128_k3v2", torch.device("cpu"))
+
+
+def test_every_shipped_entry_is_a_valid_config():
+    """Every bucket of every shipped GPU file (nqkernels/configs/) builds its kernel's typed config."""
+    from nqkernels.runtime import CONFIGS
+
+    files = sorted(store.CONFIG_DIR.glob("*.json"))
+    assert files
+    for path in files:
+        for kernel, buckets in json.loads(path.read_text()).items():
+            if kernel == "_meta":
+                continue
+            for bucket, entry in buckets.items():
+                cfg = CONFIGS[kernel].from_dict(kernel, {**CONFIGS[kernel]().as_dict(), **entry})
+                assert cfg.as_dict()["num_warps"] >= 1, (path.name, kernel, bucket)

@@ -297,16 +297,16 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     max_pages = triton.cdiv(longest, P)
     cfg = launch_config("attention", attention_buckets(D, codec.key_bits, codec.value_bits, group, B, longest), q.device)
     # Pages per step: a block of few rows holds several pages' logits side by side (post-RoPE keys only).
-    step = 1 if codec.rope is not None else max(1, min(cfg["pages_per_step"], block_m // triton.next_power_of_2(rows)))
-    two_pass = cfg["two_pass"] and codec.rope is None  # keys, then values (_attn_keys_kernel; post-RoPE keys only)
-    fast = _gluon(q) if codec.rope is None and (cfg["gluon_keys"] or cfg["gluon_values"] or cfg["gluon_fused"]) else None
+    step = 1 if codec.rope is not None else max(1, min(cfg.pages_per_step, block_m // triton.next_power_of_2(rows)))
+    two_pass = cfg.two_pass and codec.rope is None  # keys, then values (_attn_keys_kernel; post-RoPE keys only)
+    fast = _gluon(q) if codec.rope is None and (cfg.gluon_keys or cfg.gluon_values or cfg.gluon_fused) else None
     # The fused Gluon pass (keys and values in one loop) where it covers the launch; it takes precedence over both
-    fused = fast is not None and cfg["gluon_fused"] and fast.supports_fused(D, codec.key_bits, codec.value_bits, P, rows)
+    fused = fast is not None and cfg.gluon_fused and fast.supports_fused(D, codec.key_bits, codec.value_bits, P, rows)
     if two_pass or fused:
         step = 1
     if num_splits is None:  # fill the GPU, but give each split a few pages (its prologue and partial cost a page)
-        want = triton.cdiv(max_programs(q.device, cfg["programs_per_sm"]), B * H * n_mblk)
-        num_splits = min(triton.cdiv(max_pages, cfg["min_pages_per_split"]), max(1, want))
+        want = triton.cdiv(max_programs(q.device, cfg.programs_per_sm), B * H * n_mblk)
+        num_splits = min(triton.cdiv(max_pages, cfg.min_pages_per_split), max(1, want))
     num_splits = min(int(num_splits), max_pages)
     # Whole steps per split, so no step but the last of the longest sequence has empty slots.
     pages_per_split = triton.cdiv(triton.cdiv(max_pages, num_splits), step) * step if num_splits else 0
@@ -345,19 +345,19 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         n_tok, logits, fast_values = 0, m_part, True  # no logits workspace (a placeholder the FP_ONLY kernel never reads)
         fast.fused_pass(cache, q_t, q_mean, m_part, l_part, acc_part, q_len=q_len, group=group, block_m=block_m,
                         rs=rb, num_splits=num_splits, pages_per_split=pages_per_split, scale=scale, softcap=softcap,
-                        window=window, num_warps=cfg["gluon_fused_warps"], l2_prefetch=cfg["gluon_l2"],
-                        maxnreg=cfg["gluon_maxnreg"], launch=launch)
+                        window=window, num_warps=cfg.gluon_fused_warps, l2_prefetch=cfg.gluon_l2,
+                        maxnreg=cfg.gluon_maxnreg, launch=launch)
     elif two_pass and prep:
         n_tok = max_pages * P  # logits workspace: 4 bytes per (sequence, KV head, token slot, row)
         logits = torch.empty(B * H * n_mblk, n_tok, rb, dtype=torch.float32, device=q.device)
-        fast_keys = fast is not None and cfg["gluon_keys"] and fast.supports(D, codec.key_bits, P, rows)
-        fast_values = fast is not None and cfg["gluon_values"] and fast.supports(D, codec.value_bits, P, rows)
+        fast_keys = fast is not None and cfg.gluon_keys and fast.supports(D, codec.key_bits, P, rows)
+        fast_values = fast is not None and cfg.gluon_values and fast.supports(D, codec.value_bits, P, rows)
         if fast_keys:  # the Gluon keys pass (Hopper+): the same logits and split maxima
             fast.keys_pass(cache, q_t, q_mean, logits, m_part, q_len=q_len, group=group, block_m=block_m, rs=rb,
                            num_splits=num_splits, pages_per_split=pages_per_split, n_tok=n_tok, scale=scale,
-                           softcap=softcap, window=window, num_warps=cfg["gluon_warps"],
-                           prefetch=cfg["gluon_prefetch"], l2_prefetch=cfg["gluon_l2"],
-                           maxnreg=cfg["gluon_maxnreg"], launch=launch)
+                           softcap=softcap, window=window, num_warps=cfg.gluon_warps,
+                           prefetch=cfg.gluon_prefetch, l2_prefetch=cfg.gluon_l2,
+                           maxnreg=cfg.gluon_maxnreg, launch=launch)
         else:
             launch(_attn_keys_kernel, (B * H * n_mblk, num_splits),
                 cache.k_codes, cache.k_scales, cache.block_table, cache.lengths, q_t, q_mean, logits, m_part,
@@ -367,12 +367,12 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
                 Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, PAGE=P, NG=NG, KQ=KQ,
                 SOFTCAP=softcap is not None, WINDOW=window is not None, ASM=q.is_cuda, BLOCK_M=block_m, RS=rb,
                 JOIN_K=_join_runs(codec.key_bits, cache.k_codes), PDL=pdl, CAUSAL_PAGES=q_len > 1,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_pdl_options(pdl))
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **_pdl_options(pdl))
         if fast_values:  # the Gluon values pass (Hopper+) takes the pages; the portable kernel the uncompressed part
             fast.values_pass(cache, logits, m_part, l_part, acc_part, rows=rows, block_m=block_m, rs=rb,
                              num_splits=num_splits, pages_per_split=pages_per_split, n_tok=n_tok,
-                             num_warps=cfg["gluon_values_warps"], l2_prefetch=cfg["gluon_l2"],
-                             maxnreg=cfg["gluon_maxnreg"], launch=launch)
+                             num_warps=cfg.gluon_values_warps, l2_prefetch=cfg.gluon_l2,
+                             maxnreg=cfg.gluon_maxnreg, launch=launch)
     if (fused or two_pass) and prep:
         launch(_attn_values_kernel, (B * H * n_mblk, 1 if fast_values else n_parts),
             q, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths, logits, cache.fp_k, cache.fp_v,
@@ -382,9 +382,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             cache.v_codes.stride(3), cache.block_table.stride(0), *cache.fp_k.stride()[:3],
             Q_LEN=q_len, GROUP=group, D=D, DP=DP, VBITS=codec.value_bits, PAGE=P, INV_SQRT_N=inv_sqrt_n,
             LOG2DP=DP.bit_length() - 1, SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=dot,
-            ASM=q.is_cuda, BLOCK_M=block_m, RS=rb, BLOCK_N=cfg["BLOCK_N"],
+            ASM=q.is_cuda, BLOCK_M=block_m, RS=rb, BLOCK_N=cfg.BLOCK_N,
             JOIN_V=_join_runs(codec.value_bits, cache.v_codes), PDL=pdl, FP_ONLY=fast_values,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_pdl_options(pdl))
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **_pdl_options(pdl))
     else:
         launch(_attn_split_kernel, (B * H * n_mblk, n_parts),
             q, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths,
@@ -402,10 +402,10 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             # Word-by-word page loads at 2-3 bits (1.2-1.3x); at 4 bits they measured 2-7% slower (docs/attention.md), unless
             # a token's words are not a multiple of 16 (head_dim 64/96: 8/12 words): the compiler cannot prove the runs
             # aligned then and loads them one word at a time.
-            BLOCK_M=block_m, PK=step, BLOCK_N=cfg["BLOCK_N"], JOIN_K=_join_runs(codec.key_bits, cache.k_codes),
+            BLOCK_M=block_m, PK=step, BLOCK_N=cfg.BLOCK_N, JOIN_K=_join_runs(codec.key_bits, cache.k_codes),
             JOIN_V=_join_runs(codec.value_bits, cache.v_codes), PDL=pdl and prep,
             CAUSAL_PAGES=q_len > 1,  # a single query follows every key; a chunk may start inside the compressed pages
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"], **_pdl_options(pdl and prep))
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **_pdl_options(pdl and prep))
     # The reduce reads only the real rows of a block; small batches spread its output columns over programs.
     n_bh = B * H * n_mblk
     ob = min(DP, 32) if n_bh < max_programs(q.device, 1) else DP

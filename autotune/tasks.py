@@ -18,7 +18,6 @@ from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention, decode_
 from nqkernels import filter_codes, unfilter_codes
 from nqkernels import reference as R
 from nqkernels.attention import BATCH_RANGES, CONTEXT_RANGES, attention_buckets
-from nqkernels.attention.launcher import _reference_attention
 from nqkernels.reference import filter_reference
 
 KERNELS = ("attention", "encode", "scoring", "filter", "unfilter", "decode")
@@ -87,7 +86,7 @@ def attention_setup(d: int, kb: int, vb: int, group: int, problems) -> Setup:
         k = torch.randn(3, 700, 2, d, device=device, dtype=torch.float16) + 0.2
         small.append(k, torch.randn_like(k), lengths=[700, 333, 90])
         qs = torch.randn(3, 1, 2 * group, d, device=device, dtype=torch.float16)
-        ref = _reference_attention(qs, small, d ** -0.5, None, None)
+        ref = R.paged_attention(qs, small, d ** -0.5, None, None)
         return runs, (lambda: _rel(decode_attention(qs, small), ref))
     return setup
 

@@ -351,6 +351,19 @@ def attention(q, k, v, q_index, k_index, k_valid, *, scale: float, softcap=None,
     return torch.einsum("bhmn,bnhd->bmhd", p, v)
 
 
+def paged_attention(q, cache, scale: float, softcap=None, window=None) -> torch.Tensor:
+    """The oracle of ``decode_attention`` over a ``PagedKVCache``: the whole cache dequantized (``cache.dense``) and
+    fp32 ``attention`` of q ``[B, q_len, q_heads, head_dim]`` (the last q_len tokens of sequences 0..B-1, causal
+    inside the chunk); returns fp32 ``[B, q_len, q_heads, head_dim]``."""
+    B, q_len = q.shape[:2]
+    K, V, valid = cache.dense(B)
+    L = K.shape[1]
+    lens = torch.tensor(cache.seq_lens()[:B], device=q.device)
+    q_index = lens[:, None] - q_len + torch.arange(q_len, device=q.device)[None]
+    k_index = torch.arange(L, device=q.device).expand(B, L)
+    return attention(q, K, V, q_index, k_index, valid, scale=scale, softcap=softcap, window=window)
+
+
 def window_scores(q, k, seq_lens, *, scale: float, aggregate: str) -> torch.Tensor:
     """Observation-window token scores: the oracle of ``score_tokens`` (before pooling).
 

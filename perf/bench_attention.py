@@ -36,7 +36,7 @@ from nqkernels.store import gpu_key, untuned
 from autotune.tasks import random_cache
 from autotune.tune import bench_ms, graph_replay
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
-from nqkernels.attention.launcher import _reference_attention
+from nqkernels.reference import paged_attention
 
 SETTINGS = ((4, 4), (3, 3), (3, 2), (2, 2))
 
@@ -71,7 +71,7 @@ def check(dev):
         out = torch.full_like(q, float("nan"))
         with store.override("attention", c["config"]) if "config" in c else contextlib.nullcontext():
             out.copy_(decode_attention(q, cache, softcap=c.get("softcap"), window=c.get("window")))
-        ref = _reference_attention(q, cache, c["d"] ** -0.5, c.get("softcap"), c.get("window"))
+        ref = paged_attention(q, cache, c["d"] ** -0.5, c.get("softcap"), c.get("window"))
         rel = ((out.float() - ref).norm() / ref.norm()).item()
         rows.append(dict(head_dim=c["d"], rope_undone=c["rope"] is not None, group=c["group"], q_len=c["q_len"],
                          dtype=str(c["dtype"]).split(".")[-1], bits=f"K{c['bits'][0]}V{c['bits'][1]}",

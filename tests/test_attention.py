@@ -8,7 +8,7 @@ import triton.language as tl
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
 from nqkernels import reference as R
 from nqkernels.attention.kernels import _page_codes
-from nqkernels.attention.launcher import _decode_matrix, _reference_attention, _value_gather
+from nqkernels.attention.launcher import _decode_matrix, _value_gather
 from nqkernels.runtime import rotation
 from nqkernels.lattice import coset_pairs, coset_plane_pairs, plane_pairs, restore_parity
 
@@ -33,7 +33,7 @@ def _fill(cache, lengths, scale=1.0):
 def _check(q, cache, tol=None, **kw):
     out = decode_attention(q, cache, **kw)
     scale = kw.get("softmax_scale") or q.shape[-1] ** -0.5
-    ref = _reference_attention(q, cache, scale, kw.get("softcap"), kw.get("window"))
+    ref = R.paged_attention(q, cache, scale, kw.get("softcap"), kw.get("window"))
     assert out.shape == q.shape and out.dtype == q.dtype
     tol = tol or (2e-2 if q.dtype == torch.bfloat16 else 3e-3)
     err = (out.float() - ref).abs().max().item()
@@ -365,7 +365,7 @@ def test_reference_mode_runs_the_oracle(reference_mode):
     cache = _cache(recent=4)
     _fill(cache, [30, 18])
     q = torch.randn(2, 1, 4, 128, dtype=torch.float16)
-    assert torch.equal(decode_attention(q, cache), _reference_attention(q, cache, 128 ** -0.5, None, None).half())
+    assert torch.equal(decode_attention(q, cache), R.paged_attention(q, cache, 128 ** -0.5, None, None).half())
 
 
 @triton.jit

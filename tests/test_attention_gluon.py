@@ -19,7 +19,7 @@ import triton
 from nqkernels import store
 from nqkernels import KVCodec, PagedKVCache, decode_attention
 from nqkernels import reference as R
-from nqkernels.attention.launcher import _decode_matrix, _reference_attention
+from nqkernels.attention.launcher import _decode_matrix
 from nqkernels.runtime import rotation
 
 try:
@@ -505,7 +505,7 @@ def test_gluon_keys_pass_matches_portable_and_reference(case, monkeypatch):
     _compare_keys(spy.calls)
     with store.override("attention", {"two_pass": True, "gluon_keys": False}):
         portable = decode_attention(q, cache, softcap=softcap, window=window, num_splits=splits)
-    ref = _reference_attention(q, cache, d ** -0.5, softcap, window)
+    ref = R.paged_attention(q, cache, d ** -0.5, softcap, window)
     tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
     err = (out.float() - ref).abs().max().item()
     assert err <= tol * max(1.0, ref.abs().max().item()), f"max error {err} vs the reference"
@@ -526,7 +526,7 @@ class _Against:
         self.cache = _gpu_cache(d, bits, kv_heads, lengths, page, sinks, recent, dtype)
         self.q = torch.randn(len(lengths), q_len, kv_heads * group, d, device="cuda", dtype=dtype)
         self.kw = dict(softcap=softcap, window=window, num_splits=splits)
-        self.ref = _reference_attention(self.q, self.cache, d ** -0.5, softcap, window)
+        self.ref = R.paged_attention(self.q, self.cache, d ** -0.5, softcap, window)
         with store.override("attention", {"two_pass": True, "gluon_keys": False}):
             portable = decode_attention(self.q, self.cache, **self.kw)
         self.rel_portable = ((portable.float() - self.ref).norm() / self.ref.norm()).item()
@@ -573,7 +573,7 @@ def test_gluon_nan_token_and_plan_replay(config):
         out2 = decode_attention(q, cache)
     assert torch.isfinite(out1).all()
     assert torch.equal(out1, out2)
-    ref = _reference_attention(q, cache, 128 ** -0.5, None, None)
+    ref = R.paged_attention(q, cache, 128 ** -0.5, None, None)
     assert (out1.float() - ref).abs().max().item() <= 3e-3 * max(1.0, ref.abs().max().item())
 
 
@@ -611,7 +611,7 @@ def test_more_than_8_rows_fall_back():
     finally:
         G.keys_pass = real
     assert not calls
-    ref = _reference_attention(q, cache, 128 ** -0.5, None, None)
+    ref = R.paged_attention(q, cache, 128 ** -0.5, None, None)
     assert (out.float() - ref).abs().max().item() <= 3e-3 * max(1.0, ref.abs().max().item())
 
 

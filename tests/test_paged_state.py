@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
-from nqkernels.attention.launcher import _reference_attention
 from nqkernels.codec import centering_mean, decode_kv, encode_kv
+from nqkernels.reference import paged_attention
 
 from .conftest import interpreted
 
@@ -370,7 +370,7 @@ class _Run:
         self.log("-", f"decode_attention(B={B}, q_len={q_len}, {kw})")
         with _kernels(self.kernels):
             out = decode_attention(q, self.cache, **kw)
-        ref = _reference_attention(q, self.cache, kw.get("softmax_scale") or D ** -0.5, kw.get("softcap"),
+        ref = paged_attention(q, self.cache, kw.get("softmax_scale") or D ** -0.5, kw.get("softcap"),
                                    kw.get("window"))
         err = (out.float() - ref).abs().max().item()
         tol = 2e-2 if self.dtype == torch.bfloat16 else 3e-3  # as tests/test_attention.py

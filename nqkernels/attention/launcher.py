@@ -277,7 +277,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     if B == 0:
         return out
     if not use_triton(q):
-        return _reference_attention(q, cache, scale, softcap, window).to(q.dtype)
+        return ref.paged_attention(q, cache, scale, softcap, window).to(q.dtype)
     record, key, inputs = None, None, None
     if q.is_cuda and not torch.cuda.is_current_stream_capturing():  # a graph replays at no host cost anyway
         key, inputs = _plan_key(q, cache, scale, softcap, window, num_splits), _call_tensors(q, out, cache)
@@ -419,14 +419,3 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         while len(_PLANS) > _MAX_PLANS:  # the oldest step's plan and its workspaces go
             del _PLANS[next(iter(_PLANS))]
     return out
-
-
-def _reference_attention(q, cache: PagedKVCache, scale, softcap, window) -> torch.Tensor:
-    """The oracle path: dequantize the whole cache (``cache.dense``) and run fp32 attention."""
-    B, q_len = q.shape[:2]
-    K, V, valid = cache.dense(B)
-    L = K.shape[1]
-    lens = torch.tensor(cache.seq_lens()[:B], device=q.device)
-    q_index = lens[:, None] - q_len + torch.arange(q_len, device=q.device)[None]
-    k_index = torch.arange(L, device=q.device).expand(B, L)
-    return ref.attention(q, K, V, q_index, k_index, valid, scale=scale, softcap=softcap, window=window)

@@ -255,7 +255,7 @@ def _centering_mean(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optio
         if use_rope:
             c, s_ = _per_token(cos, sin, pos)
             xf = ref.rope_undo(xf, c[:, None], s_[:, None])
-        return ref.finite_mean(xf)
+        return ref.finite_mean(xf.transpose(1, 2))  # x is [B, H, T, D] here
     DP, BLOCK_T = ref.next_pow2(D), 32
     n_tiles = triton.cdiv(T, BLOCK_T)
     # Enough programs to fill the GPU (about 4 per SM in all), each over a run of whole tiles.
@@ -323,10 +323,10 @@ def _encode(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optional[torc
         return EncodedKV(codes, scales, mean)
     if not use_triton(x):
         c, s_ = _per_token(cos, sin, pos)
-        ref_codes, ref_scales = ref.encode_reference(x, bits, alpha=alpha, fit=fit, scale_dtype=codec.scale_dtype,
-                                                     cos=c, sin=s_, mean=mean)
-        codes.copy_(ref_codes)
-        scales.copy_(ref_scales)
+        ref_codes, ref_scales = ref.encode_reference(x.transpose(1, 2), bits, alpha=alpha, fit=fit,
+                                                     scale_dtype=codec.scale_dtype, cos=c, sin=s_, mean=mean)
+        codes.copy_(ref_codes.transpose(1, 2))  # [B, H, T, ...] views here
+        scales.copy_(ref_scales.transpose(1, 2))
         return EncodedKV(codes, scales, mean)
     cfg = launch_config("encode", f"d{D}_b{bits}", x.device)
     dummy = codes  # never read when the feature is off
@@ -398,7 +398,8 @@ def _decode(enc: EncodedKV, codec: KVCodec, kind: str, positions: Optional[torch
         return out
     if not use_triton(codes):
         c, s_ = _per_token(cos, sin, pos)
-        return out.copy_(ref.decode_reference(codes, scales, bits, D, cos=c, sin=s_, mean=mean, dtype=dtype))
+        return out.copy_(ref.decode_reference(codes.transpose(1, 2), scales.transpose(1, 2), bits, D, cos=c, sin=s_,
+                                              mean=mean, dtype=dtype).transpose(1, 2))  # [B, H, T, ...] views here
     cfg = launch_config("decode", f"d{D}_b{bits}", codes.device)
     dummy = codes
     cos_a, sin_a, pos_a, pos_strides, rope_half = _rope_args(codec, use_rope, cos, sin, pos, dummy)

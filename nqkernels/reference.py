@@ -285,37 +285,39 @@ def dequantize(idx: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tenso
 
 
 def finite_mean(x: torch.Tensor) -> torch.Tensor:
-    """The centering mean: x ``[B, H, T, D]`` fp32 -> ``[B, H, D]``, the mean over the tokens that hold no NaN/Inf.
+    """The centering mean: x ``[B, T, H, D]`` fp32 -> ``[B, H, D]``, the mean over the tokens that hold no NaN/Inf.
 
     A non-finite token encodes to zero (``quantize``), so it is left out of the mean too: otherwise its NaN/Inf
     would reach every token through the shared offset. Zero where no token is finite.
     """
     finite = torch.isfinite(x).all(-1, keepdim=True)
-    return torch.where(finite, x, 0.0).sum(2) / finite.sum(2).clamp(min=1)
+    return torch.where(finite, x, 0.0).sum(1) / finite.sum(1).clamp(min=1)
 
 
 def encode_reference(x, bits, *, alpha, fit, scale_dtype=torch.float16, cos=None, sin=None, mean=None):
-    """Reference of the fused encode: x ``[B, H, T, D]`` -> (codes int32 ``[B, H, T, W]``, scales ``[B, H, T]``).
+    """Reference of the fused encode (``encode_kv``): x ``[B, T, H, D]`` -> (codes int32 ``[B, T, H, W]``, scales
+    ``[B, T, H]``).
 
     cos/sin ``[B, T, R/2]`` undo RoPE on keys (rows for each token's position); mean ``[B, H, D]`` fp32 is
     subtracted after the RoPE undo.
     """
     xf = x.to(F32)
     if cos is not None:
-        xf = rope_undo(xf, cos[:, None].to(F32), sin[:, None].to(F32))
+        xf = rope_undo(xf, cos[:, :, None].to(F32), sin[:, :, None].to(F32))
     if mean is not None:
-        xf = xf - mean.to(F32)[:, :, None, :]
+        xf = xf - mean.to(F32)[:, None]
     idx, scale = quantize(xf, bits, alpha, fit, scale_dtype)
     return pack_codes(idx, bits), scale
 
 
 def decode_reference(codes, scales, bits, head_dim, *, cos=None, sin=None, mean=None, dtype=torch.float16):
-    """Reference of the decode (dequantize): inverse of ``encode_reference`` up to quantization error."""
+    """Reference of the decode (``decode_kv``, dequantize): codes ``[B, T, H, W]``, scales ``[B, T, H]`` ->
+    ``[B, T, H, head_dim]``, the inverse of ``encode_reference`` up to quantization error."""
     x = dequantize(unpack_codes(codes, bits, head_dim), scales, bits)
     if mean is not None:
-        x = x + mean.to(F32)[:, :, None, :]
+        x = x + mean.to(F32)[:, None]
     if cos is not None:
-        x = rope_apply(x, cos[:, None].to(F32), sin[:, None].to(F32))
+        x = rope_apply(x, cos[:, :, None].to(F32), sin[:, :, None].to(F32))
     return x.to(dtype)
 
 

@@ -8,6 +8,7 @@ import os
 from typing import Optional
 
 import torch
+import triton.language as tl
 
 from .store import lookup
 
@@ -141,3 +142,11 @@ def max_programs(device, per_sm: int) -> int:
 def use_triton(x: torch.Tensor) -> bool:
     """Whether x's kernels run: on a CUDA tensor, or under TRITON_INTERPRET=1 (else the torch reference runs)."""
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_dtype(q: torch.Tensor):
+    """Tensor-core operand type of kernels that take q's dtype: q's dtype. The interpreter's bf16 dot returns garbage
+    (triton 3.9, CPU), so there bf16 operands are widened to fp32 (same math, fp32 products)."""
+    if q.dtype == torch.bfloat16:
+        return tl.float32 if not q.is_cuda else tl.bfloat16
+    return tl.float16

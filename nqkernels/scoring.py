@@ -21,8 +21,7 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
-from .attention.launcher import _dot_dtype
-from .runtime import launch_config, max_programs, use_triton
+from .runtime import dot_dtype, launch_config, max_programs, use_triton
 from .config import check_positive_float, describe, is_int
 
 AGGREGATES = {"sum": 0, "mean": 1, "max": 2}
@@ -262,7 +261,7 @@ def score_tokens(q: torch.Tensor, k: torch.Tensor, *, seq_lens: Optional[Union[t
     m_part = torch.empty(B * H * n_mblk * n_splits * block_m, dtype=torch.float32, device=k.device)
     l_part = torch.empty_like(m_part)
     out = torch.empty(B, H, T, dtype=torch.float32, device=k.device)
-    dot = _dot_dtype(q) if q.dtype != torch.float32 else tl.float32
+    dot = dot_dtype(q) if q.dtype != torch.float32 else tl.float32
     common = dict(GROUP=group, D=D, DP=DP, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot, num_warps=cfg.num_warps)
     _window_stats_kernel[(B * H * n_mblk, n_splits)](
         q, k, lens, m_part, l_part, H, W, n_mblk, n_splits, keys_per_split, scale, *q.stride(), *k.stride(), **common)

@@ -101,9 +101,9 @@ def cache_bytes_read(cache, B):
     return comp * H * per_tok + fp * H * codec.head_dim * 2 * cache.fp_k.element_size()
 
 
-def kernel_times(fn, replays=20) -> dict:
-    """GPU time (us, mean) of each kernel of one call of ``fn``: a CUDA graph of the call replayed under
-    torch.profiler, L2 flushed before every replay (the flush's own kernel is left out)."""
+def profiled_replays(fn, replays=20) -> list:
+    """The GPU kernels of ``replays`` replays of a CUDA graph of one call of ``fn`` under torch.profiler, L2 flushed
+    before every replay: a list per replay (after its flush kernel) of (name, start µs, end µs, device µs)."""
     from torch.profiler import ProfilerActivity, profile
 
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
@@ -114,10 +114,21 @@ def kernel_times(fn, replays=20) -> dict:
             flush.zero_()
             replay()
         torch.cuda.synchronize()
+    runs = []
+    for e in sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start):
+        if "fill" in e.name.lower() or "zero" in e.name.lower():  # the flush: a replay follows
+            runs.append([])
+        elif runs:
+            runs[-1].append((e.name, e.time_range.start, e.time_range.end, e.device_time))
+    return [r for r in runs if r]
+
+
+def kernel_times(fn, replays=20) -> dict:
+    """GPU time (us, mean) of each kernel of one call of ``fn`` (``profiled_replays``)."""
     times = {}
-    for e in prof.events():
-        if e.device_type.name == "CUDA" and "fill" not in e.name.lower() and "zero" not in e.name.lower():
-            times.setdefault(e.name, []).append(e.device_time)
+    for run in profiled_replays(fn, replays):
+        for name, _, _, t in run:
+            times.setdefault(name, []).append(t)
     return {name: sum(t) / len(t) for name, t in times.items()}
 
 

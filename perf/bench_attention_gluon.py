@@ -256,7 +256,7 @@ def main_decode(args, dev, res):
                 json.dumps({n: f"{v:.1e}" for n, v in row["rel_diff_vs_portable"].items()}))
             for n, v in row["kernel_us"].items():
                 log(f"  {n} kernels: " + ", ".join(f"{kn[:40]} {kv:.1f}" for kn, kv in v.items()))
-            with open(os.path.join(args.out, "attention_gluon_decode_h200.json"), "w") as f:
+            with open(os.path.join(args.out, f"attention_gluon_decode_{res['info']['gpu_key']}.json"), "w") as f:
                 json.dump(res, f, indent=1)
 
 
@@ -289,7 +289,7 @@ def main_shipped(args, dev, res):
         d = row["decode_us"]
         log(f"{row['bits']} B={row['batch']} T={row['context']} D={row['head_dim']}: SDPA {d['sdpa_fp16']:.1f}  "
             f"shipped {d['shipped']:.1f} (x{row['speedup']:.2f})  " + json.dumps(row["config"]))
-        with open(os.path.join(args.out, "attention_shipped_h200.json"), "w") as f:
+        with open(os.path.join(args.out, f"attention_shipped_{res['info']['gpu_key']}.json"), "w") as f:
             json.dump(res, f, indent=1)
 
 
@@ -338,7 +338,7 @@ def main():
                                                           row["decode_rel_diff_vs_triton"].items()}))
         for n, v in row["kernel_us"].items():
             log(f"  {n} kernels: " + ", ".join(f"{kn[:40]} {kv:.1f}" for kn, kv in v.items()))
-        with open(os.path.join(args.out, "attention_gluon_h200.json"), "w") as f:
+        with open(os.path.join(args.out, f"attention_gluon_{res['info']['gpu_key']}.json"), "w") as f:
             json.dump(res, f, indent=1)
 
 

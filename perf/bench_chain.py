@@ -24,37 +24,18 @@ import torch
 import torch.nn.functional as F
 
 from autotune.tasks import random_cache
-from autotune.tune import bench_ms, graph_replay
+from autotune.tune import bench_ms
 from nqkernels import KVCodec, decode_attention, store
 from nqkernels.attention import launcher as A
-from perf.bench_attention import device_info, log
+from perf.bench_attention import device_info, log, profiled_replays
 
 
 def timeline(fn, replays: int = 20) -> list:
     """[(kernel, start µs, end µs)] of one graph replay of ``fn`` (times from its first kernel's start; the median
-    replay by span), L2 flushed before each replay."""
-    from torch.profiler import ProfilerActivity, profile
-
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    replay = graph_replay(fn)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            flush.zero_()
-            replay()
-        torch.cuda.synchronize()
-    runs, cur = [], None
-    for e in sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start):
-        name = e.name.lower()
-        if "fill" in name or "zero" in name:  # the flush: a new replay follows
-            cur = []
-            runs.append(cur)
-        elif cur is not None:
-            cur.append((e.name[:60], e.time_range.start, e.time_range.end))
-    runs = [r for r in runs if r]
-    span = lambda r: max(t[2] for t in r) - r[0][1]  # noqa: E731
-    r = sorted(runs, key=span)[len(runs) // 2]
-    return [(n, round(s - r[0][1], 2), round(t - r[0][1], 2)) for n, s, t in r]
+    replay by span), L2 flushed before each replay (``bench_attention.profiled_replays``)."""
+    runs = profiled_replays(fn, replays)
+    r = sorted(runs, key=lambda r: max(t[2] for t in r) - r[0][1])[len(runs) // 2]
+    return [(n[:60], round(s - r[0][1], 2), round(t - r[0][1], 2)) for n, s, t, _ in r]
 
 
 def subset(record, keep) -> callable:

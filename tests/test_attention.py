@@ -228,18 +228,6 @@ def test_uncompressed_cache_is_plain_attention():
     assert (out.float() - ref).abs().max() < 3e-3
 
 
-def test_dense_view_matches_inputs_up_to_quantization():
-    cache = _cache(recent=5, sinks=3, rope=RopeSpec(theta=10000.0), bits=(4, 4))
-    k, v = _fill(cache, [60, 40])
-    K, V, valid = cache.dense()
-    assert valid.sum(1).tolist() == [60, 40]
-    for b, n in enumerate((60, 40)):
-        for got, want in ((K, k), (V, v)):
-            err = (got[b, :n] - want[b, :n].float()).pow(2).mean() / want[b, :n].float().var()
-            assert err < 0.02
-        assert torch.equal(K[b, :3], k[b, :3].float())  # sinks are exact
-
-
 def test_nonfinite_token_does_not_corrupt_others():
     cache = _cache(recent=4)
     k = torch.randn(1, 40, 2, 128, dtype=torch.float16)
@@ -249,73 +237,6 @@ def test_nonfinite_token_does_not_corrupt_others():
     cache.append(k, v, lengths=[40])
     out = decode_attention(torch.randn(1, 1, 4, 128, dtype=torch.float16), cache)
     assert torch.isfinite(out).all()
-
-
-def test_pages_are_freed_and_reused():
-    cache = _cache(recent=0, pages=4, batch=2)
-    _fill(cache, [64, 0])
-    assert cache.free_pages() == 0
-    with pytest.raises(RuntimeError, match="out of pages"):
-        _fill(cache, [0, 16])
-    cache.reset([0])
-    assert cache.free_pages() == 4 and cache.seq_lens() == [0, 0]
-    _fill(cache, [20, 33])
-    _check(torch.randn(2, 1, 4, 128, dtype=torch.float16), cache)
-
-
-def test_window_appends_equal_one_by_one_and_grow_and_crop():
-    # Batched decode-step appends (one write for all slots) equal per-slot appends; growing the pool keeps every
-    # page; crop drops window tokens only.
-    rope = RopeSpec(theta=10000.0)
-    a, b = _cache(recent=6, sinks=2, rope=rope, pages=8), _cache(recent=6, sinks=2, rope=rope, pages=8)
-    for cache in (a, b):
-        torch.manual_seed(1)
-        _fill(cache, [21, 9])
-    for step in range(12):
-        k = torch.randn(2, 1, 2, 128, dtype=torch.float16)
-        v = torch.randn_like(k)
-        need, widest = a.pages_needed([1, 1])
-        if need or widest > a.block_table.shape[1]:
-            a.grow(need + 1, widest + 1)
-        a.append(k, v)
-        for slot in (0, 1):  # slot by slot: the per-sequence path
-            b.append(k[slot:slot + 1].expand(2, -1, -1, -1), v[slot:slot + 1].expand(2, -1, -1, -1),
-                     lengths=[1 if i == slot else 0 for i in (0, 1)])
-    for x, y in zip(a.dense(), b.dense()):
-        assert torch.equal(x, y)
-    assert a.next_positions() == b.next_positions() == [33, 21] and torch.equal(a.lengths, b.lengths)
-    a.grow(5, a.block_table.shape[1] + 3)
-    assert all(torch.equal(x, y) for x, y in zip(a.dense(), b.dense()))
-    _check(torch.randn(2, 3, 4, 128, dtype=torch.float16), a)
-    a.crop(3)
-    assert a.seq_lens() == [30, 18] and a.next_positions() == [30, 18]
-    with pytest.raises(ValueError, match="cannot crop"):
-        a.crop(20)
-
-
-@pytest.mark.parametrize("d", HEAD_DIMS)
-@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
-@pytest.mark.parametrize("src", ("float32", "cache"))
-def test_window_write_kernel_equals_per_slot_appends(d, dtype, src):
-    # The batched window write (a Triton kernel) vs the per-slot path: fp32 input cast to the cache dtype, a chunk of
-    # 3 tokens, a non-contiguous input, a NaN row and a row that overflows fp16 are zeroed alone.
-    a, b = (_cache(d=d, recent=9, sinks=2, dtype=dtype, pages=8, kv_heads=3, batch=3) for _ in range(2))
-    for cache in (a, b):
-        torch.manual_seed(2)
-        _fill(cache, [21, 5, 40])
-    k = torch.randn(3, 3, 2 * d, 3)[:, :, ::2].transpose(2, 3)  # [B, T, H, D], strided
-    v = torch.randn(3, 3, 3, d)
-    k[1, 2, 0, 5], v[2, 0, 1, 3] = float("nan"), 1e6 if dtype == torch.float16 and src == "float32" else float("inf")
-    if src == "cache":  # inputs already in the cache dtype (what a model in that dtype appends)
-        k, v = k.to(dtype), v.to(dtype)
-    a.append(k, v)
-    for slot in range(3):
-        b.append(k, v, lengths=[3 if i == slot else 0 for i in range(3)])
-    for x, y in zip(a.dense(), b.dense()):
-        assert torch.equal(x, y)
-    kd, vd, _ = a.dense()
-    assert kd[1, 5 + 2, 0].abs().sum() == 0 and kd[1, 5 + 2, 1].abs().sum() > 0
-    assert vd[2, 40, 1].abs().sum() == 0 and torch.isfinite(vd).all() and torch.isfinite(kd).all()
 
 
 def test_bad_inputs():

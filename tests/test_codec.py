@@ -14,7 +14,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _reference(x, codec, kind, positions=None, mean=None):
     """Codes and scales straight from the reference functions (independent of the launcher's dispatch), for x
-    ``[B, T, H, D]``: ``[B, T, H, ...]`` as encode_kv returns them (the reference works on ``[B, H, T, D]``)."""
+    ``[B, T, H, D]``: ``[B, T, H, ...]`` as encode_kv returns them."""
     bits = codec.bits_for(kind)
     B, T, H, D = x.shape
     cos = sin = None
@@ -22,9 +22,8 @@ def _reference(x, codec, kind, positions=None, mean=None):
         pos = positions if positions is not None else torch.arange(T).expand(B, T)
         c, s = rope_tables(codec, int(pos.max()) + 1, x.device)
         cos, sin = c[pos.long()], s[pos.long()]
-    codes, scales = R.encode_reference(x.transpose(1, 2), bits, alpha=codec.alpha[bits], fit=codec.scale_fit,
-                                       scale_dtype=codec.scale_dtype, cos=cos, sin=sin, mean=mean)
-    return codes.transpose(1, 2), scales.transpose(1, 2)
+    return R.encode_reference(x, bits, alpha=codec.alpha[bits], fit=codec.scale_fit, scale_dtype=codec.scale_dtype,
+                              cos=cos, sin=sin, mean=mean)
 
 
 def _check(x, codec, kind, positions=None):
@@ -241,6 +240,6 @@ def test_decode_matches_reference_on_random_codes(d, bits):
     positions = torch.randint(0, 500, (B, T))
     out = decode_kv(EncodedKV(codes, scales, mean), codec, "key", positions=positions, dtype=torch.float32)
     c, s = rope_tables(codec, 500, "cpu")
-    want = R.decode_reference(codes.transpose(1, 2), scales.transpose(1, 2), bits, d, cos=c[positions],
-                              sin=s[positions], mean=mean, dtype=torch.float32).transpose(1, 2)
+    want = R.decode_reference(codes, scales, bits, d, cos=c[positions], sin=s[positions], mean=mean,
+                              dtype=torch.float32)
     assert torch.allclose(out, want, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from perf.codec_study import FIXTURE
+from .conftest import FIXTURE
 from perf.quality import Harness, Preset, held_bytes, main, nominal_bits, parse_preset, passkey_prompts
 
 transformers = pytest.importorskip("transformers")

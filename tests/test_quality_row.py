@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nqkernels import KVCodec, RopeSpec
-from perf.codec_study import FIXTURE
+from .conftest import FIXTURE
 from perf.continuation import codec_compressor, continuation_ppl, load_chunks
 
 MODEL = os.path.join(FIXTURE, "llama-tiny-hd128")

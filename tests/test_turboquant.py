@@ -10,7 +10,7 @@ import torch
 
 from perf import turboquant as tq
 from tests.test_quality import Tok
-from perf.codec_study import FIXTURE
+from .conftest import FIXTURE
 from perf.quality import (NEEDLE, QUESTION, Harness, Preset, check_templates, main, nominal_bits, parse_preset,
                           passkey_prompts)
 

@@ -164,7 +164,8 @@ def _query_prep_kernel(q_ptr, pk_ptr, kmean_ptr, qt_ptr, qm_ptr, H, n_mblk, sqb,
     divided by its pair element's power of two, so that (query operand) · (decoded pairs) · 2^24 = q̃ · v; stored
     transposed as fp16 [PK, KQ, BLOCK_M], the B operands of the logit products, one per page slot (``_query_rows``)
     with the other slots' columns zero. Block 0 also stores q·mean_k [BLOCK_M] fp32. Each program is one short
-    load-product-store chain: the whole operand in one program took 6.4 µs."""
+    load-product-store chain (one program for the whole operand was slower: docs/attention.md, "One call: three
+    kernels")."""
     if PDL:  # the split kernel may start its prologue now (see ``_pdl``)
         gdc_launch_dependents()
     pid, blk = tl.program_id(0), tl.program_id(1)
@@ -344,7 +345,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         # accᵀ [pairs, BLOCK_M] = (decoded value codes)ᵀ · (p·s)ᵀ, all in the rotated domain and pair order.
         # v = lo + 4·hi + (c/2 + OFF) per coordinate (index planes lo/hi; c the coset flag of its group of 8). Keys
         # take c/2 + OFF as a product of its own; values fold c into the low plane (u = 2·lo + c,
-        # ``coset_plane_pairs``) and OFF into Σ p·s, since a transposed product of 16 coset columns cost 18%.
+        # ``coset_plane_pairs``) and OFF into Σ p·s, not a transposed product of 16 coset columns (docs/attention.md,
+        # "Tried and dropped").
         # A step takes PK pages, page k in the columns of slot k (its query operand is zero in the others), so the
         # online softmax, whose cross-warp max costs two barriers, runs once per step on all PK·RS columns.
         NWL: tl.constexpr = DP // 16  # low-plane words (2-bit fields), padded

@@ -14,7 +14,7 @@ import triton.language as tl
 from .. import store
 
 from .. import reference as ref
-from ..runtime import launch_config, max_programs, rope_tables, rotation, use_triton
+from ..runtime import dot_dtype, launch_config, max_programs, rope_tables, rotation, use_triton
 from ..config import check_positive_float, describe, is_int
 from ..launch import LaunchRecord, launcher, signature
 from ..paged import PagedKVCache
@@ -130,14 +130,6 @@ def _join_runs(bits: int, codes: torch.Tensor) -> bool:
     and at 4 bits when a token's stride is not a multiple of 16 words, where Triton does not specialize it as
     aligned and would load the runs one word at a time."""
     return bits < 4 or codes.stride(2) % 16 != 0
-
-
-def _dot_dtype(q: torch.Tensor):
-    """Tensor-core operand type: q's dtype. The interpreter's bf16 dot returns garbage (triton 3.9, CPU), so there
-    bf16 operands are widened to fp32 (same math, fp32 products)."""
-    if q.dtype == torch.bfloat16:
-        return tl.float32 if not q.is_cuda else tl.bfloat16
-    return tl.float16
 
 
 def _deal_order(n_words: int, regs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -319,7 +311,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     acc_part = torch.empty(B * H * n_mblk, n_parts, block_m, DP, dtype=torch.float32, device=q.device)
     dev = str(q.device)
     rot = rotation(D, dev)
-    dot = _dot_dtype(q)
+    dot = dot_dtype(q)
     pk = _decode_matrix(D, codec.key_bits, dev, _TORCH_DTYPE[dot])
     rope_half = 0
     cos = sin = rot  # placeholders, never read without RoPE
@@ -399,9 +391,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             INV_SQRT_N=inv_sqrt_n, NG=NG, KQ=KQ, LOG2DP=DP.bit_length() - 1, ROPE_HALF=rope_half,
             CENTER_K=codec.center_keys,
             SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=dot, ASM=q.is_cuda,
-            # Word-by-word page loads at 2-3 bits (1.2-1.3x); at 4 bits they measured 2-7% slower (docs/attention.md), unless
-            # a token's words are not a multiple of 16 (head_dim 64/96: 8/12 words): the compiler cannot prove the runs
-            # aligned then and loads them one word at a time.
+            # Word-by-word page loads at 2-3 bits; at 4 bits plain loads, unless a token's words are not a multiple of 16
+            # (head_dim 64/96: 8/12 words): the compiler cannot prove the runs aligned then and loads them one word at
+            # a time (docs/attention.md, "Loads: the join rule").
             BLOCK_M=block_m, PK=step, BLOCK_N=cfg.BLOCK_N, JOIN_K=_join_runs(codec.key_bits, cache.k_codes),
             JOIN_V=_join_runs(codec.value_bits, cache.v_codes), PDL=pdl and prep,
             CAUSAL_PAGES=q_len > 1,  # a single query follows every key; a chunk may start inside the compressed pages

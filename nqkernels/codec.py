@@ -20,7 +20,7 @@ from .config import KVCodec, describe
 from .lattice import e8_nearest, exp2i, fixed_point, integer_transform, inverse_hadamard, load_e8_doubled, pack_plane, \
     rope_partner, rope_partner_index, rope_rotate, rope_rows, round_to, storage_index, storage_order, \
     transform_matrix
-from .runtime import launch_config, max_programs, rope_tables, use_triton
+from .runtime import FIXED, launch_config, max_programs, rope_tables, use_triton
 
 
 class EncodedKV(NamedTuple):
@@ -256,10 +256,11 @@ def _centering_mean(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optio
             c, s_ = _per_token(cos, sin, pos)
             xf = ref.rope_undo(xf, c[:, None], s_[:, None])
         return ref.finite_mean(xf.transpose(1, 2))  # x is [B, H, T, D] here
-    DP, BLOCK_T = ref.next_pow2(D), 32
+    cfg = FIXED["mean"]
+    DP, BLOCK_T = ref.next_pow2(D), cfg.BLOCK
     n_tiles = triton.cdiv(T, BLOCK_T)
-    # Enough programs to fill the GPU (about 4 per SM in all), each over a run of whole tiles.
-    n_split = max(1, min(n_tiles, triton.cdiv(max_programs(x.device, 4), B * H)))
+    # Enough programs to fill the GPU, each over a run of whole tiles.
+    n_split = max(1, min(n_tiles, triton.cdiv(max_programs(x.device, cfg.programs_per_sm), B * H)))
     tiles_per_split = triton.cdiv(n_tiles, n_split)
     n_split = triton.cdiv(n_tiles, tiles_per_split)
     part = torch.empty(B * H, n_split, DP, dtype=torch.float32, device=x.device)
@@ -267,7 +268,7 @@ def _centering_mean(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optio
     cos_a, sin_a, pos_a, pos_strides, rope_half = _rope_args(codec, use_rope, cos, sin, pos, part)
     _mean_partial_kernel[(B * H, n_split)](
         x, part, count, cos_a, sin_a, pos_a, T, H, tiles_per_split, *x.stride(), *pos_strides, D=D, DP=DP,
-        ROPE_HALF=rope_half, BLOCK_T=BLOCK_T, num_warps=4)
+        ROPE_HALF=rope_half, BLOCK_T=BLOCK_T, num_warps=cfg.num_warps)
     return (part.sum(1)[:, :D] / count.sum(1, keepdim=True).clamp(min=1)).view(B, H, D)
 
 

@@ -19,6 +19,17 @@ from typing import Any, Callable, Optional
 
 import torch
 
+try:  # what triton's own driver reads the current stream with (a C call, no Stream object)
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:  # a torch without it
+    def _raw_stream(index: int) -> int:
+        return torch.cuda.current_stream(index).cuda_stream
+
+
+def current_stream(device: torch.device) -> int:
+    """The raw handle of ``device``'s current CUDA stream (what a launch takes)."""
+    return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
+
 
 def signature(t: torch.Tensor) -> tuple:
     """What Triton specializes a compiled kernel on, of a tensor argument: dtype, shape, strides, 16-byte alignment

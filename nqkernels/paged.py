@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .codec import EncodedKV, _decode, _encode
-from .runtime import use_triton
+from .runtime import FIXED, use_triton
 from .config import KVCodec, is_int
 from .launch import signature
 
@@ -293,7 +293,7 @@ class PagedKVCache:
             D = self.codec.head_dim
             _window_write_kernel[(B * T, self.num_kv_heads)](
                 k, v, self.fp_k, self.fp_v, self.lengths, self.max_batch, T, *k.stride()[:3], *v.stride()[:3],
-                *self.fp_k.stride()[:3], D=D, DP=triton.next_power_of_2(D), num_warps=1)
+                *self.fp_k.stride()[:3], D=D, DP=triton.next_power_of_2(D), num_warps=FIXED["window"].num_warps)
         else:
             rows, at = slots()
             self.fp_k[rows, :, at] = _zero_nonfinite(k.to(self.dtype))

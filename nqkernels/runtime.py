@@ -115,6 +115,22 @@ class FilterConfig(LaunchConfig):
     num_warps: int = 4
 
 
+@dataclasses.dataclass(frozen=True)
+class FixedConfig(LaunchConfig):
+    """The launch of a kernel that is not searched (small or latency-bound work): ``BLOCK`` rows or tokens per program
+    (0 where the kernel takes no block), ``num_warps``, and ``programs_per_sm`` where its grid is sized to fill the GPU
+    (0 where it is one program per item)."""
+    BLOCK: int = 0
+    num_warps: int = 4
+    programs_per_sm: int = 0
+
+
+# The fixed launches, by kernel: the centering mean (32-token tiles, about 4 programs per SM), decode attention's
+# query prep (64 operand rows per program) and reduce, the paged cache's window write (one warp per token and head),
+# scoring's pooling (256 tokens per program).
+FIXED = {"mean": FixedConfig(BLOCK=32, num_warps=4, programs_per_sm=4), "prep": FixedConfig(BLOCK=64, num_warps=4),
+         "reduce": FixedConfig(num_warps=4), "window": FixedConfig(num_warps=1), "pool": FixedConfig(BLOCK=256)}
+
 CONFIGS = {"encode": EncodeConfig, "decode": DecodeConfig, "attention": AttentionConfig, "scoring": ScoringConfig,
            "filter": FilterConfig, "unfilter": FilterConfig}
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
-from .runtime import dot_dtype, launch_config, max_programs, use_triton
+from .runtime import FIXED, dot_dtype, launch_config, max_programs, use_triton
 from .config import check_positive_float, describe, is_int
 
 AGGREGATES = {"sum": 0, "mean": 1, "max": 2}
@@ -197,8 +197,9 @@ def pool_scores(scores: torch.Tensor, lens: torch.Tensor, pool: int, pool_mode: 
     B, H, T = scores.shape
     if use_triton(scores):
         out = torch.empty_like(scores)
-        _pool_kernel[(B * H, triton.cdiv(T, 256))](scores, lens, out, H, T, *scores.stride()[:2], POOL=pool,
-                                                    MAX=pool_mode == "max", BLOCK=256)
+        block = FIXED["pool"].BLOCK
+        _pool_kernel[(B * H, triton.cdiv(T, block))](scores, lens, out, H, T, *scores.stride()[:2], POOL=pool,
+                                                      MAX=pool_mode == "max", BLOCK=block)
         return out
     x = scores.reshape(B * H, 1, T)
     if pool_mode == "max":

@@ -14,9 +14,9 @@ import triton.language as tl
 from .. import store
 
 from .. import reference as ref
-from ..runtime import dot_dtype, launch_config, max_programs, rope_tables, rotation, use_triton
+from ..runtime import FIXED, dot_dtype, launch_config, max_programs, rope_tables, rotation, use_triton
 from ..config import check_positive_float, describe, is_int
-from ..launch import LaunchRecord, launcher, signature
+from ..launch import LaunchRecord, current_stream, launcher, signature
 from ..paged import PagedKVCache
 from .kernels import (_attn_keys_kernel, _attn_reduce_kernel, _attn_split_kernel, _attn_values_kernel,
                       _query_prep_kernel)
@@ -47,7 +47,6 @@ def attention_buckets(head_dim: int, key_bits: int, value_bits: int, group: int,
     return list(dict.fromkeys(chain + [base]))
 
 
-_PREP_ROWS = 64  # decode-matrix rows per query-prep program
 _TORCH_DTYPE = {tl.float16: torch.float16, tl.bfloat16: torch.bfloat16, tl.float32: torch.float32}
 
 
@@ -108,7 +107,7 @@ def _plan_key(q, cache: PagedKVCache, scale, softcap, window, num_splits) -> tup
     the stream and the config store's generation. Equal keys replay (``LaunchRecord.replay``)."""
     B = q.shape[0]
     rope_end = max(cache.next_positions()[:B]) if cache.codec.rope is not None else None  # RoPE table length
-    return (signature(q), q.device, torch.cuda.current_stream(q.device).cuda_stream, cache.codec,
+    return (signature(q), q.device, current_stream(q.device), cache.codec,
             cache.launch_signature(), tuple(cache.compressed_lens()[:B]), rope_end, scale, softcap, window, num_splits,
             store.generation())
 
@@ -275,7 +274,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         key, inputs = _plan_key(q, cache, scale, softcap, window, num_splits), _call_tensors(q, out, cache)
         plan = _PLANS.get(key)
         if plan is not None:  # another layer of this decode step: replay its launches (the key holds the signatures)
-            plan.replay(inputs)
+            plan.replay(inputs, key[2])  # on the key's stream
             return out
         record = LaunchRecord(inputs)
     launch = launcher(record)
@@ -326,10 +325,11 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     if prep:
         q_t = torch.empty(B * H * n_mblk, step, KQ, block_m, dtype=torch.float16, device=q.device)
         q_mean = torch.empty(B * H * n_mblk, block_m, dtype=torch.float32, device=q.device)
-        launch(_query_prep_kernel, (B * H * n_mblk, triton.cdiv(KQ, _PREP_ROWS)),
+        launch(_query_prep_kernel, (B * H * n_mblk, triton.cdiv(KQ, FIXED["prep"].BLOCK)),
             q, pk, cache.k_mean, q_t, q_mean, H, n_mblk, *q.stride()[:3], *cache.k_mean.stride()[:2],
             Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, NG=NG, KQ=KQ, INV_SQRT_N=inv_sqrt_n,
-            CENTER_K=codec.center_keys, DOT=dot, BLOCK_M=block_m, PK=step, QR=_PREP_ROWS, PDL=pdl, num_warps=4)
+            CENTER_K=codec.center_keys, DOT=dot, BLOCK_M=block_m, PK=step, QR=FIXED["prep"].BLOCK, PDL=pdl,
+            num_warps=FIXED["prep"].num_warps)
     else:  # placeholders, never read, but of the operands' dtypes: the kernel compiles its compressed-page branch
         q_t, q_mean = acc_part.new_empty(1, dtype=torch.float16), m_part  # anyway, and fp16 x fp32 is not a product
     rb = min(block_m, triton.next_power_of_2(rows))  # the real rows of a block (the reduce reads only these)
@@ -405,7 +405,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         m_part, l_part, acc_part, cache.v_mean, out, H, n_mblk, num_splits, *cache.v_mean.stride()[:2],
         *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP, CENTER_V=codec.center_values, BLOCK_M=block_m,
         RB=rb, SC=max(1, min(triton.next_power_of_2(max(num_splits, 1)), 8192 // (rb * ob))), OB=ob, PDL=pdl,
-        num_warps=4, **_pdl_options(pdl))
+        num_warps=FIXED["reduce"].num_warps, **_pdl_options(pdl))
     if record is not None:
         _PLANS[key] = record
         while len(_PLANS) > _MAX_PLANS:  # the oldest step's plan and its workspaces go

@@ -545,8 +545,9 @@ class _Against:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"d{c[0]}_k{c[1][0]}v{c[1][1]}_g{c[2]}_q{c[3]}_p{c[5]}_"
                                                      f"{str(c[8]).split('.')[-1]}_sc{c[9]}_w{c[10]}_s{c[11]}")
 def test_gluon_values_pass_matches_reference(case):
-    """Both Gluon passes (keys and values; the values pass's raw partials rotated back by the reduce) against the
-    torch reference, within the portable two-pass path's error bar; the same with the portable keys pass."""
+    """Both Gluon passes (keys and values; each values split rotates its partial back to the original basis itself)
+    against the torch reference, within the portable two-pass path's error bar; the same with the portable keys
+    pass."""
     check = _Against(case, seed=1)
     i = CASES.index(case)
     for keys in (True, False):

@@ -228,20 +228,6 @@ def test_save_bad_arguments():
         save_cache([caches[0], other[0]], io.BytesIO())
 
 
-def test_offload_and_restore_slots():
-    [cache] = _caches(layers=1, lengths=(70, 40, 33))
-    keep = [cache.export_slot(b) for b in range(3)]
-    free = cache.free_pages()
-    states = cache.offload([0, 2])
-    assert cache.seq_lens() == [0, 40, 0] and cache.free_pages() == free + 3 + 1  # 48 and 16 compressed tokens
-    cache.restore(states, [2, 0])  # into other slots
-    for slot, want in ((2, keep[0]), (0, keep[2]), (1, keep[1])):
-        got = cache.export_slot(slot)
-        assert all(torch.equal(x, y) for x, y in zip(got[:8], want[:8])) and got.sinks == want.sinks
-    with pytest.raises(ValueError, match="reset it"):
-        cache.restore(states[:1], [1])
-
-
 def test_fixture_cache_round_trip():
     transformers = pytest.importorskip("transformers")
     from integrations.hf.compat import output_cache

@@ -494,3 +494,29 @@ def test_window_write_kernel_equals_per_slot_appends(d, dtype, src):
     kd, vd, _ = a.dense()
     assert kd[1, 5 + 2, 0].abs().sum() == 0 and kd[1, 5 + 2, 1].abs().sum() > 0
     assert vd[2, 40, 1].abs().sum() == 0 and torch.isfinite(vd).all() and torch.isfinite(kd).all()
+
+
+def test_offload_and_restore_slots():
+    from .test_cold import _caches
+
+    [cache] = _caches(layers=1, lengths=(70, 40, 33))
+    keep = [cache.export_slot(b) for b in range(3)]
+    free = cache.free_pages()
+    states = cache.offload([0, 2])
+    assert cache.seq_lens() == [0, 40, 0] and cache.free_pages() == free + 3 + 1  # 48 and 16 compressed tokens
+    cache.restore(states, [2, 0])  # into other slots
+    for slot, want in ((2, keep[0]), (0, keep[2]), (1, keep[1])):
+        got = cache.export_slot(slot)
+        assert all(torch.equal(x, y) for x, y in zip(got[:8], want[:8])) and got.sinks == want.sinks
+    with pytest.raises(ValueError, match="reset it"):
+        cache.restore(states[:1], [1])
+
+
+def test_append_positions_bad_inputs():
+    cache = PagedKVCache(KVCodec(head_dim=64, page_size=16), num_kv_heads=2, max_batch=1, num_pages=4, device="cpu")
+    k = torch.randn(1, 5, 2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="positions"):
+        cache.append(k, k, positions=torch.arange(4)[None])
+    with pytest.raises(ValueError, match=">= 0"):
+        cache.append(k, k, positions=torch.full((1, 5), -1))
+

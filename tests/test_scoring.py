@@ -193,12 +193,3 @@ def test_evicted_tokens_keep_their_positions(rope):
         back = load_cache(io.BytesIO(buf.getvalue()), device="cpu")[0]
         assert back.next_positions() == cache.next_positions()
         assert torch.equal(back.dense()[0], cache.dense()[0])
-
-
-def test_append_positions_bad_inputs():
-    cache = PagedKVCache(KVCodec(head_dim=64, page_size=16), num_kv_heads=2, max_batch=1, num_pages=4, device="cpu")
-    k = torch.randn(1, 5, 2, 64, dtype=torch.float16)
-    with pytest.raises(ValueError, match="positions"):
-        cache.append(k, k, positions=torch.arange(4)[None])
-    with pytest.raises(ValueError, match=">= 0"):
-        cache.append(k, k, positions=torch.full((1, 5), -1))

@@ -20,7 +20,7 @@ from .config import KVCodec, describe
 from .lattice import e8_nearest, exp2i, fixed_point, integer_transform, inverse_hadamard, load_e8_doubled, pack_plane, \
     rope_partner, rope_partner_index, rope_rotate, rope_rows, round_to, storage_index, storage_order, \
     transform_matrix
-from .runtime import FIXED, launch_config, max_programs, rope_tables, use_triton
+from .runtime import FIXED, codec_id, codec_of, launch_config, max_programs, rope_tables, use_triton
 
 
 class EncodedKV(NamedTuple):
@@ -285,7 +285,7 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         ``EncodedKV(codes int32 [B, T, H, D*bits/32], scales [B, T, H], mean fp32 [B, H, D] or None)``.
         Tokens with a NaN/Inf value get codes 0 and scale 0 (zero in the centered basis: they decode to the mean,
         RoPE re-applied for keys, or to zero without centering) and are left out of the default mean, so other
-        tokens are unaffected.
+        tokens are unaffected. Under torch.compile the encode is one custom op (``nqkernels::encode_kv``).
 
     Example:
         >>> codec = KVCodec(head_dim=128, key_bits=3, value_bits=2)
@@ -295,6 +295,12 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         (torch.Size([1, 100, 8, 12]), torch.Size([1, 100, 8]))
     """
     _check_x(x, codec)
+    if torch.compiler.is_compiling():  # one custom op in the traced graph (_encode_op)
+        center = codec.center_keys if kind == "key" else codec.center_values
+        codes, scales, made = _encode_op(x, codec_id(codec), kind == "key", positions, mean)
+        if not center:
+            return EncodedKV(codes, scales, None)
+        return EncodedKV(codes, scales, made if mean is None else mean.float().contiguous())
     enc = _encode(x.transpose(1, 2), codec, kind, positions, mean, token_major=True)
     return EncodedKV(enc.codes.transpose(1, 2), enc.scales.transpose(1, 2), enc.mean)
 
@@ -347,7 +353,7 @@ def decode_kv(enc: EncodedKV, codec: KVCodec, kind: str = "key", positions: Opti
               dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """Dequantize HOT codes (``EncodedKV``: codes ``[B, T, H, W]``, scales ``[B, T, H]``, mean) back to dense
     ``[B, T, H, D]`` in ``dtype`` (RoPE re-applied to keys at ``positions`` ``[B, T]``, default ``0..T-1``; mean added
-    back).
+    back). Under torch.compile it is one custom op (``nqkernels::decode_kv``).
 
     Example:
         >>> codec = KVCodec(head_dim=128, key_bits=3, value_bits=2)
@@ -367,6 +373,8 @@ def decode_kv(enc: EncodedKV, codec: KVCodec, kind: str = "key", positions: Opti
             or scales.device != codes.device:
         raise ValueError(f"scales must be a float tensor {list(codes.shape[:3])} on {codes.device} (the codes' "
                          f"batch, tokens, heads and device), got {describe(scales)}")
+    if torch.compiler.is_compiling():  # one custom op in the traced graph (_decode_op)
+        return _decode_op(codes, scales, mean, positions, codec_id(codec), kind == "key", dtype)
     out = _decode(EncodedKV(codes.transpose(1, 2), scales.transpose(1, 2), mean), codec, kind, positions, dtype,
                   token_major=True)
     return out.transpose(1, 2)
@@ -412,3 +420,42 @@ def _decode(enc: EncodedKV, codec: KVCodec, kind: str, positions: Optional[torch
         SQRT_N=math.sqrt(ref.transform_norm(D)), ROPE_HALF=rope_half, CENTER=center,
         BLOCK_T=cfg.BLOCK_T, num_warps=cfg.num_warps)
     return out
+
+
+# torch.compile: encode_kv and decode_kv are one custom op each while a compile traces them (their launchers are
+# Python: checks, config lookups, the Triton launch), with shape-only fake implementations, so a compiled function
+# that encodes or decodes has no graph break. The codec travels as its codec_id.
+
+@torch.library.custom_op("nqkernels::encode_kv", mutates_args=())
+def _encode_op(x: torch.Tensor, codec: int, key: bool, positions: Optional[torch.Tensor],
+               mean: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``encode_kv`` of x ``[B, T, H, D]``: (codes, scales, the centering mean it computed, or an empty tensor where
+    the codec does not center this kind or the caller gave the mean: an output may not alias an input)."""
+    enc = _encode(x.transpose(1, 2), codec_of(codec), "key" if key else "value", positions, mean, token_major=True)
+    made = enc.mean if enc.mean is not None and mean is None else x.new_empty(0, dtype=torch.float32)
+    return enc.codes.transpose(1, 2), enc.scales.transpose(1, 2), made
+
+
+@_encode_op.register_fake
+def _(x, codec, key, positions, mean):
+    c = codec_of(codec)
+    B, T, H, D = x.shape
+    bits, center = (c.key_bits, c.center_keys) if key else (c.value_bits, c.center_values)
+    made = x.new_empty((B, H, D) if center and mean is None else (0,), dtype=torch.float32)
+    return (x.new_empty(B, T, H, c.words_per_token(bits), dtype=torch.int32),
+            x.new_empty(B, T, H, dtype=c.scale_dtype), made)
+
+
+@torch.library.custom_op("nqkernels::decode_kv", mutates_args=())
+def _decode_op(codes: torch.Tensor, scales: torch.Tensor, mean: Optional[torch.Tensor],
+               positions: Optional[torch.Tensor], codec: int, key: bool, dtype: torch.dtype) -> torch.Tensor:
+    """``decode_kv`` of codes ``[B, T, H, W]`` and scales ``[B, T, H]``: ``[B, T, H, D]`` in ``dtype``."""
+    out = _decode(EncodedKV(codes.transpose(1, 2), scales.transpose(1, 2), mean), codec_of(codec),
+                  "key" if key else "value", positions, dtype, token_major=True)
+    return out.transpose(1, 2)
+
+
+@_decode_op.register_fake
+def _(codes, scales, mean, positions, codec, key, dtype):
+    B, T, H, _ = codes.shape
+    return codes.new_empty(B, T, H, codec_of(codec).head_dim, dtype=dtype)

@@ -166,3 +166,23 @@ def dot_dtype(q: torch.Tensor):
     if q.dtype == torch.bfloat16:
         return tl.float32 if not q.is_cuda else tl.bfloat16
     return tl.float16
+
+
+_CODECS: list = []  # codec_id: index -> KVCodec
+_CODEC_IDS: dict = {}
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: evaluated while tracing, a constant in the graph
+def codec_id(codec: KVCodec) -> int:
+    """A process-wide int naming ``codec`` (equal codecs, equal ids): how the custom ops (``codec.encode_kv`` /
+    ``decode_kv`` under torch.compile) take a codec, whose schema has no place for a Python object."""
+    i = _CODEC_IDS.get(codec)
+    if i is None:
+        i = _CODEC_IDS[codec] = len(_CODECS)
+        _CODECS.append(codec)
+    return i
+
+
+def codec_of(i: int) -> KVCodec:
+    """The codec ``codec_id`` named ``i``."""
+    return _CODECS[i]

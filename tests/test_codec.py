@@ -243,3 +243,34 @@ def test_decode_matches_reference_on_random_codes(d, bits):
     want = R.decode_reference(codes, scales, bits, d, cos=c[positions], sin=s[positions], mean=mean,
                               dtype=torch.float32)
     assert torch.allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,rope,center,given", [("key", True, True, False), ("value", False, False, False),
+                                                    ("value", False, True, True)],
+                         ids=["key_rope_centered", "value_uncentered", "value_mean_given"])
+def test_encode_decode_compile_without_graph_breaks(kind, rope, center, given):
+    """Under torch.compile, encode_kv and decode_kv are one custom op each (nqkernels::encode_kv / decode_kv):
+    a function that round-trips through them compiles with fullgraph=True and gives what the eager calls give, bit
+    for bit; torch.library.opcheck passes (schema, fake implementations, no aliasing)."""
+    from nqkernels import codec as C
+    from nqkernels.runtime import codec_id
+
+    codec = KVCodec(head_dim=64, rope=RopeSpec(theta=10000.0) if rope else None, center_keys=center,
+                    center_values=center)
+    x = torch.randn(2, 20, 2, 64, dtype=torch.float16)
+    positions = torch.arange(5, 25).expand(2, 20) if kind == "key" else None
+    mean = torch.randn(2, 2, 64) if given else None
+
+    def round_trip(x, positions, mean):
+        enc = encode_kv(x, codec, kind, positions, mean)
+        return enc, decode_kv(enc, codec, kind, positions, dtype=torch.float32)
+
+    (got, y), (want, y_want) = (torch.compile(round_trip, fullgraph=True, backend="aot_eager")(x, positions, mean),
+                                round_trip(x, positions, mean))
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales) and torch.equal(y, y_want)
+    assert (got.mean is None) == (want.mean is None) == (not center)
+    if center:
+        assert torch.equal(got.mean, want.mean)
+    key, cid = kind == "key", codec_id(codec)
+    torch.library.opcheck(C._encode_op, (x, cid, key, positions, mean))
+    torch.library.opcheck(C._decode_op, (want.codes, want.scales, want.mean, positions, cid, key, torch.float32))

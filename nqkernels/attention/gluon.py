@@ -32,7 +32,7 @@ start value (``_coset_const``), and the parity is restored for two words at once
 
 Loads: a page ahead into registers (``prefetch``), and optionally a bulk L2 prefetch further ahead (``l2_prefetch``):
 ptxas schedules the register prefetch late in the loop body, so without it the loads have less than an iteration to
-arrive. perf/results/attention_gluon_h200.md has the measurements and the SASS counts.
+arrive. perf/results/attention_h200.md has the measurements and the SASS counts.
 """
 from __future__ import annotations
 
@@ -1186,7 +1186,7 @@ def keys_pass(cache, q_t, q_mean, logits, m_part, *, q_len: int, group: int, blo
     are loaded ahead into registers (1 or 2); ``l2_prefetch``: prefetch the page that many further ahead into L2
     (0: off); ``maxnreg``: the register cap handed to ptxas; ``launch``: ``nqkernels.launch.launcher``'s (default:
     a plain launch). The defaults measured fastest on the H200 at 32K × 8,
-    128K × 1 and 8K × 16 (perf/results/attention_gluon_h200.md)."""
+    128K × 1 and 8K × 16 (perf/results/attention_h200.md)."""
     codec = cache.codec
     D, P = codec.head_dim, codec.page_size
     kc, ks = cache.k_codes, cache.k_scales

@@ -295,8 +295,10 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         (torch.Size([1, 100, 8, 12]), torch.Size([1, 100, 8]))
     """
     _check_x(x, codec)
+    center = codec.center_keys if kind == "key" else codec.center_values
+    if mean is not None and not center:  # never silently ignored (decode_kv refuses it the same way)
+        raise ValueError(f"mean is given but the codec does not center {kind}s (center_{kind}s=False)")
     if torch.compiler.is_compiling():  # one custom op in the traced graph (_encode_op)
-        center = codec.center_keys if kind == "key" else codec.center_values
         codes, scales, made = _encode_op(x, codec_id(codec), kind == "key", positions, mean)
         if not center:
             return EncodedKV(codes, scales, None)

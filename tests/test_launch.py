@@ -1,6 +1,8 @@
 """nqkernels.launch: a recorded launch replays with the call's own tensors swapped in, everything else as recorded,
 and refuses tensors Triton would have compiled differently (dtype, 16-byte alignment). A stand-in kernel records
 what would be launched (the real kernels are replayed on the GPU: tests/test_attention_cuda.py)."""
+from types import SimpleNamespace
+
 import torch
 
 from nqkernels.launch import LaunchRecord, launcher
@@ -74,3 +76,44 @@ def test_cache_launch_signature_is_shared_by_equal_caches_and_follows_grow():
     assert a.launch_signature() != b.launch_signature()  # new pools: another plan
     b.grow(0, max_pages_per_seq=b.block_table.shape[1] + 1)
     assert b.launch_signature() != cache().launch_signature()
+
+
+knobs = SimpleNamespace(runtime=SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None))  # Triton's, as read
+
+
+class PlainCompiled:
+    """A compiled-kernel stand-in whose runner is Triton's plain launcher call (``launch._plain_runner``)."""
+
+    def __init__(self, log):
+        self.log, self.function, self.packed_metadata = log, "fn", "meta"
+
+    def run(self, *args):
+        self.log.append(("direct",) + args)
+
+    def __getitem__(self, grid):
+        def runner(*args, stream=None):
+            launch_metadata = "metadata"
+            self.run(grid[0], grid[1], grid[2], stream, self.function, self.packed_metadata, launch_metadata,
+                     knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)
+        return runner
+
+
+def test_replay_calls_the_launcher_directly_unless_a_hook_is_set(monkeypatch):
+    from nqkernels import launch
+
+    fn = FakeKernel()
+    compiled = PlainCompiled(fn.log)
+    monkeypatch.setattr(FakeKernel, "__getitem__", lambda self, grid: lambda *a, **k: compiled)
+    assert launch._plain_runner(PlainCompiled) and not launch._plain_runner(FakeCompiled)
+    x = torch.randn(8)
+    rec = LaunchRecord({"x": x})
+    rec.record(fn, (3,), x, torch.randn(4), 8, BLOCK=16)
+    y = torch.randn(8)
+    monkeypatch.setattr(launch, "_hooks_set", lambda: False)
+    rec.replay({"x": y}, stream=5)
+    head, args = fn.log[-1][:10], fn.log[-1][10:]
+    assert head == ("direct", 3, 1, 1, 5, "fn", "meta", None, None, None)  # no launch metadata, no hooks
+    assert args[0] is y and args[2:] == (8, 16)
+    monkeypatch.setattr(launch, "_hooks_set", lambda: True)  # a hook would read the metadata: through the runner
+    rec.replay({"x": y}, stream=5)
+    assert fn.log[-1][:8] == ("direct", 3, 1, 1, 5, "fn", "meta", "metadata")

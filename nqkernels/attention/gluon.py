@@ -279,6 +279,15 @@ def _split_program(lens_ptr, H, n_splits, max_batch, c, Q_LEN: gl.constexpr, GRO
 
 
 @gluon.jit
+def _split_pages(split, pages_per_split, comp, PAGE: gl.constexpr):
+    """A split's pages [p_lo, p_hi) of a sequence with ``comp`` compressed tokens, the end of its last token, and the
+    page that block-table reads ahead are clamped to (p_hi - 1, at least 0; what they load then is not used)."""
+    p_lo = split * pages_per_split
+    p_hi = gl.minimum(p_lo + pages_per_split, (comp + PAGE - 1) // PAGE)
+    return p_lo, p_hi, gl.minimum(comp, p_hi * PAGE), gl.maximum(p_hi - 1, 0)
+
+
+@gluon.jit
 def _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D: gl.constexpr, KBITS: gl.constexpr,
                    KQ: gl.constexpr, BLOCK_M: gl.constexpr, SOFTCAP: gl.constexpr):
     """The keys product's B fragments (the prep's query operand in pair order, gathered to the kernel's order through
@@ -388,14 +397,11 @@ def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_pt
         t0 = 16 * (k * NW + warp) + g
         o_lo, o_hi = _word_offsets(t0, c, D, KBITS, W)
         offs = offs + ((o_lo, o_hi, t0),)
-    p_lo = split * pages_per_split
-    p_hi = gl.minimum(p_lo + pages_per_split, (comp + PAGE - 1) // PAGE)
-    end = gl.minimum(comp, p_hi * PAGE)
+    p_lo, p_hi, end, last = _split_pages(split, pages_per_split, comp, PAGE)
     kc_h = kc_ptr + h * skc_h
     ks_h = ks_ptr + h * sks_h
     bt_b = bt_ptr + b * sbt
     lg0 = lg_ptr + pid.to(gl.int64) * n_tok * RS + (16 * warp + g) * RS + col0  # token g of unit 0 of page 0
-    last = gl.maximum(p_hi - 1, 0)
     nxt = _page_units(kc_h, ks_h, gl.load(bt_b + gl.minimum(p_lo, last)), skc_p, sks_p, offs, D, KBITS, W, UPW,
                       OFF64, VEC)
     if PF == 2:
@@ -707,14 +713,11 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
     t0 = 16 * warp + 2 * c  # the thread's first token in unit 0 of a page
     o_lo = t0 * W + lo_w
     o_hi = t0 * W + hi_w
-    p_lo = split * pages_per_split
-    p_hi = gl.minimum(p_lo + pages_per_split, (comp + PAGE - 1) // PAGE)
-    end = gl.minimum(comp, p_hi * PAGE)
+    p_lo, p_hi, end, last = _split_pages(split, pages_per_split, comp, PAGE)
     vc_h = vc_ptr + h * svc_h
     vs_h = vs_ptr + h * svs_h
     bt_b = bt_ptr + b * sbt
     lg0 = lg_ptr + pid.to(gl.int64) * n_tok * RS + g
-    last = gl.maximum(p_hi - 1, 0)
     acc_lo, acc_hi, acc_c = _value_accumulators(zero, D, VBITS)
     l_g = zero
     ls_g = zero
@@ -837,15 +840,12 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
     tv = 16 * warp + 2 * c  # values: the thread's first token in unit 0 of a page
     o_vlo = tv * WV + lo_w
     o_vhi = tv * WV + hi_w
-    p_lo = split * pages_per_split
-    p_hi = gl.minimum(p_lo + pages_per_split, (comp + PAGE - 1) // PAGE)
-    end = gl.minimum(comp, p_hi * PAGE)
+    p_lo, p_hi, end, last = _split_pages(split, pages_per_split, comp, PAGE)
     kc_h = kc_ptr + h * skc_h
     ks_h = ks_ptr + h * sks_h
     vc_h = vc_ptr + h * svc_h
     vs_h = vs_ptr + h * svs_h
     bt_b = bt_ptr + b * sbt
-    last = gl.maximum(p_hi - 1, 0)
     acc_lo, acc_hi, acc_c = _value_accumulators(zero, D, VBITS)
     m0 = zero - float("inf")  # running max, Σp and Σp·s of rows 2c, 2c + 1 (this warp's units)
     m1 = zero - float("inf")

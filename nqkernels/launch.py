@@ -103,6 +103,10 @@ class LaunchRecord:
                   if _plain_runner(type(compiled)) else None)
         self._launches.append((direct, compiled[grid3], ordered, swaps))
 
+    def __len__(self) -> int:
+        """The number of recorded launches (each replay makes exactly these)."""
+        return len(self._launches)
+
     def matches(self, inputs: dict) -> bool:
         """Whether ``inputs`` can replay this record: the same tensors by name, each with the recorded dtype, shape,
         strides and 16-byte alignment."""

@@ -23,19 +23,23 @@ LAYERS = 32
 SHAPES = ((4096, 1, (3, 2)), (32768, 1, (3, 2)), (8192, 16, (3, 2)))  # tokens, batch, bits
 
 
-def per_call_us(fn, n_layers: int, reps: int = 30) -> float:
-    """Median wall time of ``fn`` (one call per layer) after synchronizing, per layer, µs."""
-    for _ in range(3):
-        fn()
+def per_call_us(fns: dict, n_layers: int, rounds: int = 5, reps: int = 10) -> dict:
+    """Median wall time of each of ``fns`` (one call per layer; a loop of n_layers calls, synchronized before, not
+    after: host time, unless the GPU falls behind), per layer, µs. The functions take turns, ``reps`` loops each per
+    round, so a slow stretch of the host (frequency, another process) does not fall on one of them."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
     torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) / n_layers)
-    ts.sort()
-    return ts[len(ts) // 2] * 1e6
+    ts = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(reps):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                ts[name].append((time.perf_counter() - t0) / n_layers)
+    return {name: sorted(t)[len(t) // 2] * 1e6 for name, t in ts.items()}
 
 
 def shape_row(T: int, B: int, bits: tuple, profile: int) -> dict:
@@ -64,8 +68,9 @@ def shape_row(T: int, B: int, bits: tuple, profile: int) -> dict:
         for _ in caches:
             F.scaled_dot_product_attention(qs, K, V, enable_gqa=True)
 
-    r = dict(tokens=T, batch=B, bits=f"K{bits[0]}V{bits[1]}", ours_us=per_call_us(ours, LAYERS),
-             no_replay_us=per_call_us(fresh, LAYERS), sdpa_us=per_call_us(sdpa, LAYERS))
+    us = per_call_us(dict(ours=ours, no_replay=fresh, sdpa=sdpa), LAYERS)
+    r = dict(tokens=T, batch=B, bits=f"K{bits[0]}V{bits[1]}", ours_us=us["ours"], no_replay_us=us["no_replay"],
+             sdpa_us=us["sdpa"])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         ours()
         torch.cuda.synchronize()

@@ -115,7 +115,8 @@ def attention_shapes(quick):
     return [(B, T) for B in (1, 8, 32, 64) for T in (1024, 4096, 16384, 32768, 131072) if B * T <= (1 << 21)]
 
 
-def attention_section(dev, copy_gbps, quick):
+def attention_section(dev, copy_gbps, quick, save=None):
+    """``save(table)``, if given, is called after each shape with the rows so far (a cut-off run keeps them)."""
     from perf import bench_attention
 
     bench_attention.FLASHINFER = bench_attention._import_flashinfer()
@@ -123,6 +124,8 @@ def attention_section(dev, copy_gbps, quick):
     for B, T in attention_shapes(quick):
         shape_rows = bench_attention.bench_decode(dev, 32, 8, 128, B, T, copy_gbps, quick, compare_untuned=True)
         rows += shape_rows
+        if save is not None:
+            save({"attention": rows})
         log(f"attention B={B} T={T}: " + "  ".join(f"{r['method']} {r['us']:.1f}us x{r['speedup_vs_sdpa']:.2f}"
                                                    for r in shape_rows))
     return {"attention": rows}
@@ -161,7 +164,10 @@ def gpu_sweep(sections, quick, out: Path) -> dict:
         elif name == "scoring":
             res["tables"].update(scoring_section(dev, quick))
         elif name == "attention":
-            res["tables"].update(attention_section(dev, res["copy_GBps"], quick))
+            def save(table):
+                res["tables"].update(table)
+                (out / "sweep.json").write_text(json.dumps(res, indent=1) + "\n")
+            res["tables"].update(attention_section(dev, res["copy_GBps"], quick, save))
         else:
             res["tables"].update(cold_section(dev, res["copy_GBps"], quick))
         log(f"{name}: {time.time() - t0:.0f} s")

@@ -1,6 +1,6 @@
 """decode_attention's replayed launches on a GPU (skipped without CUDA): every layer of a decode step after the first
 replays the recorded launches (nqkernels.launch) and must give what a fresh call gives, bit for bit; no call syncs with
-the host; a call still captures into a CUDA graph."""
+the host and launches nothing but its plan's kernels; a call still captures into a CUDA graph."""
 import pytest
 import torch
 
@@ -72,3 +72,35 @@ def test_no_host_sync_and_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want[0])
+
+
+@pytest.mark.parametrize("tokens,batch", [(4096, 1), (1000, 3)])
+def test_a_replayed_call_launches_only_its_plans_kernels(tokens, batch):
+    """Issue 32's host target, in counts: a replayed layer call makes its plan's launches (3 at 4K x 1: query prep,
+    split, reduce) and no copy, memset or host sync."""
+    codec = KVCodec(head_dim=128, page_size=64)
+    caches = []
+    for _ in range(5):
+        cache = PagedKVCache(codec, num_kv_heads=8, max_batch=batch, num_pages=batch * (tokens // 64 + 2),
+                             device="cuda")
+        k = torch.randn(batch, tokens, 8, 128, dtype=torch.float16, device="cuda")
+        cache.append(k, torch.randn_like(k))
+        caches.append(cache)
+    q = torch.randn(batch, 1, 32, 128, dtype=torch.float16, device="cuda")
+    attention._PLANS.clear()
+    decode_attention(q, caches[0])  # records
+    plan, = attention._PLANS.values()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for cache in caches[1:]:
+                decode_attention(q, cache)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    kernels = [e for e in events if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    assert len(events) == len(kernels) == 4 * len(plan), [e.name for e in events]
+    if (tokens, batch) == (4096, 1):
+        assert len(plan) == 3

@@ -19,7 +19,8 @@ Attention during the harness is the model's causal attention with the keys of th
 visible to new tokens, and RoPE at the tokens' true positions, so evicted caches are attended correctly.
 
 Presets: ``fp16`` (no-op); ``kXvY`` (quant only, X/Y in 2..4 bits: the HOT format in a ``PagedKVCache``, attention
-over what it stores); ``evictNN`` (NN% of tokens evicted, default scorer, fp16 kept tokens); ``kXvY-evictNN``;
+over what it stores); ``kXvY-alloc`` (the same bytes, bits moved between layers and between keys and values by
+``integrations.hf.allocate_layer_bits`` on ``--calibration-text``, which must not be ``--text``); ``evictNN`` (NN% of tokens evicted, default scorer, fp16 kept tokens); ``kXvY-evictNN``;
 scorer variants ``evictNN-<scorer>`` with scorer in window (default), window-max, knorm, random, and a layer schedule
 ``-pyramid``; named presets (``NAMED``); kvpress presses ``kvpress-<press>-NN`` with press in snapkv, expected,
 knorm, streaming, tova, random (needs ``pip install --no-deps kvpress``; see perf/results/quality_fixture.md);
@@ -45,6 +46,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -132,11 +134,15 @@ def parse_preset(name: str) -> Preset:
         if m.group(1) not in PRESSES:
             raise ValueError(f"unknown kvpress press {m.group(1)!r}; allowed: {tuple(PRESSES)}")
         return Preset(name, evict=int(m.group(2)) / 100, press=m.group(1))
+    m = re.fullmatch(r"k([2-4])v([2-4])-alloc", spelled)
+    if m:
+        return Preset(name, bits=(int(m.group(1)), int(m.group(2))), options={"alloc": True})
     m = re.fullmatch(r"(?:k([2-4])v([2-4]))?-?(?:evict(\d{1,2})((?:-[a-z-]+)?))?", spelled)
     if not m or not (m.group(1) or m.group(3)):
         raise ValueError(f"unknown preset {name!r}; allowed: fp16, kXvY (X, Y in 2..4), evictNN, kXvY-evictNN, "
                          f"evictNN-<scorer> ({', '.join(SCORERS)}), ...-pyramid, kvpress-<press>-NN "
-                         f"({', '.join(PRESSES)}), nexusquant-kXvY, quanto-intN, hqq-intN, turboquant[-mse]-kXvY, "
+                         f"({', '.join(PRESSES)}), kXvY-alloc, nexusquant-kXvY, quanto-intN, hqq-intN, "
+                         f"turboquant[-mse]-kXvY, "
                          f"hf-<preset>[+<variant>], "
                          f"or one of {tuple(NAMED)}")
     p = Preset(name, bits=(int(m.group(1)), int(m.group(2))) if m.group(1) else None,
@@ -187,7 +193,7 @@ class Harness:
     ``window``: observation-window queries of the default scorer; ``pool``: its pooling kernel."""
 
     def __init__(self, model, *, sinks: int = 4, recent: int = 32, window: int = 32, pool: int = 31,
-                 page_size: int = 64):
+                 page_size: int = 64, calibration: Optional[torch.Tensor] = None):
         from nqkernels import RopeSpec
 
         self.model = model
@@ -201,6 +207,24 @@ class Harness:
         _register(self.attn)
         self.plain_impl = model.config._attn_implementation
         self.decode_bytes = None  # while a continuation runs: bytes held per cached token after each forward
+        self.calibration = calibration  # [N, T] ids the kXvY-alloc presets allocate their layers' bits on
+        self._layer_bits: dict = {}
+
+    def layer_bits(self, preset: Preset) -> list:
+        """Per-layer (key_bits, value_bits) of a quantizing preset: its bits in every layer, or for ``kXvY-alloc``
+        ``integrations.hf.allocate_layer_bits`` on the calibration chunks at that budget (computed once)."""
+        if not preset.options.get("alloc"):
+            return [preset.bits] * self.num_layers
+        if preset.bits not in self._layer_bits:
+            if self.calibration is None:
+                raise ValueError(f"preset {preset.name!r} allocates bits on calibration text: pass calibration ids")
+            from integrations.hf import allocate_layer_bits
+
+            sys.stderr.write(f"  {preset.name}: allocating bits on {len(self.calibration)} calibration chunks\n")
+            self._layer_bits[preset.bits] = list(allocate_layer_bits(
+                self.model, self.calibration, *preset.bits, prefix=self.calibration.shape[1] * 3 // 4,
+                progress=lambda line: sys.stderr.write(f"    {line}\n")))
+        return self._layer_bits[preset.bits]
 
     @property
     def fp16_bytes_per_token(self) -> int:
@@ -231,6 +255,7 @@ class Harness:
         new, nbytes = DynamicCache(), 0
         keeps = layer_budgets(self.num_layers, 1.0 - preset.evict, preset.schedule) if preset.evict else None
         scores = self.scores(preset, cache, queries) if keeps is not None else None
+        layer_bits = self.layer_bits(preset) if preset.bits is not None else None
         for li, layer in enumerate(cache.layers):
             k, v = layer.keys.transpose(1, 2), layer.values.transpose(1, 2)  # [B, T, H, D]
             positions = None
@@ -242,7 +267,7 @@ class Harness:
                 nbytes += k.nbytes + v.nbytes
                 k, v = k.float(), v.float()
             else:
-                codec = KVCodec(head_dim=self.head_dim, key_bits=preset.bits[0], value_bits=preset.bits[1],
+                codec = KVCodec(head_dim=self.head_dim, key_bits=layer_bits[li][0], value_bits=layer_bits[li][1],
                                 page_size=self.page_size)
                 T = k.shape[1]
                 hot = PagedKVCache(codec, num_kv_heads=self.num_kv_heads, max_batch=k.shape[0],
@@ -550,6 +575,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--question", default=None,
                     help=f"passkey question ending the prompt (must not contain {{key}}); the answer counts when the "
                          f"generated text starts with the key; default {QUESTION!r}".replace("%", "%%"))
+    ap.add_argument("--calibration-text", default=None,
+                    help="text the kXvY-alloc presets allocate their per-layer bits on (not --text)")
+    ap.add_argument("--calibration-chunks", type=int, default=8, help="chunks of that text (default 8)")
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--recent", type=int, default=32)
     ap.add_argument("--window", type=int, default=32, help="observation-window queries of the default scorer")
@@ -567,6 +595,12 @@ def main(argv=None) -> dict:
     except ValueError as e:
         ap.error(str(e))
     presets = [parse_preset(p) for p in ["fp16"] + [p for p in args.preset if p != "fp16"]]
+    if any(p.options.get("alloc") for p in presets):
+        if args.calibration_text is None:
+            ap.error("kXvY-alloc presets allocate bits on calibration text: add --calibration-text FILE")
+        if os.path.realpath(args.calibration_text) == os.path.realpath(args.text):
+            ap.error("--calibration-text must not be the evaluation text (--text): the allocation would be fitted "
+                     "to what it is scored on")
 
     tok, model = load_model(args.model, dtype=getattr(torch, args.dtype))
     model = model.to(args.device)
@@ -574,7 +608,12 @@ def main(argv=None) -> dict:
     prompts = [(p.to(args.device), k) for p, k in passkey_prompts(tok, args.text, args.passkey, args.passkey_length,
                                                                         needle=needle, question=question)
                ] if args.passkey else []
-    h = Harness(model, sinks=args.sinks, recent=args.recent, window=args.window, pool=args.pool)
+    calibration = None
+    if args.calibration_text is not None:
+        calibration = torch.cat(load_chunks(tok, args.calibration_text, args.calibration_chunks,
+                                            args.prefix + args.continuation)).to(args.device)
+    h = Harness(model, sinks=args.sinks, recent=args.recent, window=args.window, pool=args.pool,
+                calibration=calibration)
     plain = h.plain_ppl(chunks, args.prefix)
     rows, base = {}, None
     for p in presets:
@@ -587,10 +626,14 @@ def main(argv=None) -> dict:
         rows[p.name] = {"bits": nominal_bits(p), "ppl": ppl, "ppl_delta_pct": 100.0 * (ppl / base - 1.0), "passkey_acc": acc,
                         "bytes_per_token": bpt, "compression_ratio": h.fp16_bytes_per_token / bpt,
                         "bytes_per_token_decoding": decode_bpt}
+        if p.options.get("alloc"):
+            rows[p.name]["layer_bits"] = h.layer_bits(p)
     result = {"model": args.model, "text": args.text, "plain_model_ppl": plain,
               "protocol": {"chunks": args.chunks, "prefix": args.prefix, "continuation": args.continuation,
                            "passkey": args.passkey, "passkey_length": args.passkey_length, "needle": needle,
-                           "question": question, "sinks": args.sinks,
+                           "question": question, "calibration_text": args.calibration_text,
+                           "calibration_chunks": args.calibration_chunks if args.calibration_text else None,
+                           "sinks": args.sinks,
                            "recent": args.recent, "window": args.window, "pool": args.pool, "dtype": args.dtype},
               "presets": rows}
     if args.json:

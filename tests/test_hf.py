@@ -9,8 +9,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 
-from integrations.hf import (PRESETS, CompressedLayer, NQCache, Policy, compress, graduated_bits, patch,  # noqa: E402
-                             resolve, unpatch, with_cache)
+from integrations.hf import (PRESETS, CompressedLayer, NQCache, Policy, allocate_layer_bits, compress,  # noqa: E402
+                             graduated_bits, patch, resolve, unpatch, with_cache)
 from .conftest import FIXTURE  # noqa: E402
 
 ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma2")
@@ -217,6 +217,31 @@ def test_layer_policies_match_oracle(options, reference_mode):
         assert plans == [(4, 4), (2, 2)]
     if "keep_layers" in options:
         assert plans == [(3, 2), None]
+
+
+def test_allocate_layer_bits_keeps_the_bytes_and_only_measured_gains(reference_mode):
+    model = tiny(layers=3)
+    ids = prompt(48, batch=2)
+    lines = []
+    bits = allocate_layer_bits(model, ids, 3, 2, progress=lines.append)
+    assert len(bits) == 3 and sum(k + v for k, v in bits) == 3 * (3 + 2)  # the bytes of uniform K3V2
+    assert all(2 <= b <= 4 for kv in bits for b in kv)
+    assert lines[0].startswith("uniform K3V2: KL") and any("layer 2 values 2 -> 3 bits" in x for x in lines)
+    measured = [float(x.split("KL ")[1]) for x in lines if ": KL " in x and "->" not in x]
+    assert measured[0] > 0  # compression moves the distributions
+    if bits != ((3, 2),) * 3:  # kept only when measured better than uniform
+        assert measured[-1] < measured[0]
+    Policy(layer_bits=bits)  # what it returns is a policy's per-layer profile
+    assert allocate_layer_bits(model, ids, 3, 2, rounds=0) == ((3, 2),) * 3
+    assert allocate_layer_bits(model, ids, 2, 2) == ((2, 2),) * 3  # no bit below 2 to give
+    with pytest.raises(ValueError, match="key_bits"):
+        allocate_layer_bits(model, ids, 5, 2)
+    with pytest.raises(ValueError, match="input_ids"):
+        allocate_layer_bits(model, ids[0], 3, 2)
+    with pytest.raises(ValueError, match="prefix"):
+        allocate_layer_bits(model, ids, 3, 2, prefix=47)
+    with pytest.raises(ValueError, match="rounds"):
+        allocate_layer_bits(model, ids, 3, 2, rounds=-1)
 
 
 def test_compressed_sliding_layers_and_softcap(reference_mode):

@@ -27,6 +27,7 @@ def test_parse_presets():
         "boundary_layers": 1, "boundary_bits": (4, 4)})
     assert parse_preset("nexusquant-k3v2") == Preset("nexusquant-k3v2", bits=(3, 2), peer="nexusquant")
     assert parse_preset("hqq-int3") == Preset("hqq-int3", bits=(3, 3), peer="hqq")
+    assert parse_preset("k3v2-alloc") == Preset("k3v2-alloc", bits=(3, 2), options={"alloc": True})
     assert parse_preset("quanto-int2").streams and parse_preset("hf-k3v2").streams
     assert not parse_preset("nexusquant-k4v4").streams and not parse_preset("nexusquant-k4v4").noop
     assert [nominal_bits(parse_preset(n)) for n in ("fp16", "balanced", "hf-near-lossless", "quanto-int4")] == [
@@ -61,6 +62,27 @@ def test_noop_control_and_presets_on_a_tiny_model(tiny):
     # bytes are the allocated tensors': K3V2 codes+scales (24+2 and 16+2 bytes at head_dim 64) plus buffers
     _, bpt, _ = h.continuation(parse_preset("k3v2"), chunks, 128)
     assert bpt >= 2 * 2 * (26 + 18)
+
+
+def test_alloc_preset_keeps_the_bytes_of_its_budget(tiny, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model, chunks = tiny
+    with pytest.raises(ValueError, match="calibration"):
+        Harness(model, page_size=16).continuation(parse_preset("k3v2-alloc"), chunks, 128)
+    h = Harness(model, sinks=2, recent=8, window=8, pool=5, page_size=16,
+                calibration=torch.randint(3, 97, (2, 160), generator=torch.Generator().manual_seed(5)))
+    _, uniform, _ = h.continuation(parse_preset("k3v2"), chunks, 128)
+    ppl, allocated, _ = h.continuation(parse_preset("k3v2-alloc"), chunks, 128)
+    bits = h.layer_bits(parse_preset("k3v2-alloc"))
+    assert ppl > 1.0 and sum(k + v for k, v in bits) == 2 * 5 and allocated == uniform  # same bytes, whatever moved
+
+
+def test_alloc_needs_calibration_text_other_than_the_evaluation_text(capsys):
+    text = os.path.join(FIXTURE, "text", "eval_pydocs.txt")
+    for extra, match in (([], "--calibration-text FILE"), (["--calibration-text", text], "must not be the evaluation")):
+        with pytest.raises(SystemExit):
+            main(["--model", MODEL, "--text", text, "--preset", "k3v2-alloc"] + extra)
+        assert match in capsys.readouterr().err
 
 
 def test_hf_presets_run_through_the_integration(tiny):

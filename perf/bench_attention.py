@@ -163,9 +163,10 @@ def bench_decode(dev, Hq, H, D, B, T, copy_gbps, quick, compare_untuned=False, p
     if FLASHINFER is not None and D not in FLASHINFER_HEAD_DIMS:
         log(f"flashinfer: head_dim {D} not supported (its kernels: {FLASHINFER_HEAD_DIMS}); not run")
     elif FLASHINFER is not None:
-        fi_row = flashinfer_decode(dev, q, x, B, T, H, D, ref)
-        if fi_row is not None:
-            rows.append(fi_row)
+        for kv_dtype in (torch.float16, torch.float8_e4m3fn):
+            fi_row = flashinfer_decode(dev, q, x, B, T, H, D, ref, kv_dtype)
+            if fi_row is not None:
+                rows.append(fi_row)
     for kb, vb in SETTINGS if not quick else ((3, 2),):
         cache, _ = random_cache(KVCodec(head_dim=D, key_bits=kb, value_bits=vb), H, B, T, dev, x=x)
         ours(f"K{kb}V{vb}", cache, cache_bytes_read(cache, B))
@@ -199,37 +200,40 @@ FLASHINFER = None
 FLASHINFER_HEAD_DIMS = (64, 128, 256)
 
 
-def flashinfer_decode(dev, q, x, B, T, H, D, ref):
-    """FlashInfer's batch decode over the same fp16 K/V in 16-token pages, with its CUDA-core and its tensor-core
-    kernels (``use_tensor_cores``; it recommends the latter for GQA); the row is the faster, both times are kept.
-    Timed as a CUDA graph replay like the others when its run captures, else as plain calls. ``ref``: SDPA's
-    output [B, Hq, 1, D], to check the result."""
+def flashinfer_decode(dev, q, x, B, T, H, D, ref, kv_dtype=torch.float16):
+    """FlashInfer's batch decode over the same K/V in 16-token pages, stored as ``kv_dtype`` (fp16, or
+    ``torch.float8_e4m3fn``: the FP8 KV cache a user would pick instead of ours, K/V cast with scale 1, which the
+    unit-variance test data fits), with its CUDA-core and its tensor-core kernels (``use_tensor_cores``; it recommends
+    the latter for GQA); the row is the faster, both times are kept. Timed as a CUDA graph replay like the others
+    when its run captures, else as plain calls. ``ref``: SDPA's output [B, Hq, 1, D], to check the result."""
     fi = FLASHINFER
     page = 16
     n_pages = B * (T // page)
-    kv = torch.stack([t.expand(B, -1, -1, -1).reshape(n_pages, page, H, D) for t in x], dim=1).contiguous()
+    kv = torch.stack([t.expand(B, -1, -1, -1).reshape(n_pages, page, H, D) for t in x], dim=1).to(kv_dtype)
     indptr = torch.arange(0, n_pages + 1, T // page, device=dev, dtype=torch.int32)
     indices = torch.arange(n_pages, device=dev, dtype=torch.int32)
     last = torch.full((B,), page, device=dev, dtype=torch.int32)
     qq = q[:, 0].contiguous()
-    row = dict(method="flashinfer_fp16", head_dim=D, batch=B, context=T, bytes=kv.nbytes, variants={})
+    fp8 = kv_dtype != torch.float16
+    scales = dict(k_scale=1.0, v_scale=1.0) if fp8 else {}
+    row = dict(method="flashinfer_fp8" if fp8 else "flashinfer_fp16", head_dim=D, batch=B, context=T, bytes=kv.nbytes,
+               variants={})
     for tensor_cores in (False, True):
         name = "tensor_cores" if tensor_cores else "cuda_cores"
         try:
             t0 = time.time()
             ws = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
             w = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tensor_cores)
-            w.plan(indptr, indices, last, q.shape[2], H, D, page, q_data_type=torch.float16,
-                   kv_data_type=torch.float16)
-            out = w.run(qq, kv)
+            w.plan(indptr, indices, last, q.shape[2], H, D, page, q_data_type=torch.float16, kv_data_type=kv_dtype)
+            out = w.run(qq, kv, **scales)
             torch.cuda.synchronize()
             err = ((out.float() - ref[:, :, 0].float()).norm() / ref.float().norm()).item()
             first_s = time.time() - t0
             try:
-                ms, graph = bench_ms(lambda: w.run(qq, kv)), True
+                ms, graph = bench_ms(lambda: w.run(qq, kv, **scales)), True
             except Exception:  # its run does not capture: plain calls (launch time may then count)
                 torch.cuda.synchronize()
-                ms, graph = bench_ms(lambda: w.run(qq, kv), graph=False), False
+                ms, graph = bench_ms(lambda: w.run(qq, kv, **scales), graph=False), False
             row["variants"][name] = dict(us=ms * 1e3, graph=graph, rel_err=err, first_call_s=round(first_s, 1))
         except Exception as e:
             row["variants"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")

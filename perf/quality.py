@@ -20,7 +20,8 @@ visible to new tokens, and RoPE at the tokens' true positions, so evicted caches
 
 Presets: ``fp16`` (no-op); ``kXvY`` (quant only, X/Y in 2..4 bits: the HOT format in a ``PagedKVCache``, attention
 over what it stores); ``kXvY-alloc`` (the same bytes, bits moved between layers and between keys and values by
-``integrations.hf.allocate_layer_bits`` on ``--calibration-text``, which must not be ``--text``); ``evictNN`` (NN% of tokens evicted, default scorer, fp16 kept tokens); ``kXvY-evictNN``;
+``integrations.hf.allocate_layer_bits`` on ``--calibration-text``, which must not be ``--text``; ``kXvY-alloc+N``:
+N more bits over the layers, e.g. ``k2v2-alloc+1``); ``evictNN`` (NN% of tokens evicted, default scorer, fp16 kept tokens); ``kXvY-evictNN``;
 scorer variants ``evictNN-<scorer>`` with scorer in window (default), window-max, knorm, random, and a layer schedule
 ``-pyramid``; named presets (``NAMED``); kvpress presses ``kvpress-<press>-NN`` with press in snapkv, expected,
 knorm, streaming, tova, random (needs ``pip install --no-deps kvpress``; see perf/results/quality_fixture.md);
@@ -134,14 +135,15 @@ def parse_preset(name: str) -> Preset:
         if m.group(1) not in PRESSES:
             raise ValueError(f"unknown kvpress press {m.group(1)!r}; allowed: {tuple(PRESSES)}")
         return Preset(name, evict=int(m.group(2)) / 100, press=m.group(1))
-    m = re.fullmatch(r"k([2-4])v([2-4])-alloc", spelled)
+    m = re.fullmatch(r"k([2-4])v([2-4])-alloc(?:\+(\d{1,2}))?", spelled)
     if m:
-        return Preset(name, bits=(int(m.group(1)), int(m.group(2))), options={"alloc": True})
+        return Preset(name, bits=(int(m.group(1)), int(m.group(2))),
+                      options={"alloc": True, "extra_bits": int(m.group(3) or 0)})
     m = re.fullmatch(r"(?:k([2-4])v([2-4]))?-?(?:evict(\d{1,2})((?:-[a-z-]+)?))?", spelled)
     if not m or not (m.group(1) or m.group(3)):
         raise ValueError(f"unknown preset {name!r}; allowed: fp16, kXvY (X, Y in 2..4), evictNN, kXvY-evictNN, "
                          f"evictNN-<scorer> ({', '.join(SCORERS)}), ...-pyramid, kvpress-<press>-NN "
-                         f"({', '.join(PRESSES)}), kXvY-alloc, nexusquant-kXvY, quanto-intN, hqq-intN, "
+                         f"({', '.join(PRESSES)}), kXvY-alloc[+N], nexusquant-kXvY, quanto-intN, hqq-intN, "
                          f"turboquant[-mse]-kXvY, "
                          f"hf-<preset>[+<variant>], "
                          f"or one of {tuple(NAMED)}")
@@ -215,16 +217,17 @@ class Harness:
         ``integrations.hf.allocate_layer_bits`` on the calibration chunks at that budget (computed once)."""
         if not preset.options.get("alloc"):
             return [preset.bits] * self.num_layers
-        if preset.bits not in self._layer_bits:
+        key = (preset.bits, preset.options["extra_bits"])
+        if key not in self._layer_bits:
             if self.calibration is None:
                 raise ValueError(f"preset {preset.name!r} allocates bits on calibration text: pass calibration ids")
             from integrations.hf import allocate_layer_bits
 
             sys.stderr.write(f"  {preset.name}: allocating bits on {len(self.calibration)} calibration chunks\n")
-            self._layer_bits[preset.bits] = list(allocate_layer_bits(
-                self.model, self.calibration, *preset.bits, prefix=self.calibration.shape[1] * 3 // 4,
-                progress=lambda line: sys.stderr.write(f"    {line}\n")))
-        return self._layer_bits[preset.bits]
+            self._layer_bits[key] = list(allocate_layer_bits(
+                self.model, self.calibration, *preset.bits, extra_bits=preset.options["extra_bits"],
+                prefix=self.calibration.shape[1] * 3 // 4, progress=lambda line: sys.stderr.write(f"    {line}\n")))
+        return self._layer_bits[key]
 
     @property
     def fp16_bytes_per_token(self) -> int:

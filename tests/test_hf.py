@@ -234,6 +234,8 @@ def test_allocate_layer_bits_keeps_the_bytes_and_only_measured_gains(reference_m
     Policy(layer_bits=bits)  # what it returns is a policy's per-layer profile
     assert allocate_layer_bits(model, ids, 3, 2, rounds=0) == ((3, 2),) * 3
     assert allocate_layer_bits(model, ids, 2, 2) == ((2, 2),) * 3  # no bit below 2 to give
+    plus = allocate_layer_bits(model, ids, 2, 2, extra_bits=1)  # one more bit, where it measures best (or none)
+    assert 12 <= sum(k + v for k, v in plus) <= 13 and all(2 <= b <= 4 for kv in plus for b in kv)
     with pytest.raises(ValueError, match="key_bits"):
         allocate_layer_bits(model, ids, 5, 2)
     with pytest.raises(ValueError, match="input_ids"):
@@ -242,6 +244,8 @@ def test_allocate_layer_bits_keeps_the_bytes_and_only_measured_gains(reference_m
         allocate_layer_bits(model, ids, 3, 2, prefix=47)
     with pytest.raises(ValueError, match="rounds"):
         allocate_layer_bits(model, ids, 3, 2, rounds=-1)
+    with pytest.raises(ValueError, match="extra_bits"):
+        allocate_layer_bits(model, ids, 3, 2, extra_bits=-1)
 
 
 def test_compressed_sliding_layers_and_softcap(reference_mode):

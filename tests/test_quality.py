@@ -27,7 +27,8 @@ def test_parse_presets():
         "boundary_layers": 1, "boundary_bits": (4, 4)})
     assert parse_preset("nexusquant-k3v2") == Preset("nexusquant-k3v2", bits=(3, 2), peer="nexusquant")
     assert parse_preset("hqq-int3") == Preset("hqq-int3", bits=(3, 3), peer="hqq")
-    assert parse_preset("k3v2-alloc") == Preset("k3v2-alloc", bits=(3, 2), options={"alloc": True})
+    assert parse_preset("k3v2-alloc") == Preset("k3v2-alloc", bits=(3, 2), options={"alloc": True, "extra_bits": 0})
+    assert parse_preset("k2v2-alloc+1").options == {"alloc": True, "extra_bits": 1}
     assert parse_preset("quanto-int2").streams and parse_preset("hf-k3v2").streams
     assert not parse_preset("nexusquant-k4v4").streams and not parse_preset("nexusquant-k4v4").noop
     assert [nominal_bits(parse_preset(n)) for n in ("fp16", "balanced", "hf-near-lossless", "quanto-int4")] == [

@@ -73,16 +73,20 @@ class _Calibration:
 
 @torch.no_grad()
 def allocate_layer_bits(model, input_ids: torch.Tensor, key_bits: int = 3, value_bits: int = 2,
-                        prefix: Optional[int] = None, rounds: int = 2,
+                        extra_bits: int = 0, prefix: Optional[int] = None, rounds: int = 2,
                         progress: Optional[Callable[[str], None]] = None) -> tuple:
     """Per-layer ``(key_bits, value_bits)`` with the bytes of uniform K{key_bits}V{value_bits} (the same total bits
-    over the layers, each 2..4), chosen on calibration text; pass it as ``Policy(layer_bits=...)``.
+    over the layers, each 2..4), plus at most ``extra_bits`` more, chosen on calibration text; pass it as
+    ``Policy(layer_bits=...)``.
 
     Args:
         model: a transformers causal LM (eval mode).
         input_ids: ``[N, T]`` int64 calibration chunks (text you will not evaluate on). Each chunk's first
             ``prefix`` tokens are prefilled and their cache compressed; the loss is that of the rest.
         key_bits / value_bits: the uniform budget (2..4).
+        extra_bits: bits (each 16 bytes per token per KV head at head_dim 128) that may be added over the layers
+            beyond the uniform budget, where they measure best; default 0. At K2V2 nothing can be moved (no layer
+            can give a bit), so an extra bit is the only way to spend bytes where they matter.
         prefix: tokens prefilled per chunk; default ``3 * T // 4``.
         rounds: rounds of measure-then-move (each round measures every layer one bit up and down: up to
             ``4 * layers`` forward passes over the chunks).
@@ -108,12 +112,16 @@ def allocate_layer_bits(model, input_ids: torch.Tensor, key_bits: int = 3, value
         raise ValueError(f"prefix must leave at least 2 scored tokens of the {T} per chunk, got {prefix}")
     if not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be an int >= 0, got {rounds!r}")
+    if not isinstance(extra_bits, int) or extra_bits < 0:
+        raise ValueError(f"extra_bits must be an int >= 0, got {extra_bits!r}")
     say = progress or (lambda line: None)
+    lo, hi = min(SUPPORTED_BITS), max(SUPPORTED_BITS)
+    if key_bits == value_bits == hi or (key_bits == value_bits == lo and not extra_bits):
+        # no bit can move: none can be taken (all at the most) or given (all at the least, none extra)
+        return ((key_bits, value_bits),) * model.config.num_hidden_layers
     cal = _Calibration(model, input_ids.to(model.device), prefix)
     bits = [[key_bits, value_bits] for _ in range(cal.num_layers)]
-    lo, hi = min(SUPPORTED_BITS), max(SUPPORTED_BITS)
-    if all(b == lo for b in (key_bits, value_bits)) or all(b == hi for b in (key_bits, value_bits)):
-        return tuple(tuple(b) for b in bits)  # no bit can move: none to give (all at the least) or to take
+    budget = cal.num_layers * (key_bits + value_bits) + extra_bits
     best = cal.loss(bits)
     say(f"uniform K{key_bits}V{value_bits}: KL {best:.6f}")
     for r in range(rounds):
@@ -128,7 +136,9 @@ def allocate_layer_bits(model, input_ids: torch.Tensor, key_bits: int = 3, value
                         say(f"round {r + 1}: layer {li} {('keys', 'values')[kind]} {bits[li][kind]} -> "
                             f"{bits[li][kind] + step} bits: KL {effect[li, kind, step]:+.6f}")
         ups = sorted((e, li, kind) for (li, kind, step), e in effect.items() if step == 1)
-        downs = sorted((e, li, kind) for (li, kind, step), e in effect.items() if step == -1)
+        free = budget - sum(map(sum, bits))  # extra bits not spent yet: donors that cost nothing
+        downs = [(0.0, None, i) for i in range(free)]
+        downs += sorted((e, li, kind) for (li, kind, step), e in effect.items() if step == -1)
         trial, used = [list(b) for b in bits], set()
         for gain, li, kind in ups:  # most helpful bit first, paid by the least harmful one left
             donor = next(((cost, lj, kj) for cost, lj, kj in downs if (lj, kj) not in used and (lj, kj) != (li, kind)),
@@ -137,7 +147,8 @@ def allocate_layer_bits(model, input_ids: torch.Tensor, key_bits: int = 3, value
                 continue
             used |= {(li, kind), donor[1:]}
             trial[li][kind] += 1
-            trial[donor[1]][donor[2]] -= 1
+            if donor[1] is not None:
+                trial[donor[1]][donor[2]] -= 1
         if trial == bits:
             break
         loss = cal.loss(trial)

@@ -62,7 +62,7 @@ class _Calibration:
         came next, so small effects are measured on few chunks."""
         kl, n = 0.0, 0
         for c, row in enumerate(self.ids):
-            cache = self._DynamicCache()
+            cache = self._DynamicCache(config=self.model.config)  # the prefill cache's layer kinds (sliding windows)
             for li, (kb, vb) in enumerate(layer_bits):
                 cache.update(self._coded_kv(c, li, 0, kb), self._coded_kv(c, li, 1, vb), li)
             log_q, log_p = self._log_probs(row, cache), self.log_p[c]

@@ -18,15 +18,17 @@ uncompressed no-op control (``fp16``) always runs first through the same harness
 Attention during the harness is the model's causal attention with the keys of the (possibly shorter) cache all
 visible to new tokens, and RoPE at the tokens' true positions, so evicted caches are attended correctly.
 
-Presets: ``fp16`` (no-op); ``kXvY`` (quant only, X/Y in 2..4 bits: the HOT format in a ``PagedKVCache``, attention
-over what it stores); ``kXvY-alloc`` (the same bytes, bits moved between layers and between keys and values by
-``integrations.hf.allocate_layer_bits`` on ``--calibration-text``, which must not be ``--text``; ``kXvY-alloc+N``:
-N more bits over the layers, e.g. ``k2v2-alloc+1``); ``evictNN`` (NN% of tokens evicted, default scorer, fp16 kept tokens); ``kXvY-evictNN``;
-scorer variants ``evictNN-<scorer>`` with scorer in window (default), window-max, knorm, random, and a layer schedule
-``-pyramid``; named presets (``NAMED``); kvpress presses ``kvpress-<press>-NN`` with press in snapkv, expected,
-knorm, streaming, tova, random (needs ``pip install --no-deps kvpress``; see perf/results/quality_fixture.md);
-``hf-<preset>[+<variant>]``: an ``integrations.hf`` preset through the real ``NQCache`` and patched model (the path
-users run; fp16 sinks and recent window), variants the per-layer policies of ``HF_VARIANTS``.
+Presets: ``fp16`` (no-op); ``kXvY`` (quant only, X/Y in 2..4 bits: the HOT format in a ``PagedKVCache``, attention over
+what it stores); ``kXvY-alloc`` (the same bytes, bits moved between layers and between keys and values by
+``integrations.hf.allocate_layer_bits`` on ``--calibration-chunks`` chunks of ``--calibration-text`` (which must not be
+``--text``) with the same ``--prefix``, once per budget before any preset runs; ``kXvY-alloc+N``: N more bits over the
+layers, e.g. ``k2v2-alloc+1``, its bits column K2V2+1); ``evictNN`` (NN% of tokens evicted, default scorer, fp16 kept
+tokens); ``kXvY-evictNN``; scorer variants ``evictNN-<scorer>`` with scorer in window (default), window-max, knorm,
+random, and a layer schedule ``-pyramid``; named presets (``NAMED``); kvpress presses ``kvpress-<press>-NN`` with press
+in snapkv, expected, knorm, streaming, tova, random (needs ``pip install --no-deps kvpress``; see
+perf/results/quality_fixture.md); ``hf-<preset>[+<variant>]``: an ``integrations.hf`` preset through the real
+``NQCache`` and patched model (the path users run; fp16 sinks and recent window), variants the per-layer policies of
+``HF_VARIANTS``.
 Peers: ``nexusquant-kXvY`` (the prior art, ``nexusquant-kv``'s quant_only mode: it writes the dequantized fp16 back
 into the DynamicCache), ``quanto-intN`` (N in 2, 4) and ``hqq-intN`` (N in
 2, 3, 4): transformers' ``QuantizedCache`` with its defaults (groups of 64, a 128-token fp16 residual); the
@@ -192,10 +194,13 @@ def _register(attn: _EvalAttention) -> None:
 
 class Harness:
     """Runs presets through the protocol on one model. ``sinks``/``recent``: tokens every eviction keeps;
-    ``window``: observation-window queries of the default scorer; ``pool``: its pooling kernel."""
+    ``window``: observation-window queries of the default scorer; ``pool``: its pooling kernel; ``calibration``:
+    ``[N, T]`` ids the ``kXvY-alloc`` presets allocate their layers' bits on, the first ``calibration_prefix`` tokens
+    of each chunk prefilled (the evaluation's prefix; required with ``calibration``)."""
 
     def __init__(self, model, *, sinks: int = 4, recent: int = 32, window: int = 32, pool: int = 31,
-                 page_size: int = 64, calibration: Optional[torch.Tensor] = None):
+                 page_size: int = 64, calibration: Optional[torch.Tensor] = None,
+                 calibration_prefix: Optional[int] = None):
         from nqkernels import RopeSpec
 
         self.model = model
@@ -209,24 +214,31 @@ class Harness:
         _register(self.attn)
         self.plain_impl = model.config._attn_implementation
         self.decode_bytes = None  # while a continuation runs: bytes held per cached token after each forward
-        self.calibration = calibration  # [N, T] ids the kXvY-alloc presets allocate their layers' bits on
+        if calibration is not None and calibration_prefix is None:
+            raise ValueError("calibration_prefix is required with calibration: the tokens prefilled per calibration "
+                             "chunk (the evaluation's prefix)")
+        self.calibration, self.calibration_prefix = calibration, calibration_prefix
         self._layer_bits: dict = {}
 
     def layer_bits(self, preset: Preset) -> list:
         """Per-layer (key_bits, value_bits) of a quantizing preset: its bits in every layer, or for ``kXvY-alloc``
-        ``integrations.hf.allocate_layer_bits`` on the calibration chunks at that budget (computed once)."""
+        ``integrations.hf.allocate_layer_bits`` on the calibration chunks at that budget over every layer the harness
+        compresses (computed once, with the model's own attention; None: a layer kind no cache compresses, kept
+        fp16). ``attention`` computes it before it sets the harness's attention."""
         if not preset.options.get("alloc"):
             return [preset.bits] * self.num_layers
         key = (preset.bits, preset.options["extra_bits"])
         if key not in self._layer_bits:
             if self.calibration is None:
                 raise ValueError(f"preset {preset.name!r} allocates bits on calibration text: pass calibration ids")
-            from integrations.hf import allocate_layer_bits
+            from integrations.hf import Policy, allocate_layer_bits
 
             sys.stderr.write(f"  {preset.name}: allocating bits on {len(self.calibration)} calibration chunks\n")
+            self.model.set_attn_implementation(self.plain_impl)
             self._layer_bits[key] = list(allocate_layer_bits(
                 self.model, self.calibration, *preset.bits, extra_bits=preset.options["extra_bits"],
-                prefix=self.calibration.shape[1] * 3 // 4, progress=lambda line: sys.stderr.write(f"    {line}\n")))
+                prefix=self.calibration_prefix, policy=Policy(compress_sliding=True),  # the harness compresses all
+                progress=lambda line: sys.stderr.write(f"    {line}\n")))
         return self._layer_bits[key]
 
     @property
@@ -258,14 +270,14 @@ class Harness:
         new, nbytes = DynamicCache(), 0
         keeps = layer_budgets(self.num_layers, 1.0 - preset.evict, preset.schedule) if preset.evict else None
         scores = self.scores(preset, cache, queries) if keeps is not None else None
-        layer_bits = self.layer_bits(preset) if preset.bits is not None else None
+        layer_bits = self.layer_bits(preset) if preset.bits is not None else [None] * self.num_layers
         for li, layer in enumerate(cache.layers):
             k, v = layer.keys.transpose(1, 2), layer.values.transpose(1, 2)  # [B, T, H, D]
             positions = None
             if keeps is not None:
                 sel = select_tokens(scores[li], evict=1.0 - keeps[li], sinks=self.sinks, recent=self.recent)
                 k, v, positions = sel.gather(k), sel.gather(v), sel.positions
-            if preset.bits is None:
+            if layer_bits[li] is None:
                 k, v = k.half(), v.half()
                 nbytes += k.nbytes + v.nbytes
                 k, v = k.float(), v.float()
@@ -358,6 +370,8 @@ class Harness:
         """The attention a preset's cache is read with: the patched model (integrations.hf presets), the model's own
         (peers) or the harness's own attention over a DynamicCache (ours, and TurboQuant's dequantized K/V)."""
         if preset.hf is None and (preset.peer is None or preset.peer in TURBOQUANT):
+            if preset.options.get("alloc"):
+                self.layer_bits(preset)  # the allocation measures with the model's own attention, not the harness's
             self.model.set_attn_implementation(self.attn.name)
             yield
             return
@@ -443,13 +457,15 @@ class Harness:
 
 
 def nominal_bits(preset: Preset) -> Optional[str]:
-    """The preset's key/value bit budget ("K3V2"), None for fp16 K/V."""
+    """The preset's key/value bit budget ("K3V2"; "K2V2+1" for ``k2v2-alloc+1``: one bit over K2V2's, in one layer's
+    keys or values), None for fp16 K/V."""
     bits = preset.bits
     if preset.hf is not None:
         from integrations.hf import resolve
         policy = resolve(preset.hf)
         bits = (policy.key_bits, policy.value_bits)
-    return None if bits is None else f"K{bits[0]}V{bits[1]}"
+    extra = preset.options.get("extra_bits") if preset.options.get("alloc") else 0
+    return None if bits is None else f"K{bits[0]}V{bits[1]}" + (f"+{extra}" if extra else "")
 
 
 def held_bytes(obj, fp_element_bytes: int = 2) -> int:
@@ -580,7 +596,8 @@ def main(argv=None) -> dict:
                          f"generated text starts with the key; default {QUESTION!r}".replace("%", "%%"))
     ap.add_argument("--calibration-text", default=None,
                     help="text the kXvY-alloc presets allocate their per-layer bits on (not --text)")
-    ap.add_argument("--calibration-chunks", type=int, default=8, help="chunks of that text (default 8)")
+    ap.add_argument("--calibration-chunks", type=int, default=8,
+                    help="chunks of that text, each --prefix + --continuation tokens (default 8)")
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--recent", type=int, default=32)
     ap.add_argument("--window", type=int, default=32, help="observation-window queries of the default scorer")
@@ -598,12 +615,17 @@ def main(argv=None) -> dict:
     except ValueError as e:
         ap.error(str(e))
     presets = [parse_preset(p) for p in ["fp16"] + [p for p in args.preset if p != "fp16"]]
+    if args.calibration_chunks < 1:
+        ap.error(f"--calibration-chunks must be >= 1, got {args.calibration_chunks}")
     if any(p.options.get("alloc") for p in presets):
         if args.calibration_text is None:
             ap.error("kXvY-alloc presets allocate bits on calibration text: add --calibration-text FILE")
         if os.path.realpath(args.calibration_text) == os.path.realpath(args.text):
             ap.error("--calibration-text must not be the evaluation text (--text): the allocation would be fitted "
                      "to what it is scored on")
+    elif args.calibration_text is not None:
+        ap.error("--calibration-text is only read by kXvY-alloc presets, and none is asked for: add --preset "
+                 "kXvY-alloc[+N] or drop --calibration-text")
 
     tok, model = load_model(args.model, dtype=getattr(torch, args.dtype))
     model = model.to(args.device)
@@ -616,7 +638,10 @@ def main(argv=None) -> dict:
         calibration = torch.cat(load_chunks(tok, args.calibration_text, args.calibration_chunks,
                                             args.prefix + args.continuation)).to(args.device)
     h = Harness(model, sinks=args.sinks, recent=args.recent, window=args.window, pool=args.pool,
-                calibration=calibration)
+                calibration=calibration, calibration_prefix=args.prefix)
+    for p in presets:  # once per budget, with the model's own attention, before any preset's evaluation
+        if p.options.get("alloc"):
+            h.layer_bits(p)
     plain = h.plain_ppl(chunks, args.prefix)
     rows, base = {}, None
     for p in presets:

@@ -219,35 +219,6 @@ def test_layer_policies_match_oracle(options, reference_mode):
         assert plans == [(3, 2), None]
 
 
-def test_allocate_layer_bits_keeps_the_bytes_and_only_measured_gains(reference_mode):
-    model = tiny(layers=3)
-    ids = prompt(48, batch=2)
-    lines = []
-    bits = allocate_layer_bits(model, ids, 3, 2, progress=lines.append)
-    assert len(bits) == 3 and sum(k + v for k, v in bits) == 3 * (3 + 2)  # the bytes of uniform K3V2
-    assert all(2 <= b <= 4 for kv in bits for b in kv)
-    assert lines[0].startswith("uniform K3V2: KL") and any("layer 2 values 2 -> 3 bits" in x for x in lines)
-    measured = [float(x.split("KL ")[1]) for x in lines if ": KL " in x and "->" not in x]
-    assert measured[0] > 0  # compression moves the distributions
-    if bits != ((3, 2),) * 3:  # kept only when measured better than uniform
-        assert measured[-1] < measured[0]
-    Policy(layer_bits=bits)  # what it returns is a policy's per-layer profile
-    assert allocate_layer_bits(model, ids, 3, 2, rounds=0) == ((3, 2),) * 3
-    assert allocate_layer_bits(model, ids, 2, 2) == ((2, 2),) * 3  # no bit below 2 to give
-    plus = allocate_layer_bits(model, ids, 2, 2, extra_bits=1)  # one more bit, where it measures best (or none)
-    assert 12 <= sum(k + v for k, v in plus) <= 13 and all(2 <= b <= 4 for kv in plus for b in kv)
-    with pytest.raises(ValueError, match="key_bits"):
-        allocate_layer_bits(model, ids, 5, 2)
-    with pytest.raises(ValueError, match="input_ids"):
-        allocate_layer_bits(model, ids[0], 3, 2)
-    with pytest.raises(ValueError, match="prefix"):
-        allocate_layer_bits(model, ids, 3, 2, prefix=47)
-    with pytest.raises(ValueError, match="rounds"):
-        allocate_layer_bits(model, ids, 3, 2, rounds=-1)
-    with pytest.raises(ValueError, match="extra_bits"):
-        allocate_layer_bits(model, ids, 3, 2, extra_bits=-1)
-
-
 def test_compressed_sliding_layers_and_softcap(reference_mode):
     model = tiny("gemma2")
     got, want, cache = step_vs_oracle(model, "k3v2", prompt(70), compress_sliding=True, **SMALL)

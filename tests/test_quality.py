@@ -31,8 +31,8 @@ def test_parse_presets():
     assert parse_preset("k2v2-alloc+1").options == {"alloc": True, "extra_bits": 1}
     assert parse_preset("quanto-int2").streams and parse_preset("hf-k3v2").streams
     assert not parse_preset("nexusquant-k4v4").streams and not parse_preset("nexusquant-k4v4").noop
-    assert [nominal_bits(parse_preset(n)) for n in ("fp16", "balanced", "hf-near-lossless", "quanto-int4")] == [
-        None, "K3V2", "K4V4", "K4V4"]
+    assert [nominal_bits(parse_preset(n)) for n in ("fp16", "balanced", "hf-near-lossless", "quanto-int4", "k3v2-alloc",
+                                                    "k2v2-alloc+1")] == [None, "K3V2", "K4V4", "K4V4", "K3V2", "K2V2+1"]
     for bad, match in (("k5v2", "unknown preset"), ("evict50-foo", "unknown scorer"),
                        ("kvpress-bar-50", "kvpress press"), ("q8", "unknown preset"), ("hf-huge", "unknown preset"),
                        ("hf-balanced+foo", "unknown policy variant"), ("quanto-int3", "must be one of \\(2, 4\\)"),
@@ -41,12 +41,16 @@ def test_parse_presets():
             parse_preset(bad)
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def tiny_llama():
     cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, head_dim=64, vocab_size=97, max_position_embeddings=512)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_llama()
     chunks = [torch.randint(3, 97, (1, 160)) for _ in range(2)]
     return model, chunks
 
@@ -71,7 +75,8 @@ def test_alloc_preset_keeps_the_bytes_of_its_budget(tiny, monkeypatch):
     with pytest.raises(ValueError, match="calibration"):
         Harness(model, page_size=16).continuation(parse_preset("k3v2-alloc"), chunks, 128)
     h = Harness(model, sinks=2, recent=8, window=8, pool=5, page_size=16,
-                calibration=torch.randint(3, 97, (2, 160), generator=torch.Generator().manual_seed(5)))
+                calibration=torch.randint(3, 97, (2, 160), generator=torch.Generator().manual_seed(5)),
+                calibration_prefix=128)
     _, uniform, _ = h.continuation(parse_preset("k3v2"), chunks, 128)
     ppl, allocated, _ = h.continuation(parse_preset("k3v2-alloc"), chunks, 128)
     bits = h.layer_bits(parse_preset("k3v2-alloc"))
@@ -80,10 +85,64 @@ def test_alloc_preset_keeps_the_bytes_of_its_budget(tiny, monkeypatch):
 
 def test_alloc_needs_calibration_text_other_than_the_evaluation_text(capsys):
     text = os.path.join(FIXTURE, "text", "eval_pydocs.txt")
-    for extra, match in (([], "--calibration-text FILE"), (["--calibration-text", text], "must not be the evaluation")):
+    for extra, match in (([], "--calibration-text FILE"), (["--calibration-text", text], "must not be the evaluation"),
+                         (["--calibration-text", __file__, "--calibration-chunks", "0"],
+                          "--calibration-chunks must be >= 1, got 0")):
         with pytest.raises(SystemExit):
             main(["--model", MODEL, "--text", text, "--preset", "k3v2-alloc"] + extra)
         assert match in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # calibration text no preset reads: refused, not silently ignored
+        main(["--model", MODEL, "--text", text, "--preset", "k3v2", "--calibration-text", __file__])
+    assert "--calibration-text is only read by kXvY-alloc presets" in capsys.readouterr().err
+
+
+def _fake_allocation(calls: list, bits: dict):
+    """A stand-in for allocate_layer_bits recording what it is called with (the model's attention then included)."""
+    def allocate(model, input_ids, key_bits, value_bits, extra_bits=0, prefix=None, rounds=2, progress=None,
+                 policy=None):
+        calls.append(("alloc", model.config._attn_implementation, tuple(input_ids.shape), prefix, extra_bits,
+                      policy.compress_sliding))
+        return bits[key_bits, value_bits, extra_bits]
+    return allocate
+
+
+def test_alloc_is_computed_once_with_the_model_attention_and_the_evaluation_prefix(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model, chunks, calls = tiny_llama(), [torch.randint(3, 97, (1, 160)) for _ in range(2)], []
+    plain_impl = model.config._attn_implementation
+    monkeypatch.setattr("integrations.hf.allocate_layer_bits", _fake_allocation(calls, {(3, 2, 0): (None, (3, 2))}))
+    calibration = torch.randint(3, 97, (2, 160), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match="calibration_prefix is required"):
+        Harness(model, calibration=calibration)
+    h = Harness(model, sinks=2, recent=8, window=8, pool=5, page_size=16, calibration=calibration,
+                calibration_prefix=100)
+    _, uniform, _ = h.continuation(parse_preset("k3v2"), chunks, 128)  # leaves the harness's attention set
+    _, allocated, _ = h.continuation(parse_preset("k3v2-alloc"), chunks, 128)
+    h.continuation(parse_preset("k3v2-alloc"), chunks, 128)
+    assert calls == [("alloc", plain_impl, (2, 160), 100, 0, True)] and plain_impl != h.attn.name
+    assert uniform < allocated < h.fp16_bytes_per_token  # layer 0 left fp16 by the allocation is held fp16
+
+
+def test_main_allocates_before_any_preset_runs_at_the_evaluation_prefix(monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model, calls = tiny_llama(), []
+    plain_impl = model.config._attn_implementation
+    monkeypatch.setattr("perf.quality.load_model", lambda path, dtype: (Tok(), model))
+    monkeypatch.setattr("perf.quality.load_chunks", lambda tok, path, n, length: [
+        torch.randint(3, 97, (1, length), generator=torch.Generator().manual_seed(i)) for i in range(n)])
+    monkeypatch.setattr("integrations.hf.allocate_layer_bits", _fake_allocation(
+        calls, {(3, 2, 0): ((2, 3), (4, 2)), (2, 2, 1): ((3, 2), (2, 2))}))
+    evaluate = Harness.continuation
+    monkeypatch.setattr(Harness, "continuation", lambda self, preset, *a, **k: (
+        calls.append(("eval", preset.name)), evaluate(self, preset, *a, **k))[1])
+    result = main(["--model", "tiny", "--text", __file__, "--calibration-text", os.path.join(FIXTURE, "x.txt"),
+                   "--calibration-chunks", "3", "--chunks", "1", "--prefix", "128", "--continuation", "32",
+                   "--preset", "k3v2-alloc", "--preset", "k2v2-alloc+1"])
+    assert calls == [("alloc", plain_impl, (3, 160), 128, 0, True), ("alloc", plain_impl, (3, 160), 128, 1, True),
+                     ("eval", "fp16"), ("eval", "k3v2-alloc"), ("eval", "k2v2-alloc+1")]
+    rows = result["presets"]
+    assert rows["k2v2-alloc+1"]["bits"] == "K2V2+1" and rows["k2v2-alloc+1"]["layer_bits"] == [(3, 2), (2, 2)]
+    assert rows["k3v2-alloc"]["bits"] == "K3V2" and "| k2v2-alloc+1 | K2V2+1 |" in capsys.readouterr().out
 
 
 def test_hf_presets_run_through_the_integration(tiny):

@@ -7,18 +7,21 @@ bytes per token per head at head_dim 128), so moving bits from where they buy le
 bytes and lowers the loss. The allocation is measured, not modelled: the KL divergence of the model's next-token
 distributions on calibration text from the uncompressed model's, with one layer's keys or values one bit up or down;
 then pairs of moves (one bit up here, one down there) whose summed measured effects are a gain; then the result
-measured again and kept only if it is better.
+measured again and kept only if it is better. Only the layers the cache will compress (``plan_layers`` of the policy
+the bits are for) are measured and given bits; the others stay fp16 and are ``None`` in the result.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import copy
+from typing import Callable, Optional, Union
 
 import torch
 
 from nqkernels import KVCodec, decode_kv, encode_kv
-from nqkernels.config import SUPPORTED_BITS
+from nqkernels.config import SUPPORTED_BITS, is_int
 
 from .compat import output_cache, with_cache
+from .policy import Policy, plan_layers, resolve
 
 
 def _round_trip(x: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
@@ -33,23 +36,20 @@ class _Calibration:
     them with each layer's K/V at given bits."""
 
     def __init__(self, model, input_ids: torch.Tensor, prefix: int):
-        from transformers import DynamicCache
-
-        self.model, self.prefix, self._DynamicCache = model, prefix, DynamicCache
-        self.ids = input_ids
-        self.kv = []  # per chunk: [(keys, values)] per layer
+        self.model, self.prefix, self.ids = model, prefix, input_ids
+        self.prefill = []  # per chunk: its prefill cache as it was before the continuation ran through it
         self.log_p = []  # per chunk: the uncompressed model's log-probabilities of the continuation tokens
         for row in input_ids:
             cache = output_cache(model(row[None, :prefix], use_cache=True))
-            self.kv.append([(layer.keys, layer.values) for layer in cache.layers])
+            self.prefill.append(_shallow_copy(cache))
             self.log_p.append(self._log_probs(row, cache))
-        self.num_layers = len(self.kv[0])
         self._coded: dict = {}
 
     def _coded_kv(self, chunk: int, layer: int, kind: int, bits: int) -> torch.Tensor:
         key = (chunk, layer, kind, bits)
         if key not in self._coded:
-            self._coded[key] = _round_trip(self.kv[chunk][layer][kind], bits, ("key", "value")[kind])
+            held = self.prefill[chunk].layers[layer]
+            self._coded[key] = _round_trip((held.keys, held.values)[kind], bits, ("key", "value")[kind])
         return self._coded[key]
 
     def _log_probs(self, row: torch.Tensor, cache) -> torch.Tensor:
@@ -58,88 +58,117 @@ class _Calibration:
 
     def loss(self, layer_bits) -> float:
         """Mean KL divergence (nats per token) of the continuation's next-token distributions with each layer's
-        cache at ``layer_bits`` from the uncompressed model's. Unlike perplexity it does not depend on which token
-        came next, so small effects are measured on few chunks."""
+        cache at ``layer_bits`` (``(key_bits, value_bits)``, or None: fp16) from the uncompressed model's. Unlike
+        perplexity it does not depend on which token came next, so small effects are measured on few chunks."""
         kl, n = 0.0, 0
         for c, row in enumerate(self.ids):
-            cache = self._DynamicCache(config=self.model.config)  # the prefill cache's layer kinds (sliding windows)
-            for li, (kb, vb) in enumerate(layer_bits):
-                cache.update(self._coded_kv(c, li, 0, kb), self._coded_kv(c, li, 1, vb), li)
+            # the prefill cache with the layers' K/V replaced: its layer kinds and the tokens each has seen (a
+            # sliding-window layer holds fewer than it has seen; its positions and mask come from the latter)
+            cache = _shallow_copy(self.prefill[c])
+            for li, (layer, b) in enumerate(zip(cache.layers, layer_bits)):
+                if b is not None:
+                    layer.keys, layer.values = self._coded_kv(c, li, 0, b[0]), self._coded_kv(c, li, 1, b[1])
             log_q, log_p = self._log_probs(row, cache), self.log_p[c]
             kl += (log_p.exp() * (log_p - log_q)).sum().item()
             n += log_p.shape[0]
         return kl / n
 
 
+def _shallow_copy(cache):
+    """A transformers cache whose layers are copies of ``cache``'s sharing their tensors: a forward through it
+    replaces (never writes into) its layers' K/V, so ``cache`` stays as it is."""
+    copied = copy.copy(cache)
+    copied.layers = [copy.copy(layer) for layer in cache.layers]
+    return copied
+
+
 @torch.no_grad()
 def allocate_layer_bits(model, input_ids: torch.Tensor, key_bits: int = 3, value_bits: int = 2,
                         extra_bits: int = 0, prefix: Optional[int] = None, rounds: int = 2,
-                        progress: Optional[Callable[[str], None]] = None) -> tuple:
-    """Per-layer ``(key_bits, value_bits)`` with the bytes of uniform K{key_bits}V{value_bits} (the same total bits
-    over the layers, each 2..4), plus at most ``extra_bits`` more, chosen on calibration text; pass it as
-    ``Policy(layer_bits=...)``.
+                        progress: Optional[Callable[[str], None]] = None,
+                        policy: Union[str, Policy, None] = None) -> tuple:
+    """Per-layer ``(key_bits, value_bits)`` with the bytes of uniform K{key_bits}V{value_bits} over the layers the
+    cache compresses (the same total bits, each 2..4), plus at most ``extra_bits`` more, chosen on calibration text;
+    pass it as the ``layer_bits`` of the policy it was allocated for.
 
     Args:
         model: a transformers causal LM (eval mode).
-        input_ids: ``[N, T]`` int64 calibration chunks (text you will not evaluate on). Each chunk's first
-            ``prefix`` tokens are prefilled and their cache compressed; the loss is that of the rest.
-        key_bits / value_bits: the uniform budget (2..4).
+        input_ids: ``[N, T]`` int64 calibration chunks (text you will not evaluate on): N >= 1, and T >= 5 (the
+            default prefix leaves 2 tokens to score) or ``prefix + 2``. Each chunk's first ``prefix`` tokens are
+            prefilled and their cache compressed; the loss is that of the rest.
+        key_bits / value_bits: the uniform budget (ints, 2..4).
         extra_bits: bits (each 16 bytes per token per KV head at head_dim 128) that may be added over the layers
-            beyond the uniform budget, where they measure best; default 0. At K2V2 nothing can be moved (no layer
-            can give a bit), so an extra bit is the only way to spend bytes where they matter.
-        prefix: tokens prefilled per chunk; default ``3 * T // 4``.
-        rounds: rounds of measure-then-move (each round measures every layer one bit up and down: up to
-            ``4 * layers`` forward passes over the chunks).
+            beyond the uniform budget, where they measure best; an int >= 0, default 0. At K2V2 nothing can be
+            moved (no layer can give a bit), so an extra bit is the only way to spend bytes where they matter.
+        prefix: tokens prefilled per chunk, an int >= 1; default ``3 * T // 4``.
+        rounds: rounds of measure-then-move, an int >= 0; default 2. Each round measures every compressed layer's
+            keys and values one bit up and down, then the moved result: up to ``4 * layers + 1`` forward passes
+            over the chunks' continuations (their ``T - prefix`` tokens on the cached prefix). Before the rounds:
+            one uncompressed prefill + continuation and one pass at the uniform budget; with 2 rounds up to
+            ``8 * layers + 3`` passes after the uncompressed one.
         progress: called with a line per measurement (e.g. ``print``); default silent.
+        policy: the policy the bits are for, a preset name or a ``Policy`` (as ``compress`` takes them); default
+            ``compress``'s default. Only which layers it compresses counts (``integrations.hf.policy.plan_layers``):
+            the layers it leaves fp16 (``keep_layers``; sliding-window layers beside full-attention ones unless
+            ``compress_sliding``; ``None`` entries of its ``layer_bits``; fp16 boundary layers) stay fp16 while
+            measuring, take no part in the budget or the moves, and are ``None`` in the result. Its bits in the
+            layers it compresses are what the result replaces.
 
     Returns:
-        A tuple of ``(key_bits, value_bits)``, one per layer. Uniform when no move measured better.
+        A tuple with one entry per layer: ``(key_bits, value_bits)`` where the policy compresses the layer, ``None``
+        where it leaves it fp16. Uniform over the compressed layers when no move measured better.
 
     Example:
-        >>> from integrations.hf import Policy, allocate_layer_bits, compress  # doctest: +SKIP
-        >>> bits = allocate_layer_bits(model, calibration_ids, 3, 2)  # doctest: +SKIP
-        >>> with compress(model, Policy(layer_bits=bits)):  # doctest: +SKIP
+        >>> from integrations.hf import allocate_layer_bits, compress  # doctest: +SKIP
+        >>> bits = allocate_layer_bits(model, calibration_ids, 3, 2, policy="balanced")  # doctest: +SKIP
+        >>> with compress(model, "balanced", layer_bits=bits):  # doctest: +SKIP
         ...     model.generate(**inputs)
     """
     for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
-        if b not in SUPPORTED_BITS:
-            raise ValueError(f"{name} must be one of {SUPPORTED_BITS}, got {b!r}")
+        if not is_int(b) or b not in SUPPORTED_BITS:
+            raise ValueError(f"{name} must be an int in {SUPPORTED_BITS}, got {b!r}")
+    for name, n in (("extra_bits", extra_bits), ("rounds", rounds)):
+        if not is_int(n) or n < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+    if prefix is not None and (not is_int(prefix) or prefix < 1):
+        raise ValueError(f"prefix must be an int >= 1 (tokens prefilled per chunk) or None, got {prefix!r}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("input_ids must be an int64 tensor [chunks, tokens] of calibration text")
-    T = input_ids.shape[1]
-    prefix = 3 * T // 4 if prefix is None else int(prefix)
-    if not 1 <= prefix <= T - 2:
-        raise ValueError(f"prefix must leave at least 2 scored tokens of the {T} per chunk, got {prefix}")
-    if not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"rounds must be an int >= 0, got {rounds!r}")
-    if not isinstance(extra_bits, int) or extra_bits < 0:
-        raise ValueError(f"extra_bits must be an int >= 0, got {extra_bits!r}")
+    least = 5 if prefix is None else prefix + 2
+    if input_ids.shape[0] < 1 or input_ids.shape[1] < least:
+        need = ("the default prefix, 3 * T // 4, leaves 2 tokens to score from T = 5 on" if prefix is None else
+                f"prefix {prefix} prefilled + 2 scored")
+        raise ValueError(f"input_ids must hold at least 1 chunk of at least {least} tokens ({need}), got shape "
+                         f"{tuple(input_ids.shape)}")
+    prefix = 3 * input_ids.shape[1] // 4 if prefix is None else prefix
+    plans = plan_layers(model.config, resolve(policy))
+    bits = [None if plan.codec is None else [key_bits, value_bits] for plan in plans]
+    compressed = [li for li, b in enumerate(bits) if b is not None]
     say = progress or (lambda line: None)
     lo, hi = min(SUPPORTED_BITS), max(SUPPORTED_BITS)
-    if key_bits == value_bits == hi or (key_bits == value_bits == lo and not extra_bits):
-        # no bit can move: none can be taken (all at the most) or given (all at the least, none extra)
-        return ((key_bits, value_bits),) * model.config.num_hidden_layers
+    if not compressed or key_bits == value_bits == hi or (key_bits == value_bits == lo and not extra_bits):
+        # no bit can move: no layer to move it in, none can be taken (all at the most) or given (all at the least)
+        return _frozen(bits)
     cal = _Calibration(model, input_ids.to(model.device), prefix)
-    bits = [[key_bits, value_bits] for _ in range(cal.num_layers)]
-    budget = cal.num_layers * (key_bits + value_bits) + extra_bits
+    budget = len(compressed) * (key_bits + value_bits) + extra_bits
     best = cal.loss(bits)
     say(f"uniform K{key_bits}V{value_bits}: KL {best:.6f}")
     for r in range(rounds):
         effect = {}  # (layer, kind, +1 / -1): loss change with that one bit moved
-        for li in range(cal.num_layers):
+        for li in compressed:
             for kind in (0, 1):
                 for step in (1, -1):
                     if lo <= bits[li][kind] + step <= hi:
-                        trial = [list(b) for b in bits]
+                        trial = _copy(bits)
                         trial[li][kind] += step
                         effect[li, kind, step] = cal.loss(trial) - best
                         say(f"round {r + 1}: layer {li} {('keys', 'values')[kind]} {bits[li][kind]} -> "
                             f"{bits[li][kind] + step} bits: KL {effect[li, kind, step]:+.6f}")
         ups = sorted((e, li, kind) for (li, kind, step), e in effect.items() if step == 1)
-        free = budget - sum(map(sum, bits))  # extra bits not spent yet: donors that cost nothing
+        free = budget - sum(sum(bits[li]) for li in compressed)  # extra bits not spent yet: donors that cost nothing
         downs = [(0.0, None, i) for i in range(free)]
         downs += sorted((e, li, kind) for (li, kind, step), e in effect.items() if step == -1)
-        trial, used = [list(b) for b in bits], set()
+        trial, used = _copy(bits), set()
         for gain, li, kind in ups:  # most helpful bit first, paid by the least harmful one left
             donor = next(((cost, lj, kj) for cost, lj, kj in downs if (lj, kj) not in used and (lj, kj) != (li, kind)),
                          None)
@@ -156,8 +185,16 @@ def allocate_layer_bits(model, input_ids: torch.Tensor, key_bits: int = 3, value
         if loss >= best:
             break
         bits, best = trial, loss
-    return tuple(tuple(b) for b in bits)
+    return _frozen(bits)
+
+
+def _copy(bits: list) -> list:
+    return [None if b is None else list(b) for b in bits]
+
+
+def _frozen(bits: list) -> tuple:
+    return tuple(None if b is None else tuple(b) for b in bits)
 
 
 def _spell(bits) -> str:
-    return ",".join(f"K{k}V{v}" for k, v in bits)
+    return ",".join("fp16" if b is None else f"K{b[0]}V{b[1]}" for b in bits)

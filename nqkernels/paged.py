@@ -22,6 +22,7 @@ a sequence carries the same offset (attention is invariant to it) and values get
 """
 from __future__ import annotations
 
+import copy
 import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -29,10 +30,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .codec import EncodedKV, _decode, _encode
-from .runtime import FIXED, use_triton
+from .codec import EncodedKV, _centering_mean, _decode, _encode
+from .runtime import FIXED, cache_of, register_cache, use_triton
 from .config import KVCodec, is_int
 from .launch import signature
+
+
+# The tensors of a cache that the static-mode custom ops take, in their argument order (``PagedKVCache.op_tensors``).
+_OP_TENSORS = ("fp_k", "fp_v", "lengths", "k_codes", "k_scales", "v_codes", "v_scales", "k_mean", "v_mean",
+               "block_table")
 
 
 class SlotState(NamedTuple):
@@ -148,11 +154,17 @@ class PagedKVCache:
         self._pages: list[list[int]] = [[] for _ in range(max_batch)]
         self._free = list(range(num_pages - 1, -1, -1))
         self._signature = None  # launch_signature
+        # Static mode (make_static): pages each slot has reserved beyond its used ones, the page that takes the
+        # encodes of slots whose window did not fill, and the reserved capacity in pages per slot (None: off).
+        self._reserved: list[list[int]] = [[] for _ in range(max_batch)]
+        self._scratch: Optional[int] = None
+        self.static_pages: Optional[int] = None
+        self.cache_id = register_cache(self)
 
     # ----------------------------------------------------------------------------------------------------------
     def seq_lens(self) -> list[int]:
-        """Tokens held per slot."""
-        return list(self._len)
+        """Tokens held per slot (in static mode read from the device: one sync)."""
+        return self._device_row(0) if self.static_pages is not None else list(self._len)
 
     def launch_signature(self) -> tuple:
         """Dtype, shape, strides and 16-byte alignment of every tensor a kernel launch takes from this cache
@@ -163,15 +175,33 @@ class PagedKVCache:
                 self.v_mean, self.fp_k, self.fp_v, self.positions) if t is not None)
         return self._signature
 
+    def op_tensors(self) -> tuple:
+        """The tensors the static-mode custom ops take from this cache, in their argument order (fp_k, fp_v, lengths,
+        k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table)."""
+        return tuple(getattr(self, name) for name in _OP_TENSORS)
+
+    def through(self, tensors: tuple) -> "PagedKVCache":
+        """A shallow copy of this cache holding ``tensors`` (in ``op_tensors`` order, same shapes and dtypes) in place
+        of its own, its host bookkeeping shared: what the static-mode custom ops run on."""
+        view = copy.copy(self)
+        for name, t, own in zip(_OP_TENSORS, tensors, self.op_tensors()):
+            if t.shape != own.shape or t.dtype != own.dtype:
+                raise RuntimeError(f"cache {self.cache_id}: {name} is {t.dtype} {list(t.shape)}, the cache holds "
+                                   f"{own.dtype} {list(own.shape)} (it grew after the graph calling it was traced)")
+            setattr(view, name, t)
+        return view
+
     def compressed_lens(self) -> list[int]:
-        """Tokens held in HOT pages per slot."""
-        return list(self._comp)
+        """Tokens held in HOT pages per slot (in static mode read from the device: one sync)."""
+        return self._device_row(1) if self.static_pages is not None else list(self._comp)
 
     def free_pages(self) -> int:
         return len(self._free)
 
     def next_positions(self) -> list[int]:
-        """Position the next appended token of each slot gets by default."""
+        """Position the next appended token of each slot gets by default (in static mode: one sync)."""
+        if self.static_pages is not None:
+            return [n + now - then for n, now, then in zip(self._next, self._device_row(0), self._len)]
         return list(self._next)
 
     def nbytes(self) -> int:
@@ -195,6 +225,7 @@ class PagedKVCache:
     def grow(self, extra_pages: int, max_pages_per_seq: Optional[int] = None) -> None:
         """Add ``extra_pages`` free pages to the pool and widen ``block_table`` to ``max_pages_per_seq`` (existing
         pages keep their numbers, so block tables stay valid). Copies the pool once: grow in large steps."""
+        self._host_mode("grow")
         if not isinstance(extra_pages, int) or extra_pages < 0:
             raise ValueError(f"extra_pages must be an int >= 0, got {extra_pages!r}")
         old = self.k_codes.shape[0]
@@ -214,6 +245,7 @@ class PagedKVCache:
         """Drop the last ``tokens`` tokens of every non-empty slot (rejected speculative tokens). They must still be
         uncompressed (in the recent window; at most ``recent_tokens`` are guaranteed to be); compressed pages are
         never rewritten."""
+        self._host_mode("crop")
         if not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"tokens must be an int >= 0, got {tokens!r}")
         if tokens == 0:
@@ -231,12 +263,129 @@ class PagedKVCache:
 
     def reset(self, slots: Optional[Sequence[int]] = None) -> None:
         """Empty the given slots (default all) and return their pages to the pool."""
+        self._host_mode("reset")
         for b in range(self.max_batch) if slots is None else slots:
             self._check_slot(b)
             self._free.extend(reversed(self._pages[b]))
             self._pages[b] = []
             self._len[b] = self._comp[b] = self._fp[b] = self._sink[b] = self._next[b] = 0
         self._sync_lengths()
+
+    # -- static mode: capture-safe decode steps ----------------------------------------------------------------
+    def make_static(self, max_tokens: int) -> None:
+        """Prepare for decode steps replayed from a CUDA graph (``torch.compile(mode="reduce-overhead")``, or a graph
+        captured by hand): every slot's pages up to ``max_tokens`` tokens are reserved now (the pool and the block
+        table grow if needed), and from here on one-token appends keep the bookkeeping on the device only.
+
+        In static mode, ``append`` takes one token per sequence (``[B, 1, H, D]``, no ``lengths``/``positions``): it
+        writes the token at its window's end and, in each sequence whose window fills, encodes the window's oldest
+        page into the slot's next reserved page, with fixed shapes and no host sync (docs/integration.md, "The
+        compiled decode path"). ``decode_attention`` sizes its launch for ``static_pages`` pages per sequence
+        (splits past a sequence's end exit at once). ``seq_lens`` and ``compressed_lens`` read the device (one
+        sync); the host-side operations (``crop``, ``reset``, ``grow``, ``export_slot``, ...) need ``sync_host``
+        first, which ends static mode. A sequence must not grow past ``max_tokens`` in static mode (a device-side
+        assert stops it rather than let it write past its pages). Post-RoPE keys only (``codec.rope`` None).
+
+        Example:
+            >>> from nqkernels import KVCodec, PagedKVCache, decode_attention
+            >>> cache = PagedKVCache(KVCodec(head_dim=64, page_size=16), num_kv_heads=1, max_batch=1, num_pages=4,
+            ...                      device="cpu")
+            >>> k = torch.randn(1, 40, 1, 64, dtype=torch.float16)
+            >>> cache.append(k, k)
+            >>> cache.make_static(100)
+            >>> for _ in range(30):
+            ...     t = torch.randn(1, 1, 1, 64, dtype=torch.float16)
+            ...     cache.append(t, t)
+            >>> cache.sync_host()
+            >>> cache.seq_lens(), cache.compressed_lens()
+            ([70], [48])
+        """
+        if self.codec.rope is not None:
+            raise ValueError("make_static needs a cache of post-RoPE keys (codec.rope=None): the RoPE tables of "
+                             "keys stored with RoPE undone depend on the host-side positions")
+        if not is_int(max_tokens) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        if self.static_pages is not None:
+            self.sync_host()
+        P, S, R = self.codec.page_size, self.sink_tokens, self.recent_tokens
+        pages = max(0, max_tokens - S - R) // P  # a window holds R..R+P-1 tokens after each step
+        if any(n > max_tokens for n in self._len):
+            raise ValueError(f"max_tokens={max_tokens} is below the longest sequence held ({max(self._len)})")
+        want = sum(pages - len(p) for p in self._pages) + 1  # + the scratch page
+        self.grow(max(0, want - len(self._free)), max(pages, 1))
+        for b in range(self.max_batch):
+            used = len(self._pages[b])
+            self._reserved[b] = [self._free.pop() for _ in range(pages - used)]
+            if self._reserved[b]:
+                self.block_table[b, used:pages] = torch.tensor(self._reserved[b], dtype=torch.int32)
+        self._scratch = self._free.pop()
+        self.static_pages = pages
+        self._signature = None
+        if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs of a compiled step write them in place
+            for t in self.op_tensors():
+                torch._dynamo.mark_static_address(t)
+
+    def sync_host(self) -> None:
+        """End static mode (``make_static``): read the lengths the device kept (one sync), move the pages the static
+        steps filled from the slots' reservations to their pages and return the rest to the pool. A no-op outside
+        static mode."""
+        if self.static_pages is None:
+            return
+        rows = self.lengths.tolist()
+        P = self.codec.page_size
+        for b in range(self.max_batch):
+            filled = rows[1][b] // P - len(self._pages[b])
+            self._pages[b] += self._reserved[b][:filled]
+            self._free.extend(reversed(self._reserved[b][filled:]))
+            self._reserved[b] = []
+            self._next[b] += rows[0][b] - self._len[b]
+            self._len[b], self._comp[b], self._fp[b], self._sink[b] = (r[b] for r in rows)
+        self._free.append(self._scratch)
+        self._scratch, self.static_pages = None, None
+
+    def _host_mode(self, what: str) -> None:
+        if self.static_pages is not None:
+            raise ValueError(f"PagedKVCache.{what}: the cache is in static mode (make_static), where only one-token "
+                             f"appends and decode_attention run; call sync_host() first")
+
+    def _device_row(self, row: int) -> list[int]:
+        return self.lengths[row].tolist()
+
+    def _append_step(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Static mode's append of one token per sequence, k, v ``[B, 1, H, D]``: every length and index stays on
+        the device, so the step can be captured in a CUDA graph. Each sequence b: the token goes to
+        ``fp[b, :, n_fp[b]]`` (a sink while its sinks are incomplete); where the window then holds R + P tokens, its
+        oldest P are encoded into page ``block_table[b, n_comp[b] / P]`` and the rest move down by P. The encodes
+        run for every sequence, with the sequences whose window did not fill writing into the scratch page: fixed
+        shapes, and P tokens per sequence and step of extra encode work."""
+        B = k.shape[0]
+        P, S, R = self.codec.page_size, self.sink_tokens, self.recent_tokens
+        self._write_window(k, v, 1)
+        L = self.lengths[:, :B]
+        L[3] += (L[3] < S).to(torch.int32)  # the token was a sink (sinks fill first, the window is empty then)
+        L[0] += 1
+        L[2] += 1
+        torch._assert_async(L[0].max() <= self.static_pages * P + S + R + P - 1,
+                            "PagedKVCache: a sequence grew past the max_tokens given to make_static")
+        full = (L[2] - L[3]) >= R + P
+        rows = torch.arange(B, device=self.device)
+        col = (L[1] // P).long().clamp_(max=self.block_table.shape[1] - 1)
+        dest = torch.where(full, self.block_table[rows, col].long(), self._scratch)
+        first = full & (L[1] == 0)  # the sequence's first page: its centering means are taken from it
+        for kind, fp, codes, scales, mean, center in (
+                ("key", self.fp_k, self.k_codes, self.k_scales, self.k_mean, self.codec.center_keys),
+                ("value", self.fp_v, self.v_codes, self.v_scales, self.v_mean, self.codec.center_values)):
+            x = fp[:B, :, S:S + P]  # [B, H, P, D]: each window's oldest page
+            m = None
+            if center:
+                mean[:B] = torch.where(first[:, None, None], _centering_mean(x, self.codec, kind, None), mean[:B])
+                m = mean[:B]
+            enc = _encode(x, self.codec, kind, None, m)
+            codes[dest] = enc.codes
+            scales[dest] = enc.scales
+        self._shift_windows(full)
+        L[1] += full.to(torch.int32) * P
+        L[2] -= full.to(torch.int32) * P
 
     # ----------------------------------------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor, lengths: Optional[Sequence[int]] = None,
@@ -250,6 +399,14 @@ class PagedKVCache:
         containing NaN/Inf are stored as zeros, so they cannot corrupt other tokens.
         """
         B, T = self._check_new(k, v)
+        if self.static_pages is not None:
+            if T != 1 or lengths is not None or positions is not None:
+                raise ValueError(f"in static mode (make_static) append takes one token per sequence and no lengths "
+                                 f"or positions, got {T} tokens{' and lengths' if lengths is not None else ''}"
+                                 f"{' and positions' if positions is not None else ''}; call sync_host() first")
+            if torch.compiler.is_compiling():  # one custom op in the traced graph
+                return _append_step_op(k, v, *self.op_tensors(), self.cache_id)
+            return self._append_step(k, v)
         counts = self._check_lengths(lengths, B, T)
         pos, last = self._check_positions(positions, B, T, counts)
         if self._window_only(counts, T):  # the decode-step case: one batched write, no page fills
@@ -282,33 +439,54 @@ class PagedKVCache:
                              for b, n in enumerate(counts))
 
     def _append_window(self, k: torch.Tensor, v: torch.Tensor, pos: Optional[torch.Tensor], last, T: int) -> None:
-        # k, v [B, T, H, D] written at each slot's window end (fp_k[b, :, fp_b + t]) with one index_put each.
         B = k.shape[0]
-
-        def slots():  # window slots [B, T]: (sequence, index in its buffer)
-            return (torch.arange(B, device=self.device)[:, None].expand(B, T),
-                    self.lengths[2, :B].long()[:, None] + torch.arange(T, device=self.device)[None])
-
-        if use_triton(k):  # one launch instead of ~10 small ones: a decode step runs this once per layer
-            D = self.codec.head_dim
-            _window_write_kernel[(B * T, self.num_kv_heads)](
-                k, v, self.fp_k, self.fp_v, self.lengths, self.max_batch, T, *k.stride()[:3], *v.stride()[:3],
-                *self.fp_k.stride()[:3], D=D, DP=triton.next_power_of_2(D), num_warps=FIXED["window"].num_warps)
-        else:
-            rows, at = slots()
-            self.fp_k[rows, :, at] = _zero_nonfinite(k.to(self.dtype))
-            self.fp_v[rows, :, at] = _zero_nonfinite(v.to(self.dtype))
+        self._write_window(k, v, T)
         if self.positions is not None:
             if pos is None:
                 nxt = torch.tensor(self._next[:B], device=self.device, dtype=torch.int32)
                 pos = (nxt[:, None] + torch.arange(T, device=self.device, dtype=torch.int32)[None])[:, None]
-            rows, at = slots()
+            rows, at = self._window_slots(B, T)
             self.fp_pos[rows, :, at] = pos.expand(B, self.num_kv_heads, T).transpose(1, 2)
         for b in range(B):
             self._next[b] = self._next[b] + T if last is None else last[b] + 1
             self._fp[b] += T
             self._len[b] += T
         self._sync_lengths()
+
+    def _window_slots(self, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where T new tokens of sequences 0..B-1 go, [B, T] each: (sequence, index in its fp buffer), read from the
+        device's lengths (n_fp: lengths[2])."""
+        return (torch.arange(B, device=self.device)[:, None].expand(B, T),
+                self.lengths[2, :B].long()[:, None] + torch.arange(T, device=self.device)[None])
+
+    def _write_window(self, k: torch.Tensor, v: torch.Tensor, T: int) -> None:
+        # k, v [B, T, H, D] written at each slot's window end (fp_k[b, :, n_fp[b] + t]), read from the device lengths.
+        B = k.shape[0]
+        if use_triton(k):  # one launch instead of ~10 small ones: a decode step runs this once per layer
+            D = self.codec.head_dim
+            _window_write_kernel[(B * T, self.num_kv_heads)](
+                k, v, self.fp_k, self.fp_v, self.lengths, self.max_batch, T, *k.stride()[:3], *v.stride()[:3],
+                *self.fp_k.stride()[:3], D=D, DP=triton.next_power_of_2(D), num_warps=FIXED["window"].num_warps)
+        else:
+            rows, at = self._window_slots(B, T)
+            self.fp_k[rows, :, at] = _zero_nonfinite(k.to(self.dtype))
+            self.fp_v[rows, :, at] = _zero_nonfinite(v.to(self.dtype))
+
+    def _shift_windows(self, full: torch.Tensor) -> None:
+        """In each sequence b with ``full[b]``, move the window's last R tokens down by P (over the P just encoded)."""
+        S, R, P = self.sink_tokens, self.recent_tokens, self.codec.page_size
+        B = full.shape[0]
+        if R == 0:
+            return
+        if use_triton(self.fp_k):
+            D = self.codec.head_dim
+            _window_shift_kernel[(B, self.num_kv_heads)](
+                self.fp_k, self.fp_v, full, *self.fp_k.stride()[:3], S, P, R=R, RP=triton.next_power_of_2(R), D=D,
+                DP=triton.next_power_of_2(D), num_warps=FIXED["window"].num_warps)
+        else:
+            keep = full[:, None, None, None]
+            for fp in (self.fp_k, self.fp_v):
+                fp[:B, :, S:S + R] = torch.where(keep, fp[:B, :, S + P:S + P + R], fp[:B, :, S:S + R])
 
     def _append_one(self, b: int, k: torch.Tensor, v: torch.Tensor, pos: Optional[torch.Tensor]) -> None:
         # k, v: [H, n, D] of one sequence; pos: int32 [H, n], or None when the cache stores no positions.
@@ -442,6 +620,7 @@ class PagedKVCache:
     # ----------------------------------------------------------------------------------------------------------
     def export_slot(self, b: int) -> SlotState:
         """Slot b's content in token order (codes gathered from its pages), on the cache's device."""
+        self._host_mode("export_slot")
         self._check_slot(b)
         fp = self._fp[b]
         has_pos = self.positions is not None
@@ -451,15 +630,17 @@ class PagedKVCache:
                          self._stream(self.positions, b) if has_pos else None,
                          self.fp_pos[b, :, :fp].clone() if has_pos else None)
 
-    def _stream(self, t: torch.Tensor, b: int) -> torch.Tensor:
-        """Slot b's pages of a per-page tensor ``[num_pages, H, P, ...]`` as one token stream ``[H, pages·P, ...]``."""
-        idx = torch.tensor(self._pages[b], device=self.device, dtype=torch.long)
-        x = t[idx].transpose(0, 1)
-        return x.reshape(self.num_kv_heads, len(self._pages[b]) * self.codec.page_size, *t.shape[3:]).contiguous()
+    def _stream(self, t: torch.Tensor, b: int, n_pages: Optional[int] = None) -> torch.Tensor:
+        """Slot b's first n_pages pages (default: all it holds) of a per-page tensor ``[num_pages, H, P, ...]`` as one
+        token stream ``[H, n_pages·P, ...]``, found through its block-table row."""
+        n = len(self._pages[b]) if n_pages is None else n_pages
+        x = t[self.block_table[b, :n].long()].transpose(0, 1)
+        return x.reshape(self.num_kv_heads, n * self.codec.page_size, *t.shape[3:]).contiguous()
 
     def import_slot(self, b: int, state: SlotState) -> None:
         """Fill the empty slot b with ``state`` (from ``export_slot``, ``offload`` or ``load_cache``), on fresh
         pages. Raises before changing anything if the state does not fit this cache."""
+        self._host_mode("import_slot")
         self._check_slot(b)
         if self._len[b]:
             raise ValueError(f"slot {b} holds {self._len[b]} tokens; reset it before importing into it")
@@ -530,32 +711,36 @@ class PagedKVCache:
     def dense(self, batch: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The cache as dense fp32 K, V ``[B, L, H, D]`` in token order (pages decoded, RoPE re-applied to keys
         stored without it) and each token's validity ``[B, L]`` bool, L the longest sequence: what attention sees.
-        For tests and debugging; attention kernels decode in registers instead."""
+        For tests and debugging (in static mode it reads the lengths from the device); attention kernels decode in
+        registers instead."""
         B = self.max_batch if batch is None else batch
         H, D = self.num_kv_heads, self.codec.head_dim
-        L = max(self._len[:B], default=0)
+        lens, comps, fps, sinks = self.lengths.tolist() if self.static_pages is not None else \
+            (self._len, self._comp, self._fp, self._sink)
+        L = max(lens[:B], default=0)
         K = torch.zeros(B, L, H, D, device=self.device)
         V = torch.zeros(B, L, H, D, device=self.device)
         valid = torch.zeros(B, L, dtype=torch.bool, device=self.device)
         for b in range(B):
-            sink, comp, fp = self._sink[b], self._comp[b], self._fp[b]
+            sink, comp, fp = sinks[b], comps[b], fps[b]
             K[b, :sink] = self.fp_k[b, :, :sink].transpose(0, 1).float()
             V[b, :sink] = self.fp_v[b, :, :sink].transpose(0, 1).float()
             if comp:
-                K[b, sink:sink + comp] = self._decode_pages(b, "key")
-                V[b, sink:sink + comp] = self._decode_pages(b, "value")
-            K[b, sink + comp:self._len[b]] = self.fp_k[b, :, sink:fp].transpose(0, 1).float()
-            V[b, sink + comp:self._len[b]] = self.fp_v[b, :, sink:fp].transpose(0, 1).float()
-            valid[b, :self._len[b]] = True
+                K[b, sink:sink + comp] = self._decode_pages(b, comp, "key")
+                V[b, sink:sink + comp] = self._decode_pages(b, comp, "value")
+            K[b, sink + comp:lens[b]] = self.fp_k[b, :, sink:fp].transpose(0, 1).float()
+            V[b, sink + comp:lens[b]] = self.fp_v[b, :, sink:fp].transpose(0, 1).float()
+            valid[b, :lens[b]] = True
         return K, V, valid
 
-    def _decode_pages(self, b: int, kind: str) -> torch.Tensor:
+    def _decode_pages(self, b: int, comp: int, kind: str) -> torch.Tensor:
         # Heads are the batch of the decode call ([H, 1, C, ...]), so each head may carry its own positions.
         codes, scales = (self.k_codes, self.k_scales) if kind == "key" else (self.v_codes, self.v_scales)
         center = self.codec.center_keys if kind == "key" else self.codec.center_values
         mean = (self.k_mean if kind == "key" else self.v_mean)[b, :, None] if center else None
-        positions = self._stream(self.positions, b) if self.positions is not None and kind == "key" else None
-        enc = EncodedKV(self._stream(codes, b)[:, None], self._stream(scales, b)[:, None], mean)
+        n = comp // self.codec.page_size
+        positions = self._stream(self.positions, b, n) if self.positions is not None and kind == "key" else None
+        enc = EncodedKV(self._stream(codes, b, n)[:, None], self._stream(scales, b, n)[:, None], mean)
         return _decode(enc, self.codec, kind, positions, torch.float32)[:, 0].transpose(0, 1)
 
 
@@ -583,6 +768,46 @@ def _window_write_kernel(k_ptr, v_ptr, fpk_ptr, fpv_ptr, lens_ptr, max_batch, T,
     _finite_row(v_ptr + b.to(tl.int64) * svb + t * svt + h * svh, fpv_ptr, dst, d, dmask)
 
 
+@triton.jit
+def _window_shift_kernel(fpk_ptr, fpv_ptr, full_ptr, sfb, sfh, sft, S, P, R: tl.constexpr, RP: tl.constexpr,
+                         D: tl.constexpr, DP: tl.constexpr):
+    # One (sequence b, KV head h) per program: where full[b], rows S + P .. S + P + R - 1 of b's fp buffers move to
+    # S .. S + R - 1. The ranges overlap when R > P: every row is loaded before any is stored (the barrier).
+    b, h = tl.program_id(0), tl.program_id(1)
+    if tl.load(full_ptr + b) != 0:
+        r = tl.arange(0, RP)
+        d = tl.arange(0, DP)
+        m = (r < R)[:, None] & (d < D)[None, :]
+        base = b.to(tl.int64) * sfb + h * sfh + d[None, :]
+        src = base + (S + P + r).to(tl.int64)[:, None] * sft
+        dst = base + (S + r).to(tl.int64)[:, None] * sft
+        k = tl.load(fpk_ptr + src, mask=m)
+        v = tl.load(fpv_ptr + src, mask=m)
+        tl.debug_barrier()
+        tl.store(fpk_ptr + dst, k, mask=m)
+        tl.store(fpv_ptr + dst, v, mask=m)
+
+
 def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
     bad = ~torch.isfinite(x).all(dim=-1, keepdim=True)
     return torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
+# torch.compile: static mode's append is one custom op while a compile traces it, with the cache tensors it writes
+# declared (so the compiler orders it before the attention that reads them, and CUDA graphs keep their addresses:
+# make_static marks them static). The cache travels as its cache_id.
+
+@torch.library.custom_op("nqkernels::paged_append_step",
+                         mutates_args=("fp_k", "fp_v", "lengths", "k_codes", "k_scales", "v_codes", "v_scales",
+                                       "k_mean", "v_mean"))
+def _append_step_op(k: torch.Tensor, v: torch.Tensor, fp_k: torch.Tensor, fp_v: torch.Tensor, lengths: torch.Tensor,
+                    k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
+                    k_mean: torch.Tensor, v_mean: torch.Tensor, block_table: torch.Tensor, cache: int) -> None:
+    """``PagedKVCache.append`` of one token per sequence in static mode, k, v ``[B, 1, H, D]``."""
+    cache_of(cache, (fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean,
+                     block_table))._append_step(k, v)
+
+
+@_append_step_op.register_fake
+def _(k, v, fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table, cache):
+    return None

@@ -19,10 +19,11 @@ import threading
 from typing import Optional
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
 
 from nqkernels import PagedKVCache, decode_attention, score_tokens, select_tokens
 from nqkernels import reference as ref
+from nqkernels.config import is_int
 
 from .policy import LayerPlan, Policy, plan_layers, resolve
 
@@ -45,7 +46,6 @@ class CompressedLayer(CacheLayerMixin):
     heads) plus, with ``keep_heads``, the uncompressed heads' fp K/V."""
 
     is_croppable = True
-    is_compileable = False
 
     def __init__(self, cache: "NQCache", index: int, plan: LayerPlan):
         super().__init__()
@@ -57,12 +57,25 @@ class CompressedLayer(CacheLayerMixin):
         self.scale = None
         self.kept_k = self.kept_v = None  # [B, Hk, capacity, D] keep_heads tokens, left-aligned per sequence
         self.kept_lens: list = []
+        self.seen_t: Optional[torch.Tensor] = None  # static: ``seen`` as a device scalar (no recompile per step)
+
+    @property
+    def is_compileable(self) -> bool:
+        return self.cache.policy.static
+
+    @property
+    def static(self) -> bool:
+        """Whether decode steps run in static mode now (policy ``static``, prompt compressed)."""
+        return self.hot is not None and self.cache.policy.static
 
     # -- the CacheLayerMixin API ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         B, H, _, D = key_states.shape
         self.keys, self.values = key_states.new_empty(B, H, 0, D), value_states.new_empty(B, H, 0, D)
+        if self.cache.policy.static:
+            self.seen_t = torch.zeros((), dtype=torch.long, device=self.device)
+            torch._dynamo.mark_static_address(self.seen_t)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -77,18 +90,22 @@ class CompressedLayer(CacheLayerMixin):
         else:
             self._append(key_states, value_states)
             out = (key_states, value_states)
-        self.seen += key_states.shape[-2]
+        if self.seen_t is not None:
+            self.seen_t.add_(key_states.shape[-2])
+        if not self.static:  # a compiled step reads no host-side count (it would be a constant of the graph)
+            self.seen += key_states.shape[-2]
         _last_update.layer, _last_update.key = self, out[0]
         return out
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+        # Static: the mask of a fixed shape, as transformers' StaticLayer (attention over pages ignores it).
+        return (self.cache.max_cache_len, 0) if self.static else (self.seen + query_length, 0)
 
-    def get_seq_length(self) -> int:
-        return self.seen
+    def get_seq_length(self):
+        return self.seen_t if self.static else self.seen
 
     def get_max_length(self) -> int:
-        return -1
+        return self.cache.max_cache_len if self.cache.policy.static else -1
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last tokens (negative: that many; positive: keep that many, the transformers < 5.18 form)."""
@@ -96,6 +113,9 @@ class CompressedLayer(CacheLayerMixin):
         n = -tokens_to_remove if tokens_to_remove <= 0 else max(0, self.seen - tokens_to_remove)
         if n == 0 or not self.is_initialized:
             return
+        if self.static:
+            raise ValueError("crop is not available on the compiled decode path (static=True): decode steps keep "
+                             "their lengths on the device")
         if self.hot is None:
             self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
         else:
@@ -104,7 +124,7 @@ class CompressedLayer(CacheLayerMixin):
         self.seen -= n
 
     def reset(self) -> None:
-        self.keys = self.values = self.hot = self.queries = self.kept_k = self.kept_v = None
+        self.keys = self.values = self.hot = self.queries = self.kept_k = self.kept_v = self.seen_t = None
         self.kept_lens, self.seen, self.is_initialized = [], 0, False
 
     def reorder_cache(self, *args):
@@ -170,10 +190,14 @@ class CompressedLayer(CacheLayerMixin):
         B, P = k.shape[0], codec.page_size
         dtype = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
         widest = max(1, -(-max(counts) // P))
-        self.hot = PagedKVCache(codec, num_kv_heads=len(comp), max_batch=B, num_pages=widest * B,
+        if policy.static:  # every page up to max_cache_len now (make_static reserves them)
+            widest = max(widest, (self.cache.max_cache_len - policy.sinks - policy.fp_window) // P)
+        self.hot = PagedKVCache(codec, num_kv_heads=len(comp), max_batch=B, num_pages=widest * B + policy.static,
                                 max_pages_per_seq=widest + 1, sink_tokens=policy.sinks, recent_tokens=policy.fp_window,
                                 dtype=dtype, device=k.device)
         self.hot.append(kc, vc, lengths=counts, positions=positions)
+        if policy.static:
+            self.hot.make_static(self.cache.max_cache_len)
         if keep:
             T = k.shape[1]
             self.kept_k = torch.zeros(B, len(keep), T + 64, k.shape[-1], dtype=self.dtype, device=k.device)
@@ -192,6 +216,14 @@ class CompressedLayer(CacheLayerMixin):
                              f"with")
         comp, keep = self.cache.head_split
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
+        if self.cache.policy.static:  # one token per sequence: device-side; else (a new turn) on the host, then back
+            if T == 1 and self.hot.static_pages is not None:
+                self.hot.append(k, v)
+                return
+            self.hot.sync_host()
+            self.hot.append(k, v)
+            self.hot.make_static(self.cache.max_cache_len)
+            return
         need, widest = self.hot.pages_needed([T] * B)
         if need or widest > self.hot.block_table.shape[1]:
             pool = self.hot.k_codes.shape[0]
@@ -231,6 +263,8 @@ class NQCache(Cache):
     Args:
         model: the transformers model (or its config).
         preset: a preset name, ``kXvY[-evictNN]``, or a ``Policy``; ``options`` replace its fields.
+        max_cache_len: the longest sequence (prompt and new tokens), needed by ``static=True`` (the compiled decode
+            path; ``generate`` passes its ``max_length``).
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -244,11 +278,18 @@ class NQCache(Cache):
         torch.Size([1, 84])
     """
 
-    def __init__(self, model, preset="balanced", **options):
+    def __init__(self, model, preset="balanced", max_cache_len: Optional[int] = None, **options):
         config = getattr(model, "config", model)
         self.policy: Policy = resolve(preset, **options)
         self.plans = plan_layers(config, self.policy)
-        base = DynamicCache(config=config)
+        self.max_cache_len = max_cache_len
+        if self.policy.static:
+            if not is_int(max_cache_len) or max_cache_len < 1:
+                raise ValueError(f"static=True needs max_cache_len, an int >= 1 (the longest sequence, prompt "
+                                 f"included; generate passes its max_length), got {max_cache_len!r}")
+            base = StaticCache(config=config, max_cache_len=max_cache_len)
+        else:
+            base = DynamicCache(config=config)
         layers = [CompressedLayer(self, i, p) if p.codec is not None else base.layers[i]
                   for i, p in enumerate(self.plans)]
         super().__init__(layers=layers)
@@ -297,6 +338,9 @@ class NQCache(Cache):
     def _padding(self, B: int, T: int, device) -> torch.Tensor:
         """Left-padding tokens per sequence of the prompt, from the 2-D attention mask (0 without one)."""
         mask = self.attention_mask
+        if mask is not None and mask.dim() == 4:  # a compileable cache gets generate's 4-D mask: its last query row
+            last = mask[:, 0, -1, :T]
+            mask = last if last.dtype == torch.bool else last == 0
         if mask is None or mask.dim() != 2:
             return torch.zeros(B, dtype=torch.long, device=device)
         mask = mask[:, :T].to(device).bool()

@@ -112,7 +112,8 @@ def _install_cache(state: Patched, model, generation_config, model_kwargs) -> No
         warnings.warn(f"generate() got a {type(cache).__name__} from the caller: it is used as is and this "
                       f"generation runs uncompressed (pass an NQCache to compress)", stacklevel=4)
     elif type(cache) is DynamicCache:
-        state.last_cache = state.expected = model_kwargs[name] = NQCache(model, state.policy)
+        size = {"max_cache_len": generation_config.max_length} if state.policy.static else {}
+        state.last_cache = state.expected = model_kwargs[name] = NQCache(model, state.policy, **size)
     else:
         raise ValueError(f"generate() built a {type(cache).__name__} (cache_implementation="
                          f"{generation_config.cache_implementation!r}): the compressed cache replaces the default "

@@ -46,6 +46,11 @@ class Policy:
         key_mode: ``"post_rope"`` (default: keys stored as the model made them) or ``"undo_rope"`` (RoPE undone
             before quantization, re-applied in attention; split-half RoPE models only).
         page_size: tokens per page of the HOT format.
+        static: the compiled decode path (docs/integration.md, "The compiled decode path"): after the prompt every
+            compressed layer reserves its pages up to ``generate``'s ``max_length`` and keeps its lengths on the
+            device (``PagedKVCache.make_static``), uncompressed layers are transformers' ``StaticLayer``, and
+            ``generate`` compiles its decode step as it does for a ``StaticCache`` (``torch.compile``, CUDA graphs
+            on a GPU; ``compile_config`` to change). Post-RoPE keys and no ``keep_heads``; default off.
     """
     key_bits: int = 3
     value_bits: int = 2
@@ -63,6 +68,7 @@ class Policy:
     compress_sliding: Optional[bool] = None
     key_mode: str = "post_rope"
     page_size: int = 64
+    static: bool = False
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
@@ -95,6 +101,11 @@ class Policy:
             raise ValueError(f"key_mode must be one of {KEY_MODES}, got {self.key_mode!r}")
         if not is_int(self.page_size) or self.page_size < 16 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 16, got {self.page_size!r}")
+        if not isinstance(self.static, bool):
+            raise ValueError(f"static must be True or False, got {self.static!r}")
+        if self.static and (self.key_mode != "post_rope" or self.keep_heads):
+            raise ValueError("static=True (the compiled decode path) needs key_mode='post_rope' and no keep_heads: "
+                             "both keep host-side state per decode step")
 
     def bits_for(self, layer: int, num_layers: int) -> Bits:
         """(key_bits, value_bits) of ``layer``, or None when it stays fp16."""

@@ -14,7 +14,7 @@ import triton.language as tl
 from .. import store
 
 from .. import reference as ref
-from ..runtime import FIXED, dot_dtype, launch_config, max_programs, rope_tables, rotation, use_triton
+from ..runtime import FIXED, cache_of, dot_dtype, launch_config, max_programs, rope_tables, rotation, use_triton
 from ..config import check_positive_float, describe, is_int
 from ..launch import LaunchRecord, current_stream, launcher, signature
 from ..paged import PagedKVCache
@@ -107,9 +107,9 @@ def _plan_key(q, cache: PagedKVCache, scale, softcap, window, num_splits) -> tup
     the stream and the config store's generation. Equal keys replay (``LaunchRecord.replay``)."""
     B = q.shape[0]
     rope_end = max(cache.next_positions()[:B]) if cache.codec.rope is not None else None  # RoPE table length
-    return (signature(q), q.device, current_stream(q.device), cache.codec,
-            cache.launch_signature(), tuple(cache.compressed_lens()[:B]), rope_end, scale, softcap, window, num_splits,
-            store.generation())
+    lens = ("static", cache.static_pages) if cache.static_pages is not None else tuple(cache.compressed_lens()[:B])
+    return (signature(q), q.device, current_stream(q.device), cache.codec, cache.launch_signature(), lens, rope_end,
+            scale, softcap, window, num_splits, store.generation())
 
 
 def _call_tensors(q, out, cache: PagedKVCache) -> dict:
@@ -211,11 +211,10 @@ def _check_inputs(q, cache, softmax_scale, softcap, window, num_splits):
         raise ValueError(f"q is on {q.device} but the cache is on {cache.device}")
     if B > cache.max_batch:
         raise ValueError(f"batch {B} exceeds the cache's max_batch={cache.max_batch}")
-    if q_len < 1:
-        raise ValueError("q_len must be >= 1")
-    lens = cache.seq_lens()[:B]
-    short = [b for b, n in enumerate(lens) if n < q_len]
-    if short:
+    if q_len < 1 or (cache.static_pages is not None and q_len != 1):
+        raise ValueError(f"q_len must be >= 1 (and 1 in static mode, make_static), got {q_len}")
+    short = [] if cache.static_pages is not None else [b for b, n in enumerate(cache.seq_lens()[:B]) if n < q_len]
+    if short:  # (in static mode the lengths are on the device: appends there take one token, q_len must be 1)
         raise ValueError(f"sequences {short} hold fewer tokens than q_len={q_len}: append the chunk's keys and "
                          f"values to the cache before attending")
     if softmax_scale is not None:
@@ -264,6 +263,11 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     B, q_len, Hq, D = q.shape
     H = cache.num_kv_heads
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if torch.compiler.is_compiling():  # one custom op in the traced graph (static mode: make_static)
+        if cache.static_pages is None:
+            raise ValueError("decode_attention under torch.compile needs the cache in static mode "
+                             "(cache.make_static(max_tokens)): otherwise its launch depends on host-side lengths")
+        return _attention_op(q, *cache.op_tensors(), cache.cache_id, scale, softcap, window, num_splits)
     out = torch.empty_like(q)
     if B == 0:
         return out
@@ -284,7 +288,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     n_mblk = triton.cdiv(rows, block_m)
     P = codec.page_size
-    longest = max(cache.compressed_lens()[:B])
+    # Static mode sizes the launch for the reserved capacity: the lengths are on the device only.
+    longest = cache.static_pages * P if cache.static_pages is not None else max(cache.compressed_lens()[:B])
     max_pages = triton.cdiv(longest, P)
     cfg = launch_config("attention", attention_buckets(D, codec.key_bits, codec.value_bits, group, B, longest), q.device)
     # Pages per step: a block of few rows holds several pages' logits side by side (post-RoPE keys only).
@@ -411,3 +416,23 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         while len(_PLANS) > _MAX_PLANS:  # the oldest step's plan and its workspaces go
             del _PLANS[next(iter(_PLANS))]
     return out
+
+
+# torch.compile: decode_attention over a cache in static mode is one custom op while a compile traces it (the launcher
+# is Python: checks, plans, config lookups, Triton launches), reading the cache tensors it takes. The cache travels as
+# its cache_id; a CUDA graph of the compiled step replays its launches, sized for the reserved capacity.
+
+@torch.library.custom_op("nqkernels::decode_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, fp_k: torch.Tensor, fp_v: torch.Tensor, lengths: torch.Tensor,
+                  k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
+                  k_mean: torch.Tensor, v_mean: torch.Tensor, block_table: torch.Tensor, cache: int, scale: float,
+                  softcap: Optional[float], window: Optional[int], num_splits: Optional[int]) -> torch.Tensor:
+    """``decode_attention`` of q ``[B, 1, q_heads, head_dim]`` over the static-mode cache ``cache``."""
+    c = cache_of(cache, (fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table))
+    return decode_attention(q, c, softmax_scale=scale, softcap=softcap, window=window, num_splits=num_splits)
+
+
+@_attention_op.register_fake
+def _(q, fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table, cache, scale, softcap,
+      window, num_splits):
+    return torch.empty_like(q)

@@ -1,0 +1,149 @@
+"""Static mode of PagedKVCache (``make_static``): one-token appends that keep the bookkeeping on the device, and
+decode attention sized for the reserved capacity, so a decode step can be captured in a CUDA graph or compiled.
+
+Every check runs the same tokens through two caches, one with host bookkeeping (the oracle: its appends are tested in
+test_paged_state) and one in static mode, and asks for the same state bit for bit: lengths, uncompressed tokens, codes
+and scales of every compressed page (the same encode of the same tokens with the same means), and the same attention.
+torch.compile checks trace a step with ``fullgraph=True`` (no graph break: the append and the attention are one custom
+op each) on the aot_eager backend (functionalization and the fake implementations; CUDA graphs need a GPU:
+tests/test_attention_cuda.py)."""
+import pytest
+import torch
+
+from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
+
+from .conftest import interpreted
+
+
+def _pair(D=64, bits=(3, 2), H=2, B=3, P=16, sinks=2, recent=5, dtype=torch.float16, prompt=(40, 7, 23)):
+    """Two equal caches holding ragged prompts (the second's prompt lengths come from ``prompt``)."""
+    codec = KVCodec(head_dim=D, key_bits=bits[0], value_bits=bits[1], page_size=P)
+    caches = [PagedKVCache(codec, num_kv_heads=H, max_batch=B, num_pages=4, sink_tokens=sinks, recent_tokens=recent,
+                           dtype=dtype, device="cpu") for _ in range(2)]
+    T = max(prompt)
+    k, v = torch.randn(2, B, T, H, D, dtype=dtype)
+    for c in caches:
+        c.grow(40, 40)
+        c.append(k, v, lengths=list(prompt[:B]))
+    return caches
+
+
+def _same_state(host: PagedKVCache, static: PagedKVCache, B: int):
+    assert torch.equal(host.lengths, static.lengths)
+    assert static.seq_lens() == host.seq_lens() and static.compressed_lens() == host.compressed_lens()
+    Kh, Vh, vh = host.dense(B)
+    Ks, Vs, vs = static.dense(B)
+    assert torch.equal(vh, vs) and torch.equal(Kh, Ks) and torch.equal(Vh, Vs)
+    for b in range(B):  # the codes and scales of every compressed page, through each cache's block table
+        n = host.compressed_lens()[b] // host.codec.page_size
+        for name in ("k_codes", "k_scales", "v_codes", "v_scales"):
+            a = getattr(host, name)[host.block_table[b, :n].long()]
+            s = getattr(static, name)[static.block_table[b, :n].long()]
+            assert torch.equal(a, s), (name, b)
+
+
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(D=128, bits=(4, 4), H=1, B=2, sinks=0, recent=16, prompt=(3, 50)),
+    dict(D=96, bits=(2, 2), H=2, B=2, sinks=4, recent=0, dtype=torch.bfloat16, prompt=(2, 33)),
+    dict(D=64, bits=(2, 3), H=1, B=1, P=32, sinks=1, recent=40, prompt=(70,)),
+])
+def test_static_steps_match_host_appends_bit_for_bit(case, reference_mode):
+    """Decode steps through page fills, sinks still filling and empty windows (recent 0), on the reference path."""
+    host, static = _pair(**case)
+    B, H, D = static.max_batch, static.num_kv_heads, static.codec.head_dim
+    steps = 2 * static.codec.page_size + 5
+    static.make_static(max(host.seq_lens()) + steps)
+    assert static.static_pages is not None
+    for _ in range(steps):
+        k, v = torch.randn(2, B, 1, H, D, dtype=static.dtype)
+        host.append(k, v)
+        static.append(k, v)
+        q = torch.randn(B, 1, 4 * H, D, dtype=static.dtype)
+        torch.testing.assert_close(decode_attention(q, static), decode_attention(q, host), rtol=0, atol=0)
+    _same_state(host, static, B)
+    static.sync_host()  # back to host bookkeeping: the same slots, pages and lengths, and appends go on
+    assert static.static_pages is None and static.seq_lens() == host.seq_lens()
+    k, v = torch.randn(2, B, 20, H, D, dtype=static.dtype)
+    host.append(k, v)
+    static.append(k, v)
+    _same_state(host, static, B)
+    free = static.free_pages()
+    static.reset()
+    assert static.free_pages() == free + sum(len(p) for p in host._pages)
+
+
+@pytest.mark.skipif(not interpreted(), reason="the Triton kernels run only under TRITON_INTERPRET=1 on CPU")
+def test_static_steps_run_the_kernels():
+    """The window write, shift and encode kernels and the attention kernels in static mode (interpreter), against
+    the host-bookkeeping cache on the same kernels."""
+    host, static = _pair(D=64, H=1, B=2, sinks=1, recent=3, prompt=(20, 5))
+    static.make_static(60)
+    for _ in range(17):
+        k, v = torch.randn(2, 2, 1, 1, 64, dtype=torch.float16)
+        host.append(k, v)
+        static.append(k, v)
+    _same_state(host, static, 2)
+    q = torch.randn(2, 1, 4, 64, dtype=torch.float16)
+    torch.testing.assert_close(decode_attention(q, static), decode_attention(q, host), rtol=0, atol=0)
+
+
+def test_compiled_step_has_no_graph_break_and_matches_eager(reference_mode):
+    host, static = _pair(B=2, prompt=(30, 9))
+    static.make_static(80)
+
+    def step(k, v, q):
+        static.append(k, v)
+        return decode_attention(q, static)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for i in range(20):
+        k, v = torch.randn(2, 2, 1, 2, 64, dtype=torch.float16)
+        q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+        host.append(k, v)
+        torch.testing.assert_close(compiled(k, v, q), decode_attention(q, host), rtol=0, atol=0)
+    _same_state(host, static, 2)
+
+
+def test_attention_op_passes_opcheck(reference_mode):
+    from nqkernels.attention.launcher import _attention_op
+
+    _, static = _pair(B=2, prompt=(30, 9))
+    static.make_static(64)
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+    torch.library.opcheck(_attention_op, (q, *static.op_tensors(), static.cache_id, 0.125, None, None, None))
+
+
+def test_static_mode_refuses_what_it_cannot_do(reference_mode):
+    host, static = _pair(B=2, prompt=(30, 9))
+    static.make_static(50)
+    k = torch.randn(2, 2, 2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="one token per sequence"):
+        static.append(k, k)
+    with pytest.raises(ValueError, match="lengths"):
+        static.append(k[:, :1], k[:, :1], lengths=[1, 1])
+    for call in (lambda: static.crop(1), lambda: static.reset(), lambda: static.grow(1), lambda: static.export_slot(0)):
+        with pytest.raises(ValueError, match="static mode.*sync_host"):
+            call()
+    with pytest.raises(ValueError, match="q_len"):
+        decode_attention(torch.randn(2, 2, 8, 64, dtype=torch.float16), static)
+    with pytest.raises(ValueError, match="max_tokens"):
+        host.make_static(0)
+    with pytest.raises(ValueError, match="below the longest"):
+        host.make_static(10)
+    with pytest.raises(Exception, match="needs the cache in static mode"):  # dynamo re-raises it as Unsupported
+        torch.compile(lambda q: decode_attention(q, host), fullgraph=True, backend="aot_eager")(
+            torch.randn(2, 1, 8, 64, dtype=torch.float16))
+    rope = PagedKVCache(KVCodec(head_dim=64, rope=RopeSpec(theta=1e4)), num_kv_heads=1, max_batch=1, num_pages=2,
+                        device="cpu")
+    with pytest.raises(ValueError, match="post-RoPE"):
+        rope.make_static(32)
+
+
+def test_static_capacity_is_enforced_on_the_device(reference_mode):
+    _, static = _pair(B=1, prompt=(30,), sinks=0, recent=5)
+    static.make_static(40)  # pages for 40 tokens: (40 - 5) // 16 = 2; a window holds up to 5 + 15 beyond them
+    k = torch.randn(1, 1, 2, 64, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="grew past the max_tokens"):
+        for _ in range(40):
+            static.append(k, k)

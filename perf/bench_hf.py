@@ -12,12 +12,19 @@ decode speed against transformers' DynamicCache (one script, one device call).
    the benchmark host: ~1,750 launches and ~80 ms of Python per step for every cache, ~12 ms of GPU work), batch 1
    (8K-128K) and batch 16 (8K; a 16K prompt at batch 16 does not fit the plain model in 80 GB); DynamicCache + SDPA
    vs each preset.
+3. ``--compiled``: the compiled decode path (``static=True``: ``torch.compile(mode="reduce-overhead")``, inductor and
+   CUDA graphs, ``fullgraph``) beside transformers' StaticCache compiled the same way: tokens/s of greedy decode steps
+   at batch × context (``--shapes``), and at the memory limit (``--limit T``: for each cache the largest batch whose
+   cache fits the GPU's free memory at context T, tokens/s at that batch). The caches are filled directly with random
+   K/V of the prompt's shape (encoded into pages for ours) instead of a prefill, which at the memory limit would not
+   fit the benchmark's GPU time; decode steps read the same bytes either way.
 Bytes per decode step for reference: weights (15 GB) + the cache (DynamicCache: 128 KiB per token).
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import platform
@@ -27,7 +34,7 @@ import time
 import torch
 
 from integrations.hf import PRESETS as HF_PRESETS
-from integrations.hf import NQCache, patch, unpatch, with_cache
+from integrations.hf import CompressedLayer, NQCache, patch, unpatch, with_cache
 from perf.bench_attention import log
 from perf.bench_cold import llama8b_model
 
@@ -138,6 +145,122 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
+# -- the compiled decode path ---------------------------------------------------------------------------------------
+STEP_MARGIN = 64  # tokens of room beyond the prompt: warm-up and timed steps
+
+
+def filled_cache(model, kind: str, B: int, T: int):
+    """A cache holding B sequences of T random tokens, filled directly (no prefill): ``"static"`` is transformers'
+    StaticCache (zeros; SDPA reads every slot up to max_cache_len either way), otherwise the NQCache of preset
+    ``kind`` with ``static=True``, each layer's pages encoded from one random sequence repeated B times."""
+    from transformers import StaticCache
+
+    cfg = model.config
+    H, D = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    L = T + STEP_MARGIN
+    dev = model.device
+    g = torch.Generator(dev).manual_seed(T)
+    if kind == "static":
+        cache = StaticCache(config=cfg, max_cache_len=L)
+        empty = torch.empty(B, H, 1, D, dtype=model.dtype, device=dev)
+        for layer in cache.layers:
+            layer.lazy_initialization(empty, empty)
+            layer.cumulative_length.fill_(T)
+        return cache
+    cache = NQCache(model, kind, static=True, max_cache_len=L)
+    for layer in cache.layers:
+        k, v = torch.randn(2, 1, T, H, D, dtype=model.dtype, device=dev, generator=g)
+        k, v = k.expand(B, T, H, D), v.expand(B, T, H, D)
+        layer.lazy_initialization(k.transpose(1, 2), v.transpose(1, 2))
+        if isinstance(layer, CompressedLayer):
+            layer.encode(k, v, [T] * B, None, None)
+            layer.seen = T
+            layer.seen_t.fill_(T)
+    return cache
+
+
+def compiled_steps(model, cache, B: int, T: int, steps: int, warm: int = 3) -> tuple[list, float]:
+    """Greedy decode steps through ``model.forward`` compiled as ``generate`` compiles it for a static cache
+    (inductor, ``reduce-overhead``: CUDA graphs; ``fullgraph``): (seconds of each timed step, seconds of the first
+    call, the compile)."""
+    fwd = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    dev = model.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    nxt = torch.randint(0, model.config.vocab_size, (B, 1), device=dev)
+    pos = torch.full((B, 1), T, dtype=torch.long, device=dev)
+    extra = {"cache_position": pos[0]} if "cache_position" in inspect.signature(model.forward).parameters else {}
+    times, first = [], 0.0
+    with torch.no_grad():
+        for i in range(warm + steps):
+            sync()
+            t0 = time.perf_counter()
+            out = fwd(nxt, position_ids=pos, **with_cache(model, cache), use_cache=True, **extra)
+            nxt = out.logits[:, -1:].argmax(-1)
+            pos += 1
+            sync()
+            if i == 0:
+                first = time.perf_counter() - t0
+            elif i >= warm:
+                times.append(time.perf_counter() - t0)
+    return times, first
+
+
+def run_compiled(model, kind: str, B: int, T: int, steps: int, limit: bool = False) -> dict:
+    name = "StaticCache" if kind == "static" else f"{kind} static=True"
+    row = {"cache": name + " + compile", "batch": B, "tokens": T, "memory_limit": limit, "fill": "direct"}
+    torch._dynamo.reset()
+    try:
+        if kind != "static":
+            patch(model, kind, static=True)
+        cache = filled_cache(model, kind, B, T)
+        row["nbytes"] = cache_bytes(cache) if kind != "static" else sum(
+            l.keys.nbytes + l.values.nbytes for l in cache.layers)
+        times, first = compiled_steps(model, cache, B, T, steps)
+        times.sort()
+        med = times[len(times) // 2]
+        row.update(step_ms=1e3 * med, tokens_per_s=B / med, first_call_s=first, step_ms_all=[1e3 * t for t in times])
+        del cache
+    except torch.OutOfMemoryError:
+        row["oom"] = True
+    finally:
+        if kind != "static":
+            unpatch(model)
+        torch._dynamo.reset()
+        _free()
+    log(f"{row['cache']:>32} B={B:<4} T={T:<7} " + ("OOM" if row.get("oom") else
+        f"{row['nbytes'] / 2**30:7.2f} GiB  step {row['step_ms']:7.2f} ms  {row['tokens_per_s']:9.1f} tok/s  "
+        f"(first call {row['first_call_s']:.0f} s)"))
+    return row
+
+
+def limit_batch(model, kind: str, T: int, headroom: float) -> int:
+    """The largest batch whose cache at context T fits the free memory less ``headroom`` bytes (bytes per sequence
+    measured on a batch-1 cache)."""
+    _free()
+    one = filled_cache(model, kind, 1, T)
+    per_seq = cache_bytes(one) if kind != "static" else sum(l.keys.nbytes + l.values.nbytes for l in one.layers)
+    del one
+    _free()
+    return max(1, int((torch.cuda.mem_get_info()[0] - headroom) // per_seq))
+
+
+def compiled_table(rows: list) -> str:
+    lines = ["| batch | context | cache | bytes held | step | tokens/s | vs StaticCache + compile |", "|---|---|---|---|---|---|---|"]
+    peer = {(r["memory_limit"], r["batch"], r["tokens"]) if not r["memory_limit"] else (True, r["tokens"]): r
+            for r in rows if r["cache"].startswith("StaticCache") and not r.get("oom")}
+    for r in rows:
+        key = (True, r["tokens"]) if r["memory_limit"] else (False, r["batch"], r["tokens"])
+        p = peer.get(key)
+        shape = f"{r['batch']} (memory limit)" if r["memory_limit"] else str(r["batch"])
+        if r.get("oom"):
+            lines.append(f"| {shape} | {r['tokens'] // 1024}K | {r['cache']} | OOM | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}×" if p else "—"
+        lines.append(f"| {shape} | {r['tokens'] // 1024}K | {r['cache']} | {r['nbytes'] / 2**30:.2f} GiB | "
+                     f"{r['step_ms']:.2f} ms | {r['tokens_per_s']:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m perf.bench_hf", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="8K and 32K at batch 1, 8K at batch 16")
@@ -145,6 +268,11 @@ def main(argv=None):
     ap.add_argument("--preset", action="append", choices=("dynamic",) + tuple(HF_PRESETS),
                     help=f"repeatable; default: {', '.join(PRESETS)}")
     ap.add_argument("--out", default="perf/results")
+    ap.add_argument("--compiled", action="store_true", help="the compiled decode path beside StaticCache + compile")
+    ap.add_argument("--shapes", default="1x8192,1x32768,16x8192", help="--compiled: batch x context, comma-separated")
+    ap.add_argument("--limit", type=int, default=0, help="--compiled: also at the memory limit at this context")
+    ap.add_argument("--headroom-gib", type=float, default=8.0,
+                    help="--limit: memory left free beside the cache (activations, CUDA graph pools); default 8")
     args = ap.parse_args(argv)
     # Expandable segments: memory_allocated then counts the cache's tensors. The default allocator hands out whole
     # cached blocks when the rest would be under 1 MiB, which added 0-25 MB to an 8K cache depending on what the
@@ -170,6 +298,8 @@ def main(argv=None):
     tag = "h200" if "H200" in name else "h100" if "H100" in name else name.lower().replace(" ", "-")
     if args.preset:
         tag += "_" + "_".join(args.preset)
+    if args.compiled:
+        return main_compiled(model, args, meta, tag)
     rows = []
     for B, T in shapes:
         for p in args.preset or PRESETS:
@@ -177,6 +307,32 @@ def main(argv=None):
             with open(os.path.join(args.out, f"hf_{tag}.json"), "w") as f:  # after every row: a cut run keeps them
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(table(rows))
+
+
+def main_compiled(model, args, meta: dict, tag: str) -> None:
+    kinds = ["static"] + (args.preset or ["balanced"])
+    meta.update(compiled=True, headroom_gib=args.headroom_gib, margin_tokens=STEP_MARGIN)
+    rows, path = [], os.path.join(args.out, f"hf_compiled_{tag}.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+    try:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    except ValueError:
+        sys.exit(f"--shapes must be BxT,BxT,... (e.g. 1x8192,16x8192), got {args.shapes!r}")
+    for B, T in shapes:
+        for kind in kinds:
+            rows.append(run_compiled(model, kind, B, T, args.steps))
+            save()
+    if args.limit:
+        for kind in kinds:
+            B = limit_batch(model, kind, args.limit, args.headroom_gib * 2**30)
+            log(f"memory limit at {args.limit}: {kind} batch {B}")
+            rows.append(run_compiled(model, kind, B, args.limit, args.steps, limit=True))
+            save()
+    print(compiled_table(rows))
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ class CompressedLayer(CacheLayerMixin):
         kept tokens of ``selection`` (or all), RoPE positions ``[B, T]`` (undo_rope) or None; free the dense K/V."""
         codec, policy = self.plan.codec, self.cache.policy
         comp, keep = self.cache.head_split
-        kc, vc = k[:, :, comp], v[:, :, comp]
+        kc, vc = (k[:, :, comp], v[:, :, comp]) if keep else (k, v)  # (no copy of the prompt when every head is)
         counts = lens
         if positions is not None:
             positions = positions[:, None].expand(-1, len(comp), -1)

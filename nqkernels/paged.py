@@ -324,6 +324,9 @@ class PagedKVCache:
         if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs of a compiled step write them in place
             for t in self.op_tensors():
                 torch._dynamo.mark_static_address(t)
+        if self.device.type == "cuda":  # the attention's constant tables, before any graph's memory pool could own them
+            from .attention.launcher import make_tables
+            make_tables(self)
 
     def sync_host(self) -> None:
         """End static mode (``make_static``): read the lengths the device kept (one sync), move the pages the static

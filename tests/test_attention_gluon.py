@@ -117,7 +117,7 @@ def _prep_operand(q, d, bits, block_m=16):
 @pytest.mark.parametrize("bits", (2, 3, 4))
 def test_fragment_maps_match_reference(d, bits):
     """Emulate one 16-token unit: A fragments from the kernel's masks (lane 4g + c: tokens g, g + 8; a0..a3 =
-    registers 2t, 2t + 1 of each token), B fragments from the prep operand through ``_fragment_index``, and the
+    registers 2t, 2t + 1 of each token), B fragments from the prep operand through ``fragment_index``, and the
     m16n8k16 contraction (A column 2c + h (+8) meets B row 2c + h (+8) of the lane with the same c). Times 2^24 the
     logits must be q̃ · v for the reference lattice values v (q̃ = R q / √n), to float64 rounding."""
     torch.manual_seed(d + bits)
@@ -125,7 +125,7 @@ def test_fragment_maps_match_reference(d, bits):
     words = _u32(R.pack_codes(idx, bits).long())
     q = torch.randn(8, d)
     qt = _prep_operand(q, d, bits)
-    qf = qt.flatten()[G._fragment_index(d, bits, 16, "cpu").long()].view(-1, 32, 2)  # [NREG, lane, half]
+    qf = qt.flatten()[G.fragment_index(d, bits, 16, "cpu").long()].view(-1, 32, 2)  # [NREG, lane, half]
     assert qf.shape[0] == G.num_regs(d, bits)
     got = torch.zeros(16, 8, dtype=torch.float64)
     for c in range(4):

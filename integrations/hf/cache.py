@@ -99,13 +99,13 @@ class CompressedLayer(CacheLayerMixin):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Static: the mask of a fixed shape, as transformers' StaticLayer (attention over pages ignores it).
-        return (self.cache.max_cache_len, 0) if self.static else (self.seen + query_length, 0)
+        return (self.cache.max_tokens, 0) if self.static else (self.seen + query_length, 0)
 
     def get_seq_length(self):
         return self.seen_t if self.static else self.seen
 
     def get_max_length(self) -> int:
-        return self.cache.max_cache_len if self.cache.policy.static else -1
+        return self.cache.max_tokens if self.cache.policy.static else -1
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last tokens (negative: that many; positive: keep that many, the transformers < 5.18 form)."""
@@ -191,13 +191,13 @@ class CompressedLayer(CacheLayerMixin):
         dtype = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
         widest = max(1, -(-max(counts) // P))
         if policy.static:  # every page up to max_cache_len now (make_static reserves them)
-            widest = max(widest, (self.cache.max_cache_len - policy.sinks - policy.fp_window) // P)
+            widest = max(widest, (self.cache.max_tokens - policy.sinks - policy.fp_window) // P)
         self.hot = PagedKVCache(codec, num_kv_heads=len(comp), max_batch=B, num_pages=widest * B + policy.static,
                                 max_pages_per_seq=widest + 1, sink_tokens=policy.sinks, recent_tokens=policy.fp_window,
                                 dtype=dtype, device=k.device)
         self.hot.append(kc, vc, lengths=counts, positions=positions)
         if policy.static:
-            self.hot.make_static(self.cache.max_cache_len)
+            self.hot.make_static(self.cache.max_tokens)
         if keep:
             T = k.shape[1]
             self.kept_k = torch.zeros(B, len(keep), T + 64, k.shape[-1], dtype=self.dtype, device=k.device)
@@ -222,7 +222,7 @@ class CompressedLayer(CacheLayerMixin):
                 return
             self.hot.sync_host()
             self.hot.append(k, v)
-            self.hot.make_static(self.cache.max_cache_len)
+            self.hot.make_static(self.cache.max_tokens)
             return
         need, widest = self.hot.pages_needed([T] * B)
         if need or widest > self.hot.block_table.shape[1]:
@@ -282,7 +282,7 @@ class NQCache(Cache):
         config = getattr(model, "config", model)
         self.policy: Policy = resolve(preset, **options)
         self.plans = plan_layers(config, self.policy)
-        self.max_cache_len = max_cache_len
+        self.max_tokens = max_cache_len  # static: the longest sequence (transformers names it max_cache_len)
         if self.policy.static:
             if not is_int(max_cache_len) or max_cache_len < 1:
                 raise ValueError(f"static=True needs max_cache_len, an int >= 1 (the longest sequence, prompt "

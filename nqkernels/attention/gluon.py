@@ -15,7 +15,7 @@ fields are its own A-fragment elements (columns 2c, 2c + 1, 2c + 8, 2c + 9 of ev
 yields one A register, two fp16 subnormals (field · 2^k · 2^-24, as ``lattice.plane_pairs``), so the words go from
 the load to the tensor core with one LOP3 per register and never leave the thread.
 
-Register order (per thread c, per token; ``fragment_elements`` / ``_fragment_index`` are the host-side map,
+Register order (per thread c, per token; ``fragment_elements`` / ``fragment_index`` are the host-side map,
 ``tests/test_attention_gluon.py`` checks it against the reference by a pure-torch emulation of the fragments):
   * coset registers: low-plane word c·D/64 + k → 2c·2^-24 for the coset flag c of each of its two groups (the
     varying part of the group constant e = 2c - (2^(b+1) - 1), ``lattice.coset_pairs``), padded with zeros to an
@@ -27,7 +27,7 @@ Register order (per thread c, per token; ``fragment_elements`` / ``_fragment_ind
 Register 2t and 2t + 1 of a plane are the a0/a2 (token g) and a1/a3 (token g + 8) of k-tile t. The B fragment of
 lane (g', c) is the prep's query operand (``kernels._query_prep_kernel``, pair order, unchanged) gathered to the
 elements of thread c's registers, column g': each program gathers its fragments once, through a cached index table
-(``_fragment_index``). The coset registers hold 2c only; the constant part of the group constants is the low chain's
+(``fragment_index``). The coset registers hold 2c only; the constant part of the group constants is the low chain's
 start value (``_coset_const``), and the parity is restored for two words at once (``_parity_fold``).
 
 Loads: a page ahead into registers (``prefetch``), and optionally a bulk L2 prefetch further ahead (``l2_prefetch``):
@@ -291,7 +291,7 @@ def _split_pages(split, pages_per_split, comp, PAGE: gl.constexpr):
 def _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D: gl.constexpr, KBITS: gl.constexpr,
                    KQ: gl.constexpr, BLOCK_M: gl.constexpr, SOFTCAP: gl.constexpr):
     """The keys product's B fragments (the prep's query operand in pair order, gathered to the kernel's order through
-    ``_fragment_index``), q·mean_k of this thread's columns col0, col1, and the factor from the accumulator to logits
+    ``fragment_index``), q·mean_k of this thread's columns col0, col1, and the factor from the accumulator to logits
     (2^24, times the softmax scale in log2 units without softcap: ``kernels._logit_units``)."""
     NREG: gl.constexpr = max(2, D // 64) + D // 8 * (2 if KBITS > 2 else 1)
     qt = qt_ptr + pid * (KQ * BLOCK_M)
@@ -1133,7 +1133,7 @@ def fragment_elements(head_dim: int, key_bits: int) -> list:
 
 
 @functools.lru_cache(maxsize=None)
-def _fragment_index(head_dim: int, key_bits: int, block_m: int, device: str) -> torch.Tensor:
+def fragment_index(head_dim: int, key_bits: int, block_m: int, device: str) -> torch.Tensor:
     """Flat indices into one program's prep output ``q_t[pid]`` ([KQ, block_m] fp16, ``_query_prep_kernel``, pair
     order) that give its B fragments in the kernel's order: int32 [NREG, 32 lanes, 2 halves], lane 4g' + c reading
     column g' (the kernel gathers them once per program). Checks that the prep's power of two at each element undoes
@@ -1200,7 +1200,7 @@ def keys_pass(cache, q_t, q_mean, logits, m_part, *, q_len: int, group: int, blo
     l2 = (kc.data_ptr() % 16 == 0 and all(st % 4 == 0 for st in kc.stride()[:2]) and ks.data_ptr() % 16 == 0
           and all(st * ks.element_size() % 16 == 0 for st in ks.stride()[:2]))
     (launch or launcher(None))(_gluon_keys_kernel, (n_prog, num_splits),
-        kc, ks, cache.block_table, cache.lengths, q_t, _fragment_index(D, codec.key_bits, block_m, str(q_t.device)),
+        kc, ks, cache.block_table, cache.lengths, q_t, fragment_index(D, codec.key_bits, block_m, str(q_t.device)),
         q_mean, logits, m_part, cache.num_kv_heads, num_splits, pages_per_split, n_tok, cache.max_batch, scale,
         float(softcap or 1.0), int(window or 0), *kc.stride()[:2], *ks.stride()[:2], cache.block_table.stride(0),
         Q_LEN=q_len, GROUP=group, D=D, KBITS=codec.key_bits, PAGE=P, SOFTCAP=softcap is not None,
@@ -1259,7 +1259,7 @@ def fused_pass(cache, q_t, q_mean, m_part, l_part, acc_part, *, q_len: int, grou
     l2 = all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:2])
              for t in (kc, ks, vc, vs))
     (launch or launcher(None))(_gluon_fused_kernel, (n_prog, num_splits),
-        kc, ks, vc, vs, cache.block_table, cache.lengths, q_t, _fragment_index(D, codec.key_bits, block_m,
+        kc, ks, vc, vs, cache.block_table, cache.lengths, q_t, fragment_index(D, codec.key_bits, block_m,
                                                                                str(q_t.device)),
         q_mean, m_part, l_part, acc_part, cache.num_kv_heads, num_splits, pages_per_split, cache.max_batch, scale,
         float(softcap or 1.0), int(window or 0), *kc.stride()[:2], *ks.stride()[:2], *vc.stride()[:2],

@@ -274,7 +274,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     if not use_triton(q):
         return ref.paged_attention(q, cache, scale, softcap, window).to(q.dtype)
     record, key, inputs = None, None, None
-    if q.is_cuda and not torch.cuda.is_current_stream_capturing():  # a graph replays at no host cost anyway
+    # Plans are for eager calls: a graph replays at no host cost anyway, and static mode (make_static) is for graphs,
+    # whose memory pools must not see a plan's workspaces outlive the call.
+    if q.is_cuda and cache.static_pages is None and not torch.cuda.is_current_stream_capturing():
         key, inputs = _plan_key(q, cache, scale, softcap, window, num_splits), _call_tensors(q, out, cache)
         plan = _PLANS.get(key)
         if plan is not None:  # another layer of this decode step: replay its launches (the key holds the signatures)
@@ -416,6 +418,21 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         while len(_PLANS) > _MAX_PLANS:  # the oldest step's plan and its workspaces go
             del _PLANS[next(iter(_PLANS))]
     return out
+
+
+def make_tables(cache: PagedKVCache) -> None:
+    """Make the constant tables decode_attention over ``cache`` reads (cached per device: the rotation, the decode
+    matrix, the value gather, the Gluon fragment index: its passes take one block of 16 rows). ``PagedKVCache.make_static`` calls it,
+    so none is first made inside a captured step, where the graph's memory pool would own it."""
+    codec, dev = cache.codec, str(cache.device)
+    D = codec.head_dim
+    rotation(D, dev)
+    _decode_matrix(D, codec.key_bits, dev, _TORCH_DTYPE[dot_dtype(cache.fp_k)])
+    _value_gather(D, codec.value_bits, dev)
+    probe = cache.fp_k[:1, :1, :1]
+    fast = _gluon(probe) if codec.rope is None else None
+    if fast is not None and fast.supports(D, codec.key_bits, codec.page_size, 1):
+        fast.fragment_index(D, codec.key_bits, 16, dev)
 
 
 # torch.compile: decode_attention over a cache in static mode is one custom op while a compile traces it (the launcher

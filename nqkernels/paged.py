@@ -279,7 +279,7 @@ class PagedKVCache:
 
         In static mode, ``append`` takes one token per sequence (``[B, 1, H, D]``, no ``lengths``/``positions``): it
         writes the token at its window's end and, in each sequence whose window fills, encodes the window's oldest
-        page into the slot's next reserved page, with fixed shapes and no host sync (docs/integration.md, "The
+        page into the slot's next reserved page, with fixed shapes and no host sync (docs/hf.md, "The
         compiled decode path"). ``decode_attention`` sizes its launch for ``static_pages`` pages per sequence
         (splits past a sequence's end exit at once). ``seq_lens`` and ``compressed_lens`` read the device (one
         sync); the host-side operations (``crop``, ``reset``, ``grow``, ``export_slot``, ...) need ``sync_host``

@@ -46,7 +46,7 @@ class Policy:
         key_mode: ``"post_rope"`` (default: keys stored as the model made them) or ``"undo_rope"`` (RoPE undone
             before quantization, re-applied in attention; split-half RoPE models only).
         page_size: tokens per page of the HOT format.
-        static: the compiled decode path (docs/integration.md, "The compiled decode path"): after the prompt every
+        static: the compiled decode path (docs/hf.md, "The compiled decode path"): after the prompt every
             compressed layer reserves its pages up to ``generate``'s ``max_length`` and keeps its lengths on the
             device (``PagedKVCache.make_static``), uncompressed layers are transformers' ``StaticLayer``, and
             ``generate`` compiles its decode step as it does for a ``StaticCache`` (``torch.compile``, CUDA graphs

@@ -48,6 +48,18 @@ def test_compiled_generate_matches_eager(preset, options, reference_mode):
     assert pairs and pairs[0][0].compressed_lens()[0] > 0
 
 
+@pytest.mark.parametrize("arch,extra", [("gemma2", {}), ("mistral", dict(sliding_window=24))])
+def test_compiled_sliding_window_models_match_eager(arch, extra, reference_mode):
+    """Gemma-2 (sliding layers left fp16: transformers' StaticSlidingWindowLayer beside ours; soft-capping) and a
+    Mistral whose every layer slides (compressed, attention over the window)."""
+    model = tiny(arch, layers=2, **extra)
+    ids = prompt(60)
+    kw = dict(max_new_tokens=24, pad_token_id=0)
+    eager, _ = _generate(model, ids, "k3v2", False, **kw)
+    static, _ = _generate(model, ids, "k3v2", True, **kw)
+    assert torch.equal(eager, static)
+
+
 def test_compiled_batch_with_left_padding_matches_eager(reference_mode):
     model = tiny("llama")
     ids = prompt(50, batch=2)

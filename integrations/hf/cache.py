@@ -299,6 +299,7 @@ class NQCache(Cache):
         self.head_split = ([h for h in range(self.num_kv_heads) if h not in keep], keep)
         self.last_compressed = max((i for i, p in enumerate(self.plans) if p.codec is not None), default=-1)
         self.attention_mask: Optional[torch.Tensor] = None  # the model forward's 2-D mask and position ids
+        self.prompt_mask: Optional[torch.Tensor] = None  # generate's 2-D mask of the prompt (its forwards may get 4-D)
         self.position_ids: Optional[torch.Tensor] = None
 
     @property
@@ -338,9 +339,11 @@ class NQCache(Cache):
     def _padding(self, B: int, T: int, device) -> torch.Tensor:
         """Left-padding tokens per sequence of the prompt, from the 2-D attention mask (0 without one)."""
         mask = self.attention_mask
-        if mask is not None and mask.dim() == 4:  # a compileable cache gets generate's 4-D mask: its last query row
-            last = mask[:, 0, -1, :T]
-            mask = last if last.dtype == torch.bool else last == 0
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):  # a compileable cache's forward gets 4-D masks
+            mask = self.prompt_mask
+            if mask is None and self.attention_mask is not None and B > 1:
+                raise ValueError("the forward got a 4-D attention mask, from which the compressed cache cannot tell "
+                                 "each sequence's left padding: pass the 2-D attention_mask (generate does)")
         if mask is None or mask.dim() != 2:
             return torch.zeros(B, dtype=torch.long, device=device)
         mask = mask[:, :T].to(device).bool()

@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from transformers import DynamicCache
 
 from .cache import NQCache, take_layer
@@ -117,7 +118,11 @@ def _install_cache(state: Patched, model, generation_config, model_kwargs) -> No
     else:
         raise ValueError(f"generate() built a {type(cache).__name__} (cache_implementation="
                          f"{generation_config.cache_implementation!r}): the compressed cache replaces the default "
-                         f"dynamic cache only; drop cache_implementation, or unpatch(model)")
+                         f"dynamic cache only; drop cache_implementation (static=True is the compiled path), or "
+                         f"unpatch(model)")
+    if isinstance(state.expected, NQCache):  # the prompt's padding, whatever mask the forwards get
+        mask = model_kwargs.get("attention_mask")
+        state.expected.prompt_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 def patch(model, preset="balanced", **options) -> Patched:

@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 
-from integrations.hf import (PRESETS, CompressedLayer, NQCache, Policy, allocate_layer_bits, compress,  # noqa: E402
+from integrations.hf import (PRESETS, CompressedLayer, NQCache, Policy, compress,  # noqa: E402
                              graduated_bits, patch, resolve, unpatch, with_cache)
 from .conftest import FIXTURE  # noqa: E402
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .codec import EncodedKV, _centering_mean, _decode, _encode
-from .runtime import FIXED, cache_of, register_cache, use_triton
+from .runtime import FIXED, codec_id, codec_of, use_triton
 from .config import KVCodec, is_int
 from .launch import signature
 
@@ -155,11 +155,11 @@ class PagedKVCache:
         self._free = list(range(num_pages - 1, -1, -1))
         self._signature = None  # launch_signature
         # Static mode (make_static): pages each slot has reserved beyond its used ones, the page that takes the
-        # encodes of slots whose window did not fill, and the reserved capacity in pages per slot (None: off).
+        # encodes of slots whose window did not fill (taken once, kept for the cache's life: a recorded graph holds
+        # its number), and the reserved capacity in pages per slot (None: off).
         self._reserved: list[list[int]] = [[] for _ in range(max_batch)]
         self._scratch: Optional[int] = None
         self.static_pages: Optional[int] = None
-        self.cache_id = register_cache(self)
 
     # ----------------------------------------------------------------------------------------------------------
     def seq_lens(self) -> list[int]:
@@ -180,15 +180,21 @@ class PagedKVCache:
         k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table)."""
         return tuple(getattr(self, name) for name in _OP_TENSORS)
 
-    def through(self, tensors: tuple) -> "PagedKVCache":
-        """A shallow copy of this cache holding ``tensors`` (in ``op_tensors`` order, same shapes and dtypes) in place
-        of its own, its host bookkeeping shared: what the static-mode custom ops run on."""
-        view = copy.copy(self)
-        for name, t, own in zip(_OP_TENSORS, tensors, self.op_tensors()):
-            if t.shape != own.shape or t.dtype != own.dtype:
-                raise RuntimeError(f"cache {self.cache_id}: {name} is {t.dtype} {list(t.shape)}, the cache holds "
-                                   f"{own.dtype} {list(own.shape)} (it grew after the graph calling it was traced)")
+    @classmethod
+    def static_view(cls, codec: KVCodec, tensors: tuple, sink_tokens: int, recent_tokens: int, static_pages: int,
+                    scratch: int) -> "PagedKVCache":
+        """A cache in static mode over ``tensors`` (``op_tensors`` order) with no host bookkeeping: what the
+        static-mode custom ops run on. They take the tensors and these numbers only (functionalization may hand an op
+        copies of the tensors it writes), so a compiled step names no cache object and serves every cache of its
+        geometry."""
+        view = cls.__new__(cls)
+        for name, t in zip(_OP_TENSORS, tensors):
             setattr(view, name, t)
+        view.codec, view.sink_tokens, view.recent_tokens = codec, sink_tokens, recent_tokens
+        view.max_batch, view.num_kv_heads = view.fp_k.shape[:2]
+        view.dtype, view.device = view.fp_k.dtype, view.fp_k.device
+        view.positions = view.fp_pos = view._signature = None
+        view.static_pages, view._scratch = static_pages, scratch
         return view
 
     def compressed_lens(self) -> list[int]:
@@ -308,17 +314,19 @@ class PagedKVCache:
         if self.static_pages is not None:
             self.sync_host()
         P, S, R = self.codec.page_size, self.sink_tokens, self.recent_tokens
-        pages = max(0, max_tokens - S - R) // P  # a window holds R..R+P-1 tokens after each step
         if any(n > max_tokens for n in self._len):
             raise ValueError(f"max_tokens={max_tokens} is below the longest sequence held ({max(self._len)})")
-        want = sum(pages - len(p) for p in self._pages) + 1  # + the scratch page
+        # A window holds R..R+P-1 tokens after each step; a slot may hold more pages already (after a crop).
+        pages = max(max(0, max_tokens - S - R) // P, max(len(p) for p in self._pages))
+        want = sum(pages - len(p) for p in self._pages) + (self._scratch is None)
         self.grow(max(0, want - len(self._free)), max(pages, 1))
         for b in range(self.max_batch):
             used = len(self._pages[b])
             self._reserved[b] = [self._free.pop() for _ in range(pages - used)]
             if self._reserved[b]:
                 self.block_table[b, used:pages] = torch.tensor(self._reserved[b], dtype=torch.int32)
-        self._scratch = self._free.pop()
+        if self._scratch is None:
+            self._scratch = self._free.pop()
         self.static_pages = pages
         self._signature = None
         if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs of a compiled step write them in place
@@ -343,8 +351,7 @@ class PagedKVCache:
             self._reserved[b] = []
             self._next[b] += rows[0][b] - self._len[b]
             self._len[b], self._comp[b], self._fp[b], self._sink[b] = (r[b] for r in rows)
-        self._free.append(self._scratch)
-        self._scratch, self.static_pages = None, None
+        self.static_pages = None
 
     def _host_mode(self, what: str) -> None:
         if self.static_pages is not None:
@@ -354,7 +361,7 @@ class PagedKVCache:
     def _device_row(self, row: int) -> list[int]:
         return self.lengths[row].tolist()
 
-    def _append_step(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _append_step(self, k: torch.Tensor, v: torch.Tensor, static_pages: int, scratch: int) -> None:
         """Static mode's append of one token per sequence, k, v ``[B, 1, H, D]``: every length and index stays on
         the device, so the step can be captured in a CUDA graph. Each sequence b: the token goes to
         ``fp[b, :, n_fp[b]]`` (a sink while its sinks are incomplete); where the window then holds R + P tokens, its
@@ -368,12 +375,12 @@ class PagedKVCache:
         L[3] += (L[3] < S).to(torch.int32)  # the token was a sink (sinks fill first, the window is empty then)
         L[0] += 1
         L[2] += 1
-        torch._assert_async(L[0].max() <= self.static_pages * P + S + R + P - 1,
+        torch._assert_async(L[0].max() <= static_pages * P + S + R + P - 1,
                             "PagedKVCache: a sequence grew past the max_tokens given to make_static")
         full = (L[2] - L[3]) >= R + P
         rows = torch.arange(B, device=self.device)
         col = (L[1] // P).long().clamp_(max=self.block_table.shape[1] - 1)
-        dest = torch.where(full, self.block_table[rows, col].long(), self._scratch)
+        dest = torch.where(full, self.block_table[rows, col].long(), scratch)
         first = full & (L[1] == 0)  # the sequence's first page: its centering means are taken from it
         for kind, fp, codes, scales, mean, center in (
                 ("key", self.fp_k, self.k_codes, self.k_scales, self.k_mean, self.codec.center_keys),
@@ -408,8 +415,9 @@ class PagedKVCache:
                                  f"or positions, got {T} tokens{' and lengths' if lengths is not None else ''}"
                                  f"{' and positions' if positions is not None else ''}; call sync_host() first")
             if torch.compiler.is_compiling():  # one custom op in the traced graph
-                return _append_step_op(k, v, *self.op_tensors(), self.cache_id)
-            return self._append_step(k, v)
+                return _append_step_op(k, v, *self.op_tensors(), codec_id(self.codec), self.sink_tokens,
+                                       self.recent_tokens, self.static_pages, self._scratch)
+            return self._append_step(k, v, self.static_pages, self._scratch)
         counts = self._check_lengths(lengths, B, T)
         pos, last = self._check_positions(positions, B, T, counts)
         if self._window_only(counts, T):  # the decode-step case: one batched write, no page fills
@@ -798,19 +806,23 @@ def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
 
 # torch.compile: static mode's append is one custom op while a compile traces it, with the cache tensors it writes
 # declared (so the compiler orders it before the attention that reads them, and CUDA graphs keep their addresses:
-# make_static marks them static). The cache travels as its cache_id.
+# make_static marks them static). The cache travels as its tensors and numbers (PagedKVCache.static_view), so a graph
+# traced with other numbers (capacity, scratch page) is traced again rather than replayed.
 
 @torch.library.custom_op("nqkernels::paged_append_step",
                          mutates_args=("fp_k", "fp_v", "lengths", "k_codes", "k_scales", "v_codes", "v_scales",
                                        "k_mean", "v_mean"))
 def _append_step_op(k: torch.Tensor, v: torch.Tensor, fp_k: torch.Tensor, fp_v: torch.Tensor, lengths: torch.Tensor,
                     k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
-                    k_mean: torch.Tensor, v_mean: torch.Tensor, block_table: torch.Tensor, cache: int) -> None:
+                    k_mean: torch.Tensor, v_mean: torch.Tensor, block_table: torch.Tensor, codec: int,
+                    sink_tokens: int, recent_tokens: int, static_pages: int, scratch: int) -> None:
     """``PagedKVCache.append`` of one token per sequence in static mode, k, v ``[B, 1, H, D]``."""
-    cache_of(cache, (fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean,
-                     block_table))._append_step(k, v)
+    tensors = (fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table)
+    view = PagedKVCache.static_view(codec_of(codec), tensors, sink_tokens, recent_tokens, static_pages, scratch)
+    view._append_step(k, v, static_pages, scratch)
 
 
 @_append_step_op.register_fake
-def _(k, v, fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table, cache):
+def _(k, v, fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table, codec, sink_tokens,
+      recent_tokens, static_pages, scratch):
     return None

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import os
-import weakref
 from typing import Optional
 
 import torch
@@ -188,25 +186,3 @@ def codec_id(codec: KVCodec) -> int:
 def codec_of(i: int) -> KVCodec:
     """The codec ``codec_id`` named ``i``."""
     return _CODECS[i]
-
-
-_CACHES: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()  # cache_id -> PagedKVCache
-_NEXT_CACHE = itertools.count()
-
-
-def register_cache(cache) -> int:
-    """A process-wide int naming a ``PagedKVCache`` (its ``cache_id``): how the custom ops of static mode
-    (``paged.append`` and ``decode_attention`` under torch.compile) find the cache whose tensors they take."""
-    i = next(_NEXT_CACHE)
-    _CACHES[i] = cache
-    return i
-
-
-def cache_of(i: int, tensors: tuple):
-    """The cache ``register_cache`` named ``i``, seen through ``tensors`` (in ``op_tensors`` order): a shallow copy
-    holding them in place of its own. Functionalization (torch.compile) hands a custom op copies of the tensors it
-    mutates and writes them back after it, so the op must work on what it is given."""
-    cache = _CACHES.get(i)
-    if cache is None:
-        raise RuntimeError(f"the PagedKVCache with cache_id {i} no longer exists")
-    return cache.through(tensors)

@@ -71,6 +71,31 @@ def test_compiled_batch_with_left_padding_matches_eager(reference_mode):
     assert torch.equal(eager, static)
 
 
+def test_compiled_multi_turn_matches_eager(reference_mode):
+    """A second turn on the same cache: its prompt chunk runs on the host bookkeeping, then static mode again."""
+    model = tiny("llama")
+    outs = []
+    for static in (False, True):
+        torch._dynamo.reset()
+        with compress(model, "k3v2", static=static, **SMALL):
+            cache = NQCache(model, "k3v2", static=static, max_cache_len=160, **SMALL)
+            kw = dict(do_sample=False, max_new_tokens=20, pad_token_id=0, **with_cache(model, cache),
+                      **(compiled() if static else {}))
+            first = model.generate(prompt(45), **kw)
+            second = model.generate(torch.cat((first, prompt(13, seed=7)), 1), **kw)
+        outs.append((first, second, cache.layers[0].hot.lengths.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
+
+
+def test_eviction_reserves_only_what_the_kept_tokens_need(reference_mode):
+    model = tiny("llama")
+    _, cache = _generate(model, prompt(120), "k3v2-evict75", True, max_new_tokens=8, pad_token_id=0)
+    hot = cache.layers[0].hot
+    kept = hot.seq_lens()[0] - 7  # the 8th token is never fed
+    assert kept < 50
+    assert hot.static_pages == (kept + 8 - 1 - SMALL["sinks"] - SMALL["fp_window"]) // SMALL["page_size"]
+
+
 def test_static_policy_errors(reference_mode):
     model = tiny("llama")
     with pytest.raises(ValueError, match="post_rope"):
@@ -86,6 +111,8 @@ def test_static_policy_errors(reference_mode):
         model(prompt(50), **with_cache(model, cache), use_cache=True)
         with pytest.raises(ValueError, match="crop is not available"):
             cache.crop(-1)
+        with pytest.raises(ValueError, match="crop is not available"):
+            cache.crop(40)  # the transformers < 5.18 form (keep 40)
 
 
 MODEL = os.path.join(FIXTURE, "llama-tiny-hd128")

@@ -105,13 +105,66 @@ def test_compiled_step_has_no_graph_break_and_matches_eager(reference_mode):
     _same_state(host, static, 2)
 
 
-def test_attention_op_passes_opcheck(reference_mode):
+def test_compiled_step_across_a_host_chunk(reference_mode):
+    """Static steps, then a chunk on the host bookkeeping (sync_host), then static mode again with a larger capacity:
+    the compiled step is traced again (the capacity is an argument of its ops) and the scratch page keeps its number
+    (a recorded graph holds it), never handed out as a data page."""
+    host, static = _pair(B=2, prompt=(30, 9))
+    static.make_static(60)
+    scratch = static._scratch
+
+    def step(k, v, q):
+        static.append(k, v)
+        return decode_attention(q, static)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+
+    def steps(n):
+        for _ in range(n):
+            k, v = torch.randn(2, 2, 1, 2, 64, dtype=torch.float16)
+            q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+            host.append(k, v)
+            torch.testing.assert_close(compiled(k, v, q), decode_attention(q, host), rtol=0, atol=0)
+
+    steps(10)
+    static.sync_host()
+    k, v = torch.randn(2, 2, 40, 2, 64, dtype=torch.float16)
+    host.append(k, v)
+    static.append(k, v)
+    assert scratch not in static._free and all(scratch not in p for p in static._pages)
+    static.make_static(140)
+    assert static._scratch == scratch
+    steps(20)
+    _same_state(host, static, 2)
+
+
+def test_make_static_after_crop_keeps_every_page(reference_mode):
+    """A slot may hold more pages than max_tokens' reservation (after a crop): none is left out of the launch."""
+    host, static = _pair(B=1, prompt=(64,), sinks=0, recent=16)
+    for c in (host, static):
+        c.crop(16)  # 48 tokens, all in pages
+    static.make_static(50)
+    assert static.static_pages >= 3
+    for _ in range(2):
+        k, v = torch.randn(2, 1, 1, 2, 64, dtype=torch.float16)
+        host.append(k, v)
+        static.append(k, v)
+        q = torch.randn(1, 1, 8, 64, dtype=torch.float16)
+        torch.testing.assert_close(decode_attention(q, static), decode_attention(q, host), rtol=0, atol=0)
+
+
+def test_ops_pass_opcheck(reference_mode):
     from nqkernels.attention.launcher import _attention_op
+    from nqkernels.runtime import codec_id
+    from nqkernels.paged import _append_step_op
 
     _, static = _pair(B=2, prompt=(30, 9))
     static.make_static(64)
     q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
-    torch.library.opcheck(_attention_op, (q, *static.op_tensors(), static.cache_id, 0.125, None, None, None))
+    numbers = (codec_id(static.codec), static.sink_tokens, static.recent_tokens, static.static_pages)
+    torch.library.opcheck(_attention_op, (q, *static.op_tensors(), *numbers, 0.125, None, None, None))
+    k = torch.randn(2, 1, 2, 64, dtype=torch.float16)
+    torch.library.opcheck(_append_step_op, (k, k, *static.op_tensors(), *numbers, static._scratch))
 
 
 def test_static_mode_refuses_what_it_cannot_do(reference_mode):

@@ -109,13 +109,13 @@ class CompressedLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last tokens (negative: that many; positive: keep that many, the transformers < 5.18 form)."""
+        if self.static:  # (first: seen is stale while static)
+            raise ValueError("crop is not available on the compiled decode path (static=True): decode steps keep "
+                             "their lengths on the device")
         tokens_to_remove = int(tokens_to_remove)  # transformers < 5.18 passes a 0-d tensor
         n = -tokens_to_remove if tokens_to_remove <= 0 else max(0, self.seen - tokens_to_remove)
         if n == 0 or not self.is_initialized:
             return
-        if self.static:
-            raise ValueError("crop is not available on the compiled decode path (static=True): decode steps keep "
-                             "their lengths on the device")
         if self.hot is None:
             self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
         else:
@@ -153,12 +153,20 @@ class CompressedLayer(CacheLayerMixin):
         opts = dict(softmax_scale=kwargs.get("scaling"), softcap=kwargs.get("softcap") or None,
                     window=kwargs.get("sliding_window") or None)
         if not self.plan.keep_heads:
-            return decode_attention(q.to(self.hot.dtype), self.hot, **opts).to(query.dtype), None
+            out = decode_attention(q.to(self.hot.dtype), self.hot, **opts).to(query.dtype)
+            if self.cache.policy.static and self.hot.static_pages is None:  # after a new turn's chunk
+                self.hot.make_static(self._capacity(self.hot.seq_lens()))
+            return out, None
         qc, qk = self.cache.query_heads(q.shape[2])
         out = torch.empty_like(q)
         out[:, :, qc] = decode_attention(q[:, :, qc].to(self.hot.dtype), self.hot, **opts).to(q.dtype)
         out[:, :, qk] = self._kept_attention(q[:, :, qk], opts)
         return out, None
+
+    def _capacity(self, lens) -> int:
+        """Static mode's reservation: the longest sequence held (``lens``, evicted tokens gone) plus the tokens still
+        to come before ``max_cache_len`` counts every token fed (``seen``, the prompt's evicted tokens included)."""
+        return max(lens) + max(0, self.cache.max_tokens - int(self.seen_t))
 
     def _kept_attention(self, q, opts) -> torch.Tensor:
         # Dense attention of the kept heads' queries [B, T, Hq', D] over their fp K/V (ragged lengths).
@@ -190,14 +198,14 @@ class CompressedLayer(CacheLayerMixin):
         B, P = k.shape[0], codec.page_size
         dtype = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
         widest = max(1, -(-max(counts) // P))
-        if policy.static:  # every page up to max_cache_len now (make_static reserves them)
-            widest = max(widest, (self.cache.max_tokens - policy.sinks - policy.fp_window) // P)
+        if policy.static:  # every page up to the capacity now (make_static reserves them)
+            widest = max(widest, (self._capacity(counts) - policy.sinks - policy.fp_window) // P)
         self.hot = PagedKVCache(codec, num_kv_heads=len(comp), max_batch=B, num_pages=widest * B + policy.static,
                                 max_pages_per_seq=widest + 1, sink_tokens=policy.sinks, recent_tokens=policy.fp_window,
                                 dtype=dtype, device=k.device)
         self.hot.append(kc, vc, lengths=counts, positions=positions)
         if policy.static:
-            self.hot.make_static(self.cache.max_tokens)
+            self.hot.make_static(self._capacity(counts))
         if keep:
             T = k.shape[1]
             self.kept_k = torch.zeros(B, len(keep), T + 64, k.shape[-1], dtype=self.dtype, device=k.device)
@@ -216,13 +224,13 @@ class CompressedLayer(CacheLayerMixin):
                              f"with")
         comp, keep = self.cache.head_split
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
-        if self.cache.policy.static:  # one token per sequence: device-side; else (a new turn) on the host, then back
-            if T == 1 and self.hot.static_pages is not None:
+        if self.cache.policy.static:  # one token per sequence: device-side; a new turn's chunk on the host bookkeeping
+            if T == 1 and self.hot.static_pages is not None:  # (attend returns to static mode after its attention)
                 self.hot.append(k, v)
                 return
             self.hot.sync_host()
+            self.seen = int(self.seen_t)  # stale while static; the chunk is counted by update
             self.hot.append(k, v)
-            self.hot.make_static(self.cache.max_tokens)
             return
         need, widest = self.hot.pages_needed([T] * B)
         if need or widest > self.hot.block_table.shape[1]:

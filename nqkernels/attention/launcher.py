@@ -14,7 +14,7 @@ import triton.language as tl
 from .. import store
 
 from .. import reference as ref
-from ..runtime import FIXED, cache_of, dot_dtype, launch_config, max_programs, rope_tables, rotation, use_triton
+from ..runtime import FIXED, codec_id, codec_of, dot_dtype, launch_config, max_programs, rope_tables, rotation, use_triton
 from ..config import check_positive_float, describe, is_int
 from ..launch import LaunchRecord, current_stream, launcher, signature
 from ..paged import PagedKVCache
@@ -267,7 +267,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         if cache.static_pages is None:
             raise ValueError("decode_attention under torch.compile needs the cache in static mode "
                              "(cache.make_static(max_tokens)): otherwise its launch depends on host-side lengths")
-        return _attention_op(q, *cache.op_tensors(), cache.cache_id, scale, softcap, window, num_splits)
+        return _attention_op(q, *cache.op_tensors(), codec_id(cache.codec), cache.sink_tokens, cache.recent_tokens,
+                             cache.static_pages, scale, softcap, window, num_splits)
     out = torch.empty_like(q)
     if B == 0:
         return out
@@ -437,19 +438,23 @@ def make_tables(cache: PagedKVCache) -> None:
 
 # torch.compile: decode_attention over a cache in static mode is one custom op while a compile traces it (the launcher
 # is Python: checks, plans, config lookups, Triton launches), reading the cache tensors it takes. The cache travels as
-# its cache_id; a CUDA graph of the compiled step replays its launches, sized for the reserved capacity.
+# its tensors and numbers (PagedKVCache.static_view); a CUDA graph of the compiled step replays its launches, sized for
+# the reserved capacity.
 
 @torch.library.custom_op("nqkernels::decode_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, fp_k: torch.Tensor, fp_v: torch.Tensor, lengths: torch.Tensor,
                   k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
-                  k_mean: torch.Tensor, v_mean: torch.Tensor, block_table: torch.Tensor, cache: int, scale: float,
-                  softcap: Optional[float], window: Optional[int], num_splits: Optional[int]) -> torch.Tensor:
-    """``decode_attention`` of q ``[B, 1, q_heads, head_dim]`` over the static-mode cache ``cache``."""
-    c = cache_of(cache, (fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table))
-    return decode_attention(q, c, softmax_scale=scale, softcap=softcap, window=window, num_splits=num_splits)
+                  k_mean: torch.Tensor, v_mean: torch.Tensor, block_table: torch.Tensor, codec: int, sink_tokens: int,
+                  recent_tokens: int, static_pages: int, scale: float, softcap: Optional[float],
+                  window: Optional[int], num_splits: Optional[int]) -> torch.Tensor:
+    """``decode_attention`` of q ``[B, 1, q_heads, head_dim]`` over a static-mode cache given as its tensors and
+    numbers (``PagedKVCache.static_view``), sized for ``static_pages`` pages per sequence."""
+    tensors = (fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table)
+    view = PagedKVCache.static_view(codec_of(codec), tensors, sink_tokens, recent_tokens, static_pages, 0)
+    return decode_attention(q, view, softmax_scale=scale, softcap=softcap, window=window, num_splits=num_splits)
 
 
 @_attention_op.register_fake
-def _(q, fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table, cache, scale, softcap,
-      window, num_splits):
+def _(q, fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table, codec, sink_tokens,
+      recent_tokens, static_pages, scale, softcap, window, num_splits):
     return torch.empty_like(q)

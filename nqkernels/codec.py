@@ -50,12 +50,13 @@ def _load_rope_undone(x_ptr, t, tmask, d, dmask, sxt, sxd, cos_ptr, sin_ptr, pos
 
 
 @triton.jit
-def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean_ptr, T, H, n_tiles,
+def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean_ptr, dest_ptr, T, H, n_tiles,
                    sxb, sxh, sxt, sxd, scb, sch, sct, ssb, ssh, sst, spb, spt, smb, smh,
                    D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, ALPHA: tl.constexpr,
                    SQRT_N: tl.constexpr, DN: tl.constexpr, FIX_BITS: tl.constexpr, FIT: tl.constexpr,
-                   ROPE_HALF: tl.constexpr, CENTER: tl.constexpr, BLOCK_T: tl.constexpr):
+                   ROPE_HALF: tl.constexpr, CENTER: tl.constexpr, DEST: tl.constexpr, BLOCK_T: tl.constexpr):
     # Persistent: each program builds the ±1 transform matrix once and loops over (batch·head, token block) tiles.
+    # DEST: batch row b is written at row dest[b] of the outputs (a page of a pool), and not at all where dest[b] < 0.
     tm = transform_matrix(D, DP)
     d = tl.arange(0, DP)
     dmask = d < D
@@ -65,6 +66,10 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
         b, h = pid_bh // H, pid_bh % H
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = t < T
+        ob = b
+        if DEST:
+            ob = tl.load(dest_ptr + b)
+            tmask = tmask & (t * 0 + ob >= 0)  # (a [BLOCK_T] mask: the interpreter refuses a scalar's broadcast)
         x = _load_rope_undone(x_ptr + b * sxb + h * sxh, t, tmask, d, dmask, sxt, sxd, cos_ptr, sin_ptr,
                               pos_ptr + b * spb, spt, ROPE_HALF)
         if CENTER:
@@ -95,11 +100,11 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
             s_fit = tl.math.div_rn(num.to(tl.float32) * 4.0, den.to(tl.float32) * SQRT_N) * q
             s = tl.where(s_fit > 0.0, s_fit, s)
         idx = tl.where(ok[:, None], idx, 0)
-        tl.store(scales_ptr + b * ssb + h * ssh + t * sst,
+        tl.store(scales_ptr + ob * ssb + h * ssh + t * sst,
                  round_to(tl.where(ok, s, 0.0), scales_ptr.dtype.element_ty), mask=tmask)
 
         # Bit planes: D/16 words of the low 2 bits, then the high bits (1 bit at 3 bits/coord, 2 bits at 4).
-        row = codes_ptr + b * scb + h * sch + t[:, None] * sct
+        row = codes_ptr + ob * scb + h * sch + t[:, None] * sct
         w16 = tl.arange(0, DP // 16)
         tl.store(row + w16[None, :], pack_plane(idx & 3, BLOCK_T, DP, 2),
                  mask=tmask[:, None] & (w16 < D // 16)[None, :])
@@ -308,9 +313,11 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
 
 
 def _encode(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optional[torch.Tensor],
-            mean: Optional[torch.Tensor], token_major: bool = False) -> EncodedKV:
+            mean: Optional[torch.Tensor], token_major: bool = False, into: Optional[tuple] = None) -> EncodedKV:
     """``encode_kv`` of x ``[B, H, T, D]`` (any strides; checked by the caller) into ``[B, H, T, ...]`` codes and
-    scales, stored token-major (``[B, T, H, ...]`` in memory) when ``token_major``."""
+    scales, stored token-major (``[B, T, H, ...]`` in memory) when ``token_major``. ``into``: (dest int32 ``[B]``, codes
+    ``[N, H, T, W]``, scales ``[N, H, T]``): row b is written at row dest[b] of those (a page of a pool: static mode's
+    page fills), nothing where dest[b] < 0; returns them."""
     B, H, T, D = x.shape
     bits, use_rope, center, pos, cos, sin = _prepare(codec, kind, B, T, x.device, positions)
     if center and mean is None:
@@ -322,7 +329,10 @@ def _encode(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optional[torc
         mean = None
     alpha, fit = codec.alpha[bits], codec.scale_fit
     W = codec.words_per_token(bits)
-    if token_major:
+    dest = None
+    if into is not None:
+        dest, codes, scales = into
+    elif token_major:
         codes = torch.empty(B, T, H, W, dtype=torch.int32, device=x.device).transpose(1, 2)
         scales = torch.empty(B, T, H, dtype=codec.scale_dtype, device=x.device).transpose(1, 2)
     else:
@@ -334,6 +344,11 @@ def _encode(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optional[torc
         c, s_ = _per_token(cos, sin, pos)
         ref_codes, ref_scales = ref.encode_reference(x.transpose(1, 2), bits, alpha=alpha, fit=fit,
                                                      scale_dtype=codec.scale_dtype, cos=c, sin=s_, mean=mean)
+        if dest is not None:
+            rows = dest >= 0
+            codes[dest[rows].long()] = ref_codes.transpose(1, 2)[rows]
+            scales[dest[rows].long()] = ref_scales.transpose(1, 2)[rows]
+            return EncodedKV(codes, scales, mean)
         codes.copy_(ref_codes.transpose(1, 2))  # [B, H, T, ...] views here
         scales.copy_(ref_scales.transpose(1, 2))
         return EncodedKV(codes, scales, mean)
@@ -342,11 +357,12 @@ def _encode(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optional[torc
     cos_a, sin_a, pos_a, pos_strides, rope_half = _rope_args(codec, use_rope, cos, sin, pos, dummy)
     n_tiles = B * H * triton.cdiv(T, cfg.BLOCK_T)
     _encode_kernel[(min(n_tiles, max_programs(x.device, cfg.programs_per_sm)),)](
-        x, codes, scales, cos_a, sin_a, pos_a, mean if center else dummy, T, H, n_tiles, *x.stride(),
+        x, codes, scales, cos_a, sin_a, pos_a, mean if center else dummy, dummy if dest is None else dest, T, H,
+        n_tiles, *x.stride(),
         *codes.stride()[:3], *scales.stride(), *pos_strides, *(mean.stride()[:2] if center else (0, 0)),
         D=D, DP=ref.next_pow2(D), BITS=bits, ALPHA=alpha, SQRT_N=math.sqrt(ref.transform_norm(D)),
         DN=float(D * ref.transform_norm(D)), FIX_BITS=ref.FIX_BITS, FIT=ref.FITS.index(fit),
-        ROPE_HALF=rope_half, CENTER=center,
+        ROPE_HALF=rope_half, CENTER=center, DEST=dest is not None,
         BLOCK_T=cfg.BLOCK_T, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
     return EncodedKV(codes, scales, mean)
 

@@ -154,11 +154,9 @@ class PagedKVCache:
         self._pages: list[list[int]] = [[] for _ in range(max_batch)]
         self._free = list(range(num_pages - 1, -1, -1))
         self._signature = None  # launch_signature
-        # Static mode (make_static): pages each slot has reserved beyond its used ones, the page that takes the
-        # encodes of slots whose window did not fill (taken once, kept for the cache's life: a recorded graph holds
-        # its number), and the reserved capacity in pages per slot (None: off).
+        # Static mode (make_static): pages each slot has reserved beyond its used ones, and the reserved capacity in
+        # pages per slot (None: off).
         self._reserved: list[list[int]] = [[] for _ in range(max_batch)]
-        self._scratch: Optional[int] = None
         self.static_pages: Optional[int] = None
 
     # ----------------------------------------------------------------------------------------------------------
@@ -181,8 +179,8 @@ class PagedKVCache:
         return tuple(getattr(self, name) for name in _OP_TENSORS)
 
     @classmethod
-    def static_view(cls, codec: KVCodec, tensors: tuple, sink_tokens: int, recent_tokens: int, static_pages: int,
-                    scratch: int) -> "PagedKVCache":
+    def static_view(cls, codec: KVCodec, tensors: tuple, sink_tokens: int, recent_tokens: int,
+                    static_pages: int) -> "PagedKVCache":
         """A cache in static mode over ``tensors`` (``op_tensors`` order) with no host bookkeeping: what the
         static-mode custom ops run on. They take the tensors and these numbers only (functionalization may hand an op
         copies of the tensors it writes), so a compiled step names no cache object and serves every cache of its
@@ -194,7 +192,7 @@ class PagedKVCache:
         view.max_batch, view.num_kv_heads = view.fp_k.shape[:2]
         view.dtype, view.device = view.fp_k.dtype, view.fp_k.device
         view.positions = view.fp_pos = view._signature = None
-        view.static_pages, view._scratch = static_pages, scratch
+        view.static_pages = static_pages
         return view
 
     def compressed_lens(self) -> list[int]:
@@ -318,15 +316,13 @@ class PagedKVCache:
             raise ValueError(f"max_tokens={max_tokens} is below the longest sequence held ({max(self._len)})")
         # A window holds R..R+P-1 tokens after each step; a slot may hold more pages already (after a crop).
         pages = max(max(0, max_tokens - S - R) // P, max(len(p) for p in self._pages))
-        want = sum(pages - len(p) for p in self._pages) + (self._scratch is None)
+        want = sum(pages - len(p) for p in self._pages)
         self.grow(max(0, want - len(self._free)), max(pages, 1))
         for b in range(self.max_batch):
             used = len(self._pages[b])
             self._reserved[b] = [self._free.pop() for _ in range(pages - used)]
             if self._reserved[b]:
                 self.block_table[b, used:pages] = torch.tensor(self._reserved[b], dtype=torch.int32)
-        if self._scratch is None:
-            self._scratch = self._free.pop()
         self.static_pages = pages
         self._signature = None
         if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs of a compiled step write them in place
@@ -361,41 +357,54 @@ class PagedKVCache:
     def _device_row(self, row: int) -> list[int]:
         return self.lengths[row].tolist()
 
-    def _append_step(self, k: torch.Tensor, v: torch.Tensor, static_pages: int, scratch: int) -> None:
+    def _append_step(self, k: torch.Tensor, v: torch.Tensor, static_pages: int) -> None:
         """Static mode's append of one token per sequence, k, v ``[B, 1, H, D]``: every length and index stays on
         the device, so the step can be captured in a CUDA graph. Each sequence b: the token goes to
         ``fp[b, :, n_fp[b]]`` (a sink while its sinks are incomplete); where the window then holds R + P tokens, its
-        oldest P are encoded into page ``block_table[b, n_comp[b] / P]`` and the rest move down by P. The encodes
-        run for every sequence, with the sequences whose window did not fill writing into the scratch page: fixed
-        shapes, and P tokens per sequence and step of extra encode work."""
+        oldest P are encoded into page ``block_table[b, n_comp[b] / P]`` and the rest move down by P. The encode
+        launches cover every sequence (fixed shapes); those whose window did not fill are masked off."""
         B = k.shape[0]
-        P, S, R = self.codec.page_size, self.sink_tokens, self.recent_tokens
+        P, S = self.codec.page_size, self.sink_tokens
         self._write_window(k, v, 1)
-        L = self.lengths[:, :B]
-        L[3] += (L[3] < S).to(torch.int32)  # the token was a sink (sinks fill first, the window is empty then)
-        L[0] += 1
-        L[2] += 1
-        torch._assert_async(L[0].max() <= static_pages * P + S + R + P - 1,
-                            "PagedKVCache: a sequence grew past the max_tokens given to make_static")
-        full = (L[2] - L[3]) >= R + P
-        rows = torch.arange(B, device=self.device)
-        col = (L[1] // P).long().clamp_(max=self.block_table.shape[1] - 1)
-        dest = torch.where(full, self.block_table[rows, col].long(), scratch)
-        first = full & (L[1] == 0)  # the sequence's first page: its centering means are taken from it
+        full, dest, first = self._advance_lengths(B, static_pages)
         for kind, fp, codes, scales, mean, center in (
                 ("key", self.fp_k, self.k_codes, self.k_scales, self.k_mean, self.codec.center_keys),
                 ("value", self.fp_v, self.v_codes, self.v_scales, self.v_mean, self.codec.center_values)):
             x = fp[:B, :, S:S + P]  # [B, H, P, D]: each window's oldest page
             m = None
-            if center:
+            if center:  # a sequence's first page gives its centering means
                 mean[:B] = torch.where(first[:, None, None], _centering_mean(x, self.codec, kind, None), mean[:B])
                 m = mean[:B]
-            enc = _encode(x, self.codec, kind, None, m)
-            codes[dest] = enc.codes
-            scales[dest] = enc.scales
+            _encode(x, self.codec, kind, None, m, into=(dest, codes, scales))
         self._shift_windows(full)
-        L[1] += full.to(torch.int32) * P
-        L[2] -= full.to(torch.int32) * P
+
+    def _advance_lengths(self, B: int, static_pages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bookkeeping of a static step for sequences 0..B-1 (after the window write), on the device: lengths
+        advanced (sinks first; where the window reached R + P tokens, one page moves to the compressed count), and
+        per sequence (window filled: bool [B], its page or -1: int32 [B], the sequence's first page: bool [B])."""
+        P, S, R = self.codec.page_size, self.sink_tokens, self.recent_tokens
+        flags = torch.empty(4, B, dtype=torch.int32, device=self.device)
+        cap = static_pages * P + S + R + P - 1
+        if use_triton(self.lengths):
+            _advance_lengths_kernel[(B,)](self.lengths, self.block_table, flags, self.max_batch,
+                                          self.block_table.stride(0), self.block_table.shape[1], S, R, P, cap,
+                                          num_warps=1)
+        else:
+            L = self.lengths[:, :B]
+            comp = L[1].clone()
+            L[3] += (L[3] < S).to(torch.int32)  # the token was a sink (sinks fill first, the window is empty then)
+            L[0] += 1
+            L[2] += 1
+            full = (L[2] - L[3]) >= R + P
+            col = (comp // P).long().clamp_(max=self.block_table.shape[1] - 1)
+            page = self.block_table[torch.arange(B, device=self.device), col]
+            flags[0], flags[1] = full.to(torch.int32), torch.where(full, page, -1)
+            flags[2], flags[3] = (full & (comp == 0)).to(torch.int32), (L[0] <= cap).to(torch.int32)
+            L[1] += full.to(torch.int32) * P
+            L[2] -= full.to(torch.int32) * P
+        torch._assert_async(flags[3].bool().all(), "PagedKVCache: a sequence grew past the max_tokens given to "
+                                                   "make_static")
+        return flags[0].bool(), flags[1], flags[2].bool()
 
     # ----------------------------------------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor, lengths: Optional[Sequence[int]] = None,
@@ -416,8 +425,8 @@ class PagedKVCache:
                                  f"{' and positions' if positions is not None else ''}; call sync_host() first")
             if torch.compiler.is_compiling():  # one custom op in the traced graph
                 return _append_step_op(k, v, *self.op_tensors(), codec_id(self.codec), self.sink_tokens,
-                                       self.recent_tokens, self.static_pages, self._scratch)
-            return self._append_step(k, v, self.static_pages, self._scratch)
+                                       self.recent_tokens, self.static_pages)
+            return self._append_step(k, v, self.static_pages)
         counts = self._check_lengths(lengths, B, T)
         pos, last = self._check_positions(positions, B, T, counts)
         if self._window_only(counts, T):  # the decode-step case: one batched write, no page fills
@@ -799,6 +808,30 @@ def _window_shift_kernel(fpk_ptr, fpv_ptr, full_ptr, sfb, sfh, sft, S, P, R: tl.
         tl.store(fpv_ptr + dst, v, mask=m)
 
 
+@triton.jit
+def _advance_lengths_kernel(lens_ptr, bt_ptr, flags_ptr, max_batch, sbt, width, S, R, P, cap):
+    # One sequence b per program: a static step's bookkeeping after the window write (PagedKVCache._advance_lengths).
+    # lengths rows: tokens, compressed, uncompressed (sinks + window), sinks; flags rows: the window filled, its page
+    # (block_table[b, compressed / P]) or -1, the sequence's first page, within the capacity.
+    b = tl.program_id(0)
+    n = tl.load(lens_ptr + b)
+    comp = tl.load(lens_ptr + max_batch + b)
+    fp = tl.load(lens_ptr + 2 * max_batch + b) + 1
+    sink = tl.load(lens_ptr + 3 * max_batch + b)
+    sink = sink + (sink < S).to(tl.int32)  # sinks fill first (the window is empty until they are complete)
+    full = (fp - sink) >= R + P
+    page = tl.load(bt_ptr + b * sbt + tl.minimum(comp // P, width - 1))
+    nb = tl.num_programs(0)  # flags is [4, B]
+    tl.store(flags_ptr + b, full.to(tl.int32))
+    tl.store(flags_ptr + nb + b, tl.where(full, page, -1))
+    tl.store(flags_ptr + 2 * nb + b, (full & (comp == 0)).to(tl.int32))
+    tl.store(flags_ptr + 3 * nb + b, (n + 1 <= cap).to(tl.int32))
+    tl.store(lens_ptr + b, n + 1)
+    tl.store(lens_ptr + max_batch + b, comp + full.to(tl.int32) * P)
+    tl.store(lens_ptr + 2 * max_batch + b, fp - full.to(tl.int32) * P)
+    tl.store(lens_ptr + 3 * max_batch + b, sink)
+
+
 def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
     bad = ~torch.isfinite(x).all(dim=-1, keepdim=True)
     return torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x)
@@ -807,7 +840,7 @@ def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
 # torch.compile: static mode's append is one custom op while a compile traces it, with the cache tensors it writes
 # declared (so the compiler orders it before the attention that reads them, and CUDA graphs keep their addresses:
 # make_static marks them static). The cache travels as its tensors and numbers (PagedKVCache.static_view), so a graph
-# traced with other numbers (capacity, scratch page) is traced again rather than replayed.
+# traced with another capacity is traced again rather than replayed.
 
 @torch.library.custom_op("nqkernels::paged_append_step",
                          mutates_args=("fp_k", "fp_v", "lengths", "k_codes", "k_scales", "v_codes", "v_scales",
@@ -815,14 +848,14 @@ def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
 def _append_step_op(k: torch.Tensor, v: torch.Tensor, fp_k: torch.Tensor, fp_v: torch.Tensor, lengths: torch.Tensor,
                     k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
                     k_mean: torch.Tensor, v_mean: torch.Tensor, block_table: torch.Tensor, codec: int,
-                    sink_tokens: int, recent_tokens: int, static_pages: int, scratch: int) -> None:
+                    sink_tokens: int, recent_tokens: int, static_pages: int) -> None:
     """``PagedKVCache.append`` of one token per sequence in static mode, k, v ``[B, 1, H, D]``."""
     tensors = (fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table)
-    view = PagedKVCache.static_view(codec_of(codec), tensors, sink_tokens, recent_tokens, static_pages, scratch)
-    view._append_step(k, v, static_pages, scratch)
+    view = PagedKVCache.static_view(codec_of(codec), tensors, sink_tokens, recent_tokens, static_pages)
+    view._append_step(k, v, static_pages)
 
 
 @_append_step_op.register_fake
 def _(k, v, fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table, codec, sink_tokens,
-      recent_tokens, static_pages, scratch):
+      recent_tokens, static_pages):
     return None

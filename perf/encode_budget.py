@@ -70,9 +70,9 @@ def count(block_t: int, warps: int, search: bool, transform: bool, rope: bool) -
     try:
         fn = C._encode_kernel
         consts = dict(D=128, DP=128, BITS=3, ALPHA=1.0, SQRT_N=1.0, DN=128.0, FIX_BITS=11, FIT=2,
-                      ROPE_HALF=64 if rope else 0, CENTER=True, BLOCK_T=block_t)
+                      ROPE_HALF=64 if rope else 0, CENTER=True, DEST=False, BLOCK_T=block_t)
         ptrs = dict(x_ptr="*fp16", codes_ptr="*i32", scales_ptr="*fp16", cos_ptr="*fp32", sin_ptr="*fp32",
-                    pos_ptr="*i32", mean_ptr="*fp32")
+                    pos_ptr="*i32", mean_ptr="*fp32", dest_ptr="*i32")
         sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in inspect.signature(fn.fn).parameters}
         k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=warps))

@@ -450,7 +450,7 @@ def _attention_op(q: torch.Tensor, fp_k: torch.Tensor, fp_v: torch.Tensor, lengt
     """``decode_attention`` of q ``[B, 1, q_heads, head_dim]`` over a static-mode cache given as its tensors and
     numbers (``PagedKVCache.static_view``), sized for ``static_pages`` pages per sequence."""
     tensors = (fp_k, fp_v, lengths, k_codes, k_scales, v_codes, v_scales, k_mean, v_mean, block_table)
-    view = PagedKVCache.static_view(codec_of(codec), tensors, sink_tokens, recent_tokens, static_pages, 0)
+    view = PagedKVCache.static_view(codec_of(codec), tensors, sink_tokens, recent_tokens, static_pages)
     return decode_attention(q, view, softmax_scale=scale, softcap=softcap, window=window, num_splits=num_splits)
 
 

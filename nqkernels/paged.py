@@ -367,16 +367,33 @@ class PagedKVCache:
         P, S = self.codec.page_size, self.sink_tokens
         self._write_window(k, v, 1)
         full, dest, first = self._advance_lengths(B, static_pages)
+        self._first_page_means(B, first)
         for kind, fp, codes, scales, mean, center in (
                 ("key", self.fp_k, self.k_codes, self.k_scales, self.k_mean, self.codec.center_keys),
                 ("value", self.fp_v, self.v_codes, self.v_scales, self.v_mean, self.codec.center_values)):
             x = fp[:B, :, S:S + P]  # [B, H, P, D]: each window's oldest page
-            m = None
-            if center:  # a sequence's first page gives its centering means
-                mean[:B] = torch.where(first[:, None, None], _centering_mean(x, self.codec, kind, None), mean[:B])
-                m = mean[:B]
-            _encode(x, self.codec, kind, None, m, into=(dest, codes, scales))
+            _encode(x, self.codec, kind, None, mean[:B] if center else None, into=(dest, codes, scales))
         self._shift_windows(full)
+
+    def _first_page_means(self, B: int, first: torch.Tensor) -> None:
+        """The centering means of the sequences whose first page a static step encodes (``first``, bool [B]): those
+        of its tokens (``codec.centering_mean``), as the host path takes them from a sequence's first compressed
+        chunk; one launch for keys and values, programs of other sequences exit at once."""
+        P, S, D = self.codec.page_size, self.sink_tokens, self.codec.head_dim
+        center = (self.codec.center_keys, self.codec.center_values)
+        if not any(center):
+            return
+        if use_triton(self.fp_k):
+            _first_page_means_kernel[(B, self.num_kv_heads)](
+                self.fp_k, self.fp_v, self.k_mean, self.v_mean, first, S, P, *self.fp_k.stride()[:3],
+                *self.k_mean.stride()[:2], D=D, DP=triton.next_power_of_2(D), CENTER_K=center[0],
+                CENTER_V=center[1], BLOCK_T=FIXED["mean"].BLOCK, num_warps=FIXED["mean"].num_warps)
+            return
+        for fp, mean, on, kind in ((self.fp_k, self.k_mean, center[0], "key"),
+                                   (self.fp_v, self.v_mean, center[1], "value")):
+            if on:
+                x = fp[:B, :, S:S + P]
+                mean[:B] = torch.where(first[:, None, None], _centering_mean(x, self.codec, kind, None), mean[:B])
 
     def _advance_lengths(self, B: int, static_pages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The bookkeeping of a static step for sequences 0..B-1 (after the window write), on the device: lengths
@@ -806,6 +823,42 @@ def _window_shift_kernel(fpk_ptr, fpv_ptr, full_ptr, sfb, sfh, sft, S, P, R: tl.
         tl.debug_barrier()
         tl.store(fpk_ptr + dst, k, mask=m)
         tl.store(fpv_ptr + dst, v, mask=m)
+
+
+@triton.jit
+def _page_mean(fp_ptr, mean_ptr, b, h, S, P, sfb, sfh, sft, smb, smh, D: tl.constexpr, DP: tl.constexpr,
+               BLOCK_T: tl.constexpr):
+    # The mean of the finite tokens S .. S + P - 1 of (b, h)'s fp buffer into mean[b, h]: codec._mean_partial_kernel's
+    # sums in the same order (tiles of BLOCK_T tokens, one split), divided correctly rounded, so it equals the host
+    # path's centering_mean bit for bit.
+    d = tl.arange(0, DP)
+    dmask = d < D
+    acc = tl.zeros((DP,), tl.float32)
+    n = tl.zeros((BLOCK_T,), tl.int32)
+    for i in range(tl.cdiv(P, BLOCK_T)):
+        t = i * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = t < P
+        x = tl.load(fp_ptr + b.to(tl.int64) * sfb + h * sfh + (S + t)[:, None] * sft + d[None, :],
+                    mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        keep = tmask & (tl.max(((x - x) != 0.0).to(tl.int32), axis=1) == 0)  # x - x is NaN exactly for NaN, ±Inf
+        acc += tl.sum(tl.where(keep[:, None], x, 0.0), axis=0)
+        n += keep.to(tl.int32)
+    cnt = tl.full((DP,), 1.0, tl.float32) * tl.maximum(tl.sum(n, axis=0), 1).to(tl.float32)
+    tl.store(mean_ptr + b * smb + h * smh + d, tl.math.div_rn(acc, cnt), mask=dmask)
+
+
+@triton.jit
+def _first_page_means_kernel(fpk_ptr, fpv_ptr, kmean_ptr, vmean_ptr, first_ptr, S, P, sfb, sfh, sft, smb, smh,
+                             D: tl.constexpr, DP: tl.constexpr, CENTER_K: tl.constexpr, CENTER_V: tl.constexpr,
+                             BLOCK_T: tl.constexpr):
+    # One (sequence b, KV head h) per program; where first[b], the centering means of b's first page (its fp tokens
+    # S .. S + P - 1) go to k_mean[b, h] / v_mean[b, h].
+    b, h = tl.program_id(0), tl.program_id(1)
+    if tl.load(first_ptr + b) != 0:
+        if CENTER_K:
+            _page_mean(fpk_ptr, kmean_ptr, b, h, S, P, sfb, sfh, sft, smb, smh, D, DP, BLOCK_T)
+        if CENTER_V:
+            _page_mean(fpv_ptr, vmean_ptr, b, h, S, P, sfb, sfh, sft, smb, smh, D, DP, BLOCK_T)
 
 
 @triton.jit

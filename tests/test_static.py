@@ -237,3 +237,32 @@ def test_static_step_kernels_compile_for_hopper():
     run = subprocess.run([sys.executable, "-c", _STATIC_COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("compiled") == 4
+
+
+@pytest.mark.skipif(not interpreted(), reason="counts Triton launches under TRITON_INTERPRET=1")
+def test_a_static_step_launches_six_kernels_and_reads_nothing_back(monkeypatch):
+    """The window write, the bookkeeping, the first-page means, two encodes into the pages, the window shift; no
+    value comes back to the host (what a CUDA graph could not capture)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    _, static = _pair(B=2, prompt=(30, 9))
+    static.make_static(80)
+    k = torch.randn(2, 1, 2, 64, dtype=torch.float16)
+    static.append(k, k)  # warm
+    launched = []
+    run = InterpretedFunction.run
+
+    def counted(self, *args, **kwargs):
+        launched.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a static step read a value back to the host")
+
+    monkeypatch.setattr(InterpretedFunction, "run", counted)
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    static.append(k, k)
+    monkeypatch.undo()
+    assert launched == ["_window_write_kernel", "_advance_lengths_kernel", "_first_page_means_kernel",
+                        "_encode_kernel", "_encode_kernel", "_window_shift_kernel"]

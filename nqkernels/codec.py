@@ -68,7 +68,7 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
         tmask = t < T
         ob = b
         if DEST:
-            ob = tl.load(dest_ptr + b)
+            ob = tl.load(dest_ptr + b).to(tl.int64)  # a page of a pool: offsets past 2^31 words
             tmask = tmask & (t * 0 + ob >= 0)  # (a [BLOCK_T] mask: the interpreter refuses a scalar's broadcast)
         x = _load_rope_undone(x_ptr + b * sxb + h * sxh, t, tmask, d, dmask, sxt, sxd, cos_ptr, sin_ptr,
                               pos_ptr + b * spb, spt, ROPE_HALF)

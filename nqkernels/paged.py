@@ -154,6 +154,9 @@ class PagedKVCache:
         self._pages: list[list[int]] = [[] for _ in range(max_batch)]
         self._free = list(range(num_pages - 1, -1, -1))
         self._signature = None  # launch_signature
+        # The codec as the custom ops take it (``runtime.codec_id``): an int that a trace reads, so caches of equal
+        # codecs share a compiled step.
+        self.codec_id = codec_id(codec)
         # Static mode (make_static): pages each slot has reserved beyond its used ones, and the reserved capacity in
         # pages per slot (None: off).
         self._reserved: list[list[int]] = [[] for _ in range(max_batch)]
@@ -188,7 +191,8 @@ class PagedKVCache:
         view = cls.__new__(cls)
         for name, t in zip(_OP_TENSORS, tensors):
             setattr(view, name, t)
-        view.codec, view.sink_tokens, view.recent_tokens = codec, sink_tokens, recent_tokens
+        view.codec, view.codec_id, view.sink_tokens, view.recent_tokens = codec, codec_id(codec), sink_tokens, \
+            recent_tokens
         view.max_batch, view.num_kv_heads = view.fp_k.shape[:2]
         view.dtype, view.device = view.fp_k.dtype, view.fp_k.device
         view.positions = view.fp_pos = view._signature = None
@@ -376,7 +380,7 @@ class PagedKVCache:
         self._shift_windows(full)
 
     def _first_page_means(self, B: int, first: torch.Tensor) -> None:
-        """The centering means of the sequences whose first page a static step encodes (``first``, bool [B]): those
+        """The centering means of the sequences whose first page a static step encodes (``first`` [B] != 0): those
         of its tokens (``codec.centering_mean``), as the host path takes them from a sequence's first compressed
         chunk; one launch for keys and values, programs of other sequences exit at once."""
         P, S, D = self.codec.page_size, self.sink_tokens, self.codec.head_dim
@@ -393,12 +397,13 @@ class PagedKVCache:
                                    (self.fp_v, self.v_mean, center[1], "value")):
             if on:
                 x = fp[:B, :, S:S + P]
-                mean[:B] = torch.where(first[:, None, None], _centering_mean(x, self.codec, kind, None), mean[:B])
+                mean[:B] = torch.where(first[:, None, None] != 0, _centering_mean(x, self.codec, kind, None),
+                                       mean[:B])
 
     def _advance_lengths(self, B: int, static_pages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The bookkeeping of a static step for sequences 0..B-1 (after the window write), on the device: lengths
         advanced (sinks first; where the window reached R + P tokens, one page moves to the compressed count), and
-        per sequence (window filled: bool [B], its page or -1: int32 [B], the sequence's first page: bool [B])."""
+        per sequence (window filled, its page or -1, the sequence's first page: int32 [B] each)."""
         P, S, R = self.codec.page_size, self.sink_tokens, self.recent_tokens
         flags = torch.empty(4, B, dtype=torch.int32, device=self.device)
         cap = static_pages * P + S + R + P - 1
@@ -421,7 +426,7 @@ class PagedKVCache:
             L[2] -= full.to(torch.int32) * P
         torch._assert_async(flags[3].bool().all(), "PagedKVCache: a sequence grew past the max_tokens given to "
                                                    "make_static")
-        return flags[0].bool(), flags[1], flags[2].bool()
+        return flags[0], flags[1], flags[2]
 
     # ----------------------------------------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor, lengths: Optional[Sequence[int]] = None,
@@ -441,7 +446,7 @@ class PagedKVCache:
                                  f"or positions, got {T} tokens{' and lengths' if lengths is not None else ''}"
                                  f"{' and positions' if positions is not None else ''}; call sync_host() first")
             if torch.compiler.is_compiling():  # one custom op in the traced graph
-                return _append_step_op(k, v, *self.op_tensors(), codec_id(self.codec), self.sink_tokens,
+                return _append_step_op(k, v, *self.op_tensors(), self.codec_id, self.sink_tokens,
                                        self.recent_tokens, self.static_pages)
             return self._append_step(k, v, self.static_pages)
         counts = self._check_lengths(lengths, B, T)
@@ -510,7 +515,8 @@ class PagedKVCache:
             self.fp_v[rows, :, at] = _zero_nonfinite(v.to(self.dtype))
 
     def _shift_windows(self, full: torch.Tensor) -> None:
-        """In each sequence b with ``full[b]``, move the window's last R tokens down by P (over the P just encoded)."""
+        """In each sequence b with ``full[b]`` != 0, move the window's last R tokens down by P (over the P just
+        encoded)."""
         S, R, P = self.sink_tokens, self.recent_tokens, self.codec.page_size
         B = full.shape[0]
         if R == 0:
@@ -521,7 +527,7 @@ class PagedKVCache:
                 self.fp_k, self.fp_v, full, *self.fp_k.stride()[:3], S, P, R=R, RP=triton.next_power_of_2(R), D=D,
                 DP=triton.next_power_of_2(D), num_warps=FIXED["window"].num_warps)
         else:
-            keep = full[:, None, None, None]
+            keep = full[:, None, None, None] != 0
             for fp in (self.fp_k, self.fp_v):
                 fp[:B, :, S:S + R] = torch.where(keep, fp[:B, :, S + P:S + P + R], fp[:B, :, S:S + R])
 
@@ -829,8 +835,9 @@ def _window_shift_kernel(fpk_ptr, fpv_ptr, full_ptr, sfb, sfh, sft, S, P, R: tl.
 def _page_mean(fp_ptr, mean_ptr, b, h, S, P, sfb, sfh, sft, smb, smh, D: tl.constexpr, DP: tl.constexpr,
                BLOCK_T: tl.constexpr):
     # The mean of the finite tokens S .. S + P - 1 of (b, h)'s fp buffer into mean[b, h]: codec._mean_partial_kernel's
-    # sums in the same order (tiles of BLOCK_T tokens, one split), divided correctly rounded, so it equals the host
-    # path's centering_mean bit for bit.
+    # tile sums added in order, divided correctly rounded. It equals the host path's centering_mean bit for bit where
+    # that adds at most two partial sums (pages of up to 2 · BLOCK_T tokens, 64); larger pages may differ in the last
+    # bit (the host splits the tiles among programs by the GPU's size).
     d = tl.arange(0, DP)
     dmask = d < D
     acc = tl.zeros((DP,), tl.float32)

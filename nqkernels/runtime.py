@@ -174,11 +174,13 @@ _CODEC_IDS: dict = {}
 
 @torch.compiler.assume_constant_result  # under torch.compile: evaluated while tracing, a constant in the graph
 def codec_id(codec: KVCodec) -> int:
-    """A process-wide int naming ``codec`` (equal codecs, equal ids): how the custom ops (``codec.encode_kv`` /
-    ``decode_kv`` under torch.compile) take a codec, whose schema has no place for a Python object."""
-    i = _CODEC_IDS.get(codec)
+    """A process-wide int naming ``codec`` (equal codecs with equal ``alpha``, equal ids; alpha is left out of a
+    codec's equality): how the custom ops (``codec.encode_kv`` / ``decode_kv``, static mode's append and attention
+    under torch.compile) take a codec, whose schema has no place for a Python object."""
+    key = (codec, tuple(sorted(codec.alpha.items())))
+    i = _CODEC_IDS.get(key)
     if i is None:
-        i = _CODEC_IDS[codec] = len(_CODECS)
+        i = _CODEC_IDS[key] = len(_CODECS)
         _CODECS.append(codec)
     return i
 

@@ -87,6 +87,28 @@ def test_compiled_multi_turn_matches_eager(reference_mode):
     assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
 
 
+def test_generate_calls_share_one_compiled_step(reference_mode):
+    """Every generate builds a new cache: caches of equal codecs and shapes must not trace the step again."""
+    model = tiny("llama")
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with compress(model, "k3v2", static=True, **SMALL):
+        for seed in range(3):
+            model.generate(prompt(45, seed=seed), do_sample=False, max_new_tokens=6, pad_token_id=0, **compiled())
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_a_turn_past_max_cache_len_is_refused_on_the_host(reference_mode):
+    model = tiny("llama")
+    with compress(model, "k3v2", static=True, **SMALL):
+        cache = NQCache(model, "k3v2", static=True, max_cache_len=60, **SMALL)
+        out = model.generate(prompt(45), do_sample=False, max_new_tokens=5, pad_token_id=0,
+                             **with_cache(model, cache))
+        with pytest.raises(ValueError, match="past the max_cache_len=60"):
+            model(torch.cat((out, prompt(20, seed=4)), 1)[:, -20:], **with_cache(model, cache))
+
+
 def test_eviction_reserves_only_what_the_kept_tokens_need(reference_mode):
     model = tiny("llama")
     _, cache = _generate(model, prompt(120), "k3v2-evict75", True, max_new_tokens=8, pad_token_id=0)

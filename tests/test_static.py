@@ -149,6 +149,15 @@ def test_make_static_after_crop_keeps_every_page(reference_mode):
         torch.testing.assert_close(decode_attention(q, static), decode_attention(q, host), rtol=0, atol=0)
 
 
+def test_codecs_differing_in_alpha_are_different_ops_arguments():
+    from nqkernels.runtime import codec_id, codec_of
+
+    a = KVCodec(head_dim=64)
+    b = KVCodec(head_dim=64, alpha={**a.alpha, 3: a.alpha[3] * 1.1})
+    assert a == b and codec_id(a) != codec_id(b) and codec_of(codec_id(b)).alpha == b.alpha
+    assert codec_id(KVCodec(head_dim=64)) == codec_id(a)
+
+
 def test_ops_pass_opcheck(reference_mode):
     from nqkernels.attention.launcher import _attention_op
     from nqkernels.runtime import codec_id

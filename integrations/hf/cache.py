@@ -200,7 +200,7 @@ class CompressedLayer(CacheLayerMixin):
         widest = max(1, -(-max(counts) // P))
         if policy.static:  # every page up to the capacity now (make_static reserves them)
             widest = max(widest, (self._capacity(counts) - policy.sinks - policy.fp_window) // P)
-        self.hot = PagedKVCache(codec, num_kv_heads=len(comp), max_batch=B, num_pages=widest * B + policy.static,
+        self.hot = PagedKVCache(codec, num_kv_heads=len(comp), max_batch=B, num_pages=widest * B,
                                 max_pages_per_seq=widest + 1, sink_tokens=policy.sinks, recent_tokens=policy.fp_window,
                                 dtype=dtype, device=k.device)
         self.hot.append(kc, vc, lengths=counts, positions=positions)
@@ -228,8 +228,12 @@ class CompressedLayer(CacheLayerMixin):
             if T == 1 and self.hot.static_pages is not None:  # (attend returns to static mode after its attention)
                 self.hot.append(k, v)
                 return
+            fed = int(self.seen_t)
+            if fed + T > self.cache.max_tokens:
+                raise ValueError(f"this chunk of {T} tokens would take the sequences to {fed + T} tokens, past the "
+                                 f"max_cache_len={self.cache.max_tokens} of this static cache")
             self.hot.sync_host()
-            self.seen = int(self.seen_t)  # stale while static; the chunk is counted by update
+            self.seen = fed  # stale while static: from the device count (the chunk is added by update's seen_t)
             self.hot.append(k, v)
             return
         need, widest = self.hot.pages_needed([T] * B)

@@ -14,7 +14,7 @@ import triton.language as tl
 from .. import store
 
 from .. import reference as ref
-from ..runtime import FIXED, codec_id, codec_of, dot_dtype, launch_config, max_programs, rope_tables, rotation, use_triton
+from ..runtime import FIXED, codec_of, dot_dtype, launch_config, max_programs, rope_tables, rotation, use_triton
 from ..config import check_positive_float, describe, is_int
 from ..launch import LaunchRecord, current_stream, launcher, signature
 from ..paged import PagedKVCache
@@ -267,7 +267,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         if cache.static_pages is None:
             raise ValueError("decode_attention under torch.compile needs the cache in static mode "
                              "(cache.make_static(max_tokens)): otherwise its launch depends on host-side lengths")
-        return _attention_op(q, *cache.op_tensors(), codec_id(cache.codec), cache.sink_tokens, cache.recent_tokens,
+        return _attention_op(q, *cache.op_tensors(), cache.codec_id, cache.sink_tokens, cache.recent_tokens,
                              cache.static_pages, scale, softcap, window, num_splits)
     out = torch.empty_like(q)
     if B == 0:

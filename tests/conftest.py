@@ -30,3 +30,19 @@ def reference_mode(monkeypatch):
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def compile_for_hopper(script: str) -> str:
+    """Run ``script`` (it compiles kernels for sm_90 with ``triton.compile``) in a fresh interpreter without
+    TRITON_INTERPRET, so the NVIDIA backend compiles them; its stdout. Skips where triton has no NVIDIA backend."""
+    import subprocess
+    import sys
+
+    import triton
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout

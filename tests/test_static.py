@@ -12,7 +12,7 @@ import torch
 
 from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
 
-from .conftest import interpreted
+from .conftest import compile_for_hopper, interpreted
 
 
 def _pair(D=64, bits=(3, 2), H=2, B=3, P=16, sinks=2, recent=5, dtype=torch.float16, prompt=(40, 7, 23)):
@@ -88,29 +88,9 @@ def test_static_steps_run_the_kernels():
     torch.testing.assert_close(decode_attention(q, static), decode_attention(q, host), rtol=0, atol=0)
 
 
-def test_compiled_step_has_no_graph_break_and_matches_eager(reference_mode):
-    host, static = _pair(B=2, prompt=(30, 9))
-    static.make_static(80)
-
-    def step(k, v, q):
-        static.append(k, v)
-        return decode_attention(q, static)
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    for i in range(20):
-        k, v = torch.randn(2, 2, 1, 2, 64, dtype=torch.float16)
-        q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
-        host.append(k, v)
-        torch.testing.assert_close(compiled(k, v, q), decode_attention(q, host), rtol=0, atol=0)
-    _same_state(host, static, 2)
-
-
-def test_compiled_step_across_a_host_chunk(reference_mode):
-    """Static steps, then a chunk on the host bookkeeping (sync_host), then static mode again with a larger capacity:
-    the compiled step is traced again (the capacity is an argument of its ops)."""
-    host, static = _pair(B=2, prompt=(30, 9))
-    static.make_static(60)
-
+def _compiled_steps(host, static):
+    """``steps(n)``: n decode steps (append + attention) of a compiled function over ``static`` (aot_eager,
+    fullgraph), each checked against the host-bookkeeping cache."""
     def step(k, v, q):
         static.append(k, v)
         return decode_attention(q, static)
@@ -119,10 +99,26 @@ def test_compiled_step_across_a_host_chunk(reference_mode):
 
     def steps(n):
         for _ in range(n):
-            k, v = torch.randn(2, 2, 1, 2, 64, dtype=torch.float16)
-            q = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+            k, v = torch.randn(2, static.max_batch, 1, static.num_kv_heads, 64, dtype=torch.float16)
+            q = torch.randn(static.max_batch, 1, 4 * static.num_kv_heads, 64, dtype=torch.float16)
             host.append(k, v)
             torch.testing.assert_close(compiled(k, v, q), decode_attention(q, host), rtol=0, atol=0)
+    return steps
+
+
+def test_compiled_step_has_no_graph_break_and_matches_eager(reference_mode):
+    host, static = _pair(B=2, prompt=(30, 9))
+    static.make_static(80)
+    _compiled_steps(host, static)(20)
+    _same_state(host, static, 2)
+
+
+def test_compiled_step_across_a_host_chunk(reference_mode):
+    """Static steps, then a chunk on the host bookkeeping (sync_host), then static mode again with a larger capacity:
+    the compiled step is traced again (the capacity is an argument of its ops)."""
+    host, static = _pair(B=2, prompt=(30, 9))
+    static.make_static(60)
+    steps = _compiled_steps(host, static)
 
     steps(10)
     static.sync_host()
@@ -234,18 +230,7 @@ for fn, consts in KERNELS:
 
 def test_static_step_kernels_compile_for_hopper():
     """The static step's kernels compile for sm_90 (syntax and layouts the interpreter does not check)."""
-    import os
-    import subprocess
-    import sys
-
-    import triton
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _STATIC_COMPILE], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 4
+    assert compile_for_hopper(_STATIC_COMPILE).count("compiled") == 4
 
 
 @pytest.mark.skipif(not interpreted(), reason="counts Triton launches under TRITON_INTERPRET=1")

@@ -67,32 +67,10 @@ def test_captured_step_replays_through_page_fills(head_dim, bits, sinks, recent,
     _same_state(host, static)
 
 
-def test_reduce_overhead_compile_matches_host():
-    host, static = _pair(128, (3, 2), 2, 16, torch.float16)
+def _compiled_steps(host, static):
+    """``steps(n)``: n decode steps (append + attention) of a function compiled with ``reduce-overhead`` (inductor,
+    CUDA graphs) over ``static``, each checked against the host-bookkeeping cache."""
     B = static.max_batch
-    static.make_static(max(static.seq_lens()) + 64)
-
-    def step(k, v, q):
-        static.append(k, v)
-        return decode_attention(q, static)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-    for _ in range(30):
-        k, v = torch.randn(2, B, 1, 2, 128, dtype=torch.float16, device="cuda")
-        q = torch.randn(B, 1, 8, 128, dtype=torch.float16, device="cuda")
-        out = compiled(k, v, q).clone()
-        host.append(k, v)
-        _close(out, q, host)
-    _same_state(host, static)
-
-
-def test_reduce_overhead_across_a_host_chunk():
-    """Compiled steps, a chunk on the host bookkeeping (sync_host), static mode again with a larger capacity, more
-    compiled steps: the step is traced again for the new capacity (an argument of its ops), never replayed stale."""
-    host, static = _pair(128, (3, 2), 2, 16, torch.float16)
-    B = static.max_batch
-    static.make_static(max(static.seq_lens()) + 24)
 
     def step(k, v, q):
         static.append(k, v)
@@ -108,7 +86,23 @@ def test_reduce_overhead_across_a_host_chunk():
             out = compiled(k, v, q).clone()
             host.append(k, v)
             _close(out, q, host)
+    return steps
 
+
+def test_reduce_overhead_compile_matches_host():
+    host, static = _pair(128, (3, 2), 2, 16, torch.float16)
+    static.make_static(max(static.seq_lens()) + 64)
+    _compiled_steps(host, static)(30)
+    _same_state(host, static)
+
+
+def test_reduce_overhead_across_a_host_chunk():
+    """Compiled steps, a chunk on the host bookkeeping (sync_host), static mode again with a larger capacity, more
+    compiled steps: the step is traced again for the new capacity (an argument of its ops), never replayed stale."""
+    host, static = _pair(128, (3, 2), 2, 16, torch.float16)
+    B = static.max_batch
+    static.make_static(max(static.seq_lens()) + 24)
+    steps = _compiled_steps(host, static)
     steps(20)
     static.sync_host()
     k, v = torch.randn(2, B, 70, 2, 128, dtype=torch.float16, device="cuda")

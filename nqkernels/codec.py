@@ -50,6 +50,14 @@ def _load_rope_undone(x_ptr, t, tmask, d, dmask, sxt, sxd, cos_ptr, sin_ptr, pos
 
 
 @triton.jit
+def finite_rows_sum(x, tmask):
+    """(sum over the rows of the [BT, DP] tile x that are tokens (``tmask``) holding no NaN or Inf, those rows):
+    reference.finite_mean's numerator, one tile at a time. x - x is NaN exactly for NaN and ±Inf."""
+    keep = tmask & (tl.max(((x - x) != 0.0).to(tl.int32), axis=1) == 0)
+    return tl.sum(tl.where(keep[:, None], x, 0.0), axis=0), keep
+
+
+@triton.jit
 def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean_ptr, dest_ptr, T, H, n_tiles,
                    sxb, sxh, sxt, sxd, scb, sch, sct, ssb, ssh, sst, spb, spt, smb, smh,
                    D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, ALPHA: tl.constexpr,
@@ -134,8 +142,8 @@ def _mean_partial_kernel(x_ptr, part_ptr, count_ptr, cos_ptr, sin_ptr, pos_ptr, 
         tmask = t < T
         x = _load_rope_undone(x_ptr + b * sxb + h * sxh, t, tmask, d, dmask, sxt, sxd, cos_ptr, sin_ptr,
                               pos_ptr + b * spb, spt, ROPE_HALF)
-        keep = tmask & (tl.max(((x - x) != 0.0).to(tl.int32), axis=1) == 0)  # x - x is NaN exactly for NaN and ±Inf
-        acc += tl.sum(tl.where(keep[:, None], x, 0.0), axis=0)
+        s, keep = finite_rows_sum(x, tmask)
+        acc += s
         n += keep.to(tl.int32)
     at = pid_bh * tl.num_programs(1) + split
     tl.store(part_ptr + at * DP + d, acc)

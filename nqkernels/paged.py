@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .codec import EncodedKV, _centering_mean, _decode, _encode
+from .codec import EncodedKV, _centering_mean, _decode, _encode, _load_rope_undone, finite_rows_sum
 from .runtime import FIXED, codec_id, codec_of, use_triton
 from .config import KVCodec, is_int
 from .launch import signature
@@ -842,13 +842,13 @@ def _page_mean(fp_ptr, mean_ptr, b, h, S, P, sfb, sfh, sft, smb, smh, D: tl.cons
     dmask = d < D
     acc = tl.zeros((DP,), tl.float32)
     n = tl.zeros((BLOCK_T,), tl.int32)
+    page = fp_ptr + b.to(tl.int64) * sfb + h * sfh + S * sft
     for i in range(tl.cdiv(P, BLOCK_T)):
         t = i * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = t < P
-        x = tl.load(fp_ptr + b.to(tl.int64) * sfb + h * sfh + (S + t)[:, None] * sft + d[None, :],
-                    mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        keep = tmask & (tl.max(((x - x) != 0.0).to(tl.int32), axis=1) == 0)  # x - x is NaN exactly for NaN, ±Inf
-        acc += tl.sum(tl.where(keep[:, None], x, 0.0), axis=0)
+        x = _load_rope_undone(page, t, tmask, d, dmask, sft, 1, fp_ptr, fp_ptr, fp_ptr, 0, 0)  # (no RoPE here)
+        s, keep = finite_rows_sum(x, tmask)
+        acc += s
         n += keep.to(tl.int32)
     cnt = tl.full((DP,), 1.0, tl.float32) * tl.maximum(tl.sum(n, axis=0), 1).to(tl.float32)
     tl.store(mean_ptr + b * smb + h * smh + d, tl.math.div_rn(acc, cnt), mask=dmask)

@@ -198,14 +198,15 @@ class CompressedLayer(CacheLayerMixin):
         B, P = k.shape[0], codec.page_size
         dtype = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
         widest = max(1, -(-max(counts) // P))
+        cap = self._capacity(counts) if policy.static else None
         if policy.static:  # every page up to the capacity now (make_static reserves them)
-            widest = max(widest, (self._capacity(counts) - policy.sinks - policy.fp_window) // P)
+            widest = max(widest, (cap - policy.sinks - policy.fp_window) // P)
         self.hot = PagedKVCache(codec, num_kv_heads=len(comp), max_batch=B, num_pages=widest * B,
                                 max_pages_per_seq=widest + 1, sink_tokens=policy.sinks, recent_tokens=policy.fp_window,
                                 dtype=dtype, device=k.device)
         self.hot.append(kc, vc, lengths=counts, positions=positions)
         if policy.static:
-            self.hot.make_static(self._capacity(counts))
+            self.hot.make_static(cap)
         if keep:
             T = k.shape[1]
             self.kept_k = torch.zeros(B, len(keep), T + 64, k.shape[-1], dtype=self.dtype, device=k.device)

@@ -74,17 +74,30 @@ def test_static_steps_match_host_appends_bit_for_bit(case, reference_mode):
 
 
 @pytest.mark.skipif(not interpreted(), reason="the Triton kernels run only under TRITON_INTERPRET=1 on CPU")
-def test_static_steps_run_the_kernels():
-    """The window write, shift and encode kernels and the attention kernels in static mode (interpreter), against
-    the host-bookkeeping cache on the same kernels."""
-    host, static = _pair(D=64, H=1, B=2, sinks=1, recent=3, prompt=(20, 5))
-    static.make_static(60)
-    for _ in range(17):
-        k, v = torch.randn(2, 2, 1, 1, 64, dtype=torch.float16)
+@pytest.mark.parametrize("case", [
+    dict(D=64, H=1, B=2, sinks=1, recent=3, prompt=(20, 5)),
+    dict(D=96, bits=(2, 2), H=2, B=3, sinks=0, recent=0, dtype=torch.bfloat16, prompt=(33, 2, 17)),
+    dict(D=256, bits=(4, 3), H=1, B=2, sinks=2, recent=21, prompt=(9, 40)),
+    dict(D=128, bits=(3, 3), H=1, B=1, P=32, sinks=3, recent=5, prompt=(1,)),
+])
+def test_static_steps_run_the_kernels(case):
+    """The window write, bookkeeping, first-page mean, encode-into-pages and shift kernels and the attention kernels
+    in static mode (interpreter), against the host-bookkeeping cache on the same kernels, bit for bit: odd head_dim,
+    bf16, no window, a window longer than a page, first pages (and sinks) filled during the static steps, a NaN
+    token."""
+    host, static = _pair(**case)
+    B, H, D = static.max_batch, static.num_kv_heads, static.codec.head_dim
+    steps = static.codec.page_size + static.recent_tokens + static.sink_tokens + 1
+    static.make_static(max(static.seq_lens()) + steps)
+    for i in range(steps):
+        k, v = torch.randn(2, B, 1, H, D, dtype=static.dtype)
+        if i == 3:
+            k[0, 0, 0, 0] = float("nan")
         host.append(k, v)
         static.append(k, v)
-    _same_state(host, static, 2)
-    q = torch.randn(2, 1, 4, 64, dtype=torch.float16)
+    _same_state(host, static, B)
+    assert torch.equal(host.k_mean, static.k_mean) and torch.equal(host.v_mean, static.v_mean)
+    q = torch.randn(B, 1, 4 * H, D, dtype=static.dtype)
     torch.testing.assert_close(decode_attention(q, static), decode_attention(q, host), rtol=0, atol=0)
 
 

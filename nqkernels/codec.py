@@ -77,52 +77,52 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
         ob = b
         if DEST:
             ob = tl.load(dest_ptr + b).to(tl.int64)  # a page of a pool: offsets past 2^31 words
-            tmask = tmask & (t * 0 + ob >= 0)  # (a [BLOCK_T] mask: the interpreter refuses a scalar's broadcast)
-        x = _load_rope_undone(x_ptr + b * sxb + h * sxh, t, tmask, d, dmask, sxt, sxd, cos_ptr, sin_ptr,
-                              pos_ptr + b * spb, spt, ROPE_HALF)
-        if CENTER:
-            x = x - tl.load(mean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)[None, :]
+        if ob >= 0:  # DEST: a row whose dest is < 0 costs one load (static mode's steps where no window filled)
+            x = _load_rope_undone(x_ptr + b * sxb + h * sxh, t, tmask, d, dmask, sxt, sxd, cos_ptr, sin_ptr,
+                                  pos_ptr + b * spb, spt, ROPE_HALF)
+            if CENTER:
+                x = x - tl.load(mean_ptr + b * smb + h * smh + d, mask=dmask, other=0.0)[None, :]
 
-        # Fixed point (quantum q = 2^(e-14)), then y = T x_int exactly on tensor cores.
-        x_int, e, ok = fixed_point(x, FIX_BITS)
-        y = storage_order(integer_transform(x_int, tm, BLOCK_T, D, DP), BLOCK_T, DP)
-        yi = y.to(tl.int32)
-        sq = tl.sum(yi.to(tl.int64) * yi, axis=1)
-        rms_q = tl.sqrt_rn(tl.math.div_rn(sq.to(tl.float32), tl.full(sq.shape, DN, tl.float32)))
-        q = exp2i(e - FIX_BITS)
-        s = round_to((rms_q * ALPHA) * q, scales_ptr.dtype.element_ty).to(tl.float32)
-        ok = ok & (s > 0.0) & ((s - s) == 0.0)
-        s_q = tl.where(ok, s, 1.0) * exp2i(FIX_BITS - e)
-        inv = tl.math.div_rn(tl.full(s_q.shape, 1.0, tl.float32), s_q)
-        inv = tl.math.div_rn(inv, tl.full(s_q.shape, SQRT_N, tl.float32))
-        idx, v = e8_nearest(y * inv[:, None], BLOCK_T, DP, BITS)
-        if FIT > 0:
-            # Refit from exact integer sums (4v is an odd integer): least squares <y,v>/<v,v> (FIT 1) or
-            # unbiased <y,y>/<y,v> (FIT 2).
-            v4 = tl.where(dmask[None, :], v * 4.0, 0.0).to(tl.int32)
-            yv = tl.sum((yi * v4).to(tl.int64), axis=1)
-            if FIT == 1:
-                num, den = yv, tl.sum(v4 * v4, axis=1)
-            else:
-                num, den = sq, yv
-            s_fit = tl.math.div_rn(num.to(tl.float32) * 4.0, den.to(tl.float32) * SQRT_N) * q
-            s = tl.where(s_fit > 0.0, s_fit, s)
-        idx = tl.where(ok[:, None], idx, 0)
-        tl.store(scales_ptr + ob * ssb + h * ssh + t * sst,
-                 round_to(tl.where(ok, s, 0.0), scales_ptr.dtype.element_ty), mask=tmask)
+            # Fixed point (quantum q = 2^(e-14)), then y = T x_int exactly on tensor cores.
+            x_int, e, ok = fixed_point(x, FIX_BITS)
+            y = storage_order(integer_transform(x_int, tm, BLOCK_T, D, DP), BLOCK_T, DP)
+            yi = y.to(tl.int32)
+            sq = tl.sum(yi.to(tl.int64) * yi, axis=1)
+            rms_q = tl.sqrt_rn(tl.math.div_rn(sq.to(tl.float32), tl.full(sq.shape, DN, tl.float32)))
+            q = exp2i(e - FIX_BITS)
+            s = round_to((rms_q * ALPHA) * q, scales_ptr.dtype.element_ty).to(tl.float32)
+            ok = ok & (s > 0.0) & ((s - s) == 0.0)
+            s_q = tl.where(ok, s, 1.0) * exp2i(FIX_BITS - e)
+            inv = tl.math.div_rn(tl.full(s_q.shape, 1.0, tl.float32), s_q)
+            inv = tl.math.div_rn(inv, tl.full(s_q.shape, SQRT_N, tl.float32))
+            idx, v = e8_nearest(y * inv[:, None], BLOCK_T, DP, BITS)
+            if FIT > 0:
+                # Refit from exact integer sums (4v is an odd integer): least squares <y,v>/<v,v> (FIT 1) or
+                # unbiased <y,y>/<y,v> (FIT 2).
+                v4 = tl.where(dmask[None, :], v * 4.0, 0.0).to(tl.int32)
+                yv = tl.sum((yi * v4).to(tl.int64), axis=1)
+                if FIT == 1:
+                    num, den = yv, tl.sum(v4 * v4, axis=1)
+                else:
+                    num, den = sq, yv
+                s_fit = tl.math.div_rn(num.to(tl.float32) * 4.0, den.to(tl.float32) * SQRT_N) * q
+                s = tl.where(s_fit > 0.0, s_fit, s)
+            idx = tl.where(ok[:, None], idx, 0)
+            tl.store(scales_ptr + ob * ssb + h * ssh + t * sst,
+                     round_to(tl.where(ok, s, 0.0), scales_ptr.dtype.element_ty), mask=tmask)
 
-        # Bit planes: D/16 words of the low 2 bits, then the high bits (1 bit at 3 bits/coord, 2 bits at 4).
-        row = codes_ptr + ob * scb + h * sch + t[:, None] * sct
-        w16 = tl.arange(0, DP // 16)
-        tl.store(row + w16[None, :], pack_plane(idx & 3, BLOCK_T, DP, 2),
-                 mask=tmask[:, None] & (w16 < D // 16)[None, :])
-        if BITS == 3:
-            w32 = tl.arange(0, DP // 32)
-            tl.store(row + D // 16 + w32[None, :], pack_plane(idx >> 2, BLOCK_T, DP, 1),
-                     mask=tmask[:, None] & (w32 < D // 32)[None, :])
-        if BITS == 4:
-            tl.store(row + D // 16 + w16[None, :], pack_plane(idx >> 2, BLOCK_T, DP, 2),
+            # Bit planes: D/16 words of the low 2 bits, then the high bits (1 bit at 3 bits/coord, 2 bits at 4).
+            row = codes_ptr + ob * scb + h * sch + t[:, None] * sct
+            w16 = tl.arange(0, DP // 16)
+            tl.store(row + w16[None, :], pack_plane(idx & 3, BLOCK_T, DP, 2),
                      mask=tmask[:, None] & (w16 < D // 16)[None, :])
+            if BITS == 3:
+                w32 = tl.arange(0, DP // 32)
+                tl.store(row + D // 16 + w32[None, :], pack_plane(idx >> 2, BLOCK_T, DP, 1),
+                         mask=tmask[:, None] & (w32 < D // 32)[None, :])
+            if BITS == 4:
+                tl.store(row + D // 16 + w16[None, :], pack_plane(idx >> 2, BLOCK_T, DP, 2),
+                         mask=tmask[:, None] & (w16 < D // 16)[None, :])
 
 
 @triton.jit

@@ -172,17 +172,20 @@ def filled_cache(model, kind: str, B: int, T: int):
         k, v = torch.randn(2, 1, T, H, D, dtype=model.dtype, device=dev, generator=g)
         k, v = k.expand(B, T, H, D), v.expand(B, T, H, D)
         layer.lazy_initialization(k.transpose(1, 2), v.transpose(1, 2))
-        if isinstance(layer, CompressedLayer):
-            layer.encode(k, v, [T] * B, None, None)
+        if isinstance(layer, CompressedLayer):  # as after the prompt's forward: T tokens seen, then encoded
             layer.seen = T
             layer.seen_t.fill_(T)
+            layer.encode(k, v, [T] * B, None, None)
     return cache
 
 
-def compiled_steps(model, cache, B: int, T: int, steps: int, warm: int = 3) -> tuple[list, float]:
+def compiled_steps(model, cache, B: int, T: int, steps: int, warm: int = 3) -> tuple[list, float, dict]:
     """Greedy decode steps through ``model.forward`` compiled as ``generate`` compiles it for a static cache
     (inductor, ``reduce-overhead``: CUDA graphs; ``fullgraph``): (seconds of each timed step, seconds of the first
-    call, the compile)."""
+    call, the compile; what ran: kernel time per step under the profiler, its five largest kernels, and inductor's
+    count of graphs that skipped CUDA graphs)."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
     fwd = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     dev = model.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -202,23 +205,37 @@ def compiled_steps(model, cache, B: int, T: int, steps: int, warm: int = 3) -> t
                 first = time.perf_counter() - t0
             elif i >= warm:
                 times.append(time.perf_counter() - t0)
-    return times, first
+        prof_steps = 2
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(prof_steps):
+                out = fwd(nxt, position_ids=pos, **with_cache(model, cache), use_cache=True, **extra)
+                nxt = out.logits[:, -1:].argmax(-1)
+                pos += 1
+            sync()
+    kernels = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    ran = {"gpu_ms": sum(e.self_device_time_total for e in kernels) / 1e3 / prof_steps,
+           "top_kernels": [(e.key[:80], e.self_device_time_total / 1e3 / prof_steps) for e in kernels[:5]],
+           "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
+    return times, first, ran
 
 
 def run_compiled(model, kind: str, B: int, T: int, steps: int, limit: bool = False) -> dict:
     name = "StaticCache" if kind == "static" else f"{kind} static=True"
     row = {"cache": name + " + compile", "batch": B, "tokens": T, "memory_limit": limit, "fill": "direct"}
     torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
     try:
         if kind != "static":
             patch(model, kind, static=True)
         cache = filled_cache(model, kind, B, T)
         row["nbytes"] = cache_bytes(cache) if kind != "static" else sum(
             l.keys.nbytes + l.values.nbytes for l in cache.layers)
-        times, first = compiled_steps(model, cache, B, T, steps)
+        times, first, ran = compiled_steps(model, cache, B, T, steps)
         times.sort()
         med = times[len(times) // 2]
-        row.update(step_ms=1e3 * med, tokens_per_s=B / med, first_call_s=first, step_ms_all=[1e3 * t for t in times])
+        row.update(step_ms=1e3 * med, tokens_per_s=B / med, first_call_s=first, step_ms_all=[1e3 * t for t in times],
+                   **ran)
         del cache
     except torch.OutOfMemoryError:
         row["oom"] = True
@@ -229,7 +246,10 @@ def run_compiled(model, kind: str, B: int, T: int, steps: int, limit: bool = Fal
         _free()
     log(f"{row['cache']:>32} B={B:<4} T={T:<7} " + ("OOM" if row.get("oom") else
         f"{row['nbytes'] / 2**30:7.2f} GiB  step {row['step_ms']:7.2f} ms  {row['tokens_per_s']:9.1f} tok/s  "
-        f"(first call {row['first_call_s']:.0f} s)"))
+        f"GPU {row['gpu_ms']:7.2f} ms  (first call {row['first_call_s']:.0f} s, cudagraph skips "
+        f"{row['cudagraph_skips']})"))
+    for name, ms in row.get("top_kernels", []):
+        log(f"{'':>36}{ms:7.3f} ms  {name}")
     return row
 
 

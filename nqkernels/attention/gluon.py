@@ -858,74 +858,32 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
     nxt_v = _fused_value_units(vc_h, vs_h, page, svc_p, svs_p, o_vlo, o_vhi, offs, D, VBITS, WV, UPW, NW, OFF64,
                                VEC_V)
     page = gl.load(bt_b + gl.minimum(p_lo + 1, last))
+    first = lane + warp
+    l2_page = 0  # (a constant without L2PF: nothing carried)
     if L2PF > 0:
-        first = lane + warp
         for i in gl.static_range(L2PF):
             pf = gl.load(bt_b + gl.minimum(p_lo + 1 + i, last))
             _l2_prefetch(kc_h, ks_h, pf, skc_p, sks_p, first, PAGE * WK * 4, PAGE * 2, OFF64)
             _l2_prefetch(vc_h, vs_h, pf, svc_p, svs_p, first, PAGE * WV * 4, PAGE * 2, OFF64)
         l2_page = gl.load(bt_b + gl.minimum(p_lo + 1 + L2PF, last))
-    for pg in range(p_lo, p_hi):
-        if L2PF > 0:
-            _l2_prefetch(kc_h, ks_h, l2_page, skc_p, sks_p, first, PAGE * WK * 4, PAGE * 2, OFF64)
-            _l2_prefetch(vc_h, vs_h, l2_page, svc_p, svs_p, first, PAGE * WV * 4, PAGE * 2, OFF64)
-            l2_page = gl.load(bt_b + gl.minimum(pg + 2 + L2PF, last))
-        cur_k = nxt_k
-        cur_v = nxt_v
-        nxt_k = _page_units(kc_h, ks_h, page, skc_p, sks_p, offs, D, KBITS, WK, UPW, OFF64, VEC_K)
-        nxt_v = _fused_value_units(vc_h, vs_h, page, svc_p, svs_p, o_vlo, o_vhi, offs, D, VBITS, WV, UPW, NW, OFF64,
-                                   VEC_V)
-        page = gl.load(bt_b + gl.minimum(pg + 2, last))
-        partial = pg * PAGE + PAGE > end
-        xs = ()
-        mp0 = m0
-        mp1 = m1
-        for k in gl.static_range(UPW):
-            x = _unit_logits(cur_k[k], QF, kc4, c, zero, unit, qm0, qm1, sm_scale, softcap, pg * PAGE + offs[k][2],
-                             end, partial, n_sink, q_index0, q_index1, window, D, KBITS, SOFTCAP, WINDOW, CAUSAL_PAGES)
-            xs = xs + (x,)
-            mp0 = gl.maximum(mp0, gl.maximum(x[0], x[2]))
-            mp1 = gl.maximum(mp1, gl.maximum(x[1], x[3]))
-        mp0 = _shfl_max(_shfl_max(_shfl_max(mp0, "4"), "8"), "16")  # the new max of rows 2c, 2c + 1
-        mp1 = _shfl_max(_shfl_max(_shfl_max(mp1, "4"), "8"), "16")
-        ms0 = gl.where(mp0 == float("-inf"), 0.0, mp0)  # nothing seen yet: any finite reference
-        ms1 = gl.where(mp1 == float("-inf"), 0.0, mp1)
-        a0 = gl.exp2(m0 - ms0)
-        a1 = gl.exp2(m1 - ms1)
-        m0 = mp0
-        m1 = mp1
-        l0 = l0 * a0
-        l1 = l1 * a1
-        ls0 = ls0 * a0
-        ls1 = ls1 * a1
-        acc_lo = _rescale(acc_lo, a0, a1)
-        acc_hi = _rescale(acc_hi, a0, a1)
-        acc_c = _rescale(acc_c, a0, a1)
-        for k in gl.static_range(UPW):
-            x0, x1, x2, x3 = xs[k]
-            words, sv0, sv1 = cur_v[k]
-            p0 = gl.exp2(x0 - ms0)  # (token g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
-            p1 = gl.exp2(x1 - ms1)
-            p2 = gl.exp2(x2 - ms0)
-            p3 = gl.exp2(x3 - ms1)
-            q0 = p0 * sv0
-            q1 = p1 * sv0
-            q2 = p2 * sv1
-            q3 = p3 * sv1
-            if partial:  # slots past the sequence may hold any scale
-                tk = pg * PAGE + offs[k][2]
-                q0 = gl.where(tk < end, q0, 0.0)
-                q1 = gl.where(tk < end, q1, 0.0)
-                q2 = gl.where(tk + 8 < end, q2, 0.0)
-                q3 = gl.where(tk + 8 < end, q3, 0.0)
-            l0 = l0 + (p0 + p2)
-            l1 = l1 + (p1 + p3)
-            ls0 = ls0 + (q0 + q2)
-            ls1 = ls1 + (q1 + q3)
-            b0 = _transpose8(_f16x2(q0, q1))  # tokens 2c, 2c + 1 of row g
-            b1 = _transpose8(_f16x2(q2, q3))  # tokens 2c + 8, 2c + 9
-            acc_lo, acc_hi, acc_c = _value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi, zero_i, D,
-                                                    VBITS)
+    streams = (kc_h, ks_h, vc_h, vs_h, skc_p, sks_p, svc_p, svs_p, bt_b, last, first, o_vlo, o_vhi, offs)
+    query = (QF, kc4, unit, qm0, qm1, sm_scale, softcap, n_sink, q_index0, q_index1, window, c, zero, zero_i,
+             sel_lo, sel_hi)
+    state = (nxt_k, nxt_v, page, l2_page, acc_lo, acc_hi, acc_c, m0, m1, l0, l1, ls0, ls1)
+    if NW > 1:  # the pages wholly before the end run without its mask, the split's last page if partial after them
+        p_full = gl.maximum(gl.minimum(p_hi, end // PAGE), p_lo)
+        for pg in range(p_lo, p_full):
+            state = _fused_page(pg, end, False, state, streams, query, False, D, KBITS, VBITS, PAGE, SOFTCAP, WINDOW,
+                                CAUSAL_PAGES, NW, WK, WV, UPW, OFF64, VEC_K, VEC_V, L2PF)
+        for pg in range(p_full, p_hi):
+            state = _fused_page(pg, end, True, state, streams, query, True, D, KBITS, VBITS, PAGE, SOFTCAP, WINDOW,
+                                CAUSAL_PAGES, NW, WK, WV, UPW, OFF64, VEC_K, VEC_V, L2PF)
+    else:  # one warp: one loop, each page masked if partial (a second copy of the page spills at 2 bits)
+        for pg in range(p_lo, p_hi):
+            state = _fused_page(pg, end, pg * PAGE + PAGE > end, state, streams, query, True, D, KBITS, VBITS, PAGE,
+                                SOFTCAP, WINDOW, CAUSAL_PAGES, NW, WK, WV, UPW, OFF64, VEC_K, VEC_V, L2PF)
+    acc_lo, acc_hi, acc_c, m0, m1, l0, l1, ls0, ls1 = (state[4], state[5], state[6], state[7], state[8], state[9],
+                                                        state[10], state[11], state[12])
     # Σp and Σp·s over the lanes of a column; then the warps, each scaled to the split's max.
     l0 = _shfl_add(_shfl_add(_shfl_add(l0, "4"), "8"), "16")
     l1 = _shfl_add(_shfl_add(_shfl_add(l1, "4"), "8"), "16")
@@ -959,6 +917,79 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
     gl.store(l_ptr + part * BLOCK_M + s1, l1, mask=g0 & (s1 < RS))
     _store_values_partial(acc_lo, acc_hi, acc_c, ls0, ls1, g1, s0, s1, acc_ptr + part * BLOCK_M * D, ROWS, D, VBITS,
                           OUT_SCALE, LOG2CT)
+
+
+@gluon.jit
+def _fused_page(pg, end, partial, state, streams, query, MASKED: gl.constexpr, D: gl.constexpr, KBITS: gl.constexpr,
+                VBITS: gl.constexpr, PAGE: gl.constexpr, SOFTCAP: gl.constexpr, WINDOW: gl.constexpr,
+                CAUSAL_PAGES: gl.constexpr, NW: gl.constexpr, WK: gl.constexpr, WV: gl.constexpr, UPW: gl.constexpr,
+                OFF64: gl.constexpr, VEC_K: gl.constexpr, VEC_V: gl.constexpr, L2PF: gl.constexpr):
+    """One page of the fused pass: the next page's words loaded (and one further ahead prefetched into L2), this
+    page's logits, the running max and rescale, its value products. ``state``: (this page's key and value words,
+    the next page's block-table entry, the L2 prefetch's, the accumulators, running max, Σp and Σp·s);
+    ``partial``: the page reaches past ``end`` (keys and value scales there masked), read only where ``MASKED``."""
+    if not MASKED:
+        partial = False
+    cur_k, cur_v, page, l2_page, acc_lo, acc_hi, acc_c, m0, m1, l0, l1, ls0, ls1 = state
+    kc_h, ks_h, vc_h, vs_h, skc_p, sks_p, svc_p, svs_p, bt_b, last, first, o_vlo, o_vhi, offs = streams
+    QF, kc4, unit, qm0, qm1, sm_scale, softcap, n_sink, q_index0, q_index1, window, c, zero, zero_i, sel_lo, \
+        sel_hi = query
+    if L2PF > 0:
+        _l2_prefetch(kc_h, ks_h, l2_page, skc_p, sks_p, first, PAGE * WK * 4, PAGE * 2, OFF64)
+        _l2_prefetch(vc_h, vs_h, l2_page, svc_p, svs_p, first, PAGE * WV * 4, PAGE * 2, OFF64)
+        l2_page = gl.load(bt_b + gl.minimum(pg + 2 + L2PF, last))
+    nxt_k = _page_units(kc_h, ks_h, page, skc_p, sks_p, offs, D, KBITS, WK, UPW, OFF64, VEC_K)
+    nxt_v = _fused_value_units(vc_h, vs_h, page, svc_p, svs_p, o_vlo, o_vhi, offs, D, VBITS, WV, UPW, NW, OFF64,
+                               VEC_V)
+    page = gl.load(bt_b + gl.minimum(pg + 2, last))
+    xs = ()
+    mp0 = m0
+    mp1 = m1
+    for k in gl.static_range(UPW):
+        x = _unit_logits(cur_k[k], QF, kc4, c, zero, unit, qm0, qm1, sm_scale, softcap, pg * PAGE + offs[k][2],
+                         end, partial, n_sink, q_index0, q_index1, window, D, KBITS, SOFTCAP, WINDOW, CAUSAL_PAGES)
+        xs = xs + (x,)
+        mp0 = gl.maximum(mp0, gl.maximum(x[0], x[2]))
+        mp1 = gl.maximum(mp1, gl.maximum(x[1], x[3]))
+    mp0 = _shfl_max(_shfl_max(_shfl_max(mp0, "4"), "8"), "16")  # the new max of rows 2c, 2c + 1
+    mp1 = _shfl_max(_shfl_max(_shfl_max(mp1, "4"), "8"), "16")
+    ms0 = gl.where(mp0 == float("-inf"), 0.0, mp0)  # nothing seen yet: any finite reference
+    ms1 = gl.where(mp1 == float("-inf"), 0.0, mp1)
+    a0 = gl.exp2(m0 - ms0)
+    a1 = gl.exp2(m1 - ms1)
+    l0 = l0 * a0
+    l1 = l1 * a1
+    ls0 = ls0 * a0
+    ls1 = ls1 * a1
+    acc_lo = _rescale(acc_lo, a0, a1)
+    acc_hi = _rescale(acc_hi, a0, a1)
+    acc_c = _rescale(acc_c, a0, a1)
+    for k in gl.static_range(UPW):
+        x0, x1, x2, x3 = xs[k]
+        words, sv0, sv1 = cur_v[k]
+        p0 = gl.exp2(x0 - ms0)  # (token g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
+        p1 = gl.exp2(x1 - ms1)
+        p2 = gl.exp2(x2 - ms0)
+        p3 = gl.exp2(x3 - ms1)
+        q0 = p0 * sv0
+        q1 = p1 * sv0
+        q2 = p2 * sv1
+        q3 = p3 * sv1
+        if partial:  # slots past the sequence may hold any scale
+            tk = pg * PAGE + offs[k][2]
+            q0 = gl.where(tk < end, q0, 0.0)
+            q1 = gl.where(tk < end, q1, 0.0)
+            q2 = gl.where(tk + 8 < end, q2, 0.0)
+            q3 = gl.where(tk + 8 < end, q3, 0.0)
+        l0 = l0 + (p0 + p2)
+        l1 = l1 + (p1 + p3)
+        ls0 = ls0 + (q0 + q2)
+        ls1 = ls1 + (q1 + q3)
+        b0 = _transpose8(_f16x2(q0, q1))  # tokens 2c, 2c + 1 of row g
+        b1 = _transpose8(_f16x2(q2, q3))  # tokens 2c + 8, 2c + 9
+        acc_lo, acc_hi, acc_c = _value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi, zero_i, D,
+                                                VBITS)
+    return nxt_k, nxt_v, page, l2_page, acc_lo, acc_hi, acc_c, mp0, mp1, l0, l1, ls0, ls1
 
 
 @gluon.jit

@@ -3,8 +3,8 @@ kernel's main loop out."""
 import re
 
 
-def loop_body(sass: str) -> list[str]:
-    """The instructions (nvdisasm text) of the largest backward branch's body: a kernel's main loop."""
+def loop_bodies(sass: str) -> list[list[str]]:
+    """The instructions (nvdisasm text) of each backward branch's body, in address order: a kernel's loops."""
     labels, ins, branches, pending = {}, [], [], []
     for line in sass.splitlines():
         m = re.match(r"\s*(\.L_x_\d+):", line)
@@ -21,6 +21,10 @@ def loop_body(sass: str) -> list[str]:
         b = re.search(r"BRA\s+`\((\.L_x_\d+)\)", m.group(2))
         if b:
             branches.append((b.group(1), addr))
-    loops = [(labels[t], a) for t, a in branches if t in labels and labels[t] < a]
-    lo, hi = max(loops, key=lambda x: x[1] - x[0])
-    return [t for a, t in ins if lo <= a <= hi]
+    loops = sorted((labels[t], a) for t, a in branches if t in labels and labels[t] < a)
+    return [[t for a, t in ins if lo <= a <= hi] for lo, hi in loops]
+
+
+def loop_body(sass: str) -> list[str]:
+    """The instructions of the largest backward branch's body: a kernel's main loop."""
+    return max(loop_bodies(sass), key=len)

@@ -91,15 +91,27 @@ def decode_steps(model, cache, nxt, steps: int) -> list:
     return times
 
 
-def gpu_ms_per_step(model, cache, nxt, steps: int = 3) -> float:
-    """Kernel time per decode step (sum of CUDA time in the profiler / steps): the step time once the host keeps
-    up (this host's Python launch overhead makes transformers' decode CPU-bound)."""
+def kernel_ms(step, steps: int) -> tuple[float, list]:
+    """Kernel time per call of ``step`` (sum of CUDA time in the profiler over ``steps`` calls / steps) and its five
+    largest kernels (name, ms per call)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.no_grad():
         for _ in range(steps):
-            nxt = model(nxt, **with_cache(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
+            step()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / steps
+    kernels = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    return (sum(e.self_device_time_total for e in kernels) / 1e3 / steps,
+            [(e.key[:80], e.self_device_time_total / 1e3 / steps) for e in kernels[:5]])
+
+
+def gpu_ms_per_step(model, cache, nxt, steps: int = 3) -> float:
+    """Kernel time per decode step: the step time once the host keeps up (this host's Python launch overhead makes
+    transformers' decode CPU-bound)."""
+    state = [nxt]
+
+    def step():
+        state[0] = model(state[0], **with_cache(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
+    return kernel_ms(step, steps)[0]
 
 
 def run(model, preset: str, B: int, T: int, steps: int) -> dict:
@@ -146,7 +158,7 @@ def table(rows: list) -> str:
 
 
 # -- the compiled decode path ---------------------------------------------------------------------------------------
-STEP_MARGIN = 64  # tokens of room beyond the prompt: warm-up and timed steps
+STEP_MARGIN = 64  # tokens of room beyond the prompt: warm-up, timed and profiled steps (compiled_steps checks)
 
 
 def filled_cache(model, kind: str, B: int, T: int):
@@ -185,7 +197,10 @@ def compiled_steps(model, cache, B: int, T: int, steps: int, warm: int = 3) -> t
     call, the compile; what ran: kernel time per step under the profiler, its five largest kernels, and inductor's
     count of graphs that skipped CUDA graphs)."""
     from torch._dynamo.utils import counters
-    from torch.profiler import ProfilerActivity, profile
+    prof_steps = 2
+    if warm + steps + prof_steps > STEP_MARGIN:
+        raise ValueError(f"--steps {steps}: at most {STEP_MARGIN - warm - prof_steps} (the caches hold the prompt "
+                         f"and {STEP_MARGIN} tokens more)")
     fwd = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     dev = model.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -205,18 +220,15 @@ def compiled_steps(model, cache, B: int, T: int, steps: int, warm: int = 3) -> t
                 first = time.perf_counter() - t0
             elif i >= warm:
                 times.append(time.perf_counter() - t0)
-        prof_steps = 2
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(prof_steps):
-                out = fwd(nxt, position_ids=pos, **with_cache(model, cache), use_cache=True, **extra)
-                nxt = out.logits[:, -1:].argmax(-1)
-                pos += 1
-            sync()
-    kernels = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
-    ran = {"gpu_ms": sum(e.self_device_time_total for e in kernels) / 1e3 / prof_steps,
-           "top_kernels": [(e.key[:80], e.self_device_time_total / 1e3 / prof_steps) for e in kernels[:5]],
-           "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
-    return times, first, ran
+    state = [nxt]
+
+    def step():
+        state[0] = fwd(state[0], position_ids=pos, **with_cache(model, cache), use_cache=True,
+                       **extra).logits[:, -1:].argmax(-1)
+        pos.add_(1)
+    gpu, top = kernel_ms(step, prof_steps)
+    return times, first, {"gpu_ms": gpu, "top_kernels": top,
+                          "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
 
 
 def run_compiled(model, kind: str, B: int, T: int, steps: int, limit: bool = False) -> dict:

@@ -807,6 +807,13 @@ def _rescale(acc, a0, a1):
 
 
 @gluon.jit
+def _rescale_all(acc_lo, acc_hi, acc_c, l0, l1, ls0, ls1, a0, a1):
+    """A warp's value accumulators, Σp and Σp·s of rows 2c, 2c + 1 times a0 and a1 (a new reference max)."""
+    return (_rescale(acc_lo, a0, a1), _rescale(acc_hi, a0, a1), _rescale(acc_c, a0, a1), l0 * a0, l1 * a1, ls0 * a0,
+            ls1 * a1)
+
+
+@gluon.jit
 def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_ptr, m_ptr, l_ptr,
                         acc_ptr, H, n_splits, pages_per_split, max_batch, sm_scale, softcap, window,
                         skc_p, skc_h, sks_p, sks_h, svc_p, svc_h, svs_p, svs_h, sbt,
@@ -894,13 +901,7 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
     if NW > 1:
         w0 = gl.exp2(m0 - gl.expand_dims(gl.where(M0 == float("-inf"), 0.0, M0), 0))
         w1 = gl.exp2(m1 - gl.expand_dims(gl.where(M1 == float("-inf"), 0.0, M1), 0))
-        l0 = l0 * w0
-        l1 = l1 * w1
-        ls0 = ls0 * w0
-        ls1 = ls1 * w1
-        acc_lo = _rescale(acc_lo, w0, w1)
-        acc_hi = _rescale(acc_hi, w0, w1)
-        acc_c = _rescale(acc_c, w0, w1)
+        acc_lo, acc_hi, acc_c, l0, l1, ls0, ls1 = _rescale_all(acc_lo, acc_hi, acc_c, l0, l1, ls0, ls1, w0, w1)
     l0 = gl.sum(l0, axis=0)
     l1 = gl.sum(l1, axis=0)
     ls0 = gl.sum(ls0, axis=0)
@@ -957,13 +958,7 @@ def _fused_page(pg, end, partial, state, streams, query, MASKED: gl.constexpr, D
     ms1 = gl.where(mp1 == float("-inf"), 0.0, mp1)
     a0 = gl.exp2(m0 - ms0)
     a1 = gl.exp2(m1 - ms1)
-    l0 = l0 * a0
-    l1 = l1 * a1
-    ls0 = ls0 * a0
-    ls1 = ls1 * a1
-    acc_lo = _rescale(acc_lo, a0, a1)
-    acc_hi = _rescale(acc_hi, a0, a1)
-    acc_c = _rescale(acc_c, a0, a1)
+    acc_lo, acc_hi, acc_c, l0, l1, ls0, ls1 = _rescale_all(acc_lo, acc_hi, acc_c, l0, l1, ls0, ls1, a0, a1)
     for k in gl.static_range(UPW):
         x0, x1, x2, x3 = xs[k]
         words, sv0, sv1 = cur_v[k]

@@ -256,13 +256,11 @@ out = []
 for v in json.loads(sys.argv[1]):
     if v.get("fused"):
         kb, vb = v["bits"]
-        consts = dict(Q_LEN=v.get("q_len", 1), GROUP=v.get("group", 4), ROWS=v.get("q_len", 1) * v.get("group", 4),
-                      D=v["d"], KBITS=kb, VBITS=vb, PAGE=v.get("page", 64), SOFTCAP=v.get("softcap", False),
-                      WINDOW=v.get("window", False), BLOCK_M=16, RS=v.get("rs", 4),
-                      CAUSAL_PAGES=v.get("q_len", 1) > 1, NW=v["nw"], WK=v["d"] * kb // 32, WV=v["d"] * vb // 32,
-                      KQ=max(16, v["d"] // 8) + v["d"] * (2 if kb > 2 else 1), OFF64=v.get("off64", False),
-                      VEC_K=v.get("vec", True), VEC_V=v.get("vec", True), L2PF=v.get("l2", 0),
-                      OUT_SCALE=v["d"] ** -0.5, LOG2CT=(v["d"] // 8).bit_length() - 1)
+        consts = G.fused_constants(head_dim=v["d"], key_bits=kb, value_bits=vb, page_size=v.get("page", 64),
+                                   q_len=v.get("q_len", 1), group=v.get("group", 4), block_m=16, rs=v.get("rs", 4),
+                                   num_warps=v["nw"], softcap=v.get("softcap", False), window=v.get("window", False),
+                                   off64=v.get("off64", False), vec_k=v.get("vec", True), vec_v=v.get("vec", True),
+                                   l2_prefetch=v.get("l2", 0))
         ptrs = dict(kc_ptr="*i32", ks_ptr=v.get("scale", "*fp16"), vc_ptr="*i32", vs_ptr=v.get("scale", "*fp16"),
                     bt_ptr="*i32", lens_ptr="*i32", qt_ptr="*fp16", fidx_ptr="*i32", qm_ptr="*fp32", m_ptr="*fp32",
                     l_ptr="*fp32", acc_ptr="*fp32", sm_scale="fp32", softcap="fp32")
@@ -386,6 +384,37 @@ def test_fused_kernel_compiles_for_hopper():
             assert lp["ops"].get("MOVM", 0) == 2 * units, r  # one transpose per 8 tokens
         if r["d"] == 128 and r["bits"] == [3, 2]:  # fewer instructions than the two passes (~200 + ~160 per unit)
             assert s["loops"][0]["loop"] <= 345 * units, s["loops"][0]["loop"]  # the unmasked loop (673 per page)
+
+
+@needs_gluon
+@pytest.mark.parametrize("d,bits,q_len", [(128, (3, 2), 1), (64, (2, 2), 2), (256, (4, 2), 1)])
+def test_fused_pass_launch_arguments(d, bits, q_len):
+    """``fused_pass``'s launch, captured on the CPU instead of run: the kernel's every parameter is given, its
+    constexprs as ``fused_constants`` computes them from the cache and the prep's operand."""
+    import inspect
+    codec = KVCodec(head_dim=d, key_bits=bits[0], value_bits=bits[1])
+    cache = PagedKVCache(codec, num_kv_heads=2, max_batch=2, num_pages=4, device="cpu")
+    kq = max(16, d // 8) + d * (2 if bits[0] > 2 else 1)
+    progs, splits = 2 * 2, 3
+    q_t = torch.zeros(progs, 1, kq, 16, dtype=torch.float16)
+    m_part = torch.zeros(progs, splits + 1, 16)
+    seen = {}
+
+    def launch(kernel, grid, *args, **kw):
+        seen.update(kernel=kernel, grid=grid, args=args, kw=kw)
+
+    G.fused_pass(cache, q_t, m_part[:, 0], m_part, m_part, m_part[..., None].expand(-1, -1, -1, d), q_len=q_len,
+                 group=4, block_m=16, rs=4 * q_len, num_splits=splits, pages_per_split=2, scale=d ** -0.5,
+                 softcap=None, window=7, num_warps=2, l2_prefetch=2, launch=launch)
+    params = list(inspect.signature(G._gluon_fused_kernel.fn).parameters)
+    consts = {n for n, p in inspect.signature(G._gluon_fused_kernel.fn).parameters.items()
+              if "constexpr" in str(p.annotation)}
+    assert seen["grid"] == (progs, splits)
+    assert len(seen["args"]) + len(consts) == len(params) and consts <= set(seen["kw"]), sorted(consts - set(seen["kw"]))
+    kw = seen["kw"]
+    assert (kw["D"], kw["KBITS"], kw["VBITS"], kw["Q_LEN"], kw["ROWS"], kw["WINDOW"], kw["SOFTCAP"]) == \
+        (d, bits[0], bits[1], q_len, 4 * q_len, True, False)
+    assert kw["NW"] == kw["num_warps"] == G.fused_warps(2, d, bits[0], codec.page_size)
 
 
 @needs_gluon

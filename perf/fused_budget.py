@@ -2,7 +2,7 @@
 ``attention.gluon._gluon_fused_kernel`` for sm_90 and count the SASS instructions of its page loop (the unmasked one:
 pages before the sequence's end) per 16-token unit, whole and with one stage replaced at a time.
 
-    python -m perf.fused_budget [--bits 3,2] [--head-dim 128] [--warps 2]
+    python -m perf.fused_budget [--bits 3,2] [--head-dim 128] [--warps 2] [--maxnreg N]
 
 Rows (a stage replaced by what costs nothing, the rest as shipped; the difference to ``full`` is about what that
 stage costs, since each replacement also moves registers and scheduling):
@@ -12,7 +12,8 @@ stage costs, since each replacement also moves registers and scheduling):
 - ``no field masks``: every A register the whole word (``_regs2``, ``_regs1``): the floor of one mask per register;
 - ``no rescale``: the accumulators not rescaled per page (``_rescale_all``): what skipping the rescale when no
   maximum grew saves on the pages where none did.
-Static counts (each instruction of the loop once; the loop runs once per page). Registers: ``cuobjdump -res-usage``.
+Static counts (each instruction of the loop once; the loop runs once per page). Registers: ``cuobjdump -res-usage``;
+local loads/stores: spills anywhere in the kernel.
 
 Needs a triton with Gluon and the NVIDIA backend's tools (ptxas, nvdisasm, cuobjdump), as pip ships it. No GPU is
 needed.
@@ -82,8 +83,9 @@ STAND_INS = {"full": {}, "no parity restore": {"_parity_fold": _no_parity_fold, 
 VARIANTS = tuple(STAND_INS)
 
 
-def count(variant: str, head_dim: int, bits: tuple, warps: int) -> tuple[float, int, int]:
-    """(SASS instructions per 16-token unit in the unmasked page loop, HMMA per unit, registers) of one variant."""
+def count(variant: str, head_dim: int, bits: tuple, warps: int, maxnreg: int = 0) -> tuple[float, int, int, int]:
+    """(SASS instructions per 16-token unit in the unmasked page loop, HMMA per unit, registers, local-memory
+    instructions in the kernel) of one variant; ``maxnreg``: a register cap handed to ptxas (0: none)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from nqkernels.attention import gluon as G
 
@@ -102,7 +104,7 @@ def count(variant: str, head_dim: int, bits: tuple, warps: int) -> tuple[float, 
         setattr(G, n, f)
     try:
         k = triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=nw))
+                           options=dict(num_warps=nw, **({"maxnreg": maxnreg} if maxnreg else {})))
     finally:
         for n, f in saved.items():
             setattr(G, n, f)
@@ -116,7 +118,8 @@ def count(variant: str, head_dim: int, bits: tuple, warps: int) -> tuple[float, 
     body = loop_bodies(sass)[0]  # the pages before the end (the masked last page's loop follows)
     units = 64 // 16 // nw
     hmma = sum(1 for t in body if "HMMA" in t)
-    return len(body) / units, hmma // units, regs
+    local = len(re.findall(r"\b(LDL|STL)\b", sass))
+    return len(body) / units, hmma // units, regs, local
 
 
 def main() -> int:
@@ -124,6 +127,7 @@ def main() -> int:
     ap.add_argument("--bits", default="3,2", help="key bits, value bits (default 3,2)")
     ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
     ap.add_argument("--warps", type=int, default=2, help="warps per program (raised as the launcher does)")
+    ap.add_argument("--maxnreg", type=int, default=0, help="register cap handed to ptxas (default none)")
     ap.add_argument("--variant", choices=VARIANTS, help="count this one only (each is compiled in a process of its "
                     "own: triton keeps a kernel's dependency hash for the life of the process)")
     args = ap.parse_args()
@@ -133,16 +137,17 @@ def main() -> int:
     except (ValueError, AssertionError):
         sys.exit(f"--bits must be two of 2/3/4, as 3,2; got {args.bits!r}")
     if args.variant:
-        per, hmma, regs = count(args.variant, args.head_dim, bits, args.warps)
-        print(f"| {args.variant} | {per:.1f} | {hmma} | {regs} |", flush=True)
+        per, hmma, regs, local = count(args.variant, args.head_dim, bits, args.warps, args.maxnreg)
+        print(f"| {args.variant} | {per:.1f} | {hmma} | {regs} | {local} |", flush=True)
         return 0
     print(f"triton {triton.__version__}, sm_90, K{bits[0]}V{bits[1]}, head_dim {args.head_dim}, GQA 4, q_len 1, "
-          f"{args.warps} warps asked")
-    print("| variant | SASS instructions per 16-token unit (unmasked page loop, static) | HMMA per unit | registers |\n"
-          "|---|---|---|---|", flush=True)
+          f"{args.warps} warps asked" + (f", maxnreg {args.maxnreg}" if args.maxnreg else ""))
+    print("| variant | SASS instructions per 16-token unit (unmasked page loop, static) | HMMA per unit | registers | "
+          "local loads/stores (spills) |\n|---|---|---|---|---|", flush=True)
     for name in VARIANTS:
         run = subprocess.run([sys.executable, "-m", "perf.fused_budget", "--bits", args.bits, "--head-dim",
-                              str(args.head_dim), "--warps", str(args.warps), "--variant", name],
+                              str(args.head_dim), "--warps", str(args.warps), "--maxnreg", str(args.maxnreg),
+                              "--variant", name],
                              capture_output=True, text=True)
         if run.returncode:
             sys.exit(f"variant {name!r} failed:\n{run.stderr[-3000:]}")

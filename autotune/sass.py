@@ -1,6 +1,27 @@
-"""SASS helpers for instruction budgets (``perf.encode_budget``, the Gluon compile tests): nvdisasm text in, the
-kernel's main loop out."""
+"""SASS helpers for instruction budgets (``perf.encode_budget``, ``perf.fused_budget``, the Gluon compile tests): a
+cubin to nvdisasm text and registers, nvdisasm text to the kernel's loops."""
+import os
 import re
+import subprocess
+import tempfile
+
+
+def tool(name: str) -> str:
+    """The path of one of the NVIDIA tools pip's triton ships (ptxas, nvdisasm, cuobjdump)."""
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def disassemble(cubin: bytes) -> tuple[str, int]:
+    """(nvdisasm text, registers per thread from ``cuobjdump -res-usage``, -1 if it does not say) of a cubin."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    return sass, int(regs.group(1)) if regs else -1
 
 
 def loop_bodies(sass: str) -> list[list[str]]:

@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
-import re
 import subprocess
 import sys
-import tempfile
 
 import triton
 import triton.language as tl
 
-from autotune.sass import loop_body
+from autotune.sass import disassemble, loop_body
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -49,10 +46,6 @@ def _scalar_nearest(t, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
 def _pass_through(x_int, tm, BT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
     # Stands in for lattice.integer_transform.
     return x_int
-
-
-def _tool(name: str) -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
 def loop_size(sass: str) -> int:
@@ -78,13 +71,7 @@ def count(block_t: int, warps: int, search: bool, transform: bool, rope: bool) -
                            options=dict(num_warps=warps))
     finally:
         C.e8_nearest, C.integer_transform = saved
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(k.asm["cubin"])
-        sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
-    regs = int(re.search(r"REG:(\d+)", usage).group(1)) if "REG:" in usage else -1
+    sass, regs = disassemble(k.asm["cubin"])
     return loop_size(sass) * 32 * warps / (block_t * 128), regs
 
 

@@ -22,22 +22,16 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import re
 import subprocess
 import sys
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from autotune.sass import loop_bodies
-
-
-def _tool(name: str) -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+from autotune.sass import disassemble, loop_bodies
 
 
 @gluon.jit
@@ -108,13 +102,7 @@ def count(variant: str, head_dim: int, bits: tuple, warps: int, maxnreg: int = 0
     finally:
         for n, f in saved.items():
             setattr(G, n, f)
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(k.asm["cubin"])
-        sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
-    regs = int(re.search(r"REG:(\d+)", usage).group(1)) if "REG:" in usage else -1
+    sass, regs = disassemble(k.asm["cubin"])
     body = loop_bodies(sass)[0]  # the pages before the end (the masked last page's loop follows)
     units = 64 // 16 // nw
     hmma = sum(1 for t in body if "HMMA" in t)

@@ -247,10 +247,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from nqkernels.attention import gluon as G
-from autotune.sass import loop_bodies, loop_body
-
-def tool(name):
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+from autotune.sass import loop_bodies, loop_body, tool
 
 out = []
 for v in json.loads(sys.argv[1]):

@@ -93,6 +93,9 @@ def count(variant: str, head_dim: int, bits: tuple, warps: int, maxnreg: int = 0
     fn = G._gluon_fused_kernel
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in inspect.signature(fn.fn).parameters}
     swap = STAND_INS[variant]
+    missing = [n for n in swap if not hasattr(G, n)]
+    if missing:  # a renamed stage would otherwise be measured as "full"
+        raise RuntimeError(f"variant {variant!r}: attention.gluon has no {missing} to replace")
     saved = {n: getattr(G, n) for n in swap}
     for n, f in swap.items():
         setattr(G, n, f)

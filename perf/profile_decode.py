@@ -1,0 +1,54 @@
+"""Three eager ``decode_attention`` calls on one shape, for a profiler to attach to (Nsight Compute reads the third):
+
+    ncu --clock-control none --kernel-name regex:gluon_fused --launch-skip 2 --launch-count 1 \
+        --section WarpStateStats --section SchedulerStats --section SourceCounters --print-details all \
+        --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio \
+        python -m perf.profile_decode --shape 8x32768x3x2 --fused
+    ncu ... --section ComputeWorkloadAnalysis --section Occupancy --section SpeedOfLight \
+        --metrics sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active \
+        python -m perf.profile_decode --shape 8x32768x3x2 --fused
+
+Shape BxTxKxV[xD]: batch, context, key bits, value bits, head_dim (128 by default); Llama-3-8B heads (32 query, 8
+KV), random keys and values (``autotune.tasks.random_cache``), the store's launch config for this GPU, ``--fused``
+forcing the fused Gluon pass on top of it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from autotune.tasks import random_cache
+from nqkernels import KVCodec, decode_attention, runtime, store
+from nqkernels.attention import launcher as A
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m perf.profile_decode", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="8x32768x3x2", help="BxTxKxV[xD] (default 8x32768x3x2)")
+    ap.add_argument("--fused", action="store_true", help="force the fused Gluon pass on top of the store's config")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("perf.profile_decode needs a CUDA GPU")
+    try:
+        parts = [int(v) for v in args.shape.split("x")]
+        B, T, kb, vb, D = parts if len(parts) == 5 else parts + [128]
+    except ValueError:
+        sys.exit(f"--shape: BxTxKxV[xD] with integers, got {args.shape!r}")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    cache, _ = random_cache(KVCodec(head_dim=D, key_bits=kb, value_bits=vb), 8, B, T, dev)
+    q = torch.randn(B, 1, 32, D, device=dev, dtype=torch.float16)
+    cfg = runtime.launch_config("attention", A.attention_buckets(D, kb, vb, 4, B, T), dev).as_dict()
+    print("config", cfg, flush=True)
+    with store.override("attention", dict(cfg, gluon_fused=True) if args.fused else cfg):
+        for _ in range(3):
+            A._PLANS.clear()  # a fresh plan per call: the profiler sees the launches as decode_attention makes them
+            decode_attention(q, cache)
+    torch.cuda.synchronize()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

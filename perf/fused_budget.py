@@ -119,6 +119,8 @@ def count(variant: str, head_dim: int, bits: tuple, warps: int, maxnreg: int = 0
     from nqkernels.attention import gluon as G
 
     kb, vb = bits
+    if variant.startswith("packed 3-bit keys") and (kb != 3 or head_dim != 128):
+        raise ValueError(f"variant {variant!r}: 3-bit keys at head_dim 128 only, got K{kb} at head_dim {head_dim}")
     nw = G.fused_warps(warps, head_dim, kb, 64)
     consts = G.fused_constants(head_dim=head_dim, key_bits=kb, value_bits=vb, page_size=64, q_len=1, group=4,
                                block_m=16, rs=4, num_warps=nw, l2_prefetch=2)
@@ -163,7 +165,10 @@ def main() -> int:
     except (ValueError, AssertionError):
         sys.exit(f"--bits must be two of 2/3/4, as 3,2; got {args.bits!r}")
     if args.variant:
-        per, hmma, regs, local = count(args.variant, args.head_dim, bits, args.warps, args.maxnreg)
+        try:
+            per, hmma, regs, local = count(args.variant, args.head_dim, bits, args.warps, args.maxnreg)
+        except ValueError as e:
+            sys.exit(f"--variant: {e}")
         print(f"| {args.variant} | {per:.1f} | {hmma} | {regs} | {local} |", flush=True)
         return 0
     print(f"triton {triton.__version__}, sm_90, K{bits[0]}V{bits[1]}, head_dim {args.head_dim}, GQA 4, q_len 1, "

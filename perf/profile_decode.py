@@ -1,12 +1,16 @@
-"""Three eager ``decode_attention`` calls on one shape, for a profiler to attach to (Nsight Compute reads the third):
+r"""Three eager ``decode_attention`` calls on one shape, for a profiler to attach to (Nsight Compute reads the third):
 
     ncu --clock-control none --kernel-name regex:gluon_fused --launch-skip 2 --launch-count 1 \
         --section WarpStateStats --section SchedulerStats --section SourceCounters --print-details all \
-        --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
         python -m perf.profile_decode --shape 8x32768x3x2 --fused
-    ncu ... --section ComputeWorkloadAnalysis --section Occupancy --section SpeedOfLight \
-        --metrics sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active \
-        python -m perf.profile_decode --shape 8x32768x3x2 --fused
+    P=avg.pct_of_peak_sustained_active
+    M=sm__inst_executed_pipe_alu.$P,sm__inst_executed_pipe_fma.$P,sm__inst_executed_pipe_fmaheavy.$P
+    M=$M,sm__pipe_alu_cycles_active.$P,sm__pipe_fma_cycles_active.$P,sm__pipe_tensor_cycles_active.$P
+    M=$M,sm__inst_executed_pipe_lsu.$P,sm__inst_executed_pipe_xu.$P
+    ncu --clock-control none --kernel-name regex:gluon_fused --launch-skip 2 --launch-count 1 \
+        --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats --section Occupancy \
+        --section SpeedOfLight --metrics "$M" python -m perf.profile_decode --shape 8x32768x3x2 --fused
 
 Shape BxTxKxV[xD]: batch, context, key bits, value bits, head_dim (128 by default); Llama-3-8B heads (32 query, 8
 KV), random keys and values (``autotune.tasks.random_cache``), the store's launch config for this GPU, ``--fused``
@@ -29,13 +33,15 @@ def main() -> int:
     ap.add_argument("--shape", default="8x32768x3x2", help="BxTxKxV[xD] (default 8x32768x3x2)")
     ap.add_argument("--fused", action="store_true", help="force the fused Gluon pass on top of the store's config")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("perf.profile_decode needs a CUDA GPU")
     try:
         parts = [int(v) for v in args.shape.split("x")]
         B, T, kb, vb, D = parts if len(parts) == 5 else parts + [128]
     except ValueError:
         sys.exit(f"--shape: BxTxKxV[xD] with integers, got {args.shape!r}")
+    if B < 1 or T < 1 or kb not in (2, 3, 4) or vb not in (2, 3, 4) or D not in (64, 96, 128, 256):
+        sys.exit(f"--shape: batch and context >= 1, bits 2-4, head_dim 64/96/128/256; got {args.shape!r}")
+    if not torch.cuda.is_available():
+        sys.exit("perf.profile_decode needs a CUDA GPU")
     dev = torch.device("cuda")
     torch.manual_seed(0)
     cache, _ = random_cache(KVCodec(head_dim=D, key_bits=kb, value_bits=vb), 8, B, T, dev)

@@ -24,3 +24,28 @@ def test_a_missing_stage_is_refused(monkeypatch):
     monkeypatch.setitem(F.STAND_INS, "renamed", {"_no_such_stage": F._no_coset})
     with pytest.raises(RuntimeError, match="_no_such_stage"):
         F.count("renamed", 128, (3, 2), 2)
+
+
+def _row(*args):
+    """One ``perf.fused_budget --variant`` row, in a process of its own (triton caches a kernel per process)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "perf.fused_budget", *args], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+    return run.returncode, run.stdout, run.stderr
+
+
+def test_packed_keys_drop_the_high_plane_chain():
+    """The packed 3-bit key what-if decodes one product chain: the high plane's 8 products per unit go (its HMMA
+    count is the full kernel's minus 8), with no spills; other bits are refused with a clear error."""
+    rows = {}
+    for v in ("full", "packed 3-bit keys"):
+        rc, out, err = _row("--bits", "3,2", "--variant", v)
+        assert rc == 0, err[-2000:]
+        rows[v] = [c.strip() for c in out.strip().splitlines()[-1].strip("|").split("|")]
+    assert int(rows["packed 3-bit keys"][2]) == int(rows["full"][2]) - 8 and rows["packed 3-bit keys"][4] == "0"
+    rc, _, err = _row("--bits", "4,4", "--variant", "packed 3-bit keys")
+    assert rc != 0 and "3-bit keys at head_dim 128 only" in err

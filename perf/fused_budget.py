@@ -112,6 +112,11 @@ STAND_INS = {"full": {}, "no parity restore": {"_parity_fold": _no_parity_fold, 
 VARIANTS = tuple(STAND_INS)
 
 
+def applies(variant: str, bits: tuple, head_dim: int) -> bool:
+    """Whether a variant can be counted there (the packed what-ifs: 3-bit keys at head_dim 128 only)."""
+    return not variant.startswith("packed 3-bit keys") or (bits[0] == 3 and head_dim == 128)
+
+
 def count(variant: str, head_dim: int, bits: tuple, warps: int, maxnreg: int = 0) -> tuple[float, int, int, int]:
     """(SASS instructions per 16-token unit in the unmasked page loop, HMMA per unit, registers, local-memory
     instructions in the kernel) of one variant; ``maxnreg``: a register cap handed to ptxas (0: none)."""
@@ -119,7 +124,7 @@ def count(variant: str, head_dim: int, bits: tuple, warps: int, maxnreg: int = 0
     from nqkernels.attention import gluon as G
 
     kb, vb = bits
-    if variant.startswith("packed 3-bit keys") and (kb != 3 or head_dim != 128):
+    if not applies(variant, bits, head_dim):
         raise ValueError(f"variant {variant!r}: 3-bit keys at head_dim 128 only, got K{kb} at head_dim {head_dim}")
     nw = G.fused_warps(warps, head_dim, kb, 64)
     consts = G.fused_constants(head_dim=head_dim, key_bits=kb, value_bits=vb, page_size=64, q_len=1, group=4,
@@ -176,8 +181,8 @@ def main() -> int:
     print("| variant | SASS instructions per 16-token unit (unmasked page loop, static) | HMMA per unit | registers | "
           "local loads/stores (spills) |\n|---|---|---|---|---|", flush=True)
     for name in VARIANTS:
-        if name.startswith("packed 3-bit keys") and (bits[0] != 3 or args.head_dim != 128):
-            continue  # a what-if of 3-bit keys at head_dim 128 only
+        if not applies(name, bits, args.head_dim):
+            continue
         run = subprocess.run([sys.executable, "-m", "perf.fused_budget", "--bits", args.bits, "--head-dim",
                               str(args.head_dim), "--warps", str(args.warps), "--maxnreg", str(args.maxnreg),
                               "--variant", name],

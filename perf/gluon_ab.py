@@ -41,22 +41,36 @@ def load_base(path: str):
     return module
 
 
-def parse_shapes(text: str) -> list:
+def parse_shapes(text: str, flag: str = "--shapes") -> list:
+    """"BxTxKxV[xD],..." -> [(B, T, K, V, D)] (head_dim 128 by default); exits naming ``flag`` on a bad one."""
     out = []
     for s in text.split(","):
-        parts = [int(v) for v in s.split("x")]
+        try:
+            parts = [int(v) for v in s.split("x")]
+        except ValueError:
+            parts = []
         if len(parts) not in (4, 5):
-            sys.exit(f"--shapes: BxTxKxV[xD], got {s!r}")
-        out.append(tuple(parts) if len(parts) == 5 else tuple(parts) + (128,))
+            sys.exit(f"{flag}: BxTxKxV[xD] with integers, got {s!r}")
+        B, T, kb, vb, D = parts if len(parts) == 5 else parts + [128]
+        if B < 1 or T < 1 or kb not in (2, 3, 4) or vb not in (2, 3, 4) or D not in (64, 96, 128, 256):
+            sys.exit(f"{flag}: batch and context >= 1, bits 2-4, head_dim 64/96/128/256; got {s!r}")
+        out.append((B, T, kb, vb, D))
     return out
 
 
-def ab_row(dev, B, T, kb, vb, D, modules: dict, fused: bool) -> dict:
+def decode_case(dev, B, T, kb, vb, D):
+    """(cache, its K/V, query, the store's attention config) of one shape: Llama-3-8B heads (32 query, 8 KV), random
+    keys and values (``autotune.tasks.random_cache``), seed 0."""
     torch.manual_seed(0)
     codec = KVCodec(head_dim=D, key_bits=kb, value_bits=vb)
     cache, x = random_cache(codec, 8, B, T, dev)
     q = torch.randn(B, 1, 32, D, device=dev, dtype=torch.float16)
     cfg = runtime.launch_config("attention", A.attention_buckets(D, kb, vb, 4, B, T), dev).as_dict()
+    return cache, x, q, cfg
+
+
+def ab_row(dev, B, T, kb, vb, D, modules: dict, fused: bool) -> dict:
+    cache, x, q, cfg = decode_case(dev, B, T, kb, vb, D)
     real = A._import_gluon
     row = dict(batch=B, context=T, head_dim=D, bits=f"K{kb}V{vb}", config=cfg, us={}, **sdpa_and_shipped(q, cache, x))
     outs = {}
@@ -83,13 +97,14 @@ def main() -> int:
     ap.add_argument("--fused", action="store_true", help="force the fused pass on top of the store's config")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    shapes = parse_shapes(args.shapes)
     if not torch.cuda.is_available():
         sys.exit("perf.gluon_ab needs a CUDA GPU")
     if not os.path.isfile(args.base):
         sys.exit(f"--base {args.base!r}: no such file (git show REV:nqkernels/attention/gluon.py > FILE)")
     modules = {"base": load_base(args.base), "new": new_module}
     res = {"info": device_info(torch.device("cuda")), "base": args.base, "fused": args.fused, "rows": []}
-    for B, T, kb, vb, D in parse_shapes(args.shapes):
+    for B, T, kb, vb, D in shapes:
         row = ab_row(torch.device("cuda"), B, T, kb, vb, D, modules, args.fused)
         res["rows"].append(row)
         b, n = min(row["us"]["base"]), min(row["us"]["new"])

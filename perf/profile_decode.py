@@ -23,9 +23,9 @@ import sys
 
 import torch
 
-from autotune.tasks import random_cache
-from nqkernels import KVCodec, decode_attention, runtime, store
+from nqkernels import decode_attention, store
 from nqkernels.attention import launcher as A
+from perf.gluon_ab import decode_case, parse_shapes
 
 
 def main() -> int:
@@ -33,20 +33,12 @@ def main() -> int:
     ap.add_argument("--shape", default="8x32768x3x2", help="BxTxKxV[xD] (default 8x32768x3x2)")
     ap.add_argument("--fused", action="store_true", help="force the fused Gluon pass on top of the store's config")
     args = ap.parse_args()
-    try:
-        parts = [int(v) for v in args.shape.split("x")]
-        B, T, kb, vb, D = parts if len(parts) == 5 else parts + [128]
-    except ValueError:
-        sys.exit(f"--shape: BxTxKxV[xD] with integers, got {args.shape!r}")
-    if B < 1 or T < 1 or kb not in (2, 3, 4) or vb not in (2, 3, 4) or D not in (64, 96, 128, 256):
-        sys.exit(f"--shape: batch and context >= 1, bits 2-4, head_dim 64/96/128/256; got {args.shape!r}")
+    if "," in args.shape:
+        sys.exit(f"--shape: one shape, got {args.shape!r}")
+    (shape,) = parse_shapes(args.shape, "--shape")
     if not torch.cuda.is_available():
         sys.exit("perf.profile_decode needs a CUDA GPU")
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
-    cache, _ = random_cache(KVCodec(head_dim=D, key_bits=kb, value_bits=vb), 8, B, T, dev)
-    q = torch.randn(B, 1, 32, D, device=dev, dtype=torch.float16)
-    cfg = runtime.launch_config("attention", A.attention_buckets(D, kb, vb, 4, B, T), dev).as_dict()
+    cache, _, q, cfg = decode_case(torch.device("cuda"), *shape)
     print("config", cfg, flush=True)
     with store.override("attention", dict(cfg, gluon_fused=True) if args.fused else cfg):
         for _ in range(3):

@@ -1,0 +1,23 @@
+"""The GPU benchmark tools refuse a bad shape with a message naming the flag, before they look for a GPU."""
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("args, message", [
+    (["perf.profile_decode", "--shape", "8x32768x3"], "--shape: BxTxKxV[xD] with integers"),
+    (["perf.profile_decode", "--shape", "8x0x3x2"], "--shape: batch and context >= 1"),
+    (["perf.profile_decode", "--shape", "8x32768x5x2"], "bits 2-4"),
+    (["perf.profile_decode", "--shape", "1x64x3x2,1x64x3x2"], "--shape: one shape"),
+    (["perf.gluon_ab", "--base", "x", "--shapes", "1x4096x3x2x48"], "--shapes: batch and context >= 1"),
+])
+def test_bad_shape_is_refused(args, message):
+    run = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+
+
+def test_parse_shapes_defaults_head_dim():
+    from perf.gluon_ab import parse_shapes
+
+    assert parse_shapes("8x32768x3x2,1x4096x4x4x64") == [(8, 32768, 3, 2, 128), (1, 4096, 4, 4, 64)]

@@ -39,6 +39,11 @@ def main() -> int:
     if not torch.cuda.is_available():
         sys.exit("perf.profile_decode needs a CUDA GPU")
     cache, _, q, cfg = decode_case(torch.device("cuda"), *shape)
+    B, T, kb, vb, D = shape
+    # --fused is a preference the launcher drops where the pass cannot run: say so rather than profile nothing
+    fast = A._gluon(q)
+    if args.fused and (fast is None or not fast.supports_fused(D, kb, vb, cache.codec.page_size, 32 // 8)):
+        sys.exit(f"--fused: the fused Gluon pass does not run at {args.shape} here (gluon.supports_fused)")
     print("config", cfg, flush=True)
     with store.override("attention", dict(cfg, gluon_fused=True) if args.fused else cfg):
         for _ in range(3):

@@ -21,3 +21,18 @@ def test_parse_shapes_defaults_head_dim():
     from perf.gluon_ab import parse_shapes
 
     assert parse_shapes("8x32768x3x2,1x4096x4x4x64") == [(8, 32768, 3, 2, 128), (1, 4096, 4, 4, 64)]
+
+
+def test_profile_decode_refuses_fused_where_it_cannot_run(monkeypatch):
+    """--fused where the fused pass cannot run (here: no Gluon passes) exits instead of profiling no kernel."""
+    import types
+
+    from perf import profile_decode as P
+
+    cache = types.SimpleNamespace(codec=types.SimpleNamespace(page_size=64))
+    monkeypatch.setattr(P.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(P, "decode_case", lambda dev, *shape: (cache, None, None, {}))
+    monkeypatch.setattr(P.A, "_gluon", lambda q: None)
+    monkeypatch.setattr(sys, "argv", ["perf.profile_decode", "--shape", "8x32768x3x2", "--fused"])
+    with pytest.raises(SystemExit, match="--fused: the fused Gluon pass does not run"):
+        P.main()

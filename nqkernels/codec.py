@@ -17,8 +17,8 @@ import triton.language as tl
 
 from . import reference as ref
 from .config import KVCodec, describe
-from .lattice import e8_nearest, exp2i, fixed_point, integer_transform, inverse_hadamard, load_e8_doubled, pack_plane, \
-    rope_partner, rope_partner_index, rope_rotate, rope_rows, round_to, storage_index, storage_order, \
+from .lattice import e8_nearest, exp2i, fixed_point, integer_transform, inverse_hadamard, load_e8_doubled, pack_fields, \
+    pack_plane, rope_partner, rope_partner_index, rope_rotate, rope_rows, round_to, storage_index, storage_order, \
     transform_matrix
 from .runtime import FIXED, codec_id, codec_of, launch_config, max_programs, rope_tables, use_triton
 
@@ -62,7 +62,8 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
                    sxb, sxh, sxt, sxd, scb, sch, sct, ssb, ssh, sst, spb, spt, smb, smh,
                    D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, ALPHA: tl.constexpr,
                    SQRT_N: tl.constexpr, DN: tl.constexpr, FIX_BITS: tl.constexpr, FIT: tl.constexpr,
-                   ROPE_HALF: tl.constexpr, CENTER: tl.constexpr, DEST: tl.constexpr, BLOCK_T: tl.constexpr):
+                   ROPE_HALF: tl.constexpr, CENTER: tl.constexpr, DEST: tl.constexpr, FIELDS: tl.constexpr,
+                   BLOCK_T: tl.constexpr):
     # Persistent: each program builds the ±1 transform matrix once and loops over (batch·head, token block) tiles.
     # DEST: batch row b is written at row dest[b] of the outputs (a page of a pool), and not at all where dest[b] < 0.
     tm = transform_matrix(D, DP)
@@ -111,18 +112,24 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
             tl.store(scales_ptr + ob * ssb + h * ssh + t * sst,
                      round_to(tl.where(ok, s, 0.0), scales_ptr.dtype.element_ty), mask=tmask)
 
-            # Bit planes: D/16 words of the low 2 bits, then the high bits (1 bit at 3 bits/coord, 2 bits at 4).
             row = codes_ptr + ob * scb + h * sch + t[:, None] * sct
-            w16 = tl.arange(0, DP // 16)
-            tl.store(row + w16[None, :], pack_plane(idx & 3, BLOCK_T, DP, 2),
-                     mask=tmask[:, None] & (w16 < D // 16)[None, :])
-            if BITS == 3:
-                w32 = tl.arange(0, DP // 32)
-                tl.store(row + D // 16 + w32[None, :], pack_plane(idx >> 2, BLOCK_T, DP, 1),
-                         mask=tmask[:, None] & (w32 < D // 32)[None, :])
-            if BITS == 4:
-                tl.store(row + D // 16 + w16[None, :], pack_plane(idx >> 2, BLOCK_T, DP, 2),
+            if FIELDS:  # whole 3-bit indices, five per 16-bit half (docs/format.md, "Codes")
+                pairs, mid, last = pack_fields(idx, BLOCK_T)
+                tl.store(row + tl.arange(0, 8)[None, :], pairs, mask=tmask[:, None])
+                tl.store(row + 8 + tl.arange(0, 4)[None, :], mid, mask=tmask[:, None])
+                tl.store(codes_ptr + ob * scb + h * sch + t * sct + 12, last, mask=tmask)
+            else:
+                # Bit planes: D/16 words of the low 2 bits, then the high bits (1 bit at 3 bits/coord, 2 at 4).
+                w16 = tl.arange(0, DP // 16)
+                tl.store(row + w16[None, :], pack_plane(idx & 3, BLOCK_T, DP, 2),
                          mask=tmask[:, None] & (w16 < D // 16)[None, :])
+                if BITS == 3:
+                    w32 = tl.arange(0, DP // 32)
+                    tl.store(row + D // 16 + w32[None, :], pack_plane(idx >> 2, BLOCK_T, DP, 1),
+                             mask=tmask[:, None] & (w32 < D // 32)[None, :])
+                if BITS == 4:
+                    tl.store(row + D // 16 + w16[None, :], pack_plane(idx >> 2, BLOCK_T, DP, 2),
+                             mask=tmask[:, None] & (w16 < D // 16)[None, :])
 
 
 @triton.jit
@@ -154,7 +161,7 @@ def _mean_partial_kernel(x_ptr, part_ptr, count_ptr, cos_ptr, sin_ptr, pos_ptr, 
 def _decode_kernel(codes_ptr, scales_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, mean_ptr, T, H,
                    scb, sch, sct, ssb, ssh, sst, sob, soh, sot, spb, spt, smb, smh,
                    D: tl.constexpr, DP: tl.constexpr, LOG2DP: tl.constexpr, BITS: tl.constexpr, SQRT_N: tl.constexpr,
-                   ROPE_HALF: tl.constexpr, CENTER: tl.constexpr, BLOCK_T: tl.constexpr):
+                   ROPE_HALF: tl.constexpr, CENTER: tl.constexpr, FIELDS: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -163,7 +170,7 @@ def _decode_kernel(codes_ptr, scales_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, me
     dmask = d < D
     s = tl.load(scales_ptr + b * ssb + h * ssh + t * sst, mask=tmask, other=0.0).to(tl.float32)
     row = codes_ptr + b * scb + h * sch + t[:, None] * sct
-    u = load_e8_doubled(row, tmask, D, DP, BITS, BLOCK_T)
+    u = load_e8_doubled(row, tmask, D, DP, BITS, BLOCK_T, FIELDS)
     v = tl.where(dmask[None, :], u.to(tl.float32) * 0.5 + (0.25 - (1 << (BITS - 1))), 0.0)
     v = tl.gather(v, tl.broadcast_to(storage_index(d)[None, :], v.shape), 1)  # to transform order
     x = inverse_hadamard(v, BLOCK_T, D, DP, LOG2DP) * (s * SQRT_N)[:, None]
@@ -336,7 +343,8 @@ def _encode(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optional[torc
     else:
         mean = None
     alpha, fit = codec.alpha[bits], codec.scale_fit
-    W = codec.words_per_token(bits)
+    W = codec.words_per_token(kind)
+    layout = codec.layout(kind)
     dest = None
     if into is not None:
         dest, codes, scales = into
@@ -351,7 +359,8 @@ def _encode(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optional[torc
     if not use_triton(x):
         c, s_ = _per_token(cos, sin, pos)
         ref_codes, ref_scales = ref.encode_reference(x.transpose(1, 2), bits, alpha=alpha, fit=fit,
-                                                     scale_dtype=codec.scale_dtype, cos=c, sin=s_, mean=mean)
+                                                     scale_dtype=codec.scale_dtype, cos=c, sin=s_, mean=mean,
+                                                     layout=layout)
         if dest is not None:
             rows = dest >= 0
             codes[dest[rows].long()] = ref_codes.transpose(1, 2)[rows]
@@ -370,7 +379,7 @@ def _encode(x: torch.Tensor, codec: KVCodec, kind: str, positions: Optional[torc
         *codes.stride()[:3], *scales.stride(), *pos_strides, *(mean.stride()[:2] if center else (0, 0)),
         D=D, DP=ref.next_pow2(D), BITS=bits, ALPHA=alpha, SQRT_N=math.sqrt(ref.transform_norm(D)),
         DN=float(D * ref.transform_norm(D)), FIX_BITS=ref.FIX_BITS, FIT=ref.FITS.index(fit),
-        ROPE_HALF=rope_half, CENTER=center, DEST=dest is not None,
+        ROPE_HALF=rope_half, CENTER=center, DEST=dest is not None, FIELDS=layout == "fields",
         BLOCK_T=cfg.BLOCK_T, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
     return EncodedKV(codes, scales, mean)
 
@@ -414,9 +423,10 @@ def _decode(enc: EncodedKV, codec: KVCodec, kind: str, positions: Optional[torch
     B, H, T, W = codes.shape
     D = codec.head_dim
     bits, use_rope, center, pos, cos, sin = _prepare(codec, kind, B, T, codes.device, positions)
-    if W != codec.words_per_token(bits):
-        raise ValueError(f"codes have {W} words per token; {kind}s at {bits} bits, head_dim {D} need "
-                         f"{codec.words_per_token(bits)}")
+    layout = codec.layout(kind)
+    if W != codec.words_per_token(kind):
+        raise ValueError(f"codes have {W} words per token; {kind}s at {bits} bits, head_dim {D} ({layout!r} layout) "
+                         f"need {codec.words_per_token(kind)}")
     if center != (mean is not None):
         raise ValueError(f"the codec {'centers' if center else 'does not center'} {kind}s but mean is "
                          f"{'missing' if center else 'given'}")
@@ -434,7 +444,7 @@ def _decode(enc: EncodedKV, codec: KVCodec, kind: str, positions: Optional[torch
     if not use_triton(codes):
         c, s_ = _per_token(cos, sin, pos)
         return out.copy_(ref.decode_reference(codes.transpose(1, 2), scales.transpose(1, 2), bits, D, cos=c, sin=s_,
-                                              mean=mean, dtype=dtype).transpose(1, 2))  # [B, H, T, ...] views here
+                                              mean=mean, dtype=dtype, layout=layout).transpose(1, 2))  # [B, H, T, ...] views here
     cfg = launch_config("decode", f"d{D}_b{bits}", codes.device)
     dummy = codes
     cos_a, sin_a, pos_a, pos_strides, rope_half = _rope_args(codec, use_rope, cos, sin, pos, dummy)
@@ -443,7 +453,7 @@ def _decode(enc: EncodedKV, codec: KVCodec, kind: str, positions: Optional[torch
         codes, scales, out, cos_a, sin_a, pos_a, mean if center else dummy, T, H, *codes.stride()[:3],
         *scales.stride(), *out.stride()[:3], *pos_strides, *(mean.stride()[:2] if center else (0, 0)),
         D=D, DP=ref.next_pow2(D), LOG2DP=ref.next_pow2(D).bit_length() - 1, BITS=bits,
-        SQRT_N=math.sqrt(ref.transform_norm(D)), ROPE_HALF=rope_half, CENTER=center,
+        SQRT_N=math.sqrt(ref.transform_norm(D)), ROPE_HALF=rope_half, CENTER=center, FIELDS=layout == "fields",
         BLOCK_T=cfg.BLOCK_T, num_warps=cfg.num_warps)
     return out
 
@@ -466,9 +476,9 @@ def _encode_op(x: torch.Tensor, codec: int, key: bool, positions: Optional[torch
 def _(x, codec, key, positions, mean):
     c = codec_of(codec)
     B, T, H, D = x.shape
-    bits, center = (c.key_bits, c.center_keys) if key else (c.value_bits, c.center_values)
+    center = c.center_keys if key else c.center_values
     made = x.new_empty((B, H, D) if center and mean is None else (0,), dtype=torch.float32)
-    return (x.new_empty(B, T, H, c.words_per_token(bits), dtype=torch.int32),
+    return (x.new_empty(B, T, H, c.words_per_token("key" if key else "value"), dtype=torch.int32),
             x.new_empty(B, T, H, dtype=c.scale_dtype), made)
 
 

@@ -53,6 +53,21 @@ def check_positive_float(name: str, value) -> None:
 DEFAULT_ALPHA = {2: 0.98, 3: 0.58, 4: 0.33}
 
 
+LAYOUTS = ("planes", "fields")  # how a token's codes are packed (KVCodec.layout; docs/format.md, "Codes")
+
+
+def code_words(head_dim: int, bits: int, layout: str) -> int:
+    """int32 words of one token's codes: head_dim · bits / 32 in the "planes" layout; 13 in the "fields" layout
+    (3 bits at head_dim 128 only)."""
+    if layout == "fields":
+        if (head_dim, bits) != (128, 3):
+            raise ValueError(f"the 'fields' layout holds 3-bit codes at head_dim 128, got {bits} bits at {head_dim}")
+        return 13
+    if layout != "planes":
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return head_dim * bits // 32
+
+
 @dataclass(frozen=True)
 class RopeSpec:
     """Rotary embedding of the model, needed to undo RoPE on keys at encode time (split-half layout).
@@ -173,9 +188,17 @@ class KVCodec:
             raise ValueError(f"kind must be 'key' or 'value', got {kind!r}")
         return self.key_bits if kind == "key" else self.value_bits
 
-    def words_per_token(self, bits: int) -> int:
-        """int32 words of codes per token per head: head_dim * bits / 32."""
-        return self.head_dim * bits // 32
+    def layout(self, kind: str) -> str:
+        """How one token's codes of ``kind`` ("key" or "value") are packed (docs/format.md, "Codes"): ``"fields"``
+        (each index's bits together, five 3-bit fields per 16-bit half) for 3-bit keys at head_dim 128, where the
+        decode attention's tensor-core operands come from one mask per register; ``"planes"`` (bit planes)
+        otherwise."""
+        return "fields" if kind == "key" and self.key_bits == 3 and self.head_dim == 128 else "planes"
+
+    def words_per_token(self, kind: str) -> int:
+        """int32 words of codes per token per head for ``kind`` ("key" or "value"): head_dim · bits / 32 in the
+        "planes" layout, 13 (every index bit and the 16 coset flags in 416 bits) in the "fields" layout."""
+        return code_words(self.head_dim, self.bits_for(kind), self.layout(kind))
 
     def to_dict(self) -> dict:
         """JSON-safe form (``from_dict`` inverts it); saved in COLD file headers."""
@@ -200,6 +223,6 @@ class KVCodec:
         d["alpha"] = {int(b): float(a) for b, a in d["alpha"].items()}
         return cls(**d)
 
-    def bytes_per_token(self, bits: int) -> int:
-        """HOT bytes per token per head for one of K/V: packed codes plus the scale."""
-        return 4 * self.words_per_token(bits) + 2
+    def bytes_per_token(self, kind: str) -> int:
+        """HOT bytes per token per head for ``kind`` ("key" or "value"): packed codes plus the scale."""
+        return 4 * self.words_per_token(kind) + 2

@@ -154,7 +154,7 @@ def keep_for_bytes(budget: int, codec: KVCodec, num_kv_heads: int, *, num_layers
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     per_head_layer = num_kv_heads * num_layers
     fp_cost = fp_tokens * per_head_layer * 2 * codec.head_dim * fp_bytes
-    hot = per_head_layer * (codec.bytes_per_token(codec.key_bits) + codec.bytes_per_token(codec.value_bits))
+    hot = per_head_layer * (codec.bytes_per_token("key") + codec.bytes_per_token("value"))
     if budget < fp_cost:
         raise ValueError(f"budget of {budget} bytes is below the {fp_cost} bytes of the {fp_tokens} uncompressed "
                          f"tokens")

@@ -242,15 +242,61 @@ def e8_nearest(t, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def load_e8_doubled(row, tmask, D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr):
+def fields_slots(d):
+    """The "fields" layout (3-bit codes at head_dim 128; ``reference.fields_slots``, docs/format.md "Codes"): the
+    word and bit of stored coordinate d's whole index, and the word and bit of its group's coset flag."""
+    c = d // 32
+    r = d % 32
+    j = 8 * (r // 16) + r % 8
+    word = tl.where(j < 5, 2 * c, tl.where(j < 10, 2 * c + 1, tl.where(j < 15, 8 + c, 12)))
+    bit = tl.where(j == 15, 3 * c, 3 * (j % 5)) + 16 * ((r // 8) % 2)
+    g = d // 8
+    return word, bit, 2 * (g // 4) + (g // 2) % 2, 15 + 16 * (g % 2)
+
+
+@triton.jit
+def pack_fields(idx, BT: tl.constexpr):
+    """Stored 3-bit indices [BT, 128] (``e8_nearest``'s: each group's coset flag in its eighth index's low bit) ->
+    the "fields" layout: (words 0-7 [BT, 8], words 8-11 [BT, 4], word 12 [BT]). Each index whole (its implied parity
+    bit restored), the flags at bits 15 and 31 of words 0-7 (``fields_slots``); a word is a sum of disjoint fields."""
+    g = tl.reshape(idx, (BT, 16, 8))
+    lane = tl.arange(0, 8)[None, None, :]
+    c = tl.sum(tl.where(lane == 7, g & 1, 0), axis=2)
+    par = tl.sum(tl.where(lane < 7, g, 0), axis=2) & 1
+    full = tl.reshape(tl.where(lane == 7, (g & -2) | par[:, :, None], g), (BT, 4, 32))
+    # Per thread column c (32 coordinates): field j of r = 16·jb + 8·h + m is 8·jb + m, in word slot k = j // 5.
+    col = tl.arange(0, 4)[:, None]
+    r = tl.arange(0, 32)[None, :]
+    j = 8 * (r // 16) + r % 8
+    k = tl.where(j < 15, j // 5, 3)
+    x = full << (tl.where(j == 15, 3 * col, 3 * (j % 5)) + 16 * ((r // 8) % 2))[None, :, :]
+    w0 = tl.sum(tl.where((k == 0)[None, :, :], x, 0), axis=2)
+    w1 = tl.sum(tl.where((k == 1)[None, :, :], x, 0), axis=2)
+    w2 = tl.sum(tl.where((k == 2)[None, :, :], x, 0), axis=2)
+    w3 = tl.sum(tl.sum(tl.where((k == 3)[None, :, :], x, 0), axis=2), axis=1)
+    # Coset flags: group 4c + 2i + h at bit 15 + 16·h of word 2c + i.
+    f = tl.sum(tl.reshape(c, (BT, 4, 2, 2)) << (15 + 16 * tl.arange(0, 2))[None, None, None, :], axis=3)
+    f0, f1 = tl.split(f)
+    return tl.reshape(tl.join(w0 + f0, w1 + f1), (BT, 8)), w2, w3
+
+
+@triton.jit
+def load_e8_doubled(row, tmask, D: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
+                    FIELDS: tl.constexpr = False):
     """BT tokens of packed codes -> u = 2·index + coset, int32 [BT, DP] in storage order, so the lattice value is
     v = u/2 - 2^(BITS-1) + 1/4 (reference.e8_values). ``row`` is [BT, 1] pointers to each token's first word;
-    coordinates past D read as u = 0.
+    coordinates past D read as u = 0. ``FIELDS``: codes in the "fields" layout (``fields_slots``), else bit planes.
 
-    Works on whole words: a group of 8 is one 16-bit half of a low-plane word, the parity of its first seven indices
-    is the xor of their low bits (bits 0, 2, ..., 12 of the half, folded by three shift-xors) and replaces bit 14
-    (index 7's low bit, where the coset flag is stored); the flag is then spread to the group's 8 fields.
+    Planes work on whole words: a group of 8 is one 16-bit half of a low-plane word, the parity of its first seven
+    indices is the xor of their low bits (bits 0, 2, ..., 12 of the half, folded by three shift-xors) and replaces
+    bit 14 (index 7's low bit, where the coset flag is stored); the flag is then spread to the group's 8 fields.
+    Fields hold every index whole: one (cached) word load per coordinate, a shift and a mask.
     """
+    if FIELDS:
+        word, bit, c_word, c_bit = fields_slots(tl.arange(0, DP))
+        m = tmask[:, None]
+        full = (tl.load(row + word[None, :], mask=m, other=0) >> bit[None, :]) & 7
+        return (full << 1) | ((tl.load(row + c_word[None, :], mask=m, other=0) >> c_bit[None, :]) & 1)
     w16 = tl.arange(0, DP // 16)
     m16 = tmask[:, None] & (w16 < D // 16)[None, :]
     lo = tl.load(row + w16[None, :], mask=m16, other=0)

@@ -128,9 +128,9 @@ class PagedKVCache:
             self.device = torch.device("cuda", torch.cuda.current_device())
         P, D, H = codec.page_size, codec.head_dim, num_kv_heads
         dev = self.device
-        self.k_codes = torch.zeros(num_pages, H, P, codec.words_per_token(codec.key_bits), dtype=torch.int32,
+        self.k_codes = torch.zeros(num_pages, H, P, codec.words_per_token("key"), dtype=torch.int32,
                                    device=dev)
-        self.v_codes = torch.zeros(num_pages, H, P, codec.words_per_token(codec.value_bits), dtype=torch.int32,
+        self.v_codes = torch.zeros(num_pages, H, P, codec.words_per_token("value"), dtype=torch.int32,
                                    device=dev)
         self.k_scales = torch.zeros(num_pages, H, P, dtype=codec.scale_dtype, device=dev)
         self.v_scales = torch.zeros(num_pages, H, P, dtype=codec.scale_dtype, device=dev)

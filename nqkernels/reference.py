@@ -5,8 +5,9 @@ on a per-token fixed-point grid in integers (any order gives the same result, so
 their own reduction trees); the remaining float steps are elementwise or pairwise (fp32, no fused multiply-add,
 groups of 8 summed as a fixed tree), so the kernels reproduce these codes and scales bit for bit.
 
-Shapes: ``x`` is ``[..., D]`` (tokens in the leading dims); codes are ``[..., D * bits / 32]`` int32;
-scales ``[...]``.
+Shapes: ``x`` is ``[..., D]`` (tokens in the leading dims); codes are ``[..., W]`` int32 (W = D · bits / 32 in
+the "planes" layout, 13 in the "fields" layout of 3-bit keys at head_dim 128: ``config.code_words``); scales
+``[...]``.
 
 The lattice: E8 = D8 ∪ (D8 + ½), shifted by -¼ so a cube of 2^b values per coordinate is symmetric.
 Coordinate value for index i (0 <= i < 2^b) in coset c is ``v = i - 2^(b-1) + ¼ + c/2``; in both cosets a
@@ -18,6 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .config import code_words
 
 F32 = torch.float32
 
@@ -148,8 +151,7 @@ def _pack_plane(p: torch.Tensor, pbits: int) -> torch.Tensor:
     per = 32 // pbits
     g = p.reshape(*p.shape[:-1], p.shape[-1] // per, per)
     shifts = torch.arange(per, device=p.device, dtype=torch.int64) * pbits
-    w = (g << shifts).sum(-1)
-    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+    return _signed32((g << shifts).sum(-1))
 
 
 def _unpack_plane(w: torch.Tensor, pbits: int) -> torch.Tensor:
@@ -159,18 +161,65 @@ def _unpack_plane(w: torch.Tensor, pbits: int) -> torch.Tensor:
     return v.reshape(*w.shape[:-1], w.shape[-1] * per)
 
 
-def pack_codes(idx: torch.Tensor, bits: int) -> torch.Tensor:
-    """Bit-plane packing. idx ``[..., D]`` -> int32 ``[..., D*bits/32]``: D/16 words of the low 2 bits
-    (16 coordinates per word, coordinate k of a word at bit 2k), then the high bits: 1 bit per coordinate
-    (32 per word) at 3 bits, 2 bits (16 per word) at 4 bits."""
+def fields_slots(device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The "fields" layout (3-bit codes at head_dim 128, 13 words; docs/format.md, "Codes"): (word, bit) of each
+    stored coordinate's full index, int64 ``[128]``, and (word, bit) of each group's coset flag, ``[16]``.
+
+    Coordinate d = 32c + 16·jb + 8·h + m (c = 0..3 the thread column of the attention kernel's operand) is field
+    j = 8·jb + m of column c, in half h of its word: word 2c (j < 5), 2c + 1 (j < 10), 8 + c (j < 15) at bit
+    3·(j mod 5) + 16·h, or the shared word 12 at bit 3c + 16·h (j = 15). Group g = 4c + 2i + h's coset flag is bit
+    15 + 16·h of word 2c + i, the spare top bit of each half."""
+    d = torch.arange(128, device=device)
+    c, r = d // 32, d % 32
+    j = 8 * (r // 16) + r % 8
+    word = torch.where(j < 5, 2 * c, torch.where(j < 10, 2 * c + 1, torch.where(j < 15, 8 + c, 12)))
+    bit = torch.where(j == 15, 3 * c, 3 * (j % 5)) + 16 * ((r // 8) % 2)
+    g = torch.arange(16, device=device)
+    return word, bit, 2 * (g // 4) + (g // 2) % 2, 15 + 16 * (g % 2)
+
+
+def _signed32(w: torch.Tensor) -> torch.Tensor:
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+def pack_codes(idx: torch.Tensor, bits: int, layout: str = "planes") -> torch.Tensor:
+    """Stored indices ``[..., D]`` (``e8_nearest``'s: each group's coset flag in its eighth index's lowest bit) ->
+    int32 ``[..., W]`` (``config.code_words``).
+
+    ``"planes"``: D/16 words of the low 2 bits (16 coordinates per word, coordinate k of a word at bit 2k), then the
+    high bits: 1 bit per coordinate (32 per word) at 3 bits, 2 bits (16 per word) at 4 bits. ``"fields"`` (3 bits,
+    D = 128): every index whole, its implied parity bit restored, and the coset flags apart (``fields_slots``)."""
+    W = code_words(idx.shape[-1], bits, layout)
+    if layout == "fields":
+        word, bit, c_word, c_bit = fields_slots(idx.device)
+        g = idx.reshape(*idx.shape[:-1], 16, 8).to(torch.int64)
+        c = g[..., 7] & 1
+        full = g.clone()
+        full[..., 7] = (g[..., 7] & ~1) | (g[..., :7].sum(-1) & 1)
+        w = torch.zeros(*idx.shape[:-1], W, dtype=torch.int64, device=idx.device)
+        w.scatter_add_(-1, word.expand(*idx.shape[:-1], 128), full.reshape(idx.shape) << bit)
+        w.scatter_add_(-1, c_word.expand(*idx.shape[:-1], 16), c << c_bit)
+        return _signed32(w)
     lo = _pack_plane(idx & 3, 2)
     if bits == 2:
         return lo
     return torch.cat((lo, _pack_plane(idx >> 2, bits - 2)), dim=-1)
 
 
-def unpack_codes(words: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
-    """Inverse of ``pack_codes``: int32 ``[..., W]`` -> indices int64 ``[..., D]``."""
+def unpack_codes(words: torch.Tensor, bits: int, head_dim: int, layout: str = "planes") -> torch.Tensor:
+    """Inverse of ``pack_codes``: int32 ``[..., W]`` -> stored indices int64 ``[..., D]``."""
+    W = code_words(head_dim, bits, layout)
+    if words.shape[-1] != W:
+        raise ValueError(f"codes have {words.shape[-1]} words per token; {layout!r} at {bits} bits, head_dim "
+                         f"{head_dim} has {W}")
+    if layout == "fields":
+        word, bit, c_word, c_bit = fields_slots(words.device)
+        w = words.to(torch.int64) & 0xFFFFFFFF
+        idx = (w[..., word] >> bit) & 7
+        c = (w[..., c_word] >> c_bit) & 1
+        g = idx.reshape(*idx.shape[:-1], 16, 8).clone()
+        g[..., 7] = (g[..., 7] & ~1) | c
+        return g.reshape(idx.shape)
     n_lo = head_dim // 16
     idx = _unpack_plane(words[..., :n_lo], 2)
     if bits > 2:
@@ -294,12 +343,13 @@ def finite_mean(x: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, x, 0.0).sum(1) / finite.sum(1).clamp(min=1)
 
 
-def encode_reference(x, bits, *, alpha, fit, scale_dtype=torch.float16, cos=None, sin=None, mean=None):
+def encode_reference(x, bits, *, alpha, fit, scale_dtype=torch.float16, cos=None, sin=None, mean=None,
+                     layout="planes"):
     """Reference of the fused encode (``encode_kv``): x ``[B, T, H, D]`` -> (codes int32 ``[B, T, H, W]``, scales
     ``[B, T, H]``).
 
     cos/sin ``[B, T, R/2]`` undo RoPE on keys (rows for each token's position); mean ``[B, H, D]`` fp32 is
-    subtracted after the RoPE undo.
+    subtracted after the RoPE undo; ``layout`` packs the codes (``pack_codes``).
     """
     xf = x.to(F32)
     if cos is not None:
@@ -307,13 +357,14 @@ def encode_reference(x, bits, *, alpha, fit, scale_dtype=torch.float16, cos=None
     if mean is not None:
         xf = xf - mean.to(F32)[:, None]
     idx, scale = quantize(xf, bits, alpha, fit, scale_dtype)
-    return pack_codes(idx, bits), scale
+    return pack_codes(idx, bits, layout), scale
 
 
-def decode_reference(codes, scales, bits, head_dim, *, cos=None, sin=None, mean=None, dtype=torch.float16):
+def decode_reference(codes, scales, bits, head_dim, *, cos=None, sin=None, mean=None, dtype=torch.float16,
+                     layout="planes"):
     """Reference of the decode (``decode_kv``, dequantize): codes ``[B, T, H, W]``, scales ``[B, T, H]`` ->
     ``[B, T, H, head_dim]``, the inverse of ``encode_reference`` up to quantization error."""
-    x = dequantize(unpack_codes(codes, bits, head_dim), scales, bits)
+    x = dequantize(unpack_codes(codes, bits, head_dim, layout), scales, bits)
     if mean is not None:
         x = x + mean.to(F32)[:, None]
     if cos is not None:

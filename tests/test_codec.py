@@ -23,7 +23,7 @@ def _reference(x, codec, kind, positions=None, mean=None):
         c, s = rope_tables(codec, int(pos.max()) + 1, x.device)
         cos, sin = c[pos.long()], s[pos.long()]
     return R.encode_reference(x, bits, alpha=codec.alpha[bits], fit=codec.scale_fit, scale_dtype=codec.scale_dtype,
-                              cos=cos, sin=sin, mean=mean)
+                              cos=cos, sin=sin, mean=mean, layout=codec.layout(kind))
 
 
 def _check(x, codec, kind, positions=None):
@@ -46,8 +46,9 @@ def test_encode_bit_exact_and_roundtrip(d, bits):
         assert out.shape == x.shape and out.is_contiguous()
         nmse = ((out - x.float()) ** 2).mean() / ((x.float() - x.float().mean(1, keepdim=True)) ** 2).mean()
         assert nmse < {2: 0.12, 3: 0.04, 4: 0.012}[bits]
-        bits_ = codec.bits_for(kind)
-        assert enc.codes.shape[-1] * 32 == d * bits_
+        fields = codec.layout(kind) == "fields"  # 3-bit keys at head_dim 128: 13 words, every index bit stored
+        assert enc.codes.shape[-1] == (13 if fields else d * codec.bits_for(kind) // 32)
+        assert fields == (kind == "key" and (d, bits) == (128, 3))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -143,7 +144,7 @@ def test_zero_token_decodes_to_zero():
 def test_empty_sequence():
     codec = KVCodec(head_dim=128)
     enc = encode_kv(torch.randn(2, 0, 2, 128), codec, "key")
-    assert enc.codes.shape == (2, 0, 2, 12)
+    assert enc.codes.shape == (2, 0, 2, 13)
     assert decode_kv(enc, codec, "key").shape == (2, 0, 2, 128)
 
 
@@ -234,14 +235,18 @@ def test_decode_matches_reference_on_random_codes(d, bits):
     # Random words exercise every index, coset flag and parity pattern of the word-level decode.
     codec = KVCodec(head_dim=d, key_bits=bits, value_bits=bits, rope=RopeSpec(theta=10000.0))
     B, H, T = 2, 3, 21
-    codes = torch.randint(-2**31, 2**31 - 1, (B, T, H, codec.words_per_token(bits)), dtype=torch.int32)
+    codes = torch.randint(-2**31, 2**31 - 1, (B, T, H, codec.words_per_token("key")), dtype=torch.int32)
+    if codec.layout("key") == "fields":  # every index bit is stored: valid codes from random indices, and random
+        # bits in the spare bits (15 and 31 of words 8-11, 12-15 and 28-31 of word 12), which decoding ignores
+        spare = torch.tensor([0] * 8 + [0x80008000] * 4 + [0xF000F000]).to(torch.int32)
+        codes = R.pack_codes(torch.randint(0, 8, (B, T, H, d)), bits, "fields") | (codes & spare)
     scales = (torch.rand(B, T, H) + 0.1).half()
     mean = torch.randn(B, H, d)
     positions = torch.randint(0, 500, (B, T))
     out = decode_kv(EncodedKV(codes, scales, mean), codec, "key", positions=positions, dtype=torch.float32)
     c, s = rope_tables(codec, 500, "cpu")
     want = R.decode_reference(codes, scales, bits, d, cos=c[positions], sin=s[positions], mean=mean,
-                              dtype=torch.float32)
+                              dtype=torch.float32, layout=codec.layout("key"))
     assert torch.allclose(out, want, rtol=1e-5, atol=1e-5)
 
 

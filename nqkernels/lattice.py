@@ -405,15 +405,48 @@ def plane_pairs(w, BT: tl.constexpr, NW: tl.constexpr, FBITS: tl.constexpr, ASM:
 
 
 @triton.jit
-def coset_pairs(w, BT: tl.constexpr, NW: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
-    """Low-plane words [BT, NW] (before ``restore_parity``) -> fp16 subnormals e·2^-24 [BT, NG], one per lattice group,
+def _stack16(x):
+    """16 tensors [...] -> [..., 2, 2, 2, 2], x[r] at flattened index r (a join's new axis is its lowest bit)."""
+    t = ()
+    for k in tl.static_range(8):
+        t = t + (tl.join(x[k], x[k + 8]),)
+    u = ()
+    for k in tl.static_range(4):
+        u = u + (tl.join(t[k], t[k + 4]),)
+    return tl.join(tl.join(u[0], u[2]), tl.join(u[1], u[3]))
+
+
+@triton.jit
+def fields_pairs(lo, hi, BT: tl.constexpr, ASM: tl.constexpr):
+    """3-bit codes at head_dim 128 in the "fields" layout (``fields_slots``) -> fp16 subnormals [BT, 128] in the
+    pair order and with the powers of two of ``plane_pairs(restore_parity(low plane), FBITS=2)`` (8 words), each
+    element holding the whole index of its coordinate: one product covers the low and the high plane's. ``lo``:
+    words 0-7 [BT, 8]; ``hi``: [BT, 8] with word 8 + c at column 2c and word 12 at column 2c + 1 (c < 4).
+
+    Low-plane word w = 2c + jb, register i holds coordinates 16w + i, 16w + i + 8 times 4^(i mod 4); in the fields
+    layout they are field j = 8·jb + i of column c: bits 3·(j mod 5) of words 2c, 2c + 1, 8 + c, or 3c of word 12."""
+    e, o = tl.split(tl.reshape(lo, (BT, 4, 2)))
+    m, last = tl.split(tl.reshape(hi, (BT, 4, 2)))
+    last = last >> (3 * tl.arange(0, 4))[None, :]
+    src = (e, e, e, e, e, o, o, o, o, o, m, m, m, m, m, last)
+    regs = ()
+    for r in tl.static_range(16):
+        regs = regs + ((((src[r] >> (3 * (r % 5) if r < 15 else 0)) & 0x00070007) << (2 * (r % 4))),)
+    return _deal(tl.reshape(_stack16(regs), (BT, 8, 8)), BT, 8, 8, ASM)
+
+
+@triton.jit
+def coset_pairs(w, BT: tl.constexpr, NW: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
+                FLAG: tl.constexpr = 14):
+    """Low-plane words [BT, NW] (before ``restore_parity``; or words 0-7 of the "fields" layout, FLAG = 15: the
+    coset flag's bit in each 16-bit half) -> fp16 subnormals e·2^-24 [BT, NG], one per lattice group,
     with e = 2c − (2^(BITS+1) − 1) = 4·(c/2 + OFF) for the group's coset flag c and the codebook offset
     OFF = ¼ − 2^(BITS−1): the part of v that is constant across the group. Pair order with one register per word
     (the two groups of a word are a pair); with NG > 2·NW the pairs past 2·NW are zero. (|e| = M xor 2c for
     M = 2^(BITS+1) − 1; the sign bit is set.)"""
     M: tl.constexpr = (1 << (BITS + 1)) - 1
     SIGNED_M: tl.constexpr = (0x8000 | M) * 0x10001 - (1 << 32)  # both halves, as an int32 literal
-    z = ((w >> 13) & 0x00020002) ^ SIGNED_M
+    z = ((w >> (FLAG - 1)) & 0x00020002) ^ SIGNED_M
     if NG > 2 * NW:
         z = tl.join(z, tl.zeros_like(z))
     else:

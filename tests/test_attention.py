@@ -10,7 +10,7 @@ from nqkernels import reference as R
 from nqkernels.attention.kernels import _page_codes
 from nqkernels.attention.launcher import _decode_matrix, _value_gather
 from nqkernels.runtime import rotation
-from nqkernels.lattice import coset_pairs, coset_plane_pairs, plane_pairs, restore_parity
+from nqkernels.lattice import coset_pairs, coset_plane_pairs, fields_pairs, plane_pairs, restore_parity
 
 from .conftest import HEAD_DIMS, compile_for_hopper
 
@@ -336,6 +336,34 @@ def test_pair_decode_matches_reference(d, bits, join):
     torch.testing.assert_close(got_v[:, :d], values, rtol=0, atol=0)
 
 
+@triton.jit
+def _decode_fields_kernel(w_ptr, c_ptr, k_ptr, JOIN: tl.constexpr, BT: tl.constexpr):
+    t = tl.arange(0, BT)
+    lo, hi, _ = _page_codes(w_ptr, w_ptr, tl.program_id(0), 0, BT, 0, 0, 13, 1, 0, 0, 128, 128, 3, 1, BT, JOIN, True)
+    tl.store(c_ptr + t[:, None] * 16 + tl.arange(0, 16)[None, :], coset_pairs(lo, BT, 8, 16, 3, False, 15))
+    tl.store(k_ptr + t[:, None] * 128 + tl.arange(0, 128)[None, :], fields_pairs(lo, hi, BT, False))
+
+
+@pytest.mark.parametrize("join", [True, False])
+def test_fields_decode_matches_reference(join):
+    """3-bit keys at head_dim 128 in the "fields" layout: the coset flags (bit 15 of each half) and the whole indices
+    (``fields_pairs``, the low plane's pair order and powers) times the planes' decode matrix give Σ_d R[d]·v_d, so
+    one product replaces the two planes'; the spare bits are ignored."""
+    torch.manual_seed(7)
+    bt = 16
+    idx = R.e8_nearest(torch.randn(bt, 128) * 8 / 2.5, 3)
+    spare = torch.tensor([0] * 8 + [0x80008000] * 4 + [0xF000F000]).to(torch.int32)
+    noise = torch.randint(-2**31, 2**31 - 1, (bt, 13), dtype=torch.int32) & spare
+    words = (R.pack_codes(idx, 3, "fields") | noise).contiguous()
+    c, k = torch.zeros(bt, 16, dtype=torch.float16), torch.zeros(bt, 128, dtype=torch.float16)
+    _decode_fields_kernel[(1,)](words, c, k, JOIN=join, BT=bt)
+    m = _decode_matrix(128, 3, "cpu").double()
+    inv = 2.0 ** -(2 * (torch.arange(128) // 2 // 4 % 4)).double()  # the low plane's powers of two
+    got = c.double() @ m[:16] + (k.double() * inv) @ m[16:144]
+    want = R.e8_values(idx, 3).double() @ rotation(128, "cpu").double()
+    torch.testing.assert_close(got * 2.0 ** 24, want, rtol=0, atol=1e-9)
+
+
 # The programmatic-dependent-launch paths (``attention._pdl``) run only on a Hopper GPU, and the interpreter cannot
 # run their inline PTX. So they are compiled for sm_90 here, in a process without TRITON_INTERPRET (no GPU needed),
 # to check that each kernel waits and signals where it should, and that PDL=False leaves no trace.
@@ -356,9 +384,9 @@ KERNELS = {
     "prep": (A._query_prep_kernel, dict(KBITS=3, KQ=272, CENTER_K=True, DOT=tl.float16, QR=64, PK=4)),
     "split": (A._attn_split_kernel, dict(KBITS=3, VBITS=2, PAGE=64, KQ=272, LOG2DP=7, ROPE_HALF=0, CENTER_K=True,
                                          SOFTCAP=False, WINDOW=False, DOT=tl.float16, ASM=True, BLOCK_N=64,
-                                         JOIN_K=True, JOIN_V=True, CAUSAL_PAGES=False, PK=4)),
+                                         JOIN_K=True, JOIN_V=True, CAUSAL_PAGES=False, PK=4, KFIELDS=True)),
     "keys": (A._attn_keys_kernel, dict(KBITS=3, PAGE=64, KQ=272, SOFTCAP=False, WINDOW=False, ASM=True, RS=4,
-                                       JOIN_K=True, CAUSAL_PAGES=False)),
+                                       JOIN_K=True, CAUSAL_PAGES=False, KFIELDS=True)),
     "values": (A._attn_values_kernel, dict(VBITS=2, PAGE=64, LOG2DP=7, SOFTCAP=False, WINDOW=False, DOT=tl.float16,
                                            ASM=True, RS=4, BLOCK_N=64, JOIN_V=True, FP_ONLY=False)),
     "values_fp": (A._attn_values_kernel, dict(VBITS=2, PAGE=64, LOG2DP=7, SOFTCAP=False, WINDOW=False, DOT=tl.float16,

@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ..lattice import (SUBNORMAL_UNIT, coset_pairs, coset_plane_pairs, inverse_hadamard, load_e8_doubled, plane_pairs,
-                       restore_parity, rope_partner, rope_rotate, rope_rows_at, storage_order)
+from ..lattice import (SUBNORMAL_UNIT, coset_pairs, coset_plane_pairs, fields_pairs, inverse_hadamard, load_e8_doubled,
+                       plane_pairs, restore_parity, rope_partner, rope_rotate, rope_rows_at, storage_order)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -103,14 +103,19 @@ def _page_words(row0, lim, sc_t, sc_w, FIRST: tl.constexpr, N: tl.constexpr, NP:
 
 @triton.jit
 def _page_codes(c_ptr, s_ptr, page, h, lim, sc_p, sc_h, sc_t, sc_w, ss_p, ss_h, D: tl.constexpr, DP: tl.constexpr,
-                BITS: tl.constexpr, HB: tl.constexpr, PAGE: tl.constexpr, JOIN: tl.constexpr):
+                BITS: tl.constexpr, HB: tl.constexpr, PAGE: tl.constexpr, JOIN: tl.constexpr,
+                FIELDS: tl.constexpr = False):
     """One page of one head: low-plane words [PAGE, DP/16], high-plane words [PAGE, DP·HB/32] (the low ones again
-    when BITS == 2, unused) and fp32 scales [PAGE]; tokens from ``lim`` on read as zero."""
+    when BITS == 2, unused) and fp32 scales [PAGE]; tokens from ``lim`` on read as zero. ``FIELDS`` (the "fields"
+    layout): words 0-7, and [PAGE, 8] with word 8 + c at column 2c, word 12 at 2c + 1 (``lattice.fields_pairs``)."""
     page = page.to(tl.int64)  # large pools overflow 32-bit offsets
     row0 = c_ptr + page * sc_p + h * sc_h
     lo = _page_words(row0, lim, sc_t, sc_w, 0, D // 16, DP // 16, PAGE, JOIN)
     hi = lo
-    if BITS > 2:
+    if FIELDS:  # thread column c loads word 8 + c, and word 12 (a word stride of 0: every column reads it)
+        hi = tl.reshape(tl.join(_page_words(row0, lim, sc_t, sc_w, 8, 4, 4, PAGE, JOIN),
+                                _page_words(row0 + 12 * sc_w, lim, sc_t, sc_w * 0, 0, 4, 4, PAGE, JOIN)), (PAGE, 8))
+    elif BITS > 2:
         hi = _page_words(row0, lim, sc_t, sc_w, D // 16, D * (BITS - 2) // 32, DP * HB // 32, PAGE, JOIN)
     t = tl.arange(0, PAGE)
     return lo, hi, tl.load(s_ptr + page * ss_p + h * ss_h + t, mask=t < lim, other=0.0).to(tl.float32)
@@ -251,9 +256,14 @@ def _logit_units(qm_ptr, pid, sm_scale, SOFTCAP: tl.constexpr, BLOCK_M: tl.const
 
 @triton.jit
 def _key_products(k_lo, k_hi, qt_c, qt_lo, qt_hi, PAGE: tl.constexpr, NWL: tl.constexpr, NG: tl.constexpr,
-                  DP: tl.constexpr, KBITS: tl.constexpr, KHI: tl.constexpr, ASM: tl.constexpr):
+                  DP: tl.constexpr, KBITS: tl.constexpr, KHI: tl.constexpr, ASM: tl.constexpr,
+                  FIELDS: tl.constexpr = False):
     """A page's raw logits [PAGE, BLOCK_M] in pair order: its coset flags, low plane and (3-4 bits) high plane, each
-    times the prep's query operand; the key scales and mean are applied by the caller."""
+    times the prep's query operand; the key scales and mean are applied by the caller. ``FIELDS``: whole indices in
+    the low plane's order (``lattice.fields_pairs``), no high-plane product."""
+    if FIELDS:
+        sk = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM, 15), qt_c)
+        return tl.dot(fields_pairs(k_lo, k_hi, PAGE, ASM), qt_lo, sk)
     sk = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM), qt_c)
     sk = tl.dot(plane_pairs(restore_parity(k_lo), PAGE, NWL, 2, ASM), qt_lo, sk)
     if KBITS > 2:
@@ -325,8 +335,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                        CENTER_K: tl.constexpr,
                        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                        BLOCK_M: tl.constexpr, PK: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_K: tl.constexpr,
-                       JOIN_V: tl.constexpr,
-                       PDL: tl.constexpr, CAUSAL_PAGES: tl.constexpr):
+                       JOIN_V: tl.constexpr, PDL: tl.constexpr, CAUSAL_PAGES: tl.constexpr, KFIELDS: tl.constexpr):
     pid, split = tl.program_id(0), tl.program_id(1)
     b, h, qi, g, slot = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M, PK)  # q is loaded only where it is read
     RS: tl.constexpr = BLOCK_M // PK  # rows per page slot
@@ -372,7 +381,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         # its softmax.
         p_lo, p_hi, end, page = _split_pages(bt_ptr, b, sbt, split, pages_per_split, comp, PAGE)
         nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - p_lo * PAGE, skc_p, skc_h, skc_t, sc_w, sks_p,
-                                        sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K)
+                                        sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K, KFIELDS)
         if PK == 1:  # one page per step: its values too are loaded a page ahead (a step start is too late at batch 1)
             nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, end - p_lo * PAGE, svc_p, svc_h, svc_t, sc_w,
                                             svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V)
@@ -402,12 +411,13 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                 else:  # the next step's first page
                     page = tl.load(bt_ptr + b * sbt + tl.minimum(pg0 + PK, p_hi - 1))
                 nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - (pg0 + k + 1) * PAGE, skc_p, skc_h,
-                                                skc_t, sc_w, sks_p, sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K)
+                                                skc_t, sc_w, sks_p, sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K, KFIELDS)
                 if PK == 1:
                     nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, end - (pg0 + 1) * PAGE, svc_p, svc_h,
                                                     svc_t, sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V)
                 if ROPE_HALF == 0:
-                    sk = _key_products(k_lo, k_hi, qt_c[k], qt_lo[k], qt_hi[k], PAGE, NWL, NG, DP, KBITS, KHI, ASM)
+                    sk = _key_products(k_lo, k_hi, qt_c[k], qt_lo[k], qt_hi[k], PAGE, NWL, NG, DP, KBITS, KHI, ASM,
+                                       KFIELDS)
                     if k == 0:
                         s = sk * (ks * logit_unit)[:, None] + q_mean[None, :]
                     else:
@@ -415,7 +425,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                 else:
                     tvalid = pg0 * PAGE + t < end
                     krow = kc_ptr + pages[0].to(tl.int64) * skc_p + h * skc_h + t[:, None] * skc_t
-                    uk = load_e8_doubled(krow, tvalid, D, DP, KBITS, PAGE).to(DOT)
+                    uk = load_e8_doubled(krow, tvalid, D, DP, KBITS, PAGE, KFIELDS).to(DOT)
                     kd = (tl.dot(uk, rot) * 0.5 + rot_sum[None, :]) * (ks * INV_SQRT_N)[:, None] + k_mean[None, :]
                     k_pos = tl.load(pos_ptr + pages[0].to(tl.int64) * spos_p + h * spos_h + t, mask=tvalid, other=0)
                     cos, sin, _ = rope_rows_at(cos_ptr, sin_ptr, k_pos, tvalid, d, ROPE_HALF)
@@ -463,7 +473,8 @@ def _attn_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, qm_ptr, lg_ptr, 
                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                       KBITS: tl.constexpr, PAGE: tl.constexpr, NG: tl.constexpr, KQ: tl.constexpr,
                       SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
-                      RS: tl.constexpr, JOIN_K: tl.constexpr, PDL: tl.constexpr, CAUSAL_PAGES: tl.constexpr):
+                      RS: tl.constexpr, JOIN_K: tl.constexpr, PDL: tl.constexpr, CAUSAL_PAGES: tl.constexpr,
+                      KFIELDS: tl.constexpr):
     # Two-pass split, pass 1 (keys only): each page's logits [PAGE, BLOCK_M] in log2 units (masked keys -inf), the
     # first RS columns stored to lg[pid, token, :RS]; the split's max per column to m_ptr. No softmax state but an
     # elementwise max, so the loop has no cross-warp reduction and holds no value accumulators.
@@ -480,7 +491,7 @@ def _attn_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, qm_ptr, lg_ptr, 
     col = tl.arange(0, BLOCK_M)
     p_lo, p_hi, end, page = _split_pages(bt_ptr, b, sbt, split, pages_per_split, comp, PAGE)
     nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - p_lo * PAGE, skc_p, skc_h, skc_t, sc_w, sks_p,
-                                    sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K)
+                                    sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K, KFIELDS)
     if PDL:
         gdc_wait()
     qt_c, qt_lo, qt_hi = _query_operands(qt_ptr, pid, KQ, NG, DP, KBITS, BLOCK_M)
@@ -491,8 +502,8 @@ def _attn_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, qm_ptr, lg_ptr, 
         k_lo, k_hi, ks = nk_lo, nk_hi, nks
         page = tl.load(bt_ptr + b * sbt + tl.minimum(pg + 1, p_hi - 1))
         nk_lo, nk_hi, nks = _page_codes(kc_ptr, ks_ptr, page, h, end - (pg + 1) * PAGE, skc_p, skc_h, skc_t, sc_w,
-                                        sks_p, sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K)
-        sk = _key_products(k_lo, k_hi, qt_c, qt_lo, qt_hi, PAGE, NWL, NG, DP, KBITS, KHI, ASM)
+                                        sks_p, sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K, KFIELDS)
+        sk = _key_products(k_lo, k_hi, qt_c, qt_lo, qt_hi, PAGE, NWL, NG, DP, KBITS, KHI, ASM, KFIELDS)
         s = sk * (ks * logit_unit)[:, None] + q_mean[None, :]
         if SOFTCAP:
             s = _softcap_log2(s, sm_scale, softcap)

@@ -350,7 +350,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     elif two_pass and prep:
         n_tok = max_pages * P  # logits workspace: 4 bytes per (sequence, KV head, token slot, row)
         logits = torch.empty(B * H * n_mblk, n_tok, rb, dtype=torch.float32, device=q.device)
-        fast_keys = fast is not None and cfg.gluon_keys and fast.supports(D, codec.key_bits, P, rows)
+        fast_keys = fast is not None and cfg.gluon_keys and fast.supports(D, codec.key_bits, P, rows) \
+            and codec.layout("key") == "planes"  # the Gluon keys pass reads bit planes; fields keys: the fused pass
         fast_values = fast is not None and cfg.gluon_values and fast.supports(D, codec.value_bits, P, rows)
         if fast_keys:  # the Gluon keys pass (Hopper+): the same logits and split maxima
             fast.keys_pass(cache, q_t, q_mean, logits, m_part, q_len=q_len, group=group, block_m=block_m, rs=rb,
@@ -367,6 +368,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
                 Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, PAGE=P, NG=NG, KQ=KQ,
                 SOFTCAP=softcap is not None, WINDOW=window is not None, ASM=q.is_cuda, BLOCK_M=block_m, RS=rb,
                 JOIN_K=_join_runs(codec.key_bits, cache.k_codes), PDL=pdl, CAUSAL_PAGES=q_len > 1,
+                KFIELDS=codec.layout("key") == "fields",
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **_pdl_options(pdl))
         if fast_values:  # the Gluon values pass (Hopper+) takes the pages; the portable kernel the uncompressed part
             fast.values_pass(cache, logits, m_part, l_part, acc_part, rows=rows, block_m=block_m, rs=rb,
@@ -405,6 +407,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             BLOCK_M=block_m, PK=step, BLOCK_N=cfg.BLOCK_N, JOIN_K=_join_runs(codec.key_bits, cache.k_codes),
             JOIN_V=_join_runs(codec.value_bits, cache.v_codes), PDL=pdl and prep,
             CAUSAL_PAGES=q_len > 1,  # a single query follows every key; a chunk may start inside the compressed pages
+            KFIELDS=codec.layout("key") == "fields",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **_pdl_options(pdl and prep))
     # The reduce reads only the real rows of a block; small batches spread its output columns over programs.
     n_bh = B * H * n_mblk

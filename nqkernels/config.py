@@ -56,6 +56,13 @@ DEFAULT_ALPHA = {2: 0.98, 3: 0.58, 4: 0.33}
 LAYOUTS = ("planes", "fields")  # how a token's codes are packed (KVCodec.layout; docs/format.md, "Codes")
 
 
+def code_layout(kind: str, bits: int, head_dim: int) -> str:
+    """How one token's codes are packed (docs/format.md, "Codes"): ``"fields"`` (each index's bits together, five
+    3-bit fields per 16-bit half) for 3-bit keys at head_dim 128, where the decode attention's tensor-core operands
+    then come from one mask per register; ``"planes"`` (bit planes) otherwise."""
+    return "fields" if kind == "key" and bits == 3 and head_dim == 128 else "planes"
+
+
 def code_words(head_dim: int, bits: int, layout: str) -> int:
     """int32 words of one token's codes: head_dim · bits / 32 in the "planes" layout; 13 in the "fields" layout
     (3 bits at head_dim 128 only)."""
@@ -189,11 +196,8 @@ class KVCodec:
         return self.key_bits if kind == "key" else self.value_bits
 
     def layout(self, kind: str) -> str:
-        """How one token's codes of ``kind`` ("key" or "value") are packed (docs/format.md, "Codes"): ``"fields"``
-        (each index's bits together, five 3-bit fields per 16-bit half) for 3-bit keys at head_dim 128, where the
-        decode attention's tensor-core operands come from one mask per register; ``"planes"`` (bit planes)
-        otherwise."""
-        return "fields" if kind == "key" and self.key_bits == 3 and self.head_dim == 128 else "planes"
+        """How one token's codes of ``kind`` ("key" or "value") are packed: ``code_layout``."""
+        return code_layout(kind, self.bits_for(kind), self.head_dim)
 
     def words_per_token(self, kind: str) -> int:
         """int32 words of codes per token per head for ``kind`` ("key" or "value"): head_dim · bits / 32 in the

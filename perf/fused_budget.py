@@ -11,12 +11,7 @@ stage costs, since each replacement also moves registers and scheduling):
 - ``no coset flags``: the coset registers zero (``_coset``);
 - ``no field masks``: every A register the whole word (``_regs2``, ``_regs1``): the floor of one mask per register;
 - ``no rescale``: the accumulators not rescaled per page (``_rescale_all``): what skipping the rescale when no
-  maximum grew saves on the pages where none did;
-- ``packed 3-bit keys`` (K3, head_dim 128 only): a what-if format for 3-bit keys, each index's three bits together,
-  five fields per 16-bit half (bits 0-14; thirteen words per token, the 16th register pair of a thread from the
-  shared 13th word, the coset flags in the spare bits): one mask per register and one product chain instead of a
-  low and a high plane, no key parity restore; the values as shipped. ``packed 3-bit keys, parity stored``: the
-  values' parity restore dropped too.
+  maximum grew saves on the pages where none did.
 Static counts (each instruction of the loop once; the loop runs once per page). Registers: ``cuobjdump -res-usage``;
 local loads/stores: spills anywhere in the kernel.
 
@@ -37,7 +32,6 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from autotune.sass import disassemble, loop_bodies
-from nqkernels.attention.gluon import _unit_logits as _shipped_unit_logits
 
 
 @gluon.jit
@@ -73,48 +67,14 @@ def _no_rescale(acc_lo, acc_hi, acc_c, l0, l1, ls0, ls1, a0, a1):
     return acc_lo, acc_hi, acc_c, l0, l1, ls0, ls1
 
 
-@gluon.jit
-def _packed3_token_regs(lo, hi, c, D: gl.constexpr, KBITS: gl.constexpr):
-    """A thread's key registers of one token if 3-bit indices were packed five per 16-bit half: 5 masks and a shift
-    per word (fields at bits 0-8 in place, 9-14 after the shift), the 16th register from a word the four threads
-    share, the coset flags from the halves' spare bit 15 (same cost as ``_coset``); no high plane."""
-    gl.static_assert(D == 128, "packed 3-bit keys: head_dim 128")  # (called with KBITS 2: one product chain)
-    words = lo + hi
-    lr = ()
-    for i in gl.static_range(3):
-        w = words[i]
-        x = w >> 9
-        lr = lr + (w & 0x00070007, w & 0x00380038, w & 0x01C001C0, x & 0x00070007, x & 0x00380038)
-    lr = lr + ((hi[0] >> (3 * c)) & 0x00070007,)
-    return ((lo[0] >> 14) & 0x00020002, (lo[1] >> 14) & 0x00020002), lr, ()
-
-
-@gluon.jit
-def _packed3_unit_logits(unit, QF, kc4, c, zero, unit_scale, qm0, qm1, sm_scale, softcap, tok0, end, partial,
-                         n_sink, q_index0, q_index1, window, D: gl.constexpr, KBITS: gl.constexpr,
-                         SOFTCAP: gl.constexpr, WINDOW: gl.constexpr, CAUSAL_PAGES: gl.constexpr):
-    # the shipped logits with one product chain (KBITS 2's), the registers from _packed3_token_regs
-    return _shipped_unit_logits(unit, QF, kc4, c, zero, unit_scale, qm0, qm1, sm_scale, softcap, tok0, end, partial,
-                                n_sink, q_index0, q_index1, window, D, 2, SOFTCAP, WINDOW, CAUSAL_PAGES)
-
-
 # The stand-ins of each variant: attention.gluon's function name -> a Gluon function of the same signature.
 STAND_INS = {"full": {}, "no parity restore": {"_parity_fold": _no_parity_fold, "_with_parity": _no_parity},
              "no coset flags": {"_coset": _no_coset}, "no field masks": {"_regs2": _whole_words2,
                                                                          "_regs1": _whole_words1},
-             "no rescale": {"_rescale_all": _no_rescale},
-             "packed 3-bit keys": {"_token_regs": _packed3_token_regs, "_unit_logits": _packed3_unit_logits},
-             "packed 3-bit keys, parity stored": {"_token_regs": _packed3_token_regs,
-                                                  "_unit_logits": _packed3_unit_logits,
-                                                  "_parity_fold": _no_parity_fold, "_with_parity": _no_parity}}
+             "no rescale": {"_rescale_all": _no_rescale}}
 
 
 VARIANTS = tuple(STAND_INS)
-
-
-def applies(variant: str, bits: tuple, head_dim: int) -> bool:
-    """Whether a variant can be counted there (the packed what-ifs: 3-bit keys at head_dim 128 only)."""
-    return not variant.startswith("packed 3-bit keys") or (bits[0] == 3 and head_dim == 128)
 
 
 def count(variant: str, head_dim: int, bits: tuple, warps: int, maxnreg: int = 0) -> tuple[float, int, int, int]:
@@ -124,8 +84,6 @@ def count(variant: str, head_dim: int, bits: tuple, warps: int, maxnreg: int = 0
     from nqkernels.attention import gluon as G
 
     kb, vb = bits
-    if not applies(variant, bits, head_dim):
-        raise ValueError(f"variant {variant!r}: 3-bit keys at head_dim 128 only, got K{kb} at head_dim {head_dim}")
     nw = G.fused_warps(warps, head_dim, kb, 64)
     consts = G.fused_constants(head_dim=head_dim, key_bits=kb, value_bits=vb, page_size=64, q_len=1, group=4,
                                block_m=16, rs=4, num_warps=nw, l2_prefetch=2)
@@ -181,8 +139,6 @@ def main() -> int:
     print("| variant | SASS instructions per 16-token unit (unmasked page loop, static) | HMMA per unit | registers | "
           "local loads/stores (spills) |\n|---|---|---|---|---|", flush=True)
     for name in VARIANTS:
-        if not applies(name, bits, args.head_dim):
-            continue
         run = subprocess.run([sys.executable, "-m", "perf.fused_budget", "--bits", args.bits, "--head-dim",
                               str(args.head_dim), "--warps", str(args.warps), "--maxnreg", str(args.maxnreg),
                               "--variant", name],

@@ -38,14 +38,12 @@ def _row(*args):
     return run.returncode, run.stdout, run.stderr
 
 
-def test_packed_keys_drop_the_high_plane_chain():
-    """The packed 3-bit key what-if decodes one product chain: the high plane's 8 products per unit go (its HMMA
-    count is the full kernel's minus 8), with no spills; other bits are refused with a clear error."""
+def test_fields_keys_take_one_product_chain():
+    """3-bit keys at head_dim 128 are stored in the "fields" layout: the fused pass decodes them with one product
+    chain, so K3V2 issues as many HMMA per unit as K2V2 (the planes' high-plane chain is gone), with no spills."""
     rows = {}
-    for v in ("full", "packed 3-bit keys"):
-        rc, out, err = _row("--bits", "3,2", "--variant", v)
+    for bits in ("3,2", "2,2"):
+        rc, out, err = _row("--bits", bits, "--variant", "full")
         assert rc == 0, err[-2000:]
-        rows[v] = [c.strip() for c in out.strip().splitlines()[-1].strip("|").split("|")]
-    assert int(rows["packed 3-bit keys"][2]) == int(rows["full"][2]) - 8 and rows["packed 3-bit keys"][4] == "0"
-    rc, _, err = _row("--bits", "4,4", "--variant", "packed 3-bit keys")
-    assert rc != 0 and "3-bit keys at head_dim 128 only" in err
+        rows[bits] = [c.strip() for c in out.strip().splitlines()[-1].strip("|").split("|")]
+    assert rows["3,2"][2] == rows["2,2"][2] and rows["3,2"][4] == "0"

@@ -44,6 +44,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from .. import reference as ref
+from ..config import code_layout, code_words
 from ..launch import launcher
 
 LOG2E = gl.constexpr(1.4426950408889634)
@@ -174,7 +175,17 @@ def _word_offsets(t, c, D: gl.constexpr, KBITS: gl.constexpr, W: gl.constexpr):
 
 @gluon.jit
 def _token_regs(lo, hi, c, D: gl.constexpr, KBITS: gl.constexpr):
-    """A registers of one token: (coset registers, padded to >= 2; low plane; high plane)."""
+    """A registers of one token: (coset registers, padded to >= 2; low plane; high plane). Keys in the "fields"
+    layout (3 bits, head_dim 128) carry two high words (``_page_units``) and give no high plane."""
+    if KBITS == 3 and D == 128 and len(hi) == 2:
+        cs, lr, hr = _fields_regs(lo, hi, c)
+    else:
+        cs, lr, hr = _plane_regs(lo, hi, c, D, KBITS)
+    return cs, lr, hr
+
+
+@gluon.jit
+def _plane_regs(lo, hi, c, D: gl.constexpr, KBITS: gl.constexpr):
     cs = ()
     lr = ()
     for i in gl.static_range(D // 128 if D >= 128 else 1):  # pairs of low-plane words
@@ -200,6 +211,23 @@ def _token_regs(lo, hi, c, D: gl.constexpr, KBITS: gl.constexpr):
 
 
 @gluon.jit
+def _fields_regs(lo, hi, c):
+    """A thread's key registers of one token in the "fields" layout (docs/format.md, "Codes"; 13 words at head_dim
+    128): register j holds the coordinate pair of the planes' low-plane register j, its whole 3-bit index at bits
+    3·(j mod 5) of words lo[0] = 2c, lo[1] = 2c + 1, hi[0] = 8 + c (fields 3, 4 after a shift by 9), register 15 at
+    bits 3c of the shared word hi[1] = 12: one mask per register, times 2^(3·(j mod 5) mod 9) (``_fields_query``
+    divides the query by it). The coset flags at bit 15 of each half of lo[0], lo[1]. No high plane."""
+    lr = ()
+    words = (lo[0], lo[1], hi[0])
+    for i in gl.static_range(3):
+        w = words[i]
+        x = w >> 9
+        lr = lr + (w & 0x00070007, w & 0x00380038, w & 0x01C001C0, x & 0x00070007, x & 0x00380038)
+    lr = lr + ((hi[1] >> (3 * c)) & 0x00070007,)
+    return ((lo[0] >> 14) & 0x00020002, (lo[1] >> 14) & 0x00020002), lr, ()
+
+
+@gluon.jit
 def _page_units(kc_h, ks_h, page, skc_p, sks_p, offs, D: gl.constexpr, KBITS: gl.constexpr, W: gl.constexpr,
                 UPW: gl.constexpr, OFF64: gl.constexpr, VEC: gl.constexpr):
     """The codes of a page's units that this warp takes (``offs``: per unit, its word offsets and token of token g):
@@ -211,9 +239,14 @@ def _page_units(kc_h, ks_h, page, skc_p, sks_p, offs, D: gl.constexpr, KBITS: gl
     sbase = ks_h + page * sks_p
     units = ()
     for k in gl.static_range(UPW):
-        o_lo, o_hi, t0 = offs[k]
+        o_lo = offs[k][0]
+        o_hi = offs[k][1]
+        t0 = offs[k][2]
         lo0, hi0 = _token_words(base + o_lo, base + o_hi, D, KBITS, VEC)
         lo1, hi1 = _token_words(base + (o_lo + 8 * W), base + (o_hi + 8 * W), D, KBITS, VEC)
+        if len(offs[k]) == 4:  # the "fields" layout: the token's shared word 12
+            hi0 = hi0 + (gl.load(base + offs[k][3]),)
+            hi1 = hi1 + (gl.load(base + (offs[k][3] + 8 * W)),)
         s0 = gl.load(sbase + t0).to(gl.float32)
         s1 = gl.load(sbase + (t0 + 8)).to(gl.float32)
         units = units + ((lo0, hi0, lo1, hi1, s0, s1),)
@@ -332,7 +365,7 @@ def _unit_logits(unit, QF, kc4, c, zero, unit_scale, qm0, qm1, sm_scale, softcap
     for t in gl.static_range(NLR // 2):
         a0, a1, a2, a3 = _mma(lr0[2 * t], lr1[2 * t], lr0[2 * t + 1], lr1[2 * t + 1], QF[NCR + 2 * t],
                               QF[NCR + 2 * t + 1], a0, a1, a2, a3)
-    if KBITS > 2:  # high plane: a second accumulator chain
+    if KBITS > 2 and len(hr0) > 0:  # high plane: a second accumulator chain (none in the "fields" layout)
         e0, e1, e2, e3 = zero, zero, zero, zero
         for t in gl.static_range(NLR // 2):
             e0, e1, e2, e3 = _mma(hr0[2 * t], hr1[2 * t], hr0[2 * t + 1], hr1[2 * t + 1], QF[NCR + NLR + 2 * t],
@@ -789,6 +822,24 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
 
 
 @gluon.jit
+def _fields_query(QF):
+    """The query operand for keys in the "fields" layout: QF[2 + j] times 4^(j mod 4) / 2^pos_j, pos_j =
+    3·(j mod 5) mod 9 (0 for j = 15). The prep's low-plane rows undo the low plane's 4^(j mod 4) (``plane_pairs``);
+    a ``_fields_regs`` register holds its index times 2^pos_j. Exact (powers of two), once per program. The high
+    plane's registers stay unused."""
+    out = (QF[0], QF[1])
+    for j in gl.static_range(16):
+        POS = 0 if j == 15 else (3 * (j % 5)) % 9
+        E = 2 * (j % 4) - POS
+        F = ((15 + E) << 10) * 0x10001  # fp16 2^E in both halves
+        out = out + (gl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [QF[2 + j], QF[2 + j] * 0 + F],
+                                               dtype=gl.int32, is_pure=True, pack=1),)
+    for r in gl.static_range(18, len(QF)):
+        out = out + (QF[r],)
+    return out
+
+
+@gluon.jit
 def _transpose8(x):
     """An 8 × 8 block of fp16 pairs in the mma fragment layout (thread 4g + c: row g, columns 2c, 2c + 1), transposed
     (``movmatrix.sync.aligned.m8n8.trans.b16``)."""
@@ -837,12 +888,18 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
                                         BLOCK_M, SOFTCAP)
     zero = gl.zeros([NW, 32], gl.float32, L)
     kc4 = _coset_const(QF, zero, zero_i, D, KBITS)
+    FIELDS: gl.constexpr = WK == 13  # keys in the "fields" layout (config.code_words)
+    if FIELDS:
+        QF = _fields_query(QF)
     UPW: gl.constexpr = PAGE // 16 // NW
     offs = ()  # keys: per unit of a page, this thread's word offsets and token g
     for k in gl.static_range(UPW):
         tk = 16 * (k * NW + warp) + g
         o_klo, o_khi = _word_offsets(tk, c, D, KBITS, WK)
-        offs = offs + ((o_klo, o_khi, tk),)
+        if FIELDS:  # the shared word 12
+            offs = offs + ((o_klo, o_khi, tk, tk * WK + 12),)
+        else:
+            offs = offs + ((o_klo, o_khi, tk),)
     lo_w, sel_lo, hi_w, sel_hi = _value_spans(g, zero_i, D, VBITS)
     tv = 16 * warp + 2 * c  # values: the thread's first token in unit 0 of a page
     o_vlo = tv * WV + lo_w
@@ -1217,6 +1274,7 @@ def keys_pass(cache, q_t, q_mean, logits, m_part, *, q_len: int, group: int, blo
     D, P = codec.head_dim, codec.page_size
     kc, ks = cache.k_codes, cache.k_scales
     words = kc.shape[3]
+    assert codec.layout("key") == "planes", "keys in the 'fields' layout: the fused pass (fused_pass) reads them"
     assert kc.stride(3) == 1 and kc.stride(2) == words and ks.stride(2) == 1 and q_t.is_contiguous()
     nw = max(1, min(num_warps, P // 16))
     n_prog, _, kq, _ = q_t.shape
@@ -1271,7 +1329,8 @@ def fused_constants(*, head_dim: int, key_bits: int, value_bits: int, page_size:
     D = head_dim
     return dict(Q_LEN=q_len, GROUP=group, ROWS=q_len * group, D=D, KBITS=key_bits, VBITS=value_bits, PAGE=page_size,
                 SOFTCAP=softcap, WINDOW=window, BLOCK_M=block_m, RS=rs, CAUSAL_PAGES=q_len > 1, NW=num_warps,
-                WK=D * key_bits // 32, WV=D * value_bits // 32, KQ=max(16, D // 8) + D * (2 if key_bits > 2 else 1),
+                WK=code_words(D, key_bits, code_layout("key", key_bits, D)), WV=D * value_bits // 32,
+                KQ=max(16, D // 8) + D * (2 if key_bits > 2 else 1),
                 OFF64=off64, VEC_K=vec_k, VEC_V=vec_v, L2PF=l2_prefetch, OUT_SCALE=D ** -0.5,
                 LOG2CT=(D // 8).bit_length() - 1)
 

@@ -29,6 +29,7 @@ import zstandard
 from .config import KVCodec, is_int
 from .delta import DEFAULT_CHUNK, DELTA, MODES, RAW, SHUFFLE, filter_codes, record_bytes, unfilter_codes
 from .paged import PagedKVCache, SlotState
+from .reference import relayout
 
 MAGIC, END_MAGIC, VERSION = b"NQKVCOLD", b"NQKVEND1", 2
 _PREFIX = struct.Struct("<8sHHII")  # magic, version, reserved, header length, header crc32
@@ -230,7 +231,9 @@ def _save(caches, f, level, threads, modes, chunk, sample, progress) -> dict:
                 jobs = []
                 for part, codes, scales, bits in (("k", st.k_codes, st.k_scales, codec.key_bits),
                                                   ("v", st.v_codes, st.v_scales, codec.value_bits)):
-                    mode = modes if modes == "auto" else modes["key" if part == "k" else "value"]
+                    kind = "key" if part == "k" else "value"
+                    codes = relayout(codes, bits, codec.head_dim, codec.layout(kind), "planes")  # files: bit planes
+                    mode = modes if modes == "auto" else modes[kind]
                     if mode == "auto":
                         m = _choose_modes(codes, scales, codec.head_dim, bits, chunk, level, sample, pool)
                     else:
@@ -464,7 +467,8 @@ def _collect(item, done: dict, caches, codec: KVCodec, chunk: int) -> None:
             raise ColdFormatError(f"frame (layer {e['layer']}, slot {e['slot']}, {part}) has the wrong size")
         t = raw.view(H, C * record_bytes(D, bits)).to(dev, non_blocking=True)
         modes = torch.tensor(pe["modes"], dtype=torch.int32, device=dev)
-        streams.extend(unfilter_codes(t, modes, D, bits, chunk, codec.scale_dtype))
+        codes, scales = unfilter_codes(t, modes, D, bits, chunk, codec.scale_dtype)
+        streams.extend((relayout(codes, bits, D, "planes", codec.layout("key" if part == "k" else "value")), scales))
     fpb = fp.to(dev, non_blocking=True)
     n_fp, n_mean = H * F * D * cache.fp_k.element_size(), 2 * H * D * 4
     n_pos = 4 * H * (C + F) if cache.positions is not None else 0

@@ -227,6 +227,18 @@ def unpack_codes(words: torch.Tensor, bits: int, head_dim: int, layout: str = "p
     return idx
 
 
+def relayout(codes: torch.Tensor, bits: int, head_dim: int, src: str, dst: str, block: int = 8192) -> torch.Tensor:
+    """Codes ``[..., W]`` packed in layout ``src`` -> the same codes in layout ``dst`` (lossless both ways: COLD files
+    hold bit planes, ``nqkernels.cold``), ``block`` tokens at a time (the indices are int64 on the way)."""
+    if src == dst:
+        return codes
+    flat = codes.reshape(-1, codes.shape[-1])
+    out = torch.empty(flat.shape[0], code_words(head_dim, bits, dst), dtype=torch.int32, device=codes.device)
+    for i in range(0, flat.shape[0], block):
+        out[i:i + block] = pack_codes(unpack_codes(flat[i:i + block], bits, head_dim, src), bits, dst)
+    return out.view(*codes.shape[:-1], out.shape[-1])
+
+
 FITS = ("none", "lsq", "unbiased")  # how the stored scale is fitted to the chosen lattice points (quantize)
 FIX_BITS = 14  # fixed-point grid: |x_int| <= 2^(FIX_BITS+1), so every transform sum is an exact fp32 integer
 

@@ -33,9 +33,9 @@ def _entropy(x: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def index_entropy(state_codes: torch.Tensor, bits: int, head_dim: int) -> tuple[float, float]:
+def index_entropy(state_codes: torch.Tensor, bits: int, head_dim: int, layout: str) -> tuple[float, float]:
     """(order-0 per coordinate, order-1 given the previous token) entropy in bits per coordinate, [H, T, W] codes."""
-    idx = R.unpack_codes(state_codes, bits, head_dim).numpy()
+    idx = R.unpack_codes(state_codes, bits, head_dim, layout).numpy()
     H, T, D = idx.shape
     h0 = h1 = 0.0
     for h in range(H):
@@ -110,7 +110,8 @@ def main(argv=None):
                     s = c.export_slot(b)
                     n += 1
                     for part, codes, bits in (("k", s.k_codes, kb), ("v", s.v_codes, vb)):
-                        e0, e1 = index_entropy(codes, bits, config.head_dim)
+                        e0, e1 = index_entropy(codes, bits, config.head_dim, c.codec.layout("key" if part == "k"
+                                                                                           else "value"))
                         h[part][0] += e0
                         h[part][1] += e1
             row["entropy_bits"] = {p: [round(x / n, 4) for x in v] for p, v in h.items()}

@@ -19,6 +19,7 @@ import triton
 from nqkernels import store
 from nqkernels import KVCodec, PagedKVCache, decode_attention
 from nqkernels import reference as R
+from nqkernels.config import code_layout
 from nqkernels.attention.launcher import _decode_matrix
 from nqkernels.runtime import rotation
 
@@ -373,14 +374,16 @@ def test_fused_kernel_compiles_for_hopper():
         assert s["local"] == 0, r
         kb, vb = r["bits"]
         units = r.get("page", 64) // 16 // r["nw"]
+        # keys in the "fields" layout (3 bits, head_dim 128): one product chain, as 2-bit keys
+        kh = G.hmma_per_unit(r["d"], 2 if code_layout("key", kb, r["d"]) == "fields" else kb)
         # Two page loops with 2+ warps (the pages before the end unmasked, then the split's last page), one with 1.
         assert len(s["loops"]) == (2 if r["nw"] > 1 else 1), s["loops"]
         for lp in s["loops"]:
             assert lp["loop_shared"] == 0, r
-            assert lp["hmma"] == units * (G.hmma_per_unit(r["d"], kb) + value_hmma_per_unit(r["d"], vb)), r
+            assert lp["hmma"] == units * (kh + value_hmma_per_unit(r["d"], vb)), r
             assert lp["ops"].get("MOVM", 0) == 2 * units, r  # one transpose per 8 tokens
-        if r["d"] == 128 and r["bits"] == [3, 2]:  # fewer instructions than the two passes (~200 + ~160 per unit)
-            assert s["loops"][0]["loop"] <= 345 * units, s["loops"][0]["loop"]  # the unmasked loop (673 per page)
+        if r["d"] == 128 and r["bits"] == [3, 2]:  # fields keys: 266.5 per unit (triton 3.6 and 3.9; planes: 333)
+            assert s["loops"][0]["loop"] <= 280 * units, s["loops"][0]["loop"]  # the unmasked loop
 
 
 @needs_gluon

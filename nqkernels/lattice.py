@@ -296,23 +296,24 @@ def load_e8_doubled(row, tmask, D: tl.constexpr, DP: tl.constexpr, BITS: tl.cons
         word, bit, c_word, c_bit = fields_slots(tl.arange(0, DP))
         m = tmask[:, None]
         full = (tl.load(row + word[None, :], mask=m, other=0) >> bit[None, :]) & 7
-        return (full << 1) | ((tl.load(row + c_word[None, :], mask=m, other=0) >> c_bit[None, :]) & 1)
-    w16 = tl.arange(0, DP // 16)
-    m16 = tmask[:, None] & (w16 < D // 16)[None, :]
-    lo = tl.load(row + w16[None, :], mask=m16, other=0)
-    x = lo & 0x15551555
-    x ^= x >> 8
-    x ^= x >> 4
-    x ^= x >> 2
-    coset = (lo >> 14) & 0x00010001
-    lo = (lo & -0x40004001) | ((x & 0x00010001) << 14)  # -0x40004001 == ~0x40004000
-    u = (unpack_plane(lo, BT, DP, 2) << 1) | unpack_plane(coset * 0x5555, BT, DP, 2)
-    if BITS == 3:
-        w32 = tl.arange(0, DP // 32)
-        hi = tl.load(row + D // 16 + w32[None, :], mask=tmask[:, None] & (w32 < D // 32)[None, :], other=0)
-        u = u | (unpack_plane(hi, BT, DP, 1) << 3)
-    if BITS == 4:
-        u = u | (unpack_plane(tl.load(row + D // 16 + w16[None, :], mask=m16, other=0), BT, DP, 2) << 3)
+        u = (full << 1) | ((tl.load(row + c_word[None, :], mask=m, other=0) >> c_bit[None, :]) & 1)
+    else:
+        w16 = tl.arange(0, DP // 16)
+        m16 = tmask[:, None] & (w16 < D // 16)[None, :]
+        lo = tl.load(row + w16[None, :], mask=m16, other=0)
+        x = lo & 0x15551555
+        x ^= x >> 8
+        x ^= x >> 4
+        x ^= x >> 2
+        coset = (lo >> 14) & 0x00010001
+        lo = (lo & -0x40004001) | ((x & 0x00010001) << 14)  # -0x40004001 == ~0x40004000
+        u = (unpack_plane(lo, BT, DP, 2) << 1) | unpack_plane(coset * 0x5555, BT, DP, 2)
+        if BITS == 3:
+            w32 = tl.arange(0, DP // 32)
+            hi = tl.load(row + D // 16 + w32[None, :], mask=tmask[:, None] & (w32 < D // 32)[None, :], other=0)
+            u = u | (unpack_plane(hi, BT, DP, 1) << 3)
+        if BITS == 4:
+            u = u | (unpack_plane(tl.load(row + D // 16 + w16[None, :], mask=m16, other=0), BT, DP, 2) << 3)
     return u
 
 

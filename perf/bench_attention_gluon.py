@@ -76,6 +76,7 @@ def triton_keys(s, cfg, logits, m_part, splits=None):
             cache.block_table.stride(0), Q_LEN=1, GROUP=kw["group"], D=D, DP=DP, KBITS=kb, PAGE=codec.page_size,
             NG=NG, KQ=NG + DP * (2 if kb > 2 else 1), SOFTCAP=False, WINDOW=False, ASM=True, BLOCK_M=kw["block_m"],
             RS=kw["rs"], JOIN_K=A._join_runs(kb, cache.k_codes), PDL=False, CAUSAL_PAGES=False,
+            KFIELDS=codec.layout("key") == "fields",
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"])
     return run
 

@@ -263,11 +263,12 @@ def _key_products(k_lo, k_hi, qt_c, qt_lo, qt_hi, PAGE: tl.constexpr, NWL: tl.co
     the low plane's order (``lattice.fields_pairs``), no high-plane product."""
     if FIELDS:
         sk = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM, 15), qt_c)
-        return tl.dot(fields_pairs(k_lo, k_hi, PAGE, ASM), qt_lo, sk)
-    sk = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM), qt_c)
-    sk = tl.dot(plane_pairs(restore_parity(k_lo), PAGE, NWL, 2, ASM), qt_lo, sk)
-    if KBITS > 2:
-        sk = tl.dot(plane_pairs(k_hi, PAGE, DP * KHI // 32, KHI, ASM), qt_hi, sk)
+        sk = tl.dot(fields_pairs(k_lo, k_hi, PAGE, ASM), qt_lo, sk)
+    else:
+        sk = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM), qt_c)
+        sk = tl.dot(plane_pairs(restore_parity(k_lo), PAGE, NWL, 2, ASM), qt_lo, sk)
+        if KBITS > 2:
+            sk = tl.dot(plane_pairs(k_hi, PAGE, DP * KHI // 32, KHI, ASM), qt_hi, sk)
     return sk
 
 

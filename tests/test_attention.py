@@ -66,6 +66,15 @@ def test_dtypes_and_bits(dtype, bits):
     _check(torch.randn(2, 2, 4, 128, dtype=dtype), cache)
 
 
+def test_key_layout_planes_at_k3_d128():
+    """``KVCodec(key_layout="planes")``: 3-bit keys at head_dim 128 in bit planes (12 words) decode as before."""
+    cache = PagedKVCache(KVCodec(head_dim=128, key_bits=3, value_bits=2, page_size=16, key_layout="planes"),
+                         num_kv_heads=2, max_batch=2, num_pages=64, recent_tokens=4, device="cpu")
+    _fill(cache, [50, 29])
+    assert cache.k_codes.shape[-1] == 12
+    _check(torch.randn(2, 1, 4, 128, dtype=torch.float16), cache)
+
+
 @pytest.mark.parametrize("page", (32, 64, 128))
 @pytest.mark.parametrize("d", (64, 256))
 def test_page_sizes(page, d):

@@ -1321,15 +1321,16 @@ def values_pass(cache, logits, m_part, l_part, acc_part, *, rows: int, block_m: 
 
 def fused_constants(*, head_dim: int, key_bits: int, value_bits: int, page_size: int, q_len: int, group: int,
                     block_m: int, rs: int, num_warps: int, softcap: bool = False, window: bool = False,
-                    off64: bool = False, vec_k: bool = True, vec_v: bool = True, l2_prefetch: int = 0) -> dict:
+                    off64: bool = False, vec_k: bool = True, vec_v: bool = True, l2_prefetch: int = 0,
+                    key_layout: str = "") -> dict:
     """The constexpr arguments of ``_gluon_fused_kernel`` for a launch (``fused_pass``; also what the sm_90 compile
     tests and ``perf.fused_budget`` compile): ``num_warps`` as ``fused_warps`` gives it, ``off64`` a pool of 2^31
     words or more, ``vec_k``/``vec_v`` vector loads of a thread's runs, ``l2_prefetch`` the L2 prefetch distance
-    (0: off)."""
+    (0: off), ``key_layout`` the keys' (``KVCodec.layout``; default ``config.code_layout``'s)."""
     D = head_dim
     return dict(Q_LEN=q_len, GROUP=group, ROWS=q_len * group, D=D, KBITS=key_bits, VBITS=value_bits, PAGE=page_size,
                 SOFTCAP=softcap, WINDOW=window, BLOCK_M=block_m, RS=rs, CAUSAL_PAGES=q_len > 1, NW=num_warps,
-                WK=code_words(D, key_bits, code_layout("key", key_bits, D)), WV=D * value_bits // 32,
+                WK=code_words(D, key_bits, key_layout or code_layout("key", key_bits, D)), WV=D * value_bits // 32,
                 KQ=max(16, D // 8) + D * (2 if key_bits > 2 else 1),
                 OFF64=off64, VEC_K=vec_k, VEC_V=vec_v, L2PF=l2_prefetch, OUT_SCALE=D ** -0.5,
                 LOG2CT=(D // 8).bit_length() - 1)
@@ -1362,7 +1363,7 @@ def fused_pass(cache, q_t, q_mean, m_part, l_part, acc_part, *, q_len: int, grou
                              q_len=q_len, group=group, block_m=block_m, rs=rs, num_warps=nw,
                              softcap=softcap is not None, window=window is not None,
                              off64=max(t.numel() for t in (kc, ks, vc, vs)) >= 2 ** 31, vec_k=vec_k, vec_v=vec_v,
-                             l2_prefetch=l2_prefetch if l2 else 0)
+                             l2_prefetch=l2_prefetch if l2 else 0, key_layout=codec.layout("key"))
     assert (consts["WK"], consts["WV"], consts["KQ"]) == (wk, wv, kq), "code words or query operand of another shape"
     (launch or launcher(None))(_gluon_fused_kernel, (n_prog, num_splits),
         kc, ks, vc, vs, cache.block_table, cache.lengths, q_t, fragment_index(D, codec.key_bits, block_m,

@@ -17,17 +17,17 @@ import triton.language as tl
 
 from . import reference as ref
 from .config import KVCodec, describe
-from .lattice import e8_nearest, exp2i, fixed_point, integer_transform, inverse_hadamard, load_e8_doubled, pack_fields, \
-    pack_plane, rope_partner, rope_partner_index, rope_rotate, rope_rows, round_to, storage_index, storage_order, \
-    transform_matrix
+from .lattice import e8_nearest, exp2i, fixed_point, integer_transform, inverse_hadamard, load_e8_doubled, \
+    pack_fields, pack_plane, rope_partner, rope_partner_index, rope_rotate, rope_rows, round_to, storage_index, \
+    storage_order, transform_matrix
 from .runtime import FIXED, codec_id, codec_of, launch_config, max_programs, rope_tables, use_triton
 
 
 class EncodedKV(NamedTuple):
     """HOT codes of one K or V tensor.
 
-    codes: int32 ``[B, T, H, head_dim * bits / 32]``; scales: ``[B, T, H]`` (codec.scale_dtype);
-    mean: fp32 ``[B, H, D]`` subtracted before the rotation, or None. (The paged cache and the kernels take the
+    codes: int32 ``[B, T, H, W]`` (W = ``KVCodec.words_per_token``: 13 for 3-bit keys at head_dim 128); scales:
+    ``[B, T, H]`` (codec.scale_dtype); mean: fp32 ``[B, H, D]`` subtracted before the rotation, or None. (The paged cache and the kernels take the
     ``[B, H, T, ...]`` transpose of these views: any strides.)
     """
 
@@ -302,7 +302,8 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         positions: ``[B, T]`` int token positions for the RoPE undo (default ``0..T-1``).
         mean: fp32 ``[B, H, D]`` centering offset; default: ``centering_mean`` of x (after the RoPE undo).
     Returns:
-        ``EncodedKV(codes int32 [B, T, H, D*bits/32], scales [B, T, H], mean fp32 [B, H, D] or None)``.
+        ``EncodedKV(codes int32 [B, T, H, W], scales [B, T, H], mean fp32 [B, H, D] or None)``, W =
+        ``codec.words_per_token(kind)``.
         Tokens with a NaN/Inf value get codes 0 and scale 0 (zero in the centered basis: they decode to the mean,
         RoPE re-applied for keys, or to zero without centering) and are left out of the default mean, so other
         tokens are unaffected. Under torch.compile the encode is one custom op (``nqkernels::encode_kv``).
@@ -311,8 +312,8 @@ def encode_kv(x: torch.Tensor, codec: KVCodec, kind: str = "key", positions: Opt
         >>> codec = KVCodec(head_dim=128, key_bits=3, value_bits=2)
         >>> k = torch.randn(1, 100, 8, 128, dtype=torch.float16)
         >>> enc = encode_kv(k, codec, "key")
-        >>> enc.codes.shape, enc.scales.shape
-        (torch.Size([1, 100, 8, 12]), torch.Size([1, 100, 8]))
+        >>> enc.codes.shape, enc.scales.shape  # 3-bit keys at head_dim 128: 13 words ("fields" layout)
+        (torch.Size([1, 100, 8, 13]), torch.Size([1, 100, 8]))
     """
     _check_x(x, codec)
     center = codec.center_keys if kind == "key" else codec.center_values
@@ -444,7 +445,7 @@ def _decode(enc: EncodedKV, codec: KVCodec, kind: str, positions: Optional[torch
     if not use_triton(codes):
         c, s_ = _per_token(cos, sin, pos)
         return out.copy_(ref.decode_reference(codes.transpose(1, 2), scales.transpose(1, 2), bits, D, cos=c, sin=s_,
-                                              mean=mean, dtype=dtype, layout=layout).transpose(1, 2))  # [B, H, T, ...] views here
+                                              mean=mean, dtype=dtype, layout=layout).transpose(1, 2))  # [B, H, T, ...]
     cfg = launch_config("decode", f"d{D}_b{bits}", codes.device)
     dummy = codes
     cos_a, sin_a, pos_a, pos_strides, rope_half = _rope_args(codec, use_rope, cos, sin, pos, dummy)

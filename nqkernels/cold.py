@@ -19,6 +19,7 @@ import struct
 import sys
 import threading
 import zlib
+from dataclasses import replace
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Optional, Sequence, Union
@@ -339,7 +340,8 @@ def _read_index(f: BinaryIO, data_start: int) -> list:
 
 def _check_expected(header: dict, codec, num_layers, num_kv_heads) -> None:
     saved = KVCodec.from_dict(header["codec"])
-    if codec is not None and codec != saved:
+    if codec is not None and replace(codec, key_layout="auto") != replace(saved, key_layout="auto"):  # (files hold
+        # bit planes whatever the cache's key layout: it may differ)
         raise ColdFormatError(f"the file holds a cache of another codec: saved {saved}, expected {codec}")
     for name, want in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads)):
         if want is not None and header[name] != want:
@@ -356,7 +358,8 @@ def load_cache(file: Union[str, os.PathLike, BinaryIO], device: Union[str, torch
     Args:
         file: a path or a readable, seekable binary stream.
         num_pages: pages of each new cache (default: as many as the saved caches had).
-        codec, num_layers, num_kv_heads: if given, the file must match them (``ColdFormatError`` otherwise).
+        codec, num_layers, num_kv_heads: if given, the file must match them (``ColdFormatError`` otherwise); the
+            caches take ``codec``'s ``key_layout`` (files hold bit planes, so either loads).
         threads: decompression threads (default: CPU count, at most 16).
         progress: print per-layer progress to stderr.
     Returns:
@@ -389,6 +392,8 @@ def _load(f, device, num_pages, codec, num_layers, num_kv_heads, threads, progre
     _check_expected(header, codec, num_layers, num_kv_heads)
     index = _read_index(f, data_start)
     saved = KVCodec.from_dict(header["codec"])
+    if codec is not None:  # the caller's codec: its key layout may differ from the saving cache's
+        saved = replace(codec, alpha=saved.alpha)
     L, H, P = header["num_layers"], header["num_kv_heads"], saved.page_size
     groups: dict = {}
     for e in index:

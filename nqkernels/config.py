@@ -57,9 +57,11 @@ LAYOUTS = ("planes", "fields")  # how a token's codes are packed (KVCodec.layout
 
 
 def code_layout(kind: str, bits: int, head_dim: int) -> str:
-    """How one token's codes are packed (docs/format.md, "Codes"): ``"fields"`` (each index's bits together, five
-    3-bit fields per 16-bit half) for 3-bit keys at head_dim 128, where the decode attention's tensor-core operands
-    then come from one mask per register; ``"planes"`` (bit planes) otherwise."""
+    """How one token's codes are packed by default (docs/format.md, "Codes"): ``"fields"`` (each index's bits
+    together, five 3-bit fields per 16-bit half) for 3-bit keys at head_dim 128, where the decode attention's
+    tensor-core operands then come from one mask per register; ``"planes"`` (bit planes) otherwise."""
+    if kind not in ("key", "value"):
+        raise ValueError(f"kind must be 'key' or 'value', got {kind!r}")
     return "fields" if kind == "key" and bits == 3 and head_dim == 128 else "planes"
 
 
@@ -144,7 +146,7 @@ class KVCodec:
         key_layout: how key codes are packed (docs/format.md, "Codes"): ``"auto"`` (default) the "fields" layout
             where it is defined (3-bit keys at head_dim 128: 13 words, every index bit stored, decode attention ~20%
             faster) and bit planes elsewhere; ``"planes"`` bit planes always (at K3 head_dim 128, 4 bytes per token
-            per KV head less).
+            per KV head less); ``"fields"`` the fields layout, refused where it is not defined.
     """
 
     head_dim: int = 128
@@ -184,8 +186,13 @@ class KVCodec:
             raise ValueError(f"KVCodec.scale_dtype must be torch.float16 or torch.bfloat16, got {self.scale_dtype!r}")
         if self.page_size < 16 or self.page_size & (self.page_size - 1):
             raise ValueError(f"KVCodec.page_size must be a power of two >= 16, got {self.page_size!r}")
-        if self.key_layout not in ("auto", "planes"):
-            raise ValueError(f"KVCodec.key_layout must be 'auto' or 'planes', got {self.key_layout!r}")
+        if not isinstance(self.key_layout, str):
+            raise TypeError(f"KVCodec.key_layout must be 'auto', 'planes' or 'fields', got {self.key_layout!r}")
+        if self.key_layout not in ("auto",) + LAYOUTS:
+            raise ValueError(f"KVCodec.key_layout must be 'auto', 'planes' or 'fields', got {self.key_layout!r}")
+        if self.key_layout == "fields" and code_layout("key", self.key_bits, self.head_dim) != "fields":
+            raise ValueError(f"KVCodec.key_layout='fields' holds 3-bit keys at head_dim 128 only, got "
+                             f"key_bits={self.key_bits}, head_dim={self.head_dim}")
         if not isinstance(self.alpha, dict):
             raise TypeError(f"KVCodec.alpha must be a dict {{bits: step multiplier}}, got {self.alpha!r}")
         for bits in (self.key_bits, self.value_bits):
@@ -205,8 +212,8 @@ class KVCodec:
     def layout(self, kind: str) -> str:
         """How one token's codes of ``kind`` ("key" or "value") are packed: ``code_layout``, unless ``key_layout``
         asks for bit planes."""
-        if kind == "key" and self.key_layout == "planes":
-            return "planes"
+        if kind == "key" and self.key_layout != "auto":
+            return self.key_layout
         return code_layout(kind, self.bits_for(kind), self.head_dim)
 
     def words_per_token(self, kind: str) -> int:
@@ -224,8 +231,9 @@ class KVCodec:
         return {"head_dim": self.head_dim, "key_bits": self.key_bits, "value_bits": self.value_bits, "rope": rope,
                 "center_keys": self.center_keys, "center_values": self.center_values, "scale_rule": self.scale_rule,
                 "scale_dtype": str(self.scale_dtype).removeprefix("torch."), "page_size": self.page_size,
-                "key_layout": self.key_layout,
-                "alpha": {str(b): a for b, a in self.alpha.items()}}
+
+                "alpha": {str(b): a for b, a in self.alpha.items()},
+                **({} if self.key_layout == "auto" else {"key_layout": self.key_layout})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVCodec":

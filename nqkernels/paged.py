@@ -85,7 +85,8 @@ class PagedKVCache:
         recent_tokens: most recent tokens always kept uncompressed (default ``codec.page_size``).
         dtype: dtype of the uncompressed tokens (float16 or bfloat16); queries must match it.
 
-    Tensors (read by ``decode_attention``): ``k_codes``/``v_codes`` int32 ``[num_pages, H, P, D*bits/32]``,
+    Tensors (read by ``decode_attention``): ``k_codes``/``v_codes`` int32 ``[num_pages, H, P, W]`` (W =
+    ``codec.words_per_token(kind)``),
     ``k_scales``/``v_scales`` ``[num_pages, H, P]``, ``block_table`` int32 ``[max_batch, max_pages_per_seq]``,
     ``lengths`` int32 ``[4, max_batch]`` (rows: tokens, compressed tokens, uncompressed tokens, sinks),
     ``fp_k``/``fp_v``, ``k_mean``/``v_mean`` fp32 ``[max_batch, H, D]``.
@@ -700,7 +701,9 @@ class PagedKVCache:
         for name, shape in want.items():
             if tuple(getattr(state, name).shape) != shape:
                 raise ValueError(f"state.{name} has shape {list(getattr(state, name).shape)}; this cache needs "
-                                 f"{list(shape)}")
+                                 f"{list(shape)}" + (f" (its keys in the {self.codec.layout('key')!r} layout: "
+                                                     "KVCodec.key_layout, reference.relayout converts)"
+                                                     if name == "k_codes" else ""))
         if C % P or F > self.fp_k.shape[2] or state.sinks > min(F, self.sink_tokens):
             raise ValueError(f"state does not fit: {C} compressed tokens (a multiple of page_size={P} is needed), "
                              f"{F} uncompressed of which {state.sinks} sinks (this cache holds at most "

@@ -95,7 +95,7 @@ def copy_bandwidth(dev):
 def cache_bytes_read(cache, B):
     """Bytes one decode step must read: codes and scales of the compressed tokens, the fp16 window, tables."""
     codec, H = cache.codec, cache.num_kv_heads
-    per_tok = codec.bytes_per_token(codec.key_bits) + codec.bytes_per_token(codec.value_bits)
+    per_tok = codec.bytes_per_token("key") + codec.bytes_per_token("value")
     comp = sum(cache.compressed_lens()[:B])
     fp = int(cache.lengths[2, :B].sum())
     return comp * H * per_tok + fp * H * codec.head_dim * 2 * cache.fp_k.element_size()

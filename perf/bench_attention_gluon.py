@@ -123,6 +123,24 @@ def sdpa_and_shipped(q, cache, x) -> dict:
     return dec
 
 
+def capture_fused_splits(q, cache, cfg) -> int:
+    """The split count of one decode with the fused Gluon pass (where the keys pass cannot run: fields keys)."""
+    seen = {}
+    real = G.fused_pass
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        real(*args, **kw)
+
+    G.fused_pass = spy
+    try:
+        with store.override("attention", dict(cfg, gluon_fused=True)):
+            decode_attention(q, cache)
+    finally:
+        G.fused_pass = real
+    return seen["num_splits"]
+
+
 def rel(a, b):
     fin = torch.isfinite(b)
     return ((a[fin] - b[fin]).abs().max() / b[fin].abs().max()).item()
@@ -130,7 +148,7 @@ def rel(a, b):
 
 def bench_shape(dev, Hq, H, D, B, T, variants, mults=(1, 2, 4)):
     torch.manual_seed(0)
-    codec = KVCodec(head_dim=D, key_bits=3, value_bits=2)
+    codec = KVCodec(head_dim=D, key_bits=3, value_bits=2, key_layout="planes")  # the Gluon keys pass reads planes
     group = Hq // H
     cache, x = random_cache(codec, H, B, T, dev)
     q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.float16)
@@ -201,11 +219,13 @@ def decode_variants(dev, B, T, D, bits, Hq=32, H=8, value_warps=(1, 2, 4), fused
     cache, x = random_cache(codec, H, B, T, dev)
     q = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.float16)
     cfg = runtime.launch_config("attention", A.attention_buckets(D, kb, vb, group, B, T), dev).as_dict()
-    s0 = capture_keys_launch(q, cache, cfg)["kw"]["num_splits"]
+    planes = codec.layout("key") == "planes"  # the Gluon keys pass reads bit planes only
+    s0 = capture_keys_launch(q, cache, cfg)["kw"]["num_splits"] if planes else capture_fused_splits(q, cache, cfg)
     dec = sdpa_and_shipped(q, cache, x)
-    variants = {"portable": dict(gluon_keys=False, gluon_values=False, gluon_fused=False),
-                "gluon_keys": dict(gluon_keys=True, gluon_values=False, gluon_fused=False)}
-    for w in value_warps:
+    variants = {"portable": dict(gluon_keys=False, gluon_values=False, gluon_fused=False)}
+    if planes:
+        variants["gluon_keys"] = dict(gluon_keys=True, gluon_values=False, gluon_fused=False)
+    for w in value_warps if planes else ():
         variants[f"gluon_kv_w{w}"] = dict(gluon_keys=True, gluon_values=True, gluon_values_warps=w, gluon_fused=False)
     for w in fused_warps:
         variants[f"gluon_fused_w{w}"] = dict(gluon_fused=True, gluon_fused_warps=w)
@@ -228,7 +248,7 @@ def decode_variants(dev, B, T, D, bits, Hq=32, H=8, value_warps=(1, 2, 4), fused
         c, sp = cfgs[name]
         with store.override("attention", c):
             kt[name] = kernel_times(lambda: decode_attention(q, cache, num_splits=sp))
-    per_tok = codec.bytes_per_token(kb) + codec.bytes_per_token(vb)
+    per_tok = codec.bytes_per_token("key") + codec.bytes_per_token("value")
     nbytes = B * T * H * per_tok
     return dict(batch=B, context=T, head_dim=D, q_heads=Hq, kv_heads=H, bits=f"K{kb}V{vb}", config=cfg,
                 num_splits=s0, decode_us=dec, rel_diff_vs_portable=diff, best=best, kernel_us=kt,

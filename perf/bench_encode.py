@@ -69,8 +69,8 @@ def copy_bandwidth(dev):
     return 2 * a.nbytes / ms / 1e6
 
 
-def encode_bytes(B, T, bits):
-    return B * H * T * (D * 2 + D * bits // 8 + 2)
+def encode_bytes(B, T, codec, kind):
+    return B * H * T * (D * 2 + codec.bytes_per_token(kind))
 
 
 def bench_encode(dev, codec, kind, B, T, with_mean=False):
@@ -80,7 +80,7 @@ def bench_encode(dev, codec, kind, B, T, with_mean=False):
     x = torch.randn(B, T, H, D, device=dev, dtype=torch.float16)
     mean = torch.randn(B, H, D, device=dev) * 0.1
     ms = bench_ms(lambda: encode_kv(x, codec, kind, mean=None if with_mean else mean))
-    return ms, encode_bytes(B, T, codec.bits_for(kind)) / ms / 1e6
+    return ms, encode_bytes(B, T, codec, kind) / ms / 1e6
 
 
 def prior_art(dev, T):

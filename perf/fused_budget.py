@@ -5,7 +5,8 @@ pages before the sequence's end) per 16-token unit, whole and with one stage rep
     python -m perf.fused_budget [--bits 3,2] [--head-dim 128] [--warps 2] [--maxnreg N]
 
 Rows (a stage replaced by what costs nothing, the rest as shipped; the difference to ``full`` is about what that
-stage costs, since each replacement also moves registers and scheduling):
+stage costs, since each replacement also moves registers and scheduling; with 3-bit keys at head_dim 128, whose
+"fields" layout has no parity restore, planes or per-plane masks, the first three rows change the values only):
 - ``no parity restore``: the implied index bit of each lattice group taken as stored (``_parity_fold``,
   ``_with_parity``): what storing it explicitly (a format change) would save;
 - ``no coset flags``: the coset registers zero (``_coset``);

@@ -415,6 +415,7 @@ def test_fused_pass_launch_arguments(d, bits, q_len):
     assert (kw["D"], kw["KBITS"], kw["VBITS"], kw["Q_LEN"], kw["ROWS"], kw["WINDOW"], kw["SOFTCAP"]) == \
         (d, bits[0], bits[1], q_len, 4 * q_len, True, False)
     assert kw["NW"] == kw["num_warps"] == G.fused_warps(2, d, bits[0], codec.page_size)
+    assert (kw["KFIELDS"], kw["WK"]) == (codec.layout("key") == "fields", cache.k_codes.shape[-1])
 
 
 @needs_gluon

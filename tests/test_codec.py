@@ -167,7 +167,8 @@ def test_key_layout_planes_is_bit_exact():
     (dict(value_bits=1), "value_bits=1"),
     (dict(scale_rule="amax"), "scale_rule"),
     (dict(page_size=48), "page_size"),
-    (dict(key_layout="fields"), "key_layout"),
+    (dict(key_layout="fields", key_bits=2), "key_layout"),
+    (dict(key_layout="bitplanes"), "key_layout"),
     (dict(scale_dtype=torch.float32), "scale_dtype"),
     (dict(head_dim=64, rope=RopeSpec(rotary_dim=128)), "rotary_dim"),
 ])

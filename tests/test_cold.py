@@ -203,6 +203,23 @@ def test_trailing_bytes_are_counted(extra, tmp_path):
     assert back.seq_lens() == [70, 0, 33]
 
 
+def test_files_hold_bit_planes_whatever_the_key_layout():
+    """Keys in the "fields" layout (3 bits, head_dim 128) are saved as bit planes: a cache loads into either key
+    layout (the caller's codec), the codes equal after ``reference.relayout``, and back again."""
+    caches = _caches(d=128, bits=(3, 2))
+    assert caches[0].k_codes.shape[-1] == 13
+    data = _saved(caches, modes="raw")
+    planes = KVCodec(head_dim=128, key_bits=3, value_bits=2, page_size=16, key_layout="planes")
+    back = load_cache(io.BytesIO(data), device="cpu", codec=planes)
+    assert back[0].codec.layout("key") == "planes" and back[0].k_codes.shape[-1] == 12
+    for a, b in zip(caches, back):
+        for slot in (0, 2):
+            ka, kb = a.export_slot(slot).k_codes, b.export_slot(slot).k_codes
+            assert torch.equal(R.relayout(ka, 3, 128, "fields", "planes"), kb)
+    for a, b in zip(caches, load_cache(io.BytesIO(_saved(back, modes="raw")), device="cpu", codec=caches[0].codec)):
+        _assert_same(a, b)
+
+
 def test_other_codec_or_shape_is_refused():
     data = _saved(_caches())
     with pytest.raises(ColdFormatError, match="another codec"):

@@ -141,7 +141,7 @@ def test_layer_budgets_and_byte_budget():
     with pytest.raises(ValueError, match="schedule"):
         layer_budgets(4, 0.5, "triangle")
     codec = KVCodec(head_dim=128, key_bits=3, value_bits=2)
-    per_token = 8 * 2 * (50 + 34)  # 2 layers × 8 heads × (K3 50 + V2 34 bytes)
+    per_token = 8 * 2 * (54 + 34)  # 2 layers × 8 heads × (K3 54 (fields layout) + V2 34 bytes)
     assert keep_for_bytes(1000 * per_token, codec, 8, num_layers=2) == 1000
     assert keep_for_bytes(1000 * per_token + 64 * 8 * 2 * 512, codec, 8, num_layers=2, fp_tokens=64) == 1064
     with pytest.raises(ValueError, match="budget"):

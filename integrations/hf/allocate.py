@@ -3,8 +3,10 @@
 Layers do not spend a bit equally well. On the fixture model (docs/codec.md, "Bits per layer") one layer's keys lose
 +0.60% perplexity going from 3 to 2 bits while every other layer's lose +0.01-0.03%, and one layer's values gain
 0.11% from a third bit where others gain nothing. A bit costs the same bytes in any layer and in keys or values (16
-bytes per token per head at head_dim 128), so moving bits from where they buy least to where they buy most keeps the
-bytes and lowers the loss. The allocation is measured, not modelled: the KL divergence of the model's next-token
+bytes per token per head at head_dim 128; 3-bit keys there hold 4 bytes more in the default "fields" layout, so a
+move into or out of 3-bit keys shifts the bytes by 4 per token per KV head unless the codecs keep
+``key_layout="planes"``), so moving bits from where they buy least to where they buy most keeps the bytes and
+lowers the loss. The allocation is measured, not modelled: the KL divergence of the model's next-token
 distributions on calibration text from the uncompressed model's, with one layer's keys or values one bit up or down;
 then pairs of moves (one bit up here, one down there) whose summed measured effects are a gain; then the result
 measured again and kept only if it is better. Only the layers the cache will compress (``plan_layers`` of the policy

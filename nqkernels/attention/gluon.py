@@ -873,7 +873,7 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
                         WINDOW: gl.constexpr, BLOCK_M: gl.constexpr, RS: gl.constexpr, CAUSAL_PAGES: gl.constexpr,
                         NW: gl.constexpr, WK: gl.constexpr, WV: gl.constexpr, KQ: gl.constexpr, OFF64: gl.constexpr,
                         VEC_K: gl.constexpr, VEC_V: gl.constexpr, L2PF: gl.constexpr, OUT_SCALE: gl.constexpr,
-                        LOG2CT: gl.constexpr):
+                        LOG2CT: gl.constexpr, KFIELDS: gl.constexpr):
     # Grid (batch · KV heads, splits), as the split programs of ``_attn_split_kernel`` (one row block, q_len · group
     # <= 8); each split writes its max, Σp and partial Σ p·x in the original basis, so ``_attn_reduce_kernel``
     # completes the attention. Warp w takes the units w, w + NW, .. of each page with its own running max; the warps
@@ -888,15 +888,14 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
                                         BLOCK_M, SOFTCAP)
     zero = gl.zeros([NW, 32], gl.float32, L)
     kc4 = _coset_const(QF, zero, zero_i, D, KBITS)
-    FIELDS: gl.constexpr = WK == 13  # keys in the "fields" layout (config.code_words)
-    if FIELDS:
+    if KFIELDS:  # keys in the "fields" layout
         QF = _fields_query(QF)
     UPW: gl.constexpr = PAGE // 16 // NW
     offs = ()  # keys: per unit of a page, this thread's word offsets and token g
     for k in gl.static_range(UPW):
         tk = 16 * (k * NW + warp) + g
         o_klo, o_khi = _word_offsets(tk, c, D, KBITS, WK)
-        if FIELDS:  # the shared word 12
+        if KFIELDS:  # the shared word 12
             offs = offs + ((o_klo, o_khi, tk, tk * WK + 12),)
         else:
             offs = offs + ((o_klo, o_khi, tk),)
@@ -1322,15 +1321,16 @@ def values_pass(cache, logits, m_part, l_part, acc_part, *, rows: int, block_m: 
 def fused_constants(*, head_dim: int, key_bits: int, value_bits: int, page_size: int, q_len: int, group: int,
                     block_m: int, rs: int, num_warps: int, softcap: bool = False, window: bool = False,
                     off64: bool = False, vec_k: bool = True, vec_v: bool = True, l2_prefetch: int = 0,
-                    key_layout: str = "") -> dict:
+                    key_layout: str = "auto") -> dict:
     """The constexpr arguments of ``_gluon_fused_kernel`` for a launch (``fused_pass``; also what the sm_90 compile
     tests and ``perf.fused_budget`` compile): ``num_warps`` as ``fused_warps`` gives it, ``off64`` a pool of 2^31
     words or more, ``vec_k``/``vec_v`` vector loads of a thread's runs, ``l2_prefetch`` the L2 prefetch distance
-    (0: off), ``key_layout`` the keys' (``KVCodec.layout``; default ``config.code_layout``'s)."""
+    (0: off), ``key_layout`` the keys' (``KVCodec.layout``; "auto": ``config.code_layout``'s)."""
     D = head_dim
+    layout = code_layout("key", key_bits, D) if key_layout == "auto" else key_layout
     return dict(Q_LEN=q_len, GROUP=group, ROWS=q_len * group, D=D, KBITS=key_bits, VBITS=value_bits, PAGE=page_size,
                 SOFTCAP=softcap, WINDOW=window, BLOCK_M=block_m, RS=rs, CAUSAL_PAGES=q_len > 1, NW=num_warps,
-                WK=code_words(D, key_bits, key_layout or code_layout("key", key_bits, D)), WV=D * value_bits // 32,
+                WK=code_words(D, key_bits, layout), WV=D * value_bits // 32, KFIELDS=layout == "fields",
                 KQ=max(16, D // 8) + D * (2 if key_bits > 2 else 1),
                 OFF64=off64, VEC_K=vec_k, VEC_V=vec_v, L2PF=l2_prefetch, OUT_SCALE=D ** -0.5,
                 LOG2CT=(D // 8).bit_length() - 1)

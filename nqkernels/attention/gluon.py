@@ -24,6 +24,10 @@ Register order (per thread c, per token; ``fragment_elements`` / ``fragment_inde
     (coordinates 16w + j and 16w + 8 + j, times 4^(j % 4));
   * high plane, 3 bits: bit j of each half of word c·D/128 + k // 16 (head_dim 64: the byte j // 8 = c % 2 of word
     c // 2), times 2^(j % 8); 4 bits: as the low plane.
+  * 3-bit keys at head_dim 128 in the "fields" layout (the fused pass; docs/format.md): register j holds the whole
+    indices of low-plane register j's coordinate pair, one mask of word 2c, 2c + 1, 8 + c or 12 (``_fields_regs``,
+    times 2^(3·(j mod 5) mod 9), which ``_fields_query`` divides out of the query), the coset flags from bit 15 of the
+    halves of words 2c, 2c + 1; no high plane.
 Register 2t and 2t + 1 of a plane are the a0/a2 (token g) and a1/a3 (token g + 8) of k-tile t. The B fragment of
 lane (g', c) is the prep's query operand (``kernels._query_prep_kernel``, pair order, unchanged) gathered to the
 elements of thread c's registers, column g': each program gathers its fragments once, through a cached index table

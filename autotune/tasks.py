@@ -18,6 +18,7 @@ from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention, decode_
 from nqkernels import filter_codes, unfilter_codes
 from nqkernels import reference as R
 from nqkernels.attention import BATCH_RANGES, CONTEXT_RANGES, attention_buckets
+from nqkernels.config import code_layout
 from nqkernels.reference import filter_reference
 
 KERNELS = ("attention", "encode", "scoring", "filter", "unfilter", "decode")
@@ -174,6 +175,15 @@ STAGES = {"attention": [{"num_warps": [4, 8], "num_stages": [1, 2]},
           "unfilter": [{"BT": [16, 32, 64], "num_warps": [2, 4]}]}
 
 
+def attention_stages(d: int, key_bits: int) -> list:
+    """The attention search's stages for keys of ``key_bits`` at head_dim ``d``: the Gluon keys pass reads bit planes
+    only, so where the keys are in the "fields" layout (``code_layout``) the two-pass stage pairs the portable keys
+    pass with the Gluon values pass instead of searching a ``gluon_keys`` the launcher would not take."""
+    if code_layout("key", key_bits, d) != "fields":
+        return STAGES["attention"]
+    return STAGES["attention"][:-1] + [dict(STAGES["attention"][-1], gluon_keys=[False])]
+
+
 def make_tasks(kernels=KERNELS, quick: bool = False) -> list[Task]:
     """Every (kernel, bucket) to search, most used first so that a bounded run covers them: tier 0 (``quick``)
     is head_dim 128 at K3V2/K4V4 (codes at 2 and 3 bits) and GQA 4; tier 1 the rest of head_dim 128 and decode_kv
@@ -190,7 +200,7 @@ def make_tasks(kernels=KERNELS, quick: bool = False) -> list[Task]:
                         problems = [(B, T) for B in Bs for T in Ts]
                         setup = attention_setup(d, kb, vb, group, problems)
                         tasks.append((tier, Task("attention", bucket, _shape(problems, f"{KV_HEADS * group}q/8kv"),
-                                                 STAGES["attention"], setup, 1e-2)))
+                                                 attention_stages(d, kb), setup, 1e-2)))
         for bits in (3, 2, 4):
             tier = 2 if d != 128 else int(bits == 4)
             coded = _shape(CODEC_SHAPES, "8 heads")

@@ -7,7 +7,9 @@ own launch; the two outputs must agree.
 
 The base file travels with the checkout (untracked, not ignored, or carried). Shapes are BxTxKxV[xD] (head_dim 128
 by default), Llama-3-8B heads (32 query, 8 KV). ``--fused`` forces the fused pass (``gluon_fused``) on top of the
-store's config; without it each module runs where the store takes a Gluon pass. Times are CUDA-graph replays with
+store's config; without it each module runs where the store takes a Gluon pass. A base from before the "fields"
+key layout (its ``fused_constants`` takes no ``key_layout``) reads the same codes in bit planes (``key_layout=
+"planes"``): where the keys are fields (3-bit keys at head_dim 128) the row then compares the two layouts. Times are CUDA-graph replays with
 L2 cleared (``autotune.tune.bench_ms``), base and new alternated twice, the faster of each kept; decode plans are
 cleared between modules (a plan replays its launches).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -58,11 +61,16 @@ def parse_shapes(text: str, flag: str = "--shapes") -> list:
     return out
 
 
-def decode_case(dev, B, T, kb, vb, D):
+def reads_fields(module) -> bool:
+    """Whether a copy of the Gluon module reads keys in the "fields" layout (older ones read bit planes only)."""
+    return "key_layout" in inspect.signature(module.fused_constants).parameters
+
+
+def decode_case(dev, B, T, kb, vb, D, key_layout="auto"):
     """(cache, its K/V, query, the store's attention config) of one shape: Llama-3-8B heads (32 query, 8 KV), random
-    keys and values (``autotune.tasks.random_cache``), seed 0."""
+    keys and values (``autotune.tasks.random_cache``), seed 0, keys in ``key_layout``."""
     torch.manual_seed(0)
-    codec = KVCodec(head_dim=D, key_bits=kb, value_bits=vb)
+    codec = KVCodec(head_dim=D, key_bits=kb, value_bits=vb, key_layout=key_layout)
     cache, x = random_cache(codec, 8, B, T, dev)
     q = torch.randn(B, 1, 32, D, device=dev, dtype=torch.float16)
     cfg = runtime.launch_config("attention", A.attention_buckets(D, kb, vb, 4, B, T), dev).as_dict()
@@ -71,8 +79,14 @@ def decode_case(dev, B, T, kb, vb, D):
 
 def ab_row(dev, B, T, kb, vb, D, modules: dict, fused: bool) -> dict:
     cache, x, q, cfg = decode_case(dev, B, T, kb, vb, D)
+    caches = {name: cache for name in modules}
+    layouts = {name: cache.codec.layout("key") for name in modules}
+    for name, m in modules.items():
+        if layouts[name] == "fields" and not reads_fields(m):  # the same codes in bit planes
+            caches[name], layouts[name] = decode_case(dev, B, T, kb, vb, D, key_layout="planes")[0], "planes"
     real = A._import_gluon
-    row = dict(batch=B, context=T, head_dim=D, bits=f"K{kb}V{vb}", config=cfg, us={}, **sdpa_and_shipped(q, cache, x))
+    row = dict(batch=B, context=T, head_dim=D, bits=f"K{kb}V{vb}", config=cfg, key_layout=layouts, us={},
+               **sdpa_and_shipped(q, cache, x))
     outs = {}
     try:
         with store.override("attention", dict(cfg, gluon_fused=True) if fused else cfg):
@@ -80,9 +94,10 @@ def ab_row(dev, B, T, kb, vb, D, modules: dict, fused: bool) -> dict:
                 for name, m in modules.items():
                     A._import_gluon = lambda m=m: m
                     A._PLANS.clear()
-                    row["us"].setdefault(name, []).append(bench_ms(lambda: decode_attention(q, cache)) * 1e3)
+                    c = caches[name]
+                    row["us"].setdefault(name, []).append(bench_ms(lambda: decode_attention(q, c)) * 1e3)
                     A._PLANS.clear()
-                    outs[name] = decode_attention(q, cache).float()
+                    outs[name] = decode_attention(q, c).float()
     finally:
         A._import_gluon = real
         A._PLANS.clear()

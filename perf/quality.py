@@ -19,10 +19,10 @@ Attention during the harness is the model's causal attention with the keys of th
 visible to new tokens, and RoPE at the tokens' true positions, so evicted caches are attended correctly.
 
 Presets: ``fp16`` (no-op); ``kXvY`` (quant only, X/Y in 2..4 bits: the HOT format in a ``PagedKVCache``, attention over
-what it stores); ``kXvY-alloc`` (the same bytes, bits moved between layers and between keys and values by
+what it stores); ``kXvY-alloc`` (at most the same HOT bytes per token, bits moved between layers and between keys and values by
 ``integrations.hf.allocate_layer_bits`` on ``--calibration-chunks`` chunks of ``--calibration-text`` (which must not be
-``--text``) with the same ``--prefix``, once per budget before any preset runs; ``kXvY-alloc+N``: N more bits over the
-layers, e.g. ``k2v2-alloc+1``, its bits column K2V2+1); ``evictNN`` (NN% of tokens evicted, default scorer, fp16 kept
+``--text``) with the same ``--prefix``, once per budget before any preset runs; ``kXvY-alloc+N``: N more bits' bytes over
+the layers, e.g. ``k2v2-alloc+1``, its bits column K2V2+1); ``evictNN`` (NN% of tokens evicted, default scorer, fp16 kept
 tokens); ``kXvY-evictNN``; scorer variants ``evictNN-<scorer>`` with scorer in window (default), window-max, knorm,
 random, and a layer schedule ``-pyramid``; named presets (``NAMED``); kvpress presses ``kvpress-<press>-NN`` with press
 in snapkv, expected, knorm, streaming, tova, random (needs ``pip install --no-deps kvpress``; see
@@ -457,8 +457,8 @@ class Harness:
 
 
 def nominal_bits(preset: Preset) -> Optional[str]:
-    """The preset's key/value bit budget ("K3V2"; "K2V2+1" for ``k2v2-alloc+1``: one bit over K2V2's, in one layer's
-    keys or values), None for fp16 K/V."""
+    """The preset's key/value bit budget ("K3V2"; "K2V2+1" for ``k2v2-alloc+1``: one bit's bytes over K2V2's, spent in
+    the layers' keys or values), None for fp16 K/V."""
     bits = preset.bits
     if preset.hf is not None:
         from integrations.hf import resolve

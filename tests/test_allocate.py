@@ -6,7 +6,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from integrations.hf import Policy, allocate_layer_bits, resolve  # noqa: E402
-from integrations.hf.allocate import _Calibration  # noqa: E402
+from integrations.hf.allocate import _Calibration, _moves, _Price  # noqa: E402
+from nqkernels import KVCodec  # noqa: E402
 from integrations.hf.policy import plan_layers  # noqa: E402
 from .test_hf import prompt, tiny  # noqa: E402
 
@@ -18,7 +19,8 @@ def test_allocate_layer_bits_keeps_the_bytes_and_only_measured_gains(reference_m
     bits = allocate_layer_bits(model, ids, 3, 2, progress=lines.append)
     assert len(bits) == 3 and sum(k + v for k, v in bits) == 3 * (3 + 2)  # the bytes of uniform K3V2
     assert all(2 <= b <= 4 for kv in bits for b in kv)
-    assert lines[0].startswith("uniform K3V2: KL") and any("layer 2 values 2 -> 3 bits" in x for x in lines)
+    assert lines[0].startswith("uniform K3V2 (132 B per token per KV head over the layers, budget 132): KL")
+    assert any("layer 2 values 2 -> 3 bits" in x for x in lines)
     measured = [float(x.split("KL ")[1]) for x in lines if ": KL " in x and "->" not in x]
     assert measured[0] > 0  # compression moves the distributions
     if bits != ((3, 2),) * 3:  # kept only when measured better than uniform
@@ -36,6 +38,36 @@ def test_allocate_layer_bits_keeps_the_bytes_and_only_measured_gains(reference_m
         allocate_layer_bits(model, ids, 3, 2, rounds=-1)
     with pytest.raises(ValueError, match="extra_bits"):
         allocate_layer_bits(model, ids, 3, 2, extra_bits=-1)
+
+
+def test_moves_keep_the_bytes_where_3_bit_keys_hold_more():
+    """At head_dim 128 3-bit keys (the "fields" layout) cost 4 bytes per token per KV head more than a bit's 16: the
+    budget counts bytes, so a move into them needs a donor freeing 20, one out of them leaves 4 for later moves, and
+    an extra bit adds the dearest step's 20."""
+    price = _Price([KVCodec(head_dim=128, key_bits=3, value_bits=2), None, KVCodec(head_dim=128)])
+    assert price.bytes(0, 0, 3) == 54 and price.bytes(0, 0, 2) == 34 and price.bytes(0, 1, 3) == 50
+    assert price.total([[3, 2], None, [3, 2]]) == 2 * 88 and price.dearest_step() == 20
+
+    def moves(bits, effect, room):
+        trial = _moves(bits, effect, room, lambda li, kind, step: price.step(li, kind, bits[li][kind], step))
+        assert price.total(trial) <= price.total(bits) + room  # never over the budget
+        return trial
+
+    # keys 3 -> 2 in layer 0 frees 20; values 2 -> 3 in layer 2 takes 16 of it; 4 bytes stay unspent
+    effect = {(2, 1, 1): -0.5, (0, 0, -1): 0.1, (2, 0, -1): 0.3, (0, 1, 1): 0.2}
+    assert moves([[3, 2], None, [3, 2]], effect, 0) == [[2, 2], None, [3, 3]]
+    # keys 2 -> 3 costs 20: neither a value bit (16) nor keys 4 -> 3 (12) can pay for it; keys 3 -> 2 (20) can
+    bits = [[2, 3], None, [3, 2]]
+    assert price.step(2, 0, 4, -1) == -12
+    assert moves(bits, {(0, 0, 1): -0.5, (0, 1, -1): 0.1}, 0) == bits
+    assert moves([[2, 3], None, [4, 2]], {(0, 0, 1): -0.5, (0, 1, -1): 0.1, (2, 0, -1): 0.05}, 0) == [[2, 3], None,
+                                                                                                     [4, 2]]
+    assert moves(bits, {(0, 0, 1): -0.5, (0, 1, -1): 0.1, (2, 0, -1): 0.2}, 0) == [[3, 3], None, [2, 2]]
+    assert moves(bits, {(0, 0, 1): -0.5, (0, 1, -1): 0.1}, 4) == [[3, 2], None, [3, 2]]  # room 4 + 16 freed
+    # an extra bit (room 20) buys 3-bit keys alone; a harmful or a useless move is never made
+    assert moves([[2, 2], None, [2, 2]], {(2, 0, 1): -0.4, (0, 0, 1): -0.1}, 20) == [[2, 2], None, [3, 2]]
+    assert moves([[2, 2], None, [2, 2]], {(2, 0, 1): 0.0, (0, 1, 1): 0.1}, 20) == [[2, 2], None, [2, 2]]
+    assert moves([[3, 2], None, [3, 2]], {(2, 1, 1): -0.1, (0, 0, -1): 0.2}, 0) == [[3, 2], None, [3, 2]]
 
 
 def _measured_layers(lines) -> set:

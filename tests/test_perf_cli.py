@@ -36,3 +36,14 @@ def test_profile_decode_refuses_fused_where_it_cannot_run(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["perf.profile_decode", "--shape", "8x32768x3x2", "--fused"])
     with pytest.raises(SystemExit, match="--fused: the fused Gluon pass does not run"):
         P.main()
+
+
+def test_gluon_ab_knows_a_base_that_reads_bit_planes_only():
+    """A base copy of gluon.py from before the "fields" key layout is given the same codes in bit planes."""
+    import types
+
+    from nqkernels.attention import gluon
+    from perf.gluon_ab import reads_fields
+
+    assert reads_fields(gluon)
+    assert not reads_fields(types.SimpleNamespace(fused_constants=lambda *, head_dim, key_bits, value_bits: {}))

@@ -9,7 +9,7 @@ presets) and encoded once; each generated token appends to the pages and attends
 Presets (``PRESETS``; measured ratios and quality in README.md): ``near-lossless`` (K4V4), ``balanced`` (K3V2),
 ``compact`` (K2V2), ``balanced-evict50``, ``compact-evict75``; or ``"kXvY"`` / ``"kXvY-evictNN"``, or a ``Policy``
 with per-layer bits (``boundary_layers``/``boundary_bits``, ``layer_bits=graduated_bits(n)``, or
-``layer_bits=allocate_layer_bits(model, calibration_ids)``: the same bytes, bits where they measure best), ``keep_layers``,
+``layer_bits=allocate_layer_bits(model, calibration_ids)``: at most the same bytes, bits where they measure best), ``keep_layers``,
 ``keep_heads``, ``compress_sliding``, ``key_mode``.
 
 Works with ``generate`` (greedy, sampling, assisted decoding), batches with left padding (each sequence scored and

@@ -2,19 +2,21 @@
 
 Layers do not spend a bit equally well. On the fixture model (docs/codec.md, "Bits per layer") one layer's keys lose
 +0.60% perplexity going from 3 to 2 bits while every other layer's lose +0.01-0.03%, and one layer's values gain
-0.11% from a third bit where others gain nothing. A bit costs the same bytes in any layer and in keys or values (16
-bytes per token per head at head_dim 128; 3-bit keys there hold 4 bytes more in the default "fields" layout, so a
-move into or out of 3-bit keys shifts the bytes by 4 per token per KV head unless the codecs keep
-``key_layout="planes"``), so moving bits from where they buy least to where they buy most keeps the bytes and
-lowers the loss. The allocation is measured, not modelled: the KL divergence of the model's next-token
-distributions on calibration text from the uncompressed model's, with one layer's keys or values one bit up or down;
-then pairs of moves (one bit up here, one down there) whose summed measured effects are a gain; then the result
-measured again and kept only if it is better. Only the layers the cache will compress (``plan_layers`` of the policy
-the bits are for) are measured and given bits; the others stay fp16 and are ``None`` in the result.
+0.11% from a third bit where others gain nothing. So bits move from where they buy least to where they buy most,
+within a byte budget: the HOT bytes of the uniform setting (``KVCodec.bytes_per_token``), which a move may not
+exceed. A bit is 16 bytes per token per KV head at head_dim 128 almost everywhere, but 3-bit keys there hold 4 bytes
+more (the "fields" layout, docs/format.md "Codes"), so a move out of 3-bit keys frees 20 bytes and one into them
+costs 20; the budget counts those bytes, never bits. The allocation is measured, not modelled: the KL divergence of
+the model's next-token distributions on calibration text from the uncompressed model's, with one layer's keys or
+values one bit up or down; then pairs of moves (one bit up here, one down there, or up alone where the budget has
+room) whose summed measured effects are a gain; then the result measured again and kept only if it is better. Only
+the layers the cache will compress (``plan_layers`` of the policy the bits are for) are measured and given bits; the
+others stay fp16 and are ``None`` in the result.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable, Optional, Union
 
 import torch
@@ -89,9 +91,9 @@ def allocate_layer_bits(model, input_ids: torch.Tensor, key_bits: int = 3, value
                         extra_bits: int = 0, prefix: Optional[int] = None, rounds: int = 2,
                         progress: Optional[Callable[[str], None]] = None,
                         policy: Union[str, Policy, None] = None) -> tuple:
-    """Per-layer ``(key_bits, value_bits)`` with the bytes of uniform K{key_bits}V{value_bits} over the layers the
-    cache compresses (the same total bits, each 2..4), plus at most ``extra_bits`` more, chosen on calibration text;
-    pass it as the ``layer_bits`` of the policy it was allocated for.
+    """Per-layer ``(key_bits, value_bits)`` (each 2..4) within the HOT bytes of uniform K{key_bits}V{value_bits} over
+    the layers the cache compresses, plus ``extra_bits`` bits' bytes, chosen on calibration text; pass it as the
+    ``layer_bits`` of the policy it was allocated for.
 
     Args:
         model: a transformers causal LM (eval mode).
@@ -99,9 +101,11 @@ def allocate_layer_bits(model, input_ids: torch.Tensor, key_bits: int = 3, value
             default prefix leaves 2 tokens to score) or ``prefix + 2``. Each chunk's first ``prefix`` tokens are
             prefilled and their cache compressed; the loss is that of the rest.
         key_bits / value_bits: the uniform budget (ints, 2..4).
-        extra_bits: bits (each 16 bytes per token per KV head at head_dim 128) that may be added over the layers
-            beyond the uniform budget, where they measure best; an int >= 0, default 0. At K2V2 nothing can be
-            moved (no layer can give a bit), so an extra bit is the only way to spend bytes where they matter.
+        extra_bits: bits that may be added over the layers beyond the uniform budget, where they measure best; an
+            int >= 0, default 0. Each adds the bytes of the dearest one-bit step to the budget (at head_dim 128: 20
+            bytes per token per KV head, what a third key bit costs; a bit elsewhere costs 16, leaving 4 unspent).
+            At K2V2 nothing can be moved (no layer can give a bit), so an extra bit is the only way to spend bytes
+            where they matter.
         prefix: tokens prefilled per chunk, an int >= 1; default ``3 * T // 4``.
         rounds: rounds of measure-then-move, an int >= 0; default 2. Each round measures every compressed layer's
             keys and values one bit up and down, then the moved result: up to ``4 * layers + 1`` forward passes
@@ -118,7 +122,8 @@ def allocate_layer_bits(model, input_ids: torch.Tensor, key_bits: int = 3, value
 
     Returns:
         A tuple with one entry per layer: ``(key_bits, value_bits)`` where the policy compresses the layer, ``None``
-        where it leaves it fp16. Uniform over the compressed layers when no move measured better.
+        where it leaves it fp16; its HOT bytes per token never exceed the budget's. Uniform over the compressed
+        layers when no move measured better.
 
     Example:
         >>> from integrations.hf import allocate_layer_bits, compress  # doctest: +SKIP
@@ -152,9 +157,11 @@ def allocate_layer_bits(model, input_ids: torch.Tensor, key_bits: int = 3, value
         # no bit can move: no layer to move it in, none can be taken (all at the most) or given (all at the least)
         return _frozen(bits)
     cal = _Calibration(model, input_ids.to(model.device), prefix)
-    budget = len(compressed) * (key_bits + value_bits) + extra_bits
+    price = _Price([plan.codec for plan in plans])
+    budget = price.total(bits) + extra_bits * price.dearest_step()
     best = cal.loss(bits)
-    say(f"uniform K{key_bits}V{value_bits}: KL {best:.6f}")
+    say(f"uniform K{key_bits}V{value_bits} ({price.total(bits)} B per token per KV head over the layers, budget "
+        f"{budget}): KL {best:.6f}")
     for r in range(rounds):
         effect = {}  # (layer, kind, +1 / -1): loss change with that one bit moved
         for li in compressed:
@@ -166,28 +173,72 @@ def allocate_layer_bits(model, input_ids: torch.Tensor, key_bits: int = 3, value
                         effect[li, kind, step] = cal.loss(trial) - best
                         say(f"round {r + 1}: layer {li} {('keys', 'values')[kind]} {bits[li][kind]} -> "
                             f"{bits[li][kind] + step} bits: KL {effect[li, kind, step]:+.6f}")
-        ups = sorted((e, li, kind) for (li, kind, step), e in effect.items() if step == 1)
-        free = budget - sum(sum(bits[li]) for li in compressed)  # extra bits not spent yet: donors that cost nothing
-        downs = [(0.0, None, i) for i in range(free)]
-        downs += sorted((e, li, kind) for (li, kind, step), e in effect.items() if step == -1)
-        trial, used = _copy(bits), set()
-        for gain, li, kind in ups:  # most helpful bit first, paid by the least harmful one left
-            donor = next(((cost, lj, kj) for cost, lj, kj in downs if (lj, kj) not in used and (lj, kj) != (li, kind)),
-                         None)
-            if (li, kind) in used or donor is None or gain + donor[0] >= 0:
-                continue
-            used |= {(li, kind), donor[1:]}
-            trial[li][kind] += 1
-            if donor[1] is not None:
-                trial[donor[1]][donor[2]] -= 1
+        trial = _moves(bits, effect, budget - price.total(bits),
+                       lambda li, kind, step: price.step(li, kind, bits[li][kind], step))
         if trial == bits:
             break
         loss = cal.loss(trial)
-        say(f"round {r + 1}: {_spell(trial)}: KL {loss:.6f}")
+        say(f"round {r + 1}: {_spell(trial)} ({price.total(trial)} B): KL {loss:.6f}")
         if loss >= best:
             break
         bits, best = trial, loss
     return _frozen(bits)
+
+
+class _Price:
+    """HOT bytes per token per KV head of each compressed layer's keys and values at given bits, in that layer's codec
+    (its head_dim and key layout); ``codecs`` has one entry per layer, None where it stays fp16."""
+
+    def __init__(self, codecs: list):
+        self.codecs = codecs
+
+    def bytes(self, layer: int, kind: int, bits: int) -> int:
+        """Bytes of ``layer``'s keys (``kind`` 0) or values (1) at ``bits``."""
+        codec = dataclasses.replace(self.codecs[layer], key_bits=bits, value_bits=bits)
+        return codec.bytes_per_token(("key", "value")[kind])
+
+    def step(self, layer: int, kind: int, bits: int, step: int) -> int:
+        """Bytes that moving from ``bits`` by ``step`` (+1 or -1) adds (negative: frees)."""
+        return self.bytes(layer, kind, bits + step) - self.bytes(layer, kind, bits)
+
+    def total(self, bits: list) -> int:
+        """Bytes of the compressed layers at ``bits`` (per layer ``(key_bits, value_bits)``, None where fp16)."""
+        return sum(self.bytes(li, kind, b[kind]) for li, b in enumerate(bits) if b is not None for kind in (0, 1))
+
+    def dearest_step(self) -> int:
+        """The most bytes one bit up costs in any compressed layer: what an extra bit adds to the budget."""
+        lo, hi = min(SUPPORTED_BITS), max(SUPPORTED_BITS)
+        return max(self.step(li, kind, b, 1) for li, c in enumerate(self.codecs) if c is not None
+                   for kind in (0, 1) for b in range(lo, hi))
+
+
+def _moves(bits: list, effect: dict, room: int, cost: Callable[[int, int, int], int]) -> list:
+    """One round's moves: ``bits`` with the measured helpful bits up (most helpful first), each paid from ``room``
+    (bytes the budget has left) where it fits, else by the least harmful measured bit down that frees enough, and
+    taken only when the pair's summed effect is a gain. ``effect[layer, kind, ±1]`` is the measured loss change of
+    that one move, ``cost(layer, kind, ±1)`` its bytes; each (layer, kind) moves at most once."""
+    ups = sorted((e, li, kind) for (li, kind, step), e in effect.items() if step == 1)
+    downs = sorted((e, li, kind) for (li, kind, step), e in effect.items() if step == -1)
+    trial, used = _copy(bits), set()
+    for gain, li, kind in ups:
+        if gain >= 0:
+            break
+        if (li, kind) in used:
+            continue
+        need = cost(li, kind, 1) - room  # bytes a donor must free
+        donor = None
+        if need > 0:
+            donor = next(((e, lj, kj) for e, lj, kj in downs if (lj, kj) not in used and (lj, kj) != (li, kind)
+                          and -cost(lj, kj, -1) >= need), None)
+            if donor is None or gain + donor[0] >= 0:
+                continue
+            used.add(donor[1:])
+            trial[donor[1]][donor[2]] -= 1
+            room -= cost(donor[1], donor[2], -1)
+        used.add((li, kind))
+        trial[li][kind] += 1
+        room -= cost(li, kind, 1)
+    return trial
 
 
 def _copy(bits: list) -> list:

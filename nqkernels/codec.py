@@ -18,8 +18,8 @@ import triton.language as tl
 from . import reference as ref
 from .config import KVCodec, describe
 from .lattice import e8_nearest, exp2i, fixed_point, integer_transform, inverse_hadamard, load_e8_doubled, \
-    pack_fields, pack_plane, rope_partner, rope_partner_index, rope_rotate, rope_rows, round_to, storage_index, \
-    storage_order, transform_matrix
+    pack_fields, pack_nibbles, pack_plane, rope_partner, rope_partner_index, rope_rotate, rope_rows, round_to, \
+    storage_index, storage_order, transform_matrix
 from .runtime import FIXED, codec_id, codec_of, launch_config, max_programs, rope_tables, use_triton
 
 
@@ -113,7 +113,10 @@ def _encode_kernel(x_ptr, codes_ptr, scales_ptr, cos_ptr, sin_ptr, pos_ptr, mean
                      round_to(tl.where(ok, s, 0.0), scales_ptr.dtype.element_ty), mask=tmask)
 
             row = codes_ptr + ob * scb + h * sch + t[:, None] * sct
-            if FIELDS:  # whole 3-bit indices, five per 16-bit half (docs/format.md, "Codes")
+            if FIELDS and BITS == 4:  # whole 4-bit indices, four per 16-bit half (docs/format.md, "Codes")
+                w8 = tl.arange(0, DP // 8)
+                tl.store(row + w8[None, :], pack_nibbles(idx, BLOCK_T, DP), mask=tmask[:, None])
+            elif FIELDS:  # whole 3-bit indices, five per 16-bit half
                 pairs, mid, last = pack_fields(idx, BLOCK_T)
                 tl.store(row + tl.arange(0, 8)[None, :], pairs, mask=tmask[:, None])
                 tl.store(row + 8 + tl.arange(0, 4)[None, :], mid, mask=tmask[:, None])

@@ -58,20 +58,23 @@ LAYOUTS = ("planes", "fields")  # how a token's codes are packed (KVCodec.layout
 
 def code_layout(kind: str, bits: int, head_dim: int) -> str:
     """How one token's codes are packed by default (docs/format.md, "Codes"): ``"fields"`` (each index's bits
-    together, five 3-bit fields per 16-bit half) for 3-bit keys at head_dim 128, where the decode attention's
-    tensor-core operands then come from one mask per register; ``"planes"`` (bit planes) otherwise."""
+    together) for 3-bit keys (five 3-bit fields per 16-bit half, parity stored) and 4-bit keys and values (four
+    nibbles per 16-bit half) at head_dim 128, where the decode attention's tensor-core operands then come from one
+    mask per register and one product chain; ``"planes"`` (bit planes) otherwise."""
     if kind not in ("key", "value"):
         raise ValueError(f"kind must be 'key' or 'value', got {kind!r}")
-    return "fields" if kind == "key" and bits == 3 and head_dim == 128 else "planes"
+    return "fields" if head_dim == 128 and (bits == 4 or (bits == 3 and kind == "key")) else "planes"
 
 
 def code_words(head_dim: int, bits: int, layout: str) -> int:
-    """int32 words of one token's codes: head_dim · bits / 32 in the "planes" layout; 13 in the "fields" layout
-    (3 bits at head_dim 128 only)."""
+    """int32 words of one token's codes: head_dim · bits / 32 in the "planes" layout and in the "fields" layout at
+    4 bits; 13 in the "fields" layout at 3 bits (every index bit and the 16 coset flags in 416 bits). The "fields"
+    layout is defined at head_dim 128 only."""
     if layout == "fields":
-        if (head_dim, bits) != (128, 3):
-            raise ValueError(f"the 'fields' layout holds 3-bit codes at head_dim 128, got {bits} bits at {head_dim}")
-        return 13
+        if head_dim != 128 or bits not in (3, 4):
+            raise ValueError(f"the 'fields' layout holds 3- or 4-bit codes at head_dim 128, got {bits} bits at "
+                             f"{head_dim}")
+        return 13 if bits == 3 else head_dim * bits // 32
     if layout != "planes":
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     return head_dim * bits // 32
@@ -144,9 +147,10 @@ class KVCodec:
         scale_dtype: ``torch.float16`` or ``torch.bfloat16``.
         page_size: tokens per page of the HOT format.
         key_layout: how key codes are packed (docs/format.md, "Codes"): ``"auto"`` (default) the "fields" layout
-            where it is defined (3-bit keys at head_dim 128: 13 words, every index bit stored, decode attention ~20%
-            faster) and bit planes elsewhere; ``"planes"`` bit planes always (at K3 head_dim 128, 4 bytes per token
-            per KV head less); ``"fields"`` the fields layout, refused where it is not defined.
+            where it is defined (3- and 4-bit keys at head_dim 128; at 3 bits 13 words, every index bit stored,
+            decode attention ~20% faster) and bit planes elsewhere; ``"planes"`` bit planes always (at K3 head_dim
+            128, 4 bytes per token per KV head less); ``"fields"`` the fields layout, refused where it is not
+            defined. Values take ``code_layout``'s (fields at 4 bits, head_dim 128).
     """
 
     head_dim: int = 128
@@ -191,7 +195,7 @@ class KVCodec:
         if self.key_layout not in ("auto",) + LAYOUTS:
             raise ValueError(f"KVCodec.key_layout must be 'auto', 'planes' or 'fields', got {self.key_layout!r}")
         if self.key_layout == "fields" and code_layout("key", self.key_bits, self.head_dim) != "fields":
-            raise ValueError(f"KVCodec.key_layout='fields' holds 3-bit keys at head_dim 128 only, got "
+            raise ValueError(f"KVCodec.key_layout='fields' holds 3- or 4-bit keys at head_dim 128 only, got "
                              f"key_bits={self.key_bits}, head_dim={self.head_dim}")
         if not isinstance(self.alpha, dict):
             raise TypeError(f"KVCodec.alpha must be a dict {{bits: step multiplier}}, got {self.alpha!r}")
@@ -217,8 +221,7 @@ class KVCodec:
         return code_layout(kind, self.bits_for(kind), self.head_dim)
 
     def words_per_token(self, kind: str) -> int:
-        """int32 words of codes per token per head for ``kind`` ("key" or "value"): head_dim · bits / 32 in the
-        "planes" layout, 13 (every index bit and the 16 coset flags in 416 bits) in the "fields" layout."""
+        """int32 words of codes per token per head for ``kind`` ("key" or "value"): ``config.code_words``."""
         return code_words(self.head_dim, self.bits_for(kind), self.layout(kind))
 
     def to_dict(self) -> dict:

@@ -255,6 +255,23 @@ def fields_slots(d):
 
 
 @triton.jit
+def nibble_slots(d):
+    """The "fields" layout at 4 bits (``reference.nibble_slots``): the word and bit of stored coordinate d's index,
+    d = 16m + 8h + 4k + j at bit 16h + 4j of word 2m + k."""
+    return 2 * (d // 16) + (d // 4) % 2, 16 * ((d // 8) % 2) + 4 * (d % 4)
+
+
+@triton.jit
+def pack_nibbles(idx, BT: tl.constexpr, DP: tl.constexpr):
+    """Stored 4-bit indices [BT, DP] (the coset flag in each group's eighth index's low bit) -> the "fields" layout at
+    4 bits, words [BT, DP / 8] (``nibble_slots``): a word is a sum of disjoint nibbles."""
+    x = tl.reshape(idx, (BT, DP // 16, 2, 2, 4))  # (m, h, k, j)
+    h = tl.arange(0, 2)[None, None, :, None, None]
+    j = tl.arange(0, 4)[None, None, None, None, :]
+    return tl.reshape(tl.sum(tl.sum(x << (16 * h + 4 * j), axis=4), axis=2), (BT, DP // 8))
+
+
+@triton.jit
 def pack_fields(idx, BT: tl.constexpr):
     """Stored 3-bit indices [BT, 128] (``e8_nearest``'s: each group's coset flag in its eighth index's low bit) ->
     the "fields" layout: (words 0-7 [BT, 8], words 8-11 [BT, 4], word 12 [BT]). Each index whole (its implied parity
@@ -285,14 +302,25 @@ def load_e8_doubled(row, tmask, D: tl.constexpr, DP: tl.constexpr, BITS: tl.cons
                     FIELDS: tl.constexpr = False):
     """BT tokens of packed codes -> u = 2·index + coset, int32 [BT, DP] in storage order, so the lattice value is
     v = u/2 - 2^(BITS-1) + 1/4 (reference.e8_values). ``row`` is [BT, 1] pointers to each token's first word;
-    coordinates past D read as u = 0. ``FIELDS``: codes in the "fields" layout (``fields_slots``), else bit planes.
+    coordinates past D read as u = 0. ``FIELDS``: codes in the "fields" layout (``fields_slots`` at 3 bits,
+    ``nibble_slots`` at 4), else bit planes.
 
     Planes work on whole words: a group of 8 is one 16-bit half of a low-plane word, the parity of its first seven
     indices is the xor of their low bits (bits 0, 2, ..., 12 of the half, folded by three shift-xors) and replaces
     bit 14 (index 7's low bit, where the coset flag is stored); the flag is then spread to the group's 8 fields.
-    Fields hold every index whole: one (cached) word load per coordinate, a shift and a mask.
+    Fields hold every index whole: one (cached) word load per coordinate, a shift and a mask (at 4 bits the parity
+    then restored per group, as for the planes).
     """
-    if FIELDS:
+    if FIELDS and BITS == 4:
+        word, bit = nibble_slots(tl.arange(0, DP))
+        g = (tl.load(row + word[None, :], mask=tmask[:, None], other=0) >> bit[None, :]) & 15
+        g = tl.reshape(g, (BT, DP // 8, 8))
+        lane = tl.arange(0, 8)[None, None, :]
+        c = tl.sum(tl.where(lane == 7, g & 1, 0), axis=2)
+        par = tl.sum(tl.where(lane < 7, g, 0), axis=2) & 1
+        g = tl.where(lane == 7, (g & -2) | par[:, :, None], g)
+        u = tl.reshape((g << 1) | c[:, :, None], (BT, DP))
+    elif FIELDS:
         word, bit, c_word, c_bit = fields_slots(tl.arange(0, DP))
         m = tmask[:, None]
         full = (tl.load(row + word[None, :], mask=m, other=0) >> bit[None, :]) & 7

@@ -6,7 +6,7 @@ their own reduction trees); the remaining float steps are elementwise or pairwis
 groups of 8 summed as a fixed tree), so the kernels reproduce these codes and scales bit for bit.
 
 Shapes: ``x`` is ``[..., D]`` (tokens in the leading dims); codes are ``[..., W]`` int32 (W = D · bits / 32 in
-the "planes" layout, 13 in the "fields" layout of 3-bit keys at head_dim 128: ``config.code_words``); scales
+the "planes" layout and the 4-bit "fields" layout, 13 in the 3-bit "fields" layout: ``config.code_words``); scales
 ``[...]``.
 
 The lattice: E8 = D8 ∪ (D8 + ½), shifted by -¼ so a cube of 2^b values per coordinate is symmetric.
@@ -178,6 +178,17 @@ def fields_slots(device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     return word, bit, 2 * (g // 4) + (g // 2) % 2, 15 + 16 * (g % 2)
 
 
+def nibble_slots(head_dim: int = 128, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "fields" layout at 4 bits (docs/format.md, "Codes"): (word, bit) of each stored coordinate's index, int64
+    ``[head_dim]``. Coordinate d = 16m + 8h + 4k + j is nibble j of half h of word 2m + k: word 2m + k holds the
+    low-plane word m's registers 4k..4k+3 (the same coordinate pairs), and half h of words 2m, 2m + 1 group 2m + h.
+    The coset flag stays where ``e8_nearest`` puts it, in the eighth index's low bit (bit 12 + 16h of word 2m + 1),
+    so the parity is implied as in the planes."""
+    d = torch.arange(head_dim, device=device)
+    m, h, k, j = d // 16, (d // 8) % 2, (d // 4) % 2, d % 4
+    return 2 * m + k, 16 * h + 4 * j
+
+
 def _signed32(w: torch.Tensor) -> torch.Tensor:
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
 
@@ -187,9 +198,15 @@ def pack_codes(idx: torch.Tensor, bits: int, layout: str = "planes") -> torch.Te
     int32 ``[..., W]`` (``config.code_words``).
 
     ``"planes"``: D/16 words of the low 2 bits (16 coordinates per word, coordinate k of a word at bit 2k), then the
-    high bits: 1 bit per coordinate (32 per word) at 3 bits, 2 bits (16 per word) at 4 bits. ``"fields"`` (3 bits,
-    D = 128): every index whole, its implied parity bit restored, and the coset flags apart (``fields_slots``)."""
+    high bits: 1 bit per coordinate (32 per word) at 3 bits, 2 bits (16 per word) at 4 bits. ``"fields"`` (D = 128):
+    at 3 bits every index whole, its implied parity bit restored, and the coset flags apart (``fields_slots``); at 4
+    bits every index a nibble as stored (``nibble_slots``)."""
     W = code_words(idx.shape[-1], bits, layout)
+    if layout == "fields" and bits == 4:
+        word, bit = nibble_slots(idx.shape[-1], idx.device)
+        w = torch.zeros(*idx.shape[:-1], W, dtype=torch.int64, device=idx.device)
+        w.scatter_add_(-1, word.expand(idx.shape), idx.to(torch.int64) << bit)
+        return _signed32(w)
     if layout == "fields":
         word, bit, c_word, c_bit = fields_slots(idx.device)
         g = idx.reshape(*idx.shape[:-1], 16, 8).to(torch.int64)
@@ -212,6 +229,9 @@ def unpack_codes(words: torch.Tensor, bits: int, head_dim: int, layout: str = "p
     if words.shape[-1] != W:
         raise ValueError(f"codes have {words.shape[-1]} words per token; {layout!r} at {bits} bits, head_dim "
                          f"{head_dim} has {W}")
+    if layout == "fields" and bits == 4:
+        word, bit = nibble_slots(head_dim, words.device)
+        return ((words.to(torch.int64) & 0xFFFFFFFF)[..., word] >> bit) & 15
     if layout == "fields":
         word, bit, c_word, c_bit = fields_slots(words.device)
         w = words.to(torch.int64) & 0xFFFFFFFF

@@ -272,6 +272,23 @@ def pack_nibbles(idx, BT: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
+def _low_pairs(x):
+    """The low 2 bits of each nibble of x, nibble j of half h moved to bits 16h + 2j (bits 8-15 of each half zero)."""
+    x = x & 0x33333333
+    x = (x | (x >> 2)) & 0x0F0F0F0F
+    return (x | (x >> 4)) & 0x00FF00FF
+
+
+@triton.jit
+def nibble_planes(w, BT: tl.constexpr, N: tl.constexpr):
+    """Words [BT, 2N] of the "fields" layout at 4 bits (``nibble_slots``) -> the same codes as bit planes: low-plane
+    words [BT, N] and high-plane words [BT, N] (word m from words 2m, 2m + 1: coordinate 16m + 8h + 4k + j's low
+    bits at bit 2·(8h + 4k + j)), so a portable kernel decodes them as it decodes planes."""
+    a, b = tl.split(tl.reshape(w, (BT, N, 2)))
+    return _low_pairs(a) | (_low_pairs(b) << 8), _low_pairs(a >> 2) | (_low_pairs(b >> 2) << 8)
+
+
+@triton.jit
 def pack_fields(idx, BT: tl.constexpr):
     """Stored 3-bit indices [BT, 128] (``e8_nearest``'s: each group's coset flag in its eighth index's low bit) ->
     the "fields" layout: (words 0-7 [BT, 8], words 8-11 [BT, 4], word 12 [BT]). Each index whole (its implied parity

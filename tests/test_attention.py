@@ -75,6 +75,27 @@ def test_key_layout_planes_at_k3_d128():
     _check(torch.randn(2, 1, 4, 128, dtype=torch.float16), cache)
 
 
+@pytest.mark.parametrize("bits", ((4, 4), (4, 2), (2, 4), (3, 4)))
+def test_fields_at_4_bits(bits):
+    """4-bit keys and values at head_dim 128 are whole nibbles ("fields", 16 words as in bit planes): the one-pass
+    kernel, pages side by side, the two passes and keys with RoPE undone match the reference, ragged and with sinks."""
+    from nqkernels import store
+
+    cache = _cache(bits=bits, recent=4, sinks=1, pages=40)
+    assert [cache.codec.layout(k) for k in ("key", "value")] == ["fields" if b == 4 or (k, b) == ("key", 3) else
+                                                                 "planes" for k, b in zip(("key", "value"), bits)]
+    _fill(cache, [150, 37])
+    q = torch.randn(2, 2, 8, 128, dtype=torch.float16)
+    tol = 5e-3  # 2-bit keys' fp16 logits here: 3.8e-3 of the largest output with either value layout
+    _check(q, cache, tol)
+    for override in ({"pages_per_step": 2}, {"two_pass": True}):
+        with store.override("attention", override):
+            _check(q, cache, tol, num_splits=3)
+    rope = _cache(bits=bits, recent=4, rope=RopeSpec(theta=10000.0))
+    _fill(rope, [70, 33])
+    _check(q, rope, tol)
+
+
 @pytest.mark.parametrize("page", (32, 64, 128))
 @pytest.mark.parametrize("d", (64, 256))
 def test_page_sizes(page, d):
@@ -393,13 +414,22 @@ KERNELS = {
     "prep": (A._query_prep_kernel, dict(KBITS=3, KQ=272, CENTER_K=True, DOT=tl.float16, QR=64, PK=4)),
     "split": (A._attn_split_kernel, dict(KBITS=3, VBITS=2, PAGE=64, KQ=272, LOG2DP=7, ROPE_HALF=0, CENTER_K=True,
                                          SOFTCAP=False, WINDOW=False, DOT=tl.float16, ASM=True, BLOCK_N=64,
-                                         JOIN_K=True, JOIN_V=True, CAUSAL_PAGES=False, PK=4, KFIELDS=True)),
+                                         JOIN_K=True, JOIN_V=True, CAUSAL_PAGES=False, PK=4, KFIELDS=True,
+                                         VFIELDS=False)),
+    "split_k4v4": (A._attn_split_kernel, dict(KBITS=4, VBITS=4, PAGE=64, KQ=272, LOG2DP=7, ROPE_HALF=0,
+                                              CENTER_K=True, SOFTCAP=False, WINDOW=False, DOT=tl.float16, ASM=True,
+                                              BLOCK_N=64, JOIN_K=False, JOIN_V=False, CAUSAL_PAGES=False, PK=1,
+                                              KFIELDS=True, VFIELDS=True)),
     "keys": (A._attn_keys_kernel, dict(KBITS=3, PAGE=64, KQ=272, SOFTCAP=False, WINDOW=False, ASM=True, RS=4,
                                        JOIN_K=True, CAUSAL_PAGES=False, KFIELDS=True)),
     "values": (A._attn_values_kernel, dict(VBITS=2, PAGE=64, LOG2DP=7, SOFTCAP=False, WINDOW=False, DOT=tl.float16,
-                                           ASM=True, RS=4, BLOCK_N=64, JOIN_V=True, FP_ONLY=False)),
+                                           ASM=True, RS=4, BLOCK_N=64, JOIN_V=True, FP_ONLY=False, VFIELDS=False)),
+    "values_v4": (A._attn_values_kernel, dict(VBITS=4, PAGE=64, LOG2DP=7, SOFTCAP=False, WINDOW=False,
+                                              DOT=tl.float16, ASM=True, RS=4, BLOCK_N=64, JOIN_V=False, FP_ONLY=False,
+                                              VFIELDS=True)),
     "values_fp": (A._attn_values_kernel, dict(VBITS=2, PAGE=64, LOG2DP=7, SOFTCAP=False, WINDOW=False, DOT=tl.float16,
-                                              ASM=True, RS=4, BLOCK_N=64, JOIN_V=True, FP_ONLY=True)),
+                                              ASM=True, RS=4, BLOCK_N=64, JOIN_V=True, FP_ONLY=True,
+                                              VFIELDS=False)),
     "reduce": (A._attn_reduce_kernel, dict(CENTER_V=True, RB=4, SC=8, OB=32)),
     "reduce_nomean": (A._attn_reduce_kernel, dict(CENTER_V=False, RB=4, SC=8, OB=32)),
 }

@@ -8,7 +8,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..lattice import (SUBNORMAL_UNIT, coset_pairs, coset_plane_pairs, fields_pairs, inverse_hadamard, load_e8_doubled,
-                       plane_pairs, restore_parity, rope_partner, rope_rotate, rope_rows_at, storage_order)
+                       nibble_planes, plane_pairs, restore_parity, rope_partner, rope_rotate, rope_rows_at, storage_order)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -107,15 +107,19 @@ def _page_codes(c_ptr, s_ptr, page, h, lim, sc_p, sc_h, sc_t, sc_w, ss_p, ss_h, 
                 FIELDS: tl.constexpr = False):
     """One page of one head: low-plane words [PAGE, DP/16], high-plane words [PAGE, DP·HB/32] (the low ones again
     when BITS == 2, unused) and fp32 scales [PAGE]; tokens from ``lim`` on read as zero. ``FIELDS`` (the "fields"
-    layout): words 0-7, and [PAGE, 8] with word 8 + c at column 2c, word 12 at 2c + 1 (``lattice.fields_pairs``)."""
+    layout): at 3 bits words 0-7, and [PAGE, 8] with word 8 + c at column 2c, word 12 at 2c + 1
+    (``lattice.fields_pairs``); at 4 bits the nibble words converted to planes (``lattice.nibble_planes``)."""
     page = page.to(tl.int64)  # large pools overflow 32-bit offsets
     row0 = c_ptr + page * sc_p + h * sc_h
-    lo = _page_words(row0, lim, sc_t, sc_w, 0, D // 16, DP // 16, PAGE, JOIN)
-    hi = lo
-    if FIELDS:  # thread column c loads word 8 + c, and word 12 (a word stride of 0: every column reads it)
+    if FIELDS and BITS == 4:  # thread column c loads words 4c..4c+3: its low- and high-plane words 2c, 2c + 1
+        lo, hi = nibble_planes(_page_words(row0, lim, sc_t, sc_w, 0, D // 8, DP // 8, PAGE, JOIN), PAGE, DP // 16)
+    else:
+        lo = _page_words(row0, lim, sc_t, sc_w, 0, D // 16, DP // 16, PAGE, JOIN)
+        hi = lo
+    if FIELDS and BITS == 3:  # thread column c loads word 8 + c, and word 12 (a word stride of 0: every column reads it)
         hi = tl.reshape(tl.join(_page_words(row0, lim, sc_t, sc_w, 8, 4, 4, PAGE, JOIN),
                                 _page_words(row0 + 12 * sc_w, lim, sc_t, sc_w * 0, 0, 4, 4, PAGE, JOIN)), (PAGE, 8))
-    elif BITS > 2:
+    elif BITS > 2 and not FIELDS:
         hi = _page_words(row0, lim, sc_t, sc_w, D // 16, D * (BITS - 2) // 32, DP * HB // 32, PAGE, JOIN)
     t = tl.arange(0, PAGE)
     return lo, hi, tl.load(s_ptr + page * ss_p + h * ss_h + t, mask=t < lim, other=0.0).to(tl.float32)
@@ -259,9 +263,10 @@ def _key_products(k_lo, k_hi, qt_c, qt_lo, qt_hi, PAGE: tl.constexpr, NWL: tl.co
                   DP: tl.constexpr, KBITS: tl.constexpr, KHI: tl.constexpr, ASM: tl.constexpr,
                   FIELDS: tl.constexpr = False):
     """A page's raw logits [PAGE, BLOCK_M] in pair order: its coset flags, low plane and (3-4 bits) high plane, each
-    times the prep's query operand; the key scales and mean are applied by the caller. ``FIELDS``: whole indices in
-    the low plane's order (``lattice.fields_pairs``), no high-plane product."""
-    if FIELDS:
+    times the prep's query operand; the key scales and mean are applied by the caller. ``FIELDS`` at 3 bits: whole
+    indices in the low plane's order (``lattice.fields_pairs``), no high-plane product (at 4 bits ``_page_codes``
+    gave planes)."""
+    if FIELDS and KBITS == 3:
         sk = tl.dot(coset_pairs(k_lo, PAGE, NWL, NG, KBITS, ASM, 15), qt_c)
         sk = tl.dot(fields_pairs(k_lo, k_hi, PAGE, ASM), qt_lo, sk)
     else:
@@ -336,7 +341,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                        CENTER_K: tl.constexpr,
                        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                        BLOCK_M: tl.constexpr, PK: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_K: tl.constexpr,
-                       JOIN_V: tl.constexpr, PDL: tl.constexpr, CAUSAL_PAGES: tl.constexpr, KFIELDS: tl.constexpr):
+                       JOIN_V: tl.constexpr, PDL: tl.constexpr, CAUSAL_PAGES: tl.constexpr, KFIELDS: tl.constexpr,
+                       VFIELDS: tl.constexpr):
     pid, split = tl.program_id(0), tl.program_id(1)
     b, h, qi, g, slot = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M, PK)  # q is loaded only where it is read
     RS: tl.constexpr = BLOCK_M // PK  # rows per page slot
@@ -385,7 +391,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                                         sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K, KFIELDS)
         if PK == 1:  # one page per step: its values too are loaded a page ahead (a step start is too late at batch 1)
             nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, end - p_lo * PAGE, svc_p, svc_h, svc_t, sc_w,
-                                            svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V)
+                                            svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V, VFIELDS)
         if ROPE_HALF == 0:  # the query's operands, from _query_prep_kernel, once the first page is on its way
             if PDL:
                 gdc_wait()
@@ -404,7 +410,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                     vcodes = vcodes + ((nv_lo, nv_hi, nvs),)
                 else:
                     vcodes = vcodes + (_page_codes(vc_ptr, vs_ptr, page, h, end - (pg0 + k) * PAGE, svc_p, svc_h,
-                                                   svc_t, sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V),)
+                                                   svc_t, sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V, VFIELDS),)
             for k in tl.static_range(PK):
                 k_lo, k_hi, ks = nk_lo, nk_hi, nks
                 if k + 1 < PK:
@@ -415,7 +421,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                                                 skc_t, sc_w, sks_p, sks_h, D, DP, KBITS, KHI, PAGE, JOIN_K, KFIELDS)
                 if PK == 1:
                     nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, end - (pg0 + 1) * PAGE, svc_p, svc_h,
-                                                    svc_t, sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V)
+                                                    svc_t, sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V, VFIELDS)
                 if ROPE_HALF == 0:
                     sk = _key_products(k_lo, k_hi, qt_c[k], qt_lo[k], qt_hi[k], PAGE, NWL, NG, DP, KBITS, KHI, ASM,
                                        KFIELDS)
@@ -528,7 +534,7 @@ def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr
                         VBITS: tl.constexpr, PAGE: tl.constexpr, INV_SQRT_N: tl.constexpr, LOG2DP: tl.constexpr,
                         SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
                         BLOCK_M: tl.constexpr, RS: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_V: tl.constexpr,
-                        PDL: tl.constexpr, FP_ONLY: tl.constexpr):
+                        PDL: tl.constexpr, FP_ONLY: tl.constexpr, VFIELDS: tl.constexpr):
     # Two-pass split, pass 2 (values only): p = 2^(s - m) from pass 1's logits and split max, accumulated against
     # the decoded value pages as in ``_attn_split_kernel``; no running max, so nothing is ever rescaled. FP_ONLY
     # (grid (programs, 1)): only the uncompressed part, beside the Gluon values pass (which takes the pages).
@@ -549,7 +555,7 @@ def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr
         col = tl.arange(0, BLOCK_M)
         p_lo, p_hi, end, page = _split_pages(bt_ptr, b, sbt, split, pages_per_split, comp, PAGE)
         nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, end - p_lo * PAGE, svc_p, svc_h, svc_t, sc_w,
-                                        svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V)
+                                        svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V, VFIELDS)
         if PDL:
             gdc_wait()
         m_r = tl.load(m_ptr + part * BLOCK_M + col, mask=col < RS, other=float("-inf"))
@@ -565,7 +571,7 @@ def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr
             v_lo, v_hi, vs, s = nv_lo, nv_hi, nvs, ns
             page = tl.load(bt_ptr + b * sbt + tl.minimum(pg + 1, p_hi - 1))
             nv_lo, nv_hi, nvs = _page_codes(vc_ptr, vs_ptr, page, h, end - (pg + 1) * PAGE, svc_p, svc_h, svc_t,
-                                            sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V)
+                                            sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V, VFIELDS)
             tok = (pg + 1) * PAGE + t[:, None]
             ns = tl.load(lg + tok * RS, mask=(col[None, :] < RS) & (tok < end), other=float("-inf"))
             p = tl.exp2(s - m_safe[None, :])

@@ -386,6 +386,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             LOG2DP=DP.bit_length() - 1, SOFTCAP=softcap is not None, WINDOW=window is not None, DOT=dot,
             ASM=q.is_cuda, BLOCK_M=block_m, RS=rb, BLOCK_N=cfg.BLOCK_N,
             JOIN_V=_join_runs(codec.value_bits, cache.v_codes), PDL=pdl, FP_ONLY=fast_values,
+            VFIELDS=codec.layout("value") == "fields",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **_pdl_options(pdl))
     else:
         launch(_attn_split_kernel, (B * H * n_mblk, n_parts),
@@ -407,7 +408,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             BLOCK_M=block_m, PK=step, BLOCK_N=cfg.BLOCK_N, JOIN_K=_join_runs(codec.key_bits, cache.k_codes),
             JOIN_V=_join_runs(codec.value_bits, cache.v_codes), PDL=pdl and prep,
             CAUSAL_PAGES=q_len > 1,  # a single query follows every key; a chunk may start inside the compressed pages
-            KFIELDS=codec.layout("key") == "fields",
+            KFIELDS=codec.layout("key") == "fields", VFIELDS=codec.layout("value") == "fields",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **_pdl_options(pdl and prep))
     # The reduce reads only the real rows of a block; small batches spread its output columns over programs.
     n_bh = B * H * n_mblk

@@ -12,12 +12,7 @@ stage costs, since each replacement also moves registers and scheduling; with 3-
 - ``no coset flags``: the coset registers zero (``_coset``);
 - ``no field masks``: every A register the whole word (``_regs2``, ``_regs1``): the floor of one mask per register;
 - ``no rescale``: the accumulators not rescaled per page (``_rescale_all``): what skipping the rescale when no
-  maximum grew saves on the pages where none did;
-- ``4-bit fields``: a format what-if for 4-bit keys and values at head_dim 128, the bytes unchanged: each index a
-  whole nibble, four per 16-bit half (word 2m + k, half h: nibbles 4k..4k+3 of group 2m + h), the coset flag kept
-  in the implied parity bit's place and the parity restored per group before the masks; one product chain per
-  stream instead of one per plane (keys: ``_plane_regs``; values: ``_value_products``, their high-plane
-  accumulators unused). Other streams as shipped.
+  maximum grew saves on the pages where none did.
 Static counts (each instruction of the loop once; the loop runs once per page). Registers: ``cuobjdump -res-usage``;
 local loads/stores: spills anywhere in the kernel.
 
@@ -38,7 +33,6 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from autotune.sass import disassemble, loop_bodies
-from nqkernels.attention.gluon import _coset, _mma, _pair_words, _plane_regs, _rescale, _value_products
 
 
 @gluon.jit
@@ -74,89 +68,11 @@ def _no_rescale(acc_lo, acc_hi, acc_c, l0, l1, ls0, ls1, a0, a1):
     return acc_lo, acc_hi, acc_c, l0, l1, ls0, ls1
 
 
-@gluon.jit
-def _nibble_pair(w0, w1):
-    """(w1 with each group's slot, nibble 7's low bit at bits 12 / 28, set to the parity of the other 7 low bits;
-    the coset registers 2c·2^-24 per half): half h of w0 holds nibbles 0-3 of a group, of w1 its nibbles 4-7, whose
-    slot stores the coset flag c. The fold xors all 8 low bits: flag ^ parity, so xoring it in swaps them."""
-    f = (w0 ^ w1) & 0x11111111
-    f = f ^ (f >> 8)
-    f = f ^ (f >> 4)
-    return w1 ^ ((f << 12) & 0x10001000), (w1 >> 11) & 0x00020002
-
-
-@gluon.jit
-def _nibbles(w):
-    """Registers of a word of 4-bit fields: j = 0..3 holds nibble j of each half, times 16^(j % 2)."""
-    x = w >> 8
-    return (w & 0x000F000F, w & 0x00F000F0, x & 0x000F000F, x & 0x00F000F0)
-
-
-@gluon.jit
-def _nibble_key_regs(lo, hi, c, D: gl.constexpr, KBITS: gl.constexpr):
-    """``_plane_regs`` with 4-bit keys at head_dim 128 as nibble fields (the thread's 4 words, as many as today's
-    2 low + 2 high): one register set, no high plane."""
-    if KBITS == 4 and D == 128:
-        words = (lo[0], lo[1], hi[0], hi[1])
-        cs = ()
-        lr = ()
-        for i in gl.static_range(2):
-            w1, f = _nibble_pair(words[2 * i], words[2 * i + 1])
-            cs = cs + (f,)
-            lr = lr + _nibbles(words[2 * i]) + _nibbles(w1)
-        hr = ()
-    else:
-        cs, lr, hr = _plane_regs(lo, hi, c, D, KBITS)
-    return cs, lr, hr
-
-
-@gluon.jit
-def _nibble_value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi, zero_i, D: gl.constexpr,
-                           VBITS: gl.constexpr):
-    """``_value_products`` with 4-bit values at head_dim 128 as nibble fields (the thread's 2 words per token, as
-    many as today's low + high): pair words of tokens (2c, 2c + 1) and (2c + 8, 2c + 9), one product chain into
-    ``acc_lo``; ``acc_hi`` left as it is."""
-    if VBITS == 4 and D == 128:
-        pa = _pair_words(words[0][0], words[1][0], sel_lo, 32, 1) + _pair_words(words[0][1], words[1][1], sel_hi,
-                                                                                32, 1)
-        pb = _pair_words(words[2][0], words[3][0], sel_lo, 32, 1) + _pair_words(words[2][1], words[3][1], sel_hi,
-                                                                                32, 1)
-        ra = ()
-        rb = ()
-        ca = ()
-        cb = ()
-        for i in gl.static_range(2):
-            w1, f = _nibble_pair(pa[2 * i], pa[2 * i + 1])
-            ca = ca + (f,)
-            ra = ra + _nibbles(pa[2 * i]) + _nibbles(w1)
-            w1, f = _nibble_pair(pb[2 * i], pb[2 * i + 1])
-            cb = cb + (f,)
-            rb = rb + _nibbles(pb[2 * i]) + _nibbles(w1)
-        nacc = ()
-        for t in gl.static_range(D // 16):
-            a = acc_lo[t]
-            nacc = nacc + (_mma(ra[2 * t], ra[2 * t + 1], rb[2 * t], rb[2 * t + 1], b0, b1, a[0], a[1], a[2],
-                                a[3]),)
-        a = acc_c[0]
-        out = nacc, acc_hi, (_mma(ca[0], ca[1], cb[0], cb[1], b0, b1, a[0], a[1], a[2], a[3]),)
-    else:
-        out = _value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi, zero_i, D, VBITS)
-    return out
-
-
-@gluon.jit
-def _rescale_but_high(acc_lo, acc_hi, acc_c, l0, l1, ls0, ls1, a0, a1):
-    """``_rescale_all`` without the values' high-plane accumulators (unused with 4-bit value fields)."""
-    return (_rescale(acc_lo, a0, a1), acc_hi, _rescale(acc_c, a0, a1), l0 * a0, l1 * a1, ls0 * a0, ls1 * a1)
-
-
 # The stand-ins of each variant: attention.gluon's function name -> a Gluon function of the same signature.
 STAND_INS = {"full": {}, "no parity restore": {"_parity_fold": _no_parity_fold, "_with_parity": _no_parity},
              "no coset flags": {"_coset": _no_coset}, "no field masks": {"_regs2": _whole_words2,
                                                                          "_regs1": _whole_words1},
-             "no rescale": {"_rescale_all": _no_rescale},
-             "4-bit fields": {"_plane_regs": _nibble_key_regs, "_value_products": _nibble_value_products,
-                              "_rescale_all": _rescale_but_high}}
+             "no rescale": {"_rescale_all": _no_rescale}}
 
 
 VARIANTS = tuple(STAND_INS)
@@ -177,9 +93,7 @@ def count(variant: str, head_dim: int, bits: tuple, warps: int, maxnreg: int = 0
                 sm_scale="fp32", softcap="fp32")
     fn = G._gluon_fused_kernel
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in inspect.signature(fn.fn).parameters}
-    swap = dict(STAND_INS[variant])
-    if variant == "4-bit fields" and (vb != 4 or head_dim != 128):
-        del swap["_rescale_all"]  # the values' high-plane accumulators stay in use
+    swap = STAND_INS[variant]
     missing = [n for n in swap if not hasattr(G, n)]
     if missing:  # a renamed stage would otherwise be measured as "full"
         raise RuntimeError(f"variant {variant!r}: attention.gluon has no {missing} to replace")

@@ -139,6 +139,96 @@ def test_fragment_maps_match_reference(d, bits):
     torch.testing.assert_close(got * 2.0 ** 24, want, rtol=1e-12, atol=1e-9)
 
 
+def _nibble_pair(w0, w1):  # attention_gluon._nibble_pair on unsigned words (int64)
+    f = (w0 ^ w1) & 0x11111111
+    f = f ^ (f >> 8)
+    f = f ^ (f >> 4)
+    return w1 ^ ((f << 12) & 0x10001000), (w1 >> 11) & 0x00020002
+
+
+def _nibbles(w):
+    x = w >> 8
+    return [w & 0x000F000F, w & 0x00F000F0, x & 0x000F000F, x & 0x00F000F0]
+
+
+def _fields_scale(qf, bits):
+    """``_fields_query``: the low-plane rows j of the B registers times 4^(j % 4) / 2^pos_j (float64)."""
+    qf = qf.clone()
+    for j in range(16):
+        pos = 4 * (j % 2) if bits == 4 else (0 if j == 15 else 3 * (j % 5) % 9)
+        qf[2 + j] *= 2.0 ** (2 * (j % 4) - pos)
+    return qf
+
+
+@needs_gluon
+def test_nibble_key_fragments_match_reference():
+    """The fused pass's 4-bit keys in the "fields" layout (``_word_offsets``, ``_nibble_regs``, ``_fields_query``),
+    emulated as ``test_fragment_maps_match_reference`` does the planes: thread column c's words 4c .. 4c + 3, each
+    group's eighth index made whole, one mask per register, the query scaled instead; no high-plane registers."""
+    torch.manual_seed(4)
+    d, bits = 128, 4
+    idx = R.e8_nearest(torch.randn(16, d) * (1 << bits) / 2.5, bits)
+    words = _u32(R.pack_codes(idx, bits, "fields").long())
+    q = torch.randn(8, d)
+    qf = _fields_scale(_prep_operand(q, d, bits).flatten()[G.fragment_index(d, bits, 16, "cpu").long()]
+                       .view(-1, 32, 2), bits)
+    got = torch.zeros(16, 8, dtype=torch.float64)
+    m = (1 << (bits + 1)) - 1
+    for c in range(4):
+        w = [words[:, 4 * c + i] for i in range(4)]
+        w1, c0 = _nibble_pair(w[0], w[1])
+        w3, c1 = _nibble_pair(w[2], w[3])
+        regs = torch.stack([c0, c1] + _nibbles(w[0]) + _nibbles(w1) + _nibbles(w[2]) + _nibbles(w3)
+                           + [torch.zeros_like(c0)] * 16, dim=1)  # the high-plane B rows meet nothing
+        const = torch.zeros(regs.shape[1], dtype=torch.long)
+        const[:2] = (0x8000 | m) * 0x10001
+        b = qf[:, c::4]
+        got += torch.einsum("trh,rgh->tg", _halves(regs), b) + torch.einsum("rh,rgh->g", _halves(const), b)
+    values = R.e8_values(idx, bits).double()
+    want = values @ rotation(d, "cpu")[:d].double() @ q.double().T / math.sqrt(R.transform_norm(d))
+    torch.testing.assert_close(got * 2.0 ** 24, want, rtol=1e-12, atol=1e-9)
+
+
+@needs_gluon
+def test_nibble_value_fragments_match_reference():
+    """4-bit values in the "fields" layout (``_value_spans``, ``_nibble_value_products``, ``_store_values_partial``),
+    emulated as ``test_value_fragment_maps_match_reference`` does the planes: lane 4g + c's pair words of nibble
+    words 2g, 2g + 1, register r = coordinate r of its span times 16^(r % 2), one accumulator chain."""
+    torch.manual_seed(5)
+    d, bits = 128, 4
+    idx = R.e8_nearest(torch.randn(16, d) * (1 << bits) / 2.5, bits)
+    words = _u32(R.pack_codes(idx, bits, "fields").long())
+    w = torch.rand(16, 8, dtype=torch.float64)
+    ct = d // 8
+    got = torch.zeros(d, 8, dtype=torch.float64)
+
+    def field(reg, h):
+        return float((reg >> 16 * h) & 0xFFFF)
+
+    for g in range(8):
+        acc = torch.zeros(ct, 8, dtype=torch.float64)
+        acc_c = torch.zeros(2, 8, dtype=torch.float64)
+        for c in range(4):
+            for base in (2 * c, 2 * c + 8):
+                ta, tb = base, base + 1
+                lo = [_prmt(int(words[ta, 2 * g]), int(words[tb, 2 * g]), s) for s in (0x5410, 0x7632)]
+                hi = [_prmt(int(words[ta, 2 * g + 1]), int(words[tb, 2 * g + 1]), s) for s in (0x5410, 0x7632)]
+                regs, cos = [], []
+                for i in range(2):
+                    w1, f = _nibble_pair(lo[i], hi[i])
+                    regs += _nibbles(lo[i]) + _nibbles(w1)
+                    cos.append(f)
+                for h in range(2):
+                    for r in range(ct):
+                        acc[r] += field(regs[r], h) * w[base + h]
+                    for i, x in enumerate(cos):
+                        acc_c[i] += field(x, h) * w[base + h]
+        ls = w.sum(0)
+        for r in range(ct):
+            got[g * ct + r] = acc[r] / 16 ** (r % 2) + acc_c[r // 8] * 0.25 + ls * (0.25 - (1 << (bits - 1)))
+    torch.testing.assert_close(got, R.e8_values(idx, bits).double().T @ w, rtol=1e-12, atol=1e-9)
+
+
 def _prmt(a, b, sel):
     """prmt.b32 (default mode) on unsigned 32-bit ints."""
     src = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
@@ -245,6 +335,7 @@ def test_value_fragment_maps_match_reference(d, bits):
 _COMPILE = r"""
 import inspect, json, os, re, subprocess, sys, tempfile
 import triton
+from nqkernels.config import code_layout
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from nqkernels.attention import gluon as G
@@ -267,7 +358,8 @@ for v in json.loads(sys.argv[1]):
         consts = dict(ROWS=v.get("rs", 4), D=v["d"], VBITS=v["bits"], PAGE=v.get("page", 64), BLOCK_M=16,
                       RS=v.get("rs", 4), NW=v["nw"], W=v["d"] * v["bits"] // 32, OFF64=v.get("off64", False),
                       VEC=v.get("vec", True), L2PF=v.get("l2", 0), OUT_SCALE=v["d"] ** -0.5,
-                      LOG2CT=(v["d"] // 8).bit_length() - 1)
+                      LOG2CT=(v["d"] // 8).bit_length() - 1,
+                      VFIELDS=code_layout("value", v["bits"], v["d"]) == "fields")
         ptrs = dict(vc_ptr="*i32", vs_ptr=v.get("scale", "*fp16"), bt_ptr="*i32", lens_ptr="*i32", lg_ptr="*fp32",
                     m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32")
         fn = G._gluon_values_kernel
@@ -325,15 +417,17 @@ def compile_variants(variants=VARIANTS) -> list:
 
 
 VALUE_VARIANTS = [dict(values=True, d=128, bits=2, nw=2, l2=2), dict(values=True, d=128, bits=3, nw=1),
-                  dict(values=True, d=128, bits=4, nw=4, scale="*bf16", off64=True),
+                  dict(values=True, d=128, bits=4, nw=4, scale="*bf16", off64=True), dict(values=True, d=128, bits=4,
+                                                                                          nw=2, l2=2),
                   dict(values=True, d=64, bits=2, nw=2, rs=8, vec=False), dict(values=True, d=64, bits=3, nw=4),
                   dict(values=True, d=256, bits=2, nw=2, rs=1, page=32), dict(values=True, d=256, bits=3, nw=2, l2=1)]
 
 
 def value_hmma_per_unit(d: int, bits: int) -> int:
-    """m16n8k16 products per 16-token unit of the values pass: one per 16 coordinates and plane, and the coset
-    flags' (one per 16 groups, at least one)."""
-    return d // 16 * (2 if bits > 2 else 1) + max(1, d // 128)
+    """m16n8k16 products per 16-token unit of the values pass: one per 16 coordinates and plane (one plane in the
+    "fields" layout), and the coset flags' (one per 16 groups, at least one)."""
+    planes = 2 if bits > 2 and code_layout("value", bits, d) == "planes" else 1
+    return d // 16 * planes + max(1, d // 128)
 
 
 @needs_gluon
@@ -356,7 +450,10 @@ FUSED_VARIANTS = [dict(fused=True, d=128, bits=(3, 2), nw=2, l2=2), dict(fused=T
                   dict(fused=True, d=64, bits=(2, 2), nw=2, rs=8, group=8, vec=False),
                   dict(fused=True, d=256, bits=(3, 2), nw=4, scale="*bf16", off64=True, l2=1),
                   dict(fused=True, d=128, bits=(3, 3), nw=2, page=32, softcap=True, window=True, q_len=2, group=4,
-                       rs=8)]
+                       rs=8),
+                  dict(fused=True, d=128, bits=(4, 4), nw=2, l2=2), dict(fused=True, d=128, bits=(4, 2), nw=2),
+                  dict(fused=True, d=128, bits=(2, 4), nw=2, q_len=2, group=4, rs=8, window=True)]
+# (K2V4 with one warp, q_len 2 and a window spills 23 words with triton 3.9, none with 3.6: 2 warps here.)
 
 
 @needs_gluon
@@ -374,7 +471,7 @@ def test_fused_kernel_compiles_for_hopper():
         assert s["local"] == 0, r
         kb, vb = r["bits"]
         units = r.get("page", 64) // 16 // r["nw"]
-        # keys in the "fields" layout (3 bits, head_dim 128): one product chain, as 2-bit keys
+        # keys in the "fields" layout (3-4 bits, head_dim 128): one product chain, as 2-bit keys
         kh = G.hmma_per_unit(r["d"], 2 if code_layout("key", kb, r["d"]) == "fields" else kb)
         # Two page loops with 2+ warps (the pages before the end unmasked, then the split's last page), one with 1.
         assert len(s["loops"]) == (2 if r["nw"] > 1 else 1), s["loops"]
@@ -384,10 +481,12 @@ def test_fused_kernel_compiles_for_hopper():
             assert lp["ops"].get("MOVM", 0) == 2 * units, r  # one transpose per 8 tokens
         if r["d"] == 128 and r["bits"] == [3, 2]:  # fields keys: 266.5 per unit (triton 3.6 and 3.9; planes: 333)
             assert s["loops"][0]["loop"] <= 280 * units, s["loops"][0]["loop"]  # the unmasked loop
+        if r["d"] == 128 and r["bits"] == [4, 4]:  # 4-bit fields: 302.5-304 per unit (planes: 404.5-407)
+            assert s["loops"][0]["loop"] <= 320 * units, s["loops"][0]["loop"]
 
 
 @needs_gluon
-@pytest.mark.parametrize("d,bits,q_len", [(128, (3, 2), 1), (64, (2, 2), 2), (256, (4, 2), 1)])
+@pytest.mark.parametrize("d,bits,q_len", [(128, (3, 2), 1), (64, (2, 2), 2), (256, (4, 2), 1), (128, (4, 4), 1)])
 def test_fused_pass_launch_arguments(d, bits, q_len):
     """``fused_pass``'s launch, captured on the CPU instead of run: the kernel's every parameter is given, its
     constexprs as ``fused_constants`` computes them from the cache and the prep's operand."""
@@ -416,6 +515,7 @@ def test_fused_pass_launch_arguments(d, bits, q_len):
         (d, bits[0], bits[1], q_len, 4 * q_len, True, False)
     assert kw["NW"] == kw["num_warps"] == G.fused_warps(2, d, bits[0], codec.page_size)
     assert (kw["KFIELDS"], kw["WK"]) == (codec.layout("key") == "fields", cache.k_codes.shape[-1])
+    assert (kw["VFIELDS"], kw["WV"]) == (codec.layout("value") == "fields", cache.v_codes.shape[-1])
 
 
 @needs_gluon

@@ -28,6 +28,11 @@ Register order (per thread c, per token; ``fragment_elements`` / ``fragment_inde
     indices of low-plane register j's coordinate pair, one mask of word 2c, 2c + 1, 8 + c or 12 (``_fields_regs``,
     times 2^(3·(j mod 5) mod 9), which ``_fields_query`` divides out of the query), the coset flags from bit 15 of the
     halves of words 2c, 2c + 1; no high plane.
+  * 4-bit keys at head_dim 128 in the "fields" layout: words 4c .. 4c + 3 are the nibble words of low-plane words
+    2c, 2c + 1; register j holds the whole indices of low-plane register j's coordinate pair, one mask per register
+    (times 16^(j % 2), ``_fields_query``), each group's eighth index made whole and its coset flag taken from it
+    (``_nibble_pair``, ``_nibble_regs``); no high plane. 4-bit values likewise (``_nibble_value_products``): one
+    product chain, no high-plane accumulators.
 Register 2t and 2t + 1 of a plane are the a0/a2 (token g) and a1/a3 (token g + 8) of k-tile t. The B fragment of
 lane (g', c) is the prep's query operand (``kernels._query_prep_kernel``, pair order, unchanged) gathered to the
 elements of thread c's registers, column g': each program gathers its fragments once, through a cached index table
@@ -165,24 +170,31 @@ def _token_words(lo_ptr, hi_ptr, D: gl.constexpr, KBITS: gl.constexpr, VEC: gl.c
 
 
 @gluon.jit
-def _word_offsets(t, c, D: gl.constexpr, KBITS: gl.constexpr, W: gl.constexpr):
+def _word_offsets(t, c, D: gl.constexpr, KBITS: gl.constexpr, W: gl.constexpr, FIELDS: gl.constexpr):
     """Offsets (words, from the page's first word) of the first low-plane and high-plane word that thread column c
     decodes of page token t: low words c·D/64 .., high words c·D/128 .. (3 bits; head_dim 64: word c // 2), c·D/64 ..
-    (4 bits)."""
+    (4 bits). The "fields" layout at 4 bits: words 4c, 4c + 1 and 4c + 2, 4c + 3 (head_dim 128)."""
     hw: gl.constexpr = D * (KBITS - 2) // 128
-    if hw >= 1:
+    lo = t * W + c * (D // 64)
+    if FIELDS and KBITS == 4:
+        lo = t * W + 4 * c
+        hi = lo + 2
+    elif hw >= 1:
         hi = t * W + D // 16 + c * hw
     else:
         hi = t * W + D // 16 + (c >> 1)
-    return t * W + c * (D // 64), hi
+    return lo, hi
 
 
 @gluon.jit
-def _token_regs(lo, hi, c, D: gl.constexpr, KBITS: gl.constexpr):
+def _token_regs(lo, hi, c, D: gl.constexpr, KBITS: gl.constexpr, FIELDS: gl.constexpr):
     """A registers of one token: (coset registers, padded to >= 2; low plane; high plane). Keys in the "fields"
-    layout (3 bits, head_dim 128) carry two high words (``_page_units``) and give no high plane."""
-    if KBITS == 3 and D == 128 and len(hi) == 2:
+    layout give no high plane: at 3 bits they carry two high words (``_page_units``), at 4 bits the thread's four
+    nibble words are ``lo`` and ``hi`` (``_word_offsets``)."""
+    if FIELDS and KBITS == 3:
         cs, lr, hr = _fields_regs(lo, hi, c)
+    elif FIELDS:
+        cs, lr, hr = _nibble_regs(lo, hi)
     else:
         cs, lr, hr = _plane_regs(lo, hi, c, D, KBITS)
     return cs, lr, hr
@@ -229,6 +241,36 @@ def _fields_regs(lo, hi, c):
         lr = lr + (w & 0x00070007, w & 0x00380038, w & 0x01C001C0, x & 0x00070007, x & 0x00380038)
     lr = lr + ((hi[1] >> (3 * c)) & 0x00070007,)
     return ((lo[0] >> 14) & 0x00020002, (lo[1] >> 14) & 0x00020002), lr, ()
+
+
+@gluon.jit
+def _nibble_pair(w0, w1):
+    """(w1 with each group's eighth index whole, the coset registers 2c·2^-24 per half) of two words of 4-bit fields
+    whose half h holds nibbles 0-3 (w0) and 4-7 (w1) of one lattice group: the coset flag c is stored in nibble 7's
+    low bit (bit 12 + 16h, the implied parity bit's place). The xor of the group's 8 low bits is flag ^ parity, so
+    xoring it into that bit puts the parity there."""
+    f = (w0 ^ w1) & 0x11111111
+    f = f ^ (f >> 8)
+    f = f ^ (f >> 4)
+    return w1 ^ ((f << 12) & 0x10001000), (w1 >> 11) & 0x00020002
+
+
+@gluon.jit
+def _nibbles(w):
+    """Registers of a word of 4-bit fields: j = 0..3 holds nibble j of each half, times 16^(j % 2)."""
+    x = w >> 8
+    return (w & 0x000F000F, w & 0x00F000F0, x & 0x000F000F, x & 0x00F000F0)
+
+
+@gluon.jit
+def _nibble_regs(lo, hi):
+    """A thread's key registers of one token in the "fields" layout at 4 bits (docs/format.md, "Codes"): column c's
+    words 4c .. 4c + 3 (``lo``, ``hi``) are nibble words 2m, 2m + 1 of its low-plane words m = 2c, 2c + 1, so register
+    j holds the coordinate pair of the planes' low-plane register j, its whole index times 16^(j % 2)
+    (``_fields_query`` divides the query by it). The coset flags from each group's eighth index. No high plane."""
+    w1, c0 = _nibble_pair(lo[0], lo[1])
+    w3, c1 = _nibble_pair(hi[0], hi[1])
+    return (c0, c1), _nibbles(lo[0]) + _nibbles(w1) + _nibbles(hi[0]) + _nibbles(w3), ()
 
 
 @gluon.jit
@@ -352,7 +394,7 @@ def _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D:
 @gluon.jit
 def _unit_logits(unit, QF, kc4, c, zero, unit_scale, qm0, qm1, sm_scale, softcap, tok0, end, partial, n_sink,
                  q_index0, q_index1, window, D: gl.constexpr, KBITS: gl.constexpr, SOFTCAP: gl.constexpr,
-                 WINDOW: gl.constexpr, CAUSAL_PAGES: gl.constexpr):
+                 WINDOW: gl.constexpr, CAUSAL_PAGES: gl.constexpr, KFIELDS: gl.constexpr):
     """A 16-token unit's logits in log2 units, this thread's four C elements: (token g, row 2c), (g, 2c + 1),
     (g + 8, 2c), (g + 8, 2c + 1); keys past ``end`` (and, with CAUSAL_PAGES / WINDOW, keys a row may not see) -inf.
     ``unit``: the unit's words and scales (``_page_units``), ``kc4``: the accumulator's start value
@@ -360,8 +402,8 @@ def _unit_logits(unit, QF, kc4, c, zero, unit_scale, qm0, qm1, sm_scale, softcap
     NCR: gl.constexpr = max(2, D // 64)
     NLR: gl.constexpr = D // 8
     lo0, hi0, lo1, hi1, s0, s1 = unit[0], unit[1], unit[2], unit[3], unit[4], unit[5]
-    cs0, lr0, hr0 = _token_regs(lo0, hi0, c, D, KBITS)
-    cs1, lr1, hr1 = _token_regs(lo1, hi1, c, D, KBITS)
+    cs0, lr0, hr0 = _token_regs(lo0, hi0, c, D, KBITS, KFIELDS)
+    cs1, lr1, hr1 = _token_regs(lo1, hi1, c, D, KBITS, KFIELDS)
     a0, a1, a2, a3 = kc4  # coset + low plane, from the constant part
     for t in gl.static_range(NCR // 2):
         a0, a1, a2, a3 = _mma(cs0[2 * t], cs1[2 * t], cs0[2 * t + 1], cs1[2 * t + 1], QF[2 * t], QF[2 * t + 1],
@@ -432,7 +474,7 @@ def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_pt
     offs = ()  # per unit of a page: this thread's word offsets and token (g), the same on every page
     for k in gl.static_range(UPW):
         t0 = 16 * (k * NW + warp) + g
-        o_lo, o_hi = _word_offsets(t0, c, D, KBITS, W)
+        o_lo, o_hi = _word_offsets(t0, c, D, KBITS, W, False)
         offs = offs + ((o_lo, o_hi, t0),)
     p_lo, p_hi, end, last = _split_pages(split, pages_per_split, comp, PAGE)
     kc_h = kc_ptr + h * skc_h
@@ -467,7 +509,7 @@ def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_pt
         for k in gl.static_range(UPW):
             x0, x1, x2, x3 = _unit_logits(cur[k], QF, kc4, c, zero, unit, qm0, qm1, sm_scale, softcap,
                                           pg * PAGE + offs[k][2], end, pg * PAGE + PAGE > end, n_sink, q_index0,
-                                          q_index1, window, D, KBITS, SOFTCAP, WINDOW, CAUSAL_PAGES)
+                                          q_index1, window, D, KBITS, SOFTCAP, WINDOW, CAUSAL_PAGES, False)
             m0 = gl.maximum(m0, gl.maximum(x0, x2))
             m1 = gl.maximum(m1, gl.maximum(x1, x3))
             st = lg_pg + (16 * NW * RS) * k
@@ -640,20 +682,27 @@ def _value_units(vc_h, vs_h, lg0, page, pg, g_ok, svc_p, svs_p, o_lo, o_hi, t0, 
 
 
 @gluon.jit
-def _value_spans(g, zero_i, D: gl.constexpr, VBITS: gl.constexpr):
+def _value_spans(g, zero_i, D: gl.constexpr, VBITS: gl.constexpr, FIELDS: gl.constexpr):
     """A thread's span of a token's value words (coordinates g·D/8 .. (g + 1)·D/8 - 1): its first low-plane word and
     PRMT selector, its first high-plane word (words D/16 ..) and selector. A span below a word is picked by the
-    selector (half: 0x5410 / 0x7632; byte k: k·0x1111 + 0x4400)."""
+    selector (half: 0x5410 / 0x7632; byte k: k·0x1111 + 0x4400). The "fields" layout at 4 bits: nibble words 2g and
+    2g + 1 (head_dim 128) in the places of the low- and high-plane word."""
     CT: gl.constexpr = D // 8  # coordinates per thread
     TBL: gl.constexpr = CT * 2
     TBH: gl.constexpr = CT * max(1, VBITS - 2)
-    if TBL >= 32:
+    if FIELDS:
+        lo_w = 2 * g
+        sel_lo = zero_i
+    elif TBL >= 32:
         lo_w = g * (TBL // 32)
         sel_lo = zero_i
     else:
         lo_w = g >> 1
         sel_lo = 0x5410 + (g & 1) * 0x2222
-    if TBH >= 32:
+    if FIELDS:
+        hi_w = 2 * g + 1
+        sel_hi = zero_i
+    elif TBH >= 32:
         hi_w = D // 16 + g * (TBH // 32)
         sel_hi = zero_i
     elif TBH == 16:
@@ -666,14 +715,15 @@ def _value_spans(g, zero_i, D: gl.constexpr, VBITS: gl.constexpr):
 
 
 @gluon.jit
-def _value_accumulators(zero, D: gl.constexpr, VBITS: gl.constexpr):
-    """Zero accumulators: D/16 tiles (16 coordinates each) per plane, max(1, D/128) coset tiles (16 groups each);
-    each tile (c0, c1, c2, c3) = (coordinate g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)."""
+def _value_accumulators(zero, D: gl.constexpr, VBITS: gl.constexpr, FIELDS: gl.constexpr):
+    """Zero accumulators: D/16 tiles (16 coordinates each) per plane (one plane in the "fields" layout), max(1, D/128)
+    coset tiles (16 groups each); each tile (c0, c1, c2, c3) = (coordinate g, row 2c), (g, 2c + 1), (g + 8, 2c),
+    (g + 8, 2c + 1)."""
     acc_lo = ()
     for t in gl.static_range(D // 16):
         acc_lo = acc_lo + ((zero, zero, zero, zero),)
     acc_hi = ()
-    if VBITS > 2:
+    if VBITS > 2 and not FIELDS:
         for t in gl.static_range(D // 16):
             acc_hi = acc_hi + ((zero, zero, zero, zero),)
     acc_c = ()
@@ -684,10 +734,51 @@ def _value_accumulators(zero, D: gl.constexpr, VBITS: gl.constexpr):
 
 @gluon.jit
 def _value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi, zero_i, D: gl.constexpr,
-                    VBITS: gl.constexpr):
+                    VBITS: gl.constexpr, FIELDS: gl.constexpr):
     """One 16-token unit's products: acc[coordinate, row] += codes · weights, per plane and for the coset flags.
     ``words``: the unit's value words (``_value_words``), ``b0``/``b1``: the B fragment (weights of tokens 2c, 2c + 1
-    and 2c + 8, 2c + 9 for query row g, fp16 pairs), ``sel_lo``/``sel_hi``: the PRMT selectors of a span below a word."""
+    and 2c + 8, 2c + 9 for query row g, fp16 pairs), ``sel_lo``/``sel_hi``: the PRMT selectors of a span below a word.
+    ``FIELDS`` (4 bits, head_dim 128): one product chain of whole indices (``_nibble_value_regs``)."""
+    if FIELDS:
+        out = _nibble_value_products(words, b0, b1, acc_lo, acc_hi, acc_c, D)
+    else:
+        out = _plane_value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi, zero_i, D, VBITS)
+    return out
+
+
+@gluon.jit
+def _nibble_value_products(words, b0, b1, acc_lo, acc_hi, acc_c, D: gl.constexpr):
+    """``_value_products`` of 4-bit values in the "fields" layout: the pair words of nibble words 2g (half h:
+    nibbles 0-3 of group 2g + h) and 2g + 1 (nibbles 4-7) of tokens (2c, 2c + 1) and (2c + 8, 2c + 9), each group's
+    eighth index made whole (``_nibble_pair``): register r holds coordinate r of the thread's span times
+    16^(r % 2), as the planes' low-plane register r (times 4^(r % 4)) does. ``acc_hi`` is empty."""
+    a_lo = _pair_words(words[0][0], words[1][0], 0, 32, 1)
+    a_hi = _pair_words(words[0][1], words[1][1], 0, 32, 1)
+    b_lo = _pair_words(words[2][0], words[3][0], 0, 32, 1)
+    b_hi = _pair_words(words[2][1], words[3][1], 0, 32, 1)
+    ra = ()
+    rb = ()
+    ca = ()
+    cb = ()
+    for i in gl.static_range(2):  # group 2g + i: nibbles 0-3 in the low words' half i, 4-7 in the high words'
+        w1, f = _nibble_pair(a_lo[i], a_hi[i])
+        ra = ra + _nibbles(a_lo[i]) + _nibbles(w1)
+        ca = ca + (f,)
+        w1, f = _nibble_pair(b_lo[i], b_hi[i])
+        rb = rb + _nibbles(b_lo[i]) + _nibbles(w1)
+        cb = cb + (f,)
+    nacc = ()
+    for t in gl.static_range(D // 16):
+        a = acc_lo[t]
+        nacc = nacc + (_mma(ra[2 * t], ra[2 * t + 1], rb[2 * t], rb[2 * t + 1], b0, b1, a[0], a[1], a[2], a[3]),)
+    a = acc_c[0]
+    return nacc, acc_hi, (_mma(ca[0], ca[1], cb[0], cb[1], b0, b1, a[0], a[1], a[2], a[3]),)
+
+
+@gluon.jit
+def _plane_value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi, zero_i, D: gl.constexpr,
+                          VBITS: gl.constexpr):
+    """``_value_products`` of bit-plane values."""
     CT: gl.constexpr = D // 8
     TBL: gl.constexpr = CT * 2
     TBH: gl.constexpr = CT * max(1, VBITS - 2)
@@ -728,7 +819,7 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
                          ROWS: gl.constexpr, D: gl.constexpr, VBITS: gl.constexpr, PAGE: gl.constexpr,
                          BLOCK_M: gl.constexpr, RS: gl.constexpr, NW: gl.constexpr, W: gl.constexpr,
                          OFF64: gl.constexpr, VEC: gl.constexpr, L2PF: gl.constexpr, OUT_SCALE: gl.constexpr,
-                         LOG2CT: gl.constexpr):
+                         LOG2CT: gl.constexpr, VFIELDS: gl.constexpr):
     # Grid (batch · KV heads, splits), as the compressed programs of ``_attn_values_kernel``. A CTA of NW warps takes
     # a split's pages in order, warp w the units w, w + NW, .. of each page, the next page's loads issued before the
     # current page is decoded; with L2PF > 0 the page L2PF further ahead is prefetched into L2.
@@ -741,7 +832,7 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
     h = pid % H
     comp = gl.load(lens_ptr + max_batch + b)
     part = pid * (n_splits + 1) + split
-    lo_w, sel_lo, hi_w, sel_hi = _value_spans(g, zero_i, D, VBITS)
+    lo_w, sel_lo, hi_w, sel_hi = _value_spans(g, zero_i, D, VBITS, VFIELDS)
     g_ok = g < RS
     m_g = gl.load(m_ptr + part * BLOCK_M + g, mask=g_ok, other=float("-inf"))
     m_g = gl.where(m_g == float("-inf"), 0.0, m_g)
@@ -755,7 +846,7 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
     vs_h = vs_ptr + h * svs_h
     bt_b = bt_ptr + b * sbt
     lg0 = lg_ptr + pid.to(gl.int64) * n_tok * RS + g
-    acc_lo, acc_hi, acc_c = _value_accumulators(zero, D, VBITS)
+    acc_lo, acc_hi, acc_c = _value_accumulators(zero, D, VBITS, VFIELDS)
     l_g = zero
     ls_g = zero
     nxt = _value_units(vc_h, vs_h, lg0, gl.load(bt_b + gl.minimum(p_lo, last)), gl.minimum(p_lo, last), g_ok, svc_p,
@@ -797,7 +888,7 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
             b0 = _f16x2(q0, q1)
             b1 = _f16x2(q2, q3)
             acc_lo, acc_hi, acc_c = _value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi,
-                                                    zero_i, D, VBITS)
+                                                    zero_i, D, VBITS, VFIELDS)
     # Σp and Σp·s of row g: over the thread's column (lanes 4g .. 4g + 3) and the warps, then fetched for the rows
     # 2c, 2c + 1 this thread's accumulators hold (lanes 8c and 8c + 4).
     l_g = gl.sum(_shfl_add(_shfl_add(l_g, "1"), "2"), axis=0)
@@ -812,7 +903,7 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
     row_l = l_ptr + part * BLOCK_M
     gl.store(row_l + g1, l_g, mask=(c1 == 0) & (g1 < ROWS))
     _store_values_partial(acc_lo, acc_hi, acc_c, ls0, ls1, g1, col0, col1, acc_ptr + part * BLOCK_M * D, ROWS, D,
-                          VBITS, OUT_SCALE, LOG2CT)
+                          VBITS, OUT_SCALE, LOG2CT, VFIELDS)
 
 # -------------------------------------------------------------------------------------------------- fused pass
 #
@@ -826,14 +917,17 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
 
 
 @gluon.jit
-def _fields_query(QF):
-    """The query operand for keys in the "fields" layout: QF[2 + j] times 4^(j mod 4) / 2^pos_j, pos_j =
-    3·(j mod 5) mod 9 (0 for j = 15). The prep's low-plane rows undo the low plane's 4^(j mod 4) (``plane_pairs``);
-    a ``_fields_regs`` register holds its index times 2^pos_j. Exact (powers of two), once per program. The high
-    plane's registers stay unused."""
+def _fields_query(QF, KBITS: gl.constexpr):
+    """The query operand for keys in the "fields" layout: QF[2 + j] times 4^(j mod 4) / 2^pos_j, at 3 bits pos_j =
+    3·(j mod 5) mod 9 (0 for j = 15), at 4 bits 4·(j mod 2). The prep's low-plane rows undo the low plane's
+    4^(j mod 4) (``plane_pairs``); a ``_fields_regs`` / ``_nibble_regs`` register holds its index times 2^pos_j.
+    Exact (powers of two), once per program. The high plane's registers stay unused."""
     out = (QF[0], QF[1])
     for j in gl.static_range(16):
-        POS = 0 if j == 15 else (3 * (j % 5)) % 9
+        if KBITS == 4:
+            POS = 4 * (j % 2)
+        else:
+            POS = 0 if j == 15 else (3 * (j % 5)) % 9
         E = 2 * (j % 4) - POS
         F = ((15 + E) << 10) * 0x10001  # fp16 2^E in both halves
         out = out + (gl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [QF[2 + j], QF[2 + j] * 0 + F],
@@ -877,7 +971,7 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
                         WINDOW: gl.constexpr, BLOCK_M: gl.constexpr, RS: gl.constexpr, CAUSAL_PAGES: gl.constexpr,
                         NW: gl.constexpr, WK: gl.constexpr, WV: gl.constexpr, KQ: gl.constexpr, OFF64: gl.constexpr,
                         VEC_K: gl.constexpr, VEC_V: gl.constexpr, L2PF: gl.constexpr, OUT_SCALE: gl.constexpr,
-                        LOG2CT: gl.constexpr, KFIELDS: gl.constexpr):
+                        LOG2CT: gl.constexpr, KFIELDS: gl.constexpr, VFIELDS: gl.constexpr):
     # Grid (batch · KV heads, splits), as the split programs of ``_attn_split_kernel`` (one row block, q_len · group
     # <= 8); each split writes its max, Σp and partial Σ p·x in the original basis, so ``_attn_reduce_kernel``
     # completes the attention. Warp w takes the units w, w + NW, .. of each page with its own running max; the warps
@@ -893,17 +987,17 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
     zero = gl.zeros([NW, 32], gl.float32, L)
     kc4 = _coset_const(QF, zero, zero_i, D, KBITS)
     if KFIELDS:  # keys in the "fields" layout
-        QF = _fields_query(QF)
+        QF = _fields_query(QF, KBITS)
     UPW: gl.constexpr = PAGE // 16 // NW
     offs = ()  # keys: per unit of a page, this thread's word offsets and token g
     for k in gl.static_range(UPW):
         tk = 16 * (k * NW + warp) + g
-        o_klo, o_khi = _word_offsets(tk, c, D, KBITS, WK)
-        if KFIELDS:  # the shared word 12
+        o_klo, o_khi = _word_offsets(tk, c, D, KBITS, WK, KFIELDS)
+        if KFIELDS and KBITS == 3:  # the shared word 12
             offs = offs + ((o_klo, o_khi, tk, tk * WK + 12),)
         else:
             offs = offs + ((o_klo, o_khi, tk),)
-    lo_w, sel_lo, hi_w, sel_hi = _value_spans(g, zero_i, D, VBITS)
+    lo_w, sel_lo, hi_w, sel_hi = _value_spans(g, zero_i, D, VBITS, VFIELDS)
     tv = 16 * warp + 2 * c  # values: the thread's first token in unit 0 of a page
     o_vlo = tv * WV + lo_w
     o_vhi = tv * WV + hi_w
@@ -913,7 +1007,7 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
     vc_h = vc_ptr + h * svc_h
     vs_h = vs_ptr + h * svs_h
     bt_b = bt_ptr + b * sbt
-    acc_lo, acc_hi, acc_c = _value_accumulators(zero, D, VBITS)
+    acc_lo, acc_hi, acc_c = _value_accumulators(zero, D, VBITS, VFIELDS)
     m0 = zero - float("inf")  # running max, Σp and Σp·s of rows 2c, 2c + 1 (this warp's units)
     m1 = zero - float("inf")
     l0 = zero
@@ -941,14 +1035,17 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
         p_full = gl.maximum(gl.minimum(p_hi, end // PAGE), p_lo)
         for pg in range(p_lo, p_full):
             state = _fused_page(pg, end, False, state, streams, query, False, D, KBITS, VBITS, PAGE, SOFTCAP, WINDOW,
-                                CAUSAL_PAGES, NW, WK, WV, UPW, OFF64, VEC_K, VEC_V, L2PF)
+                                CAUSAL_PAGES, NW, WK, WV, UPW, OFF64, VEC_K, VEC_V, L2PF, KFIELDS,
+                                VFIELDS)
         for pg in range(p_full, p_hi):
             state = _fused_page(pg, end, True, state, streams, query, True, D, KBITS, VBITS, PAGE, SOFTCAP, WINDOW,
-                                CAUSAL_PAGES, NW, WK, WV, UPW, OFF64, VEC_K, VEC_V, L2PF)
+                                CAUSAL_PAGES, NW, WK, WV, UPW, OFF64, VEC_K, VEC_V, L2PF, KFIELDS,
+                                VFIELDS)
     else:  # one warp: one loop, each page masked if partial (a second copy of the page spills at 2 bits)
         for pg in range(p_lo, p_hi):
             state = _fused_page(pg, end, pg * PAGE + PAGE > end, state, streams, query, True, D, KBITS, VBITS, PAGE,
-                                SOFTCAP, WINDOW, CAUSAL_PAGES, NW, WK, WV, UPW, OFF64, VEC_K, VEC_V, L2PF)
+                                SOFTCAP, WINDOW, CAUSAL_PAGES, NW, WK, WV, UPW, OFF64, VEC_K, VEC_V, L2PF, KFIELDS,
+                                VFIELDS)
     acc_lo, acc_hi, acc_c, m0, m1, l0, l1, ls0, ls1 = (state[4], state[5], state[6], state[7], state[8], state[9],
                                                         state[10], state[11], state[12])
     # Σp and Σp·s over the lanes of a column; then the warps, each scaled to the split's max.
@@ -977,14 +1074,15 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
     gl.store(l_ptr + part * BLOCK_M + s0, l0, mask=g0 & (s0 < RS))
     gl.store(l_ptr + part * BLOCK_M + s1, l1, mask=g0 & (s1 < RS))
     _store_values_partial(acc_lo, acc_hi, acc_c, ls0, ls1, g1, s0, s1, acc_ptr + part * BLOCK_M * D, ROWS, D, VBITS,
-                          OUT_SCALE, LOG2CT)
+                          OUT_SCALE, LOG2CT, VFIELDS)
 
 
 @gluon.jit
 def _fused_page(pg, end, partial, state, streams, query, MASKED: gl.constexpr, D: gl.constexpr, KBITS: gl.constexpr,
                 VBITS: gl.constexpr, PAGE: gl.constexpr, SOFTCAP: gl.constexpr, WINDOW: gl.constexpr,
                 CAUSAL_PAGES: gl.constexpr, NW: gl.constexpr, WK: gl.constexpr, WV: gl.constexpr, UPW: gl.constexpr,
-                OFF64: gl.constexpr, VEC_K: gl.constexpr, VEC_V: gl.constexpr, L2PF: gl.constexpr):
+                OFF64: gl.constexpr, VEC_K: gl.constexpr, VEC_V: gl.constexpr, L2PF: gl.constexpr,
+                KFIELDS: gl.constexpr, VFIELDS: gl.constexpr):
     """One page of the fused pass: the next page's words loaded (and one further ahead prefetched into L2), this
     page's logits, the running max and rescale, its value products. ``state``: (this page's key and value words,
     the next page's block-table entry, the L2 prefetch's, the accumulators, running max, Σp and Σp·s);
@@ -1008,7 +1106,8 @@ def _fused_page(pg, end, partial, state, streams, query, MASKED: gl.constexpr, D
     mp1 = m1
     for k in gl.static_range(UPW):
         x = _unit_logits(cur_k[k], QF, kc4, c, zero, unit, qm0, qm1, sm_scale, softcap, pg * PAGE + offs[k][2],
-                         end, partial, n_sink, q_index0, q_index1, window, D, KBITS, SOFTCAP, WINDOW, CAUSAL_PAGES)
+                         end, partial, n_sink, q_index0, q_index1, window, D, KBITS, SOFTCAP, WINDOW, CAUSAL_PAGES,
+                         KFIELDS)
         xs = xs + (x,)
         mp0 = gl.maximum(mp0, gl.maximum(x[0], x[2]))
         mp1 = gl.maximum(mp1, gl.maximum(x[1], x[3]))
@@ -1043,7 +1142,7 @@ def _fused_page(pg, end, partial, state, streams, query, MASKED: gl.constexpr, D
         b0 = _transpose8(_f16x2(q0, q1))  # tokens 2c, 2c + 1 of row g
         b1 = _transpose8(_f16x2(q2, q3))  # tokens 2c + 8, 2c + 9
         acc_lo, acc_hi, acc_c = _value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi, zero_i, D,
-                                                VBITS)
+                                                VBITS, VFIELDS)
     return nxt_k, nxt_v, page, l2_page, acc_lo, acc_hi, acc_c, mp0, mp1, l0, l1, ls0, ls1
 
 
@@ -1067,11 +1166,12 @@ def _fused_value_units(vc_h, vs_h, page, svc_p, svs_p, o_lo, o_hi, offs, D: gl.c
 
 @gluon.jit
 def _store_values_partial(acc_lo, acc_hi, acc_c, ls0, ls1, g1, col0, col1, out_ptr, ROWS: gl.constexpr,
-                          D: gl.constexpr, VBITS: gl.constexpr, OUT_SCALE: gl.constexpr, LOG2CT: gl.constexpr):
+                          D: gl.constexpr, VBITS: gl.constexpr, OUT_SCALE: gl.constexpr, LOG2CT: gl.constexpr,
+                          FIELDS: gl.constexpr):
     """A split's partial Σ p·x in the original basis, rows col0 and col1 of ``out_ptr`` ([rows, D] fp32), from the
     accumulators of the warps (summed here; each already scaled to the split's max), this thread's coordinates g1·D/8
     .. in storage order: the planes and coset flags weighted (v = lo + c/2 + 4·hi + OFF, OFF carried by Σ p·s =
-    ``ls0``/``ls1``), then rotated back."""
+    ``ls0``/``ls1``), then rotated back. ``FIELDS``: whole indices in ``acc_lo`` times 16^(r % 2), no high plane."""
     CT: gl.constexpr = D // 8
     OFF: gl.constexpr = 0.25 - (1 << (VBITS - 1))
     y0 = ()
@@ -1079,12 +1179,13 @@ def _store_values_partial(acc_lo, acc_hi, acc_c, ls0, ls1, g1, col0, col1, out_p
     for r in gl.static_range(CT):
         # (c0, c1) of tile r // 2: row g (coordinate r, r even); (c2, c3): row g + 8 (r odd). The coset tile of the
         # thread's group r // 8 is r // 16, rows g (even group) or g + 8.
-        a0 = gl.sum(acc_lo[r // 2][2 * (r % 2)], axis=0) * (SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
-        a1 = gl.sum(acc_lo[r // 2][2 * (r % 2) + 1], axis=0) * (SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
+        POW = 4 * (r % 2) if FIELDS else 2 * (r % 4)  # the register's power of two
+        a0 = gl.sum(acc_lo[r // 2][2 * (r % 2)], axis=0) * (SUBNORMAL_UNIT / (1 << POW))
+        a1 = gl.sum(acc_lo[r // 2][2 * (r % 2) + 1], axis=0) * (SUBNORMAL_UNIT / (1 << POW))
         if VBITS == 3:
             a0 = a0 + gl.sum(acc_hi[r // 2][2 * (r % 2)], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (r % 8)))
             a1 = a1 + gl.sum(acc_hi[r // 2][2 * (r % 2) + 1], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (r % 8)))
-        elif VBITS == 4:
+        elif VBITS == 4 and not FIELDS:
             a0 = a0 + gl.sum(acc_hi[r // 2][2 * (r % 2)], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
             a1 = a1 + gl.sum(acc_hi[r // 2][2 * (r % 2) + 1], axis=0) * (4.0 * SUBNORMAL_UNIT / (1 << (2 * (r % 4))))
         y0 = y0 + (a0 + gl.sum(acc_c[r // 16][2 * (r // 8 % 2)], axis=0) * (SUBNORMAL_UNIT * 0.25) + ls0 * OFF,)
@@ -1319,7 +1420,8 @@ def values_pass(cache, logits, m_part, l_part, acc_part, *, rows: int, block_m: 
         pages_per_split, n_tok, cache.max_batch, *vc.stride()[:2], *vs.stride()[:2], cache.block_table.stride(0),
         ROWS=rows, D=D, VBITS=codec.value_bits, PAGE=P, BLOCK_M=block_m, RS=rs, NW=nw, W=words,
         OFF64=vc.numel() >= 2 ** 31 or vs.numel() >= 2 ** 31, VEC=vec, L2PF=l2_prefetch if l2 else 0,
-        OUT_SCALE=D ** -0.5, LOG2CT=(D // 8).bit_length() - 1, num_warps=nw, maxnreg=maxnreg)
+        OUT_SCALE=D ** -0.5, LOG2CT=(D // 8).bit_length() - 1, VFIELDS=codec.layout("value") == "fields",
+        num_warps=nw, maxnreg=maxnreg)
 
 
 def fused_constants(*, head_dim: int, key_bits: int, value_bits: int, page_size: int, q_len: int, group: int,
@@ -1332,9 +1434,11 @@ def fused_constants(*, head_dim: int, key_bits: int, value_bits: int, page_size:
     (0: off), ``key_layout`` the keys' (``KVCodec.layout``; "auto": ``config.code_layout``'s)."""
     D = head_dim
     layout = code_layout("key", key_bits, D) if key_layout == "auto" else key_layout
+    v_layout = code_layout("value", value_bits, D)
     return dict(Q_LEN=q_len, GROUP=group, ROWS=q_len * group, D=D, KBITS=key_bits, VBITS=value_bits, PAGE=page_size,
                 SOFTCAP=softcap, WINDOW=window, BLOCK_M=block_m, RS=rs, CAUSAL_PAGES=q_len > 1, NW=num_warps,
-                WK=code_words(D, key_bits, layout), WV=D * value_bits // 32, KFIELDS=layout == "fields",
+                WK=code_words(D, key_bits, layout), WV=code_words(D, value_bits, v_layout), KFIELDS=layout == "fields",
+                VFIELDS=v_layout == "fields",
                 KQ=max(16, D // 8) + D * (2 if key_bits > 2 else 1),
                 OFF64=off64, VEC_K=vec_k, VEC_V=vec_v, L2PF=l2_prefetch, OUT_SCALE=D ** -0.5,
                 LOG2CT=(D // 8).bit_length() - 1)

@@ -251,8 +251,9 @@ def test_decode_matches_reference_on_random_codes(d, bits):
     codec = KVCodec(head_dim=d, key_bits=bits, value_bits=bits, rope=RopeSpec(theta=10000.0))
     B, H, T = 2, 3, 21
     codes = torch.randint(-2**31, 2**31 - 1, (B, T, H, codec.words_per_token("key")), dtype=torch.int32)
-    if codec.layout("key") == "fields" and bits == 3:  # every index bit is stored: valid codes from random indices, and random
-        # bits in the spare bits (15 and 31 of words 8-11, 12-15 and 28-31 of word 12), which decoding ignores
+    if codec.layout("key") == "fields" and bits == 3:  # every index bit is stored: valid codes from random
+        # indices, and random bits in the spare bits (15 and 31 of words 8-11, 12-15 and 28-31 of word 12), which
+        # decoding ignores
         spare = torch.tensor([0] * 8 + [0x80008000] * 4 + [0xF000F000]).to(torch.int32)
         codes = R.pack_codes(torch.randint(0, 8, (B, T, H, d)), bits, "fields") | (codes & spare)
     scales = (torch.rand(B, T, H) + 0.1).half()

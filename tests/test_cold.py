@@ -220,6 +220,21 @@ def test_files_hold_bit_planes_whatever_the_key_layout():
         _assert_same(a, b)
 
 
+def test_4_bit_fields_are_saved_as_bit_planes():
+    """4-bit keys and values at head_dim 128 ("fields": nibbles) are saved as bit planes and load back bit for bit;
+    keys load into bit planes too where the caller's codec asks for them."""
+    caches = _caches(d=128, bits=(4, 4))
+    assert [caches[0].codec.layout(k) for k in ("key", "value")] == ["fields", "fields"]
+    data = _saved(caches, modes="raw")
+    for a, b in zip(caches, load_cache(io.BytesIO(data), device="cpu")):
+        _assert_same(a, b)
+    planes = KVCodec(head_dim=128, key_bits=4, value_bits=4, page_size=16, key_layout="planes")
+    for a, b in zip(caches, load_cache(io.BytesIO(data), device="cpu", codec=planes)):
+        for slot in (0, 2):
+            ka, kb = a.export_slot(slot).k_codes, b.export_slot(slot).k_codes
+            assert torch.equal(R.relayout(ka, 4, 128, "fields", "planes"), kb)
+
+
 def test_other_codec_or_shape_is_refused():
     data = _saved(_caches())
     with pytest.raises(ColdFormatError, match="another codec"):

@@ -8,7 +8,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..lattice import (SUBNORMAL_UNIT, coset_pairs, coset_plane_pairs, fields_pairs, inverse_hadamard, load_e8_doubled,
-                       nibble_planes, plane_pairs, restore_parity, rope_partner, rope_rotate, rope_rows_at, storage_order)
+                       nibble_planes, plane_pairs, restore_parity, rope_partner, rope_rotate, rope_rows_at,
+                       storage_order)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -116,7 +117,7 @@ def _page_codes(c_ptr, s_ptr, page, h, lim, sc_p, sc_h, sc_t, sc_w, ss_p, ss_h, 
     else:
         lo = _page_words(row0, lim, sc_t, sc_w, 0, D // 16, DP // 16, PAGE, JOIN)
         hi = lo
-    if FIELDS and BITS == 3:  # thread column c loads word 8 + c, and word 12 (a word stride of 0: every column reads it)
+    if FIELDS and BITS == 3:  # thread column c loads word 8 + c, and word 12 (word stride 0: every column reads it)
         hi = tl.reshape(tl.join(_page_words(row0, lim, sc_t, sc_w, 8, 4, 4, PAGE, JOIN),
                                 _page_words(row0 + 12 * sc_w, lim, sc_t, sc_w * 0, 0, 4, 4, PAGE, JOIN)), (PAGE, 8))
     elif BITS > 2 and not FIELDS:
@@ -410,7 +411,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
                     vcodes = vcodes + ((nv_lo, nv_hi, nvs),)
                 else:
                     vcodes = vcodes + (_page_codes(vc_ptr, vs_ptr, page, h, end - (pg0 + k) * PAGE, svc_p, svc_h,
-                                                   svc_t, sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V, VFIELDS),)
+                                                   svc_t, sc_w, svs_p, svs_h, D, DP, VBITS, VHI, PAGE, JOIN_V,
+                                                   VFIELDS),)
             for k in tl.static_range(PK):
                 k_lo, k_hi, ks = nk_lo, nk_hi, nks
                 if k + 1 < PK:

@@ -8,8 +8,9 @@ own launch; the two outputs must agree.
 The base file travels with the checkout (untracked, not ignored, or carried). Shapes are BxTxKxV[xD] (head_dim 128
 by default), Llama-3-8B heads (32 query, 8 KV). ``--fused`` forces the fused pass (``gluon_fused``) on top of the
 store's config; without it each module runs where the store takes a Gluon pass. A base from before the "fields"
-key layout (its ``fused_constants`` takes no ``key_layout``) reads the same codes in bit planes (``key_layout=
-"planes"``): where the keys are fields (3-bit keys at head_dim 128) the row then compares the two layouts. Times are CUDA-graph replays with
+key layout of its key bits (``reads_fields``) reads the same codes in bit planes (``key_layout="planes"``): the row
+then compares the two layouts; a base that reads 4-bit values in bit planes only is refused at V4 (no cache holds
+them so). Times are CUDA-graph replays with
 L2 cleared (``autotune.tune.bench_ms``), base and new alternated twice, the faster of each kept; decode plans are
 cleared between modules (a plan replays its launches).
 """
@@ -61,8 +62,12 @@ def parse_shapes(text: str, flag: str = "--shapes") -> list:
     return out
 
 
-def reads_fields(module) -> bool:
-    """Whether a copy of the Gluon module reads keys in the "fields" layout (older ones read bit planes only)."""
+def reads_fields(module, bits: int = 3) -> bool:
+    """Whether a copy of the Gluon module reads codes of ``bits`` bits in the "fields" layout: 3-bit keys since its
+    ``fused_constants`` took ``key_layout``, 4-bit keys and values since its fused kernel took ``VFIELDS`` (older
+    copies read bit planes there)."""
+    if bits == 4:
+        return "VFIELDS" in inspect.signature(module._gluon_fused_kernel.fn).parameters
     return "key_layout" in inspect.signature(module.fused_constants).parameters
 
 
@@ -82,7 +87,10 @@ def ab_row(dev, B, T, kb, vb, D, modules: dict, fused: bool) -> dict:
     caches = {name: cache for name in modules}
     layouts = {name: cache.codec.layout("key") for name in modules}
     for name, m in modules.items():
-        if layouts[name] == "fields" and not reads_fields(m):  # the same codes in bit planes
+        if cache.codec.layout("value") == "fields" and not reads_fields(m, vb):
+            sys.exit(f"the {name} module reads {vb}-bit values in bit planes only, and a cache cannot hold them so "
+                     f"(KVCodec has no value layout): leave K{kb}V{vb} out of --shapes")
+        if layouts[name] == "fields" and not reads_fields(m, kb):  # the same codes in bit planes
             caches[name], layouts[name] = decode_case(dev, B, T, kb, vb, D, key_layout="planes")[0], "planes"
     real = A._import_gluon
     row = dict(batch=B, context=T, head_dim=D, bits=f"K{kb}V{vb}", config=cfg, key_layout=layouts, us={},

@@ -45,5 +45,8 @@ def test_gluon_ab_knows_a_base_that_reads_bit_planes_only():
     from nqkernels.attention import gluon
     from perf.gluon_ab import reads_fields
 
-    assert reads_fields(gluon)
+    assert reads_fields(gluon) and reads_fields(gluon, 4)
     assert not reads_fields(types.SimpleNamespace(fused_constants=lambda *, head_dim, key_bits, value_bits: {}))
+    before4 = types.SimpleNamespace(_gluon_fused_kernel=types.SimpleNamespace(fn=lambda kc_ptr, KFIELDS: None),
+                                    fused_constants=gluon.fused_constants)
+    assert reads_fields(before4, 3) and not reads_fields(before4, 4)

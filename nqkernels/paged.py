@@ -34,6 +34,7 @@ from .codec import EncodedKV, _centering_mean, _decode, _encode, _load_rope_undo
 from .runtime import FIXED, codec_id, codec_of, use_triton
 from .config import KVCodec, is_int
 from .launch import signature
+from .reference import relayout
 
 
 # The tensors of a cache that the static-mode custom ops take, in their argument order (``PagedKVCache.op_tensors``).
@@ -56,6 +57,7 @@ class SlotState(NamedTuple):
     next_position: int      # position the next appended token gets
     positions: Optional[torch.Tensor] = None     # int32 [H, C]: positions of the compressed tokens (RoPE undone)
     fp_positions: Optional[torch.Tensor] = None  # int32 [H, F]: positions of the uncompressed tokens (RoPE undone)
+    layouts: Optional[tuple] = None  # (keys', values') code layouts (KVCodec.layout); None: the importing cache's
 
     @property
     def length(self) -> int:
@@ -69,7 +71,7 @@ class SlotState(NamedTuple):
                 return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
             return t.to(device, non_blocking=True)
         return SlotState(*(move(t) for t in self[:8]), self.sinks, self.next_position, move(self.positions),
-                         move(self.fp_positions))
+                         move(self.fp_positions), self.layouts)
 
 
 class PagedKVCache:
@@ -672,7 +674,8 @@ class PagedKVCache:
                          self.fp_k[b, :, :fp].clone(), self.fp_v[b, :, :fp].clone(), self.k_mean[b].clone(),
                          self.v_mean[b].clone(), self._sink[b], self._next[b],
                          self._stream(self.positions, b) if has_pos else None,
-                         self.fp_pos[b, :, :fp].clone() if has_pos else None)
+                         self.fp_pos[b, :, :fp].clone() if has_pos else None,
+                         (self.codec.layout("key"), self.codec.layout("value")))
 
     def _stream(self, t: torch.Tensor, b: int, n_pages: Optional[int] = None) -> torch.Tensor:
         """Slot b's first n_pages pages (default: all it holds) of a per-page tensor ``[num_pages, H, P, ...]`` as one
@@ -683,12 +686,19 @@ class PagedKVCache:
 
     def import_slot(self, b: int, state: SlotState) -> None:
         """Fill the empty slot b with ``state`` (from ``export_slot``, ``offload`` or ``load_cache``), on fresh
-        pages. Raises before changing anything if the state does not fit this cache."""
+        pages; codes in other layouts than this cache's (``state.layouts``, as ``export_slot`` records them) are
+        converted (``reference.relayout``, lossless). Raises before changing anything if the state does not fit."""
         self._host_mode("import_slot")
         self._check_slot(b)
         if self._len[b]:
             raise ValueError(f"slot {b} holds {self._len[b]} tokens; reset it before importing into it")
         P, H, D = self.codec.page_size, self.num_kv_heads, self.codec.head_dim
+        layouts = (self.codec.layout("key"), self.codec.layout("value"))
+        if state.layouts is not None and tuple(state.layouts) != layouts:  # the same codes in this cache's layouts
+            state = state._replace(layouts=layouts, **{
+                name: relayout(getattr(state, name), bits, D, src, dst) for name, bits, src, dst in (
+                    ("k_codes", self.codec.key_bits, state.layouts[0], layouts[0]),
+                    ("v_codes", self.codec.value_bits, state.layouts[1], layouts[1]))})
         C, F = state.k_codes.shape[1], state.fp_k.shape[1]
         want = {"k_codes": (H, C, self.k_codes.shape[-1]), "k_scales": (H, C), "v_codes": (H, C, self.v_codes.shape[-1]),
                 "v_scales": (H, C), "fp_k": (H, F, D), "fp_v": (H, F, D), "k_mean": (H, D), "v_mean": (H, D)}

@@ -512,6 +512,34 @@ def test_offload_and_restore_slots():
         cache.restore(states[:1], [1])
 
 
+@pytest.mark.parametrize("bits", ((4, 4), (3, 2)))
+def test_a_state_moves_between_key_layouts(bits):
+    """A slot exported from a cache with bit-plane keys imports into one with fields keys (and back) as the same
+    codes: ``SlotState.layouts`` says what the codes are, ``import_slot`` converts; at 4 bits the words per token
+    are equal, so only the layouts tell them apart."""
+    from nqkernels import reference as R
+
+    kw = dict(head_dim=128, key_bits=bits[0], value_bits=bits[1], page_size=16)
+    planes = PagedKVCache(KVCodec(**kw, key_layout="planes"), num_kv_heads=2, max_batch=2, num_pages=16,
+                          device="cpu")
+    fields = PagedKVCache(KVCodec(**kw), num_kv_heads=2, max_batch=2, num_pages=16, device="cpu")
+    _fill(planes, [50, 29])
+    q = torch.randn(2, 1, 4, 128, dtype=torch.float16)
+    want = decode_attention(q, planes)
+    for b in range(2):
+        state = planes.export_slot(b)
+        assert state.layouts == ("planes", fields.codec.layout("value"))
+        fields.import_slot(b, state)
+        got = fields.export_slot(b)
+        assert got.layouts == ("fields", fields.codec.layout("value"))
+        assert torch.equal(R.relayout(got.k_codes, bits[0], 128, "fields", "planes"), state.k_codes)
+    torch.testing.assert_close(decode_attention(q, fields), want, rtol=0, atol=2e-3)
+    before = planes.export_slot(0)
+    planes.reset([0])
+    planes.import_slot(0, fields.export_slot(0))  # and back: the same codes as before
+    assert all(torch.equal(x, y) for x, y in zip(planes.export_slot(0)[:8], before[:8]))
+
+
 def test_append_positions_bad_inputs():
     cache = PagedKVCache(KVCodec(head_dim=64, page_size=16), num_kv_heads=2, max_batch=1, num_pages=4, device="cpu")
     k = torch.randn(1, 5, 2, 64, dtype=torch.float16)

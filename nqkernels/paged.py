@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .codec import EncodedKV, _centering_mean, _decode, _encode, _load_rope_undone, finite_rows_sum
 from .runtime import FIXED, codec_id, codec_of, use_triton
-from .config import KVCodec, is_int
+from .config import KVCodec, code_words, is_int
 from .launch import signature
 from .reference import relayout
 
@@ -695,6 +695,12 @@ class PagedKVCache:
         P, H, D = self.codec.page_size, self.num_kv_heads, self.codec.head_dim
         layouts = (self.codec.layout("key"), self.codec.layout("value"))
         if state.layouts is not None and tuple(state.layouts) != layouts:  # the same codes in this cache's layouts
+            for name, bits, src in (("k_codes", self.codec.key_bits, state.layouts[0]),
+                                    ("v_codes", self.codec.value_bits, state.layouts[1])):
+                if getattr(state, name).shape[-1] != code_words(D, bits, src):
+                    raise ValueError(f"state.{name} has {getattr(state, name).shape[-1]} words per token, not the "
+                                     f"{code_words(D, bits, src)} of {bits}-bit codes at head_dim {D} in the "
+                                     f"{src!r} layout (state.layouts): it is not of this cache's codec")
             state = state._replace(layouts=layouts, **{
                 name: relayout(getattr(state, name), bits, D, src, dst) for name, bits, src, dst in (
                     ("k_codes", self.codec.key_bits, state.layouts[0], layouts[0]),

@@ -6,7 +6,8 @@ pages before the sequence's end) per 16-token unit, whole and with one stage rep
 
 Rows (a stage replaced by what costs nothing, the rest as shipped; the difference to ``full`` is about what that
 stage costs, since each replacement also moves registers and scheduling; with 3-bit keys at head_dim 128, whose
-"fields" layout has no parity restore, planes or per-plane masks, the first three rows change the values only):
+"fields" layout has no parity restore, planes or per-plane masks, the first three rows change the values only, and
+4-bit keys and values there, whose fields restore the parity with ``_nibble_pair``, they change neither):
 - ``no parity restore``: the implied index bit of each lattice group taken as stored (``_parity_fold``,
   ``_with_parity``): what storing it explicitly (a format change) would save;
 - ``no coset flags``: the coset registers zero (``_coset``);

@@ -394,6 +394,29 @@ def test_fields_decode_matches_reference(join):
     torch.testing.assert_close(got * 2.0 ** 24, want, rtol=0, atol=1e-9)
 
 
+@triton.jit
+def _nibble_planes_kernel(w_ptr, lo_ptr, hi_ptr, JOIN: tl.constexpr, BT: tl.constexpr):
+    t = tl.arange(0, BT)
+    lo, hi, _ = _page_codes(w_ptr, w_ptr, tl.program_id(0), 0, BT, 0, 0, 16, 1, 0, 0, 128, 128, 4, 2, BT, JOIN, True)
+    tl.store(lo_ptr + t[:, None] * 8 + tl.arange(0, 8)[None, :], lo)
+    tl.store(hi_ptr + t[:, None] * 8 + tl.arange(0, 8)[None, :], hi)
+
+
+@pytest.mark.parametrize("join", [True, False])
+def test_nibble_words_read_as_bit_planes(join):
+    """4-bit codes at head_dim 128 in the "fields" layout: the portable kernels' page loads (``_page_codes``,
+    ``lattice.nibble_planes``) give the bit-plane words of the same codes, for any 32-bit words (bit 31 set
+    included: the shifts are arithmetic)."""
+    torch.manual_seed(9)
+    bt = 16
+    words = torch.randint(-2**31, 2**31 - 1, (bt, 16), dtype=torch.int32)
+    lo, hi = torch.zeros(bt, 8, dtype=torch.int32), torch.zeros(bt, 8, dtype=torch.int32)
+    _nibble_planes_kernel[(1,)](words, lo, hi, JOIN=join, BT=bt)
+    planes = R.relayout(words, 4, 128, "fields", "planes")
+    assert torch.equal(torch.cat((lo, hi), 1), planes)
+    assert torch.equal(R.relayout(planes, 4, 128, "planes", "fields"), words)
+
+
 # The programmatic-dependent-launch paths (``attention._pdl``) run only on a Hopper GPU, and the interpreter cannot
 # run their inline PTX. So they are compiled for sm_90 here, in a process without TRITON_INTERPRET (no GPU needed),
 # to check that each kernel waits and signals where it should, and that PDL=False leaves no trace.

@@ -738,7 +738,7 @@ def _value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi, zero_i
     """One 16-token unit's products: acc[coordinate, row] += codes · weights, per plane and for the coset flags.
     ``words``: the unit's value words (``_value_words``), ``b0``/``b1``: the B fragment (weights of tokens 2c, 2c + 1
     and 2c + 8, 2c + 9 for query row g, fp16 pairs), ``sel_lo``/``sel_hi``: the PRMT selectors of a span below a word.
-    ``FIELDS`` (4 bits, head_dim 128): one product chain of whole indices (``_nibble_value_regs``)."""
+    ``FIELDS`` (4 bits, head_dim 128): one product chain of whole indices (``_nibble_value_products``)."""
     if FIELDS:
         out = _nibble_value_products(words, b0, b1, acc_lo, acc_hi, acc_c, D)
     else:

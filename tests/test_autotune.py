@@ -71,9 +71,10 @@ def test_tasks_name_the_launchers_buckets():
     assert tasks[0].bucket.startswith("d128_")  # the common head_dim first, for a bounded run
     quick = make_tasks(quick=True)
     assert {t.bucket for t in quick if t.kernel == "encode"} == {"d128_b3", "d128_b2"}
-    # the Gluon keys pass reads bit planes: where 3-bit keys at head_dim 128 are "fields", it is not searched
+    # the Gluon keys pass reads bit planes: where 3-4 bit keys at head_dim 128 are "fields", it is not searched
     stages = {t.bucket: t.stages for t in tasks if t.kernel == "attention"}
-    assert stages["d128_k4v4_g4_t32k_b16"][-1]["gluon_keys"] == [True]
+    assert stages["d128_k4v4_g4_t32k_b16"][-1]["gluon_keys"] == [False]
+    assert stages["d128_k2v2_g4_t32k_b16"][-1]["gluon_keys"] == [True]
     assert stages["d128_k3v2_g4_t32k_b16"][-1]["gluon_keys"] == [False]
     assert stages["d64_k3v2_g4_t32k_b16"][-1]["gluon_keys"] == [True]
 

@@ -82,7 +82,8 @@ def _assert_same(a: PagedKVCache, b: PagedKVCache):
             continue
         sa, sb = a.export_slot(slot), b.export_slot(slot)
         assert sa.sinks == sb.sinks and sa.next_position == sb.next_position
-        for x, y in zip(sa[:8] + sa[10:], sb[:8] + sb[10:]):
+        assert sa.layouts == sb.layouts
+        for x, y in zip(sa[:8] + sa[10:12], sb[:8] + sb[10:12]):
             assert (x is None) == (y is None)
             assert x is None or (x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8)))
 

@@ -93,17 +93,24 @@ def _nibbles(w):
 
 
 @gluon.jit
+def _nibble_set(w):
+    """(coset registers, registers) of four words of 4-bit fields, pairs (w[0], w[1]) and (w[2], w[3]) as
+    ``_nibble_pair`` takes them."""
+    cs = ()
+    regs = ()
+    for i in gl.static_range(2):
+        w1, f = _nibble_pair(w[2 * i], w[2 * i + 1])
+        cs = cs + (f,)
+        regs = regs + _nibbles(w[2 * i]) + _nibbles(w1)
+    return cs, regs
+
+
+@gluon.jit
 def _nibble_key_regs(lo, hi, c, D: gl.constexpr, KBITS: gl.constexpr):
     """``_plane_regs`` with 4-bit keys at head_dim 128 as nibble fields (the thread's 4 words, as many as today's
     2 low + 2 high): one register set, no high plane."""
     if KBITS == 4 and D == 128:
-        words = (lo[0], lo[1], hi[0], hi[1])
-        cs = ()
-        lr = ()
-        for i in gl.static_range(2):
-            w1, f = _nibble_pair(words[2 * i], words[2 * i + 1])
-            cs = cs + (f,)
-            lr = lr + _nibbles(words[2 * i]) + _nibbles(w1)
+        cs, lr = _nibble_set((lo[0], lo[1], hi[0], hi[1]))
         hr = ()
     else:
         cs, lr, hr = _plane_regs(lo, hi, c, D, KBITS)
@@ -121,17 +128,8 @@ def _nibble_value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi,
                                                                                 32, 1)
         pb = _pair_words(words[2][0], words[3][0], sel_lo, 32, 1) + _pair_words(words[2][1], words[3][1], sel_hi,
                                                                                 32, 1)
-        ra = ()
-        rb = ()
-        ca = ()
-        cb = ()
-        for i in gl.static_range(2):
-            w1, f = _nibble_pair(pa[2 * i], pa[2 * i + 1])
-            ca = ca + (f,)
-            ra = ra + _nibbles(pa[2 * i]) + _nibbles(w1)
-            w1, f = _nibble_pair(pb[2 * i], pb[2 * i + 1])
-            cb = cb + (f,)
-            rb = rb + _nibbles(pb[2 * i]) + _nibbles(w1)
+        ca, ra = _nibble_set(pa)
+        cb, rb = _nibble_set(pb)
         nacc = ()
         for t in gl.static_range(D // 16):
             a = acc_lo[t]

@@ -128,8 +128,8 @@ def _nibble_value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi,
                                                                                 32, 1)
         pb = _pair_words(words[2][0], words[3][0], sel_lo, 32, 1) + _pair_words(words[2][1], words[3][1], sel_hi,
                                                                                 32, 1)
-        ca, ra = _nibble_set(pa)
-        cb, rb = _nibble_set(pb)
+        ca, ra = _nibble_set((pa[0], pa[2], pa[1], pa[3]))  # group 2g + i: nibbles 0-3 in pa[i], 4-7 in pa[2 + i]
+        cb, rb = _nibble_set((pb[0], pb[2], pb[1], pb[3]))
         nacc = ()
         for t in gl.static_range(D // 16):
             a = acc_lo[t]

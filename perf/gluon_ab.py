@@ -9,9 +9,9 @@ The base file travels with the checkout (untracked, not ignored, or carried). Sh
 by default), Llama-3-8B heads (32 query, 8 KV). ``--fused`` forces the fused pass (``gluon_fused``) on top of the
 store's config; without it each module runs where the store takes a Gluon pass. A base from before the "fields"
 key layout (its ``fused_constants`` takes no ``key_layout``) reads the same codes in bit planes (``key_layout=
-"planes"``): where the keys are fields (3-bit keys at head_dim 128) the row then compares the two layouts. Times are CUDA-graph replays with
-L2 cleared (``autotune.tune.bench_ms``), base and new alternated twice, the faster of each kept; decode plans are
-cleared between modules (a plan replays its launches).
+"planes"``): where the keys are fields (3-bit keys at head_dim 128) the row then compares the two layouts. Times
+are CUDA-graph replays with L2 cleared (``autotune.tune.bench_ms``), base and new alternated twice, the faster of
+each kept; decode plans are cleared between modules (a plan replays its launches).
 """
 from __future__ import annotations
 

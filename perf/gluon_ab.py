@@ -10,9 +10,8 @@ by default), Llama-3-8B heads (32 query, 8 KV). ``--fused`` forces the fused pas
 store's config; without it each module runs where the store takes a Gluon pass. A base from before the "fields"
 key layout of its key bits (``reads_fields``) reads the same codes in bit planes (``key_layout="planes"``): the row
 then compares the two layouts; a base that reads 4-bit values in bit planes only is refused at V4 (no cache holds
-them so). Times are CUDA-graph replays with
-L2 cleared (``autotune.tune.bench_ms``), base and new alternated twice, the faster of each kept; decode plans are
-cleared between modules (a plan replays its launches).
+them so). Times are CUDA-graph replays with L2 cleared (``autotune.tune.bench_ms``), base and new alternated twice,
+the faster of each kept; decode plans are cleared between modules (a plan replays its launches).
 """
 from __future__ import annotations
 

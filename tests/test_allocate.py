@@ -17,7 +17,8 @@ def test_allocate_layer_bits_keeps_the_bytes_and_only_measured_gains(reference_m
     ids = prompt(48, batch=2)
     lines = []
     bits = allocate_layer_bits(model, ids, 3, 2, progress=lines.append)
-    assert len(bits) == 3 and sum(k + v for k, v in bits) == 3 * (3 + 2)  # the bytes of uniform K3V2
+    # head_dim 64: every one-bit step is 8 bytes (no fields layout), so K3V2's bytes are its bits
+    assert len(bits) == 3 and sum(k + v for k, v in bits) == 3 * (3 + 2)
     assert all(2 <= b <= 4 for kv in bits for b in kv)
     assert lines[0].startswith("uniform K3V2 (132 B per token per KV head over the layers, budget 132): KL")
     assert any("layer 2 values 2 -> 3 bits" in x for x in lines)

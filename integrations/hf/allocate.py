@@ -5,8 +5,8 @@ Layers do not spend a bit equally well. On the fixture model (docs/codec.md, "Bi
 0.11% from a third bit where others gain nothing. So bits move from where they buy least to where they buy most,
 within a byte budget: the HOT bytes of the uniform setting (``KVCodec.bytes_per_token``), which a move may not
 exceed. A bit is 16 bytes per token per KV head at head_dim 128 almost everywhere, but 3-bit keys there hold 4 bytes
-more (the "fields" layout, docs/format.md "Codes"), so a move out of 3-bit keys frees 20 bytes and one into them
-costs 20; the budget counts those bytes, never bits. The allocation is measured, not modelled: the KL divergence of
+more (the "fields" layout, docs/format.md "Codes"), so keys 2 <-> 3 bits move 20 bytes and keys 3 <-> 4 bits 12;
+the budget counts those bytes, never bits. The allocation is measured, not modelled: the KL divergence of
 the model's next-token distributions on calibration text from the uncompressed model's, with one layer's keys or
 values one bit up or down; then pairs of moves (one bit up here, one down there, or up alone where the budget has
 room) whose summed measured effects are a gain; then the result measured again and kept only if it is better. Only
@@ -103,7 +103,8 @@ def allocate_layer_bits(model, input_ids: torch.Tensor, key_bits: int = 3, value
         key_bits / value_bits: the uniform budget (ints, 2..4).
         extra_bits: bits that may be added over the layers beyond the uniform budget, where they measure best; an
             int >= 0, default 0. Each adds the bytes of the dearest one-bit step to the budget (at head_dim 128: 20
-            bytes per token per KV head, what a third key bit costs; a bit elsewhere costs 16, leaving 4 unspent).
+            bytes per token per KV head, what a third key bit costs; a value bit costs 16 and a fourth key bit 12, so
+            the budget may buy other steps than N).
             At K2V2 nothing can be moved (no layer can give a bit), so an extra bit is the only way to spend bytes
             where they matter.
         prefix: tokens prefilled per chunk, an int >= 1; default ``3 * T // 4``.

@@ -130,8 +130,10 @@ def main() -> int:
         row = ab_row(torch.device("cuda"), B, T, kb, vb, D, modules, args.fused)
         res["rows"].append(row)
         b, n = min(row["us"]["base"]), min(row["us"]["new"])
+        keys = row["key_layout"]
+        layouts = "" if keys["base"] == keys["new"] else f"  (keys: base {keys['base']}, new {keys['new']})"
         log(f"K{kb}V{vb} B={B} T={T} D={D}: SDPA {row['sdpa_fp16']:.1f}  base {b:.1f}  new {n:.1f} us "
-            f"({b / n:.3f}x; x{row['sdpa_fp16'] / n:.2f} SDPA)  rel. diff {row['rel_diff']:.1e}")
+            f"({b / n:.3f}x; x{row['sdpa_fp16'] / n:.2f} SDPA)  rel. diff {row['rel_diff']:.1e}{layouts}")
         with open(os.path.join(args.out, "gluon_ab.json"), "w") as f:
             json.dump(res, f, indent=1)
     return 0

@@ -44,7 +44,7 @@ def subset(record, keep) -> callable:
 
     def run():
         stream = torch.cuda.current_stream().cuda_stream
-        for runner, ordered, _ in launches:
+        for _, runner, ordered, _ in launches:  # LaunchRecord's (direct call, runner, args, swaps)
             runner(*ordered, stream=stream)
     return run
 
@@ -88,7 +88,7 @@ def chain_row(dev, bits, B, T, D, splits, configs, Hq=32, H=8) -> dict:
             if n > 1:
                 subsets.update(all_but_first=list(range(1, n)), all_but_last=list(range(n - 1)))
             row["configs"][name] = dict(
-                launches=[kernel_name(r[0], i) for i, r in enumerate(record._launches)],
+                launches=[kernel_name(r[1], i) for i, r in enumerate(record._launches)],
                 rel_diff=((out.float() - want).norm() / want.norm()).item(),
                 us=bench_ms(lambda: decode_attention(q, cache)) * 1e3,
                 splits_us={s: bench_ms(lambda: decode_attention(q, cache, num_splits=s)) * 1e3 for s in splits},

@@ -14,7 +14,8 @@ import triton.language as tl
 from .. import store
 
 from .. import reference as ref
-from ..runtime import FIXED, codec_of, dot_dtype, launch_config, max_programs, rope_tables, rotation, use_triton
+from ..runtime import (FIXED, AttentionConfig, codec_of, dot_dtype, launch_config, max_programs, rope_tables, rotation,
+                       use_triton)
 from ..config import check_positive_float, describe, is_int
 from ..launch import LaunchRecord, current_stream, launcher, signature
 from ..paged import PagedKVCache
@@ -45,6 +46,14 @@ def attention_buckets(head_dim: int, key_bits: int, value_bits: int, group: int,
     if head_dim < 128:
         chain.append(f"d128_k3v2_g4_{work}")
     return list(dict.fromkeys(chain + [base]))
+
+
+def call_config(cfg: AttentionConfig, batch: int, context: int) -> AttentionConfig:
+    """The launch config in effect for ``batch`` sequences of up to ``context`` tokens: the bucket's, or the untuned
+    defaults where it asks for the fused pass from more tokens than the call has (``gluon_fused_min_tokens``)."""
+    if cfg.gluon_fused and batch * context < cfg.gluon_fused_min_tokens:
+        return AttentionConfig()
+    return cfg
 
 
 _TORCH_DTYPE = {tl.float16: torch.float16, tl.bfloat16: torch.bfloat16, tl.float32: torch.float32}
@@ -294,7 +303,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     # Static mode sizes the launch for the reserved capacity: the lengths are on the device only.
     longest = cache.static_pages * P if cache.static_pages is not None else max(cache.compressed_lens()[:B])
     max_pages = triton.cdiv(longest, P)
-    cfg = launch_config("attention", attention_buckets(D, codec.key_bits, codec.value_bits, group, B, longest), q.device)
+    cfg = call_config(launch_config("attention", attention_buckets(D, codec.key_bits, codec.value_bits, group, B,
+                                                                   longest), q.device), B, longest)
     # Pages per step: a block of few rows holds several pages' logits side by side (post-RoPE keys only).
     step = 1 if codec.rope is not None else max(1, min(cfg.pages_per_step, block_m // triton.next_power_of_2(rows)))
     two_pass = cfg.two_pass and codec.rope is None  # keys, then values (_attn_keys_kernel; post-RoPE keys only)

@@ -80,10 +80,10 @@ class AttentionConfig(LaunchConfig):
     configs"), keys and values in one pass. ``two_pass``: keys, then values. The Gluon passes (Hopper;
     attention/gluon.py; docs/attention.md): the two-pass keys pass (``gluon_keys``: 2-warp programs, registers one
     page ahead, an L2 prefetch two pages further), the values pass (``gluon_values``), or both in one fused pass
-    (``gluon_fused``, which takes precedence over ``two_pass``). ``gluon_fused_min_tokens``: the config holds only
-    where batch × longest context reaches this many tokens; a smaller call launches with the untuned defaults (the
-    fused pass's fixed cost loses to the one-pass kernel on a few short sequences: docs/attention.md, "Launch
-    configs")."""
+    (``gluon_fused``, which takes precedence over ``two_pass``). ``gluon_fused_min_tokens`` (with ``gluon_fused``):
+    the config holds only where batch × longest context reaches this many tokens; a smaller call launches with the
+    untuned defaults (the fused pass's fixed cost loses to the one-pass kernel on a few short sequences:
+    docs/attention.md, "Launch configs")."""
     BLOCK_N: int = 64
     num_warps: int = 4
     num_stages: int = 1

@@ -134,7 +134,7 @@ def capture_fused_splits(q, cache, cfg) -> int:
 
     G.fused_pass = spy
     try:
-        with store.override("attention", dict(cfg, gluon_fused=True)):
+        with store.override("attention", dict(cfg, gluon_fused=True, gluon_fused_min_tokens=0)):
             decode_attention(q, cache)
     finally:
         G.fused_pass = real
@@ -228,9 +228,10 @@ def decode_variants(dev, B, T, D, bits, Hq=32, H=8, value_warps=(1, 2, 4), fused
     for w in value_warps if planes else ():
         variants[f"gluon_kv_w{w}"] = dict(gluon_keys=True, gluon_values=True, gluon_values_warps=w, gluon_fused=False)
     for w in fused_warps:
-        variants[f"gluon_fused_w{w}"] = dict(gluon_fused=True, gluon_fused_warps=w)
+        variants[f"gluon_fused_w{w}"] = dict(gluon_fused=True, gluon_fused_warps=w, gluon_fused_min_tokens=0)
         for r in fused_maxnreg:  # a register cap: more programs per SM
-            variants[f"gluon_fused_w{w}_r{r}"] = dict(gluon_fused=True, gluon_fused_warps=w, gluon_maxnreg=r)
+            variants[f"gluon_fused_w{w}_r{r}"] = dict(gluon_fused=True, gluon_fused_warps=w, gluon_maxnreg=r,
+                                                      gluon_fused_min_tokens=0)
     outs, cfgs = {}, {}
     for m in mults:
         sp = m * s0
@@ -293,7 +294,8 @@ def shipped_rows(dev, bits_list, shapes, Hq=32, H=8):
             buckets = A.attention_buckets(D, kb, vb, Hq // H, B, T)
             dec = sdpa_and_shipped(q, cache, x)
             yield dict(batch=B, context=T, head_dim=D, bits=f"K{kb}V{vb}", buckets=buckets,
-                       config=runtime.launch_config("attention", buckets, dev).as_dict(), decode_us=dec,
+                       config=A.call_config(runtime.launch_config("attention", buckets, dev), B, T).as_dict(),
+                       decode_us=dec,
                        speedup=dec["sdpa_fp16"] / dec["shipped"])
             del cache, x
 

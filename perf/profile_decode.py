@@ -45,7 +45,7 @@ def main() -> int:
     if args.fused and (fast is None or not fast.supports_fused(D, kb, vb, cache.codec.page_size, 32 // 8)):
         sys.exit(f"--fused: the fused Gluon pass does not run at {args.shape} here (gluon.supports_fused)")
     print("config", cfg, flush=True)
-    with store.override("attention", dict(cfg, gluon_fused=True) if args.fused else cfg):
+    with store.override("attention", dict(cfg, gluon_fused=True, gluon_fused_min_tokens=0) if args.fused else cfg):
         for _ in range(3):
             A._PLANS.clear()  # a fresh plan per call: the profiler sees the launches as decode_attention makes them
             decode_attention(q, cache)

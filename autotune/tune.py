@@ -132,12 +132,22 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def write_store(path: Path, record: dict, meta: dict) -> None:
-    """Write the record's winners as the store file (an empty winner: the default, stored as such), so the file
-    holds exactly the configs the record measured."""
-    data = {kernel: {bucket: r["config"] for bucket, r in buckets.items()}
-            for kernel, buckets in record["buckets"].items()}
+def write_store(path: Path, record: dict, meta: dict) -> list[str]:
+    """Write the record's winners into the store file (an empty winner: the default, stored as such). The file's
+    entries for buckets the record does not hold (set by hand, or by a record kept elsewhere: perf/results/
+    tune_<gpu>.md lists the hand-set ones) are kept, not dropped; returns their names ("kernel/bucket")."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    data, kept = {}, []
+    for kernel, entries in old.items():
+        if kernel == "_meta" or not isinstance(entries, dict):
+            continue
+        held = record["buckets"].get(kernel, {})
+        data[kernel] = {b: c for b, c in entries.items() if b not in held}
+        kept += [f"{kernel}/{b}" for b in data[kernel]]
+    for kernel, buckets in record["buckets"].items():
+        data.setdefault(kernel, {}).update({bucket: r["config"] for bucket, r in buckets.items()})
     _write_json(path, {"_meta": meta, **data})
+    return sorted(kept)
 
 
 def _us(times) -> str:
@@ -243,7 +253,11 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
         _write_json(record_path, record)
         record_path.with_suffix(".md").write_text(report_markdown(record))
-        write_store(store_path, record, meta)
+        kept = write_store(store_path, record, meta)
+        if kept and i == 0:
+            print(f"{store_path}: kept {len(kept)} entries the record does not hold (set by hand or by another "
+                  f"record; a search of their bucket replaces them): {', '.join(kept[:8])}"
+                  + (" ..." if len(kept) > 8 else ""), flush=True)
         print(f"[{i + 1}/{len(todo)}] {task.kernel} {task.bucket}: {_us(r['default_us'])} -> {_us(r['tuned_us'])} us "
               f"({r['speedup']:.2f}x) {r['config'] or 'default'} [{r['seconds']:.0f}s, {r['failed']} lost]",
               flush=True)

@@ -156,18 +156,22 @@ def test_search_refines_from_a_recorded_winner():
     assert r["speedup"] == pytest.approx(1.6)
 
 
-def test_store_file_mirrors_the_record_and_report(tmp_path):
+def test_store_file_takes_the_records_winners_and_keeps_the_rest(tmp_path):
     path = tmp_path / "gpu.json"
-    path.write_text(json.dumps({"encode": {"d64_b2": {"BLOCK_T": 128}}}))  # a config no record measured: dropped
+    path.write_text(json.dumps({"_meta": {"device": "old"}, "encode": {"d64_b2": {"BLOCK_T": 128}},  # set by hand: kept
+                                "attention": {"d128_k3v2_g4_t4k_b1": {"num_warps": 2},  # searched again: replaced
+                                              "d128_k4v4_g4_t4k_b16": {"gluon_fused": True}}}))
     record = {"meta": {"device": "Test GPU", "gpu_key": "test-gpu", "date": "today", "torch": "t", "triton": "tr"},
               "buckets": {"attention": {"d128_k3v2_g4_t4k_b1": dict(config={"num_warps": 8}, default_us=[10.0, 20.0],
                                                                      tuned_us=[8.0, 16.0], speedup=1.25, tried=5,
                                                                      failed=0, shape="1x4096")}}}
-    write_store(path, record, record["meta"])
+    kept = write_store(path, record, record["meta"])
     data = json.loads(path.read_text())
-    assert "encode" not in data
-    assert data["attention"] == {"d128_k3v2_g4_t4k_b1": {"num_warps": 8}}
+    assert data["encode"] == {"d64_b2": {"BLOCK_T": 128}}
+    assert data["attention"] == {"d128_k3v2_g4_t4k_b1": {"num_warps": 8}, "d128_k4v4_g4_t4k_b16": {"gluon_fused": True}}
+    assert kept == ["attention/d128_k4v4_g4_t4k_b16", "encode/d64_b2"]
     assert data["_meta"]["device"] == "Test GPU"
+    assert write_store(tmp_path / "new.json", record, record["meta"]) == []  # no file yet: the record's winners
     md = report_markdown(record)
     assert "| d128_k3v2_g4_t4k_b1 | 1x4096 | 10.0 / 20.0 | 8.0 / 16.0 | 1.25x |" in md
 

@@ -14,11 +14,12 @@ r"""Three eager ``decode_attention`` calls on one shape, for a profiler to attac
 
 Shape BxTxKxV[xD]: batch, context, key bits, value bits, head_dim (128 by default); Llama-3-8B heads (32 query, 8
 KV), random keys and values (``autotune.tasks.random_cache``), the store's launch config for this GPU, ``--fused``
-forcing the fused Gluon pass on top of it.
+forcing the fused Gluon pass on top of it, ``--config`` setting fields on top of that.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -32,6 +33,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m perf.profile_decode", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="8x32768x3x2", help="BxTxKxV[xD] (default 8x32768x3x2)")
     ap.add_argument("--fused", action="store_true", help="force the fused Gluon pass on top of the store's config")
+    ap.add_argument("--config", default="{}", help="JSON fields on top of the config (as '{\"gluon_stage\": true}')")
     args = ap.parse_args()
     if "," in args.shape:
         sys.exit(f"--shape: one shape, got {args.shape!r}")
@@ -44,8 +46,10 @@ def main() -> int:
     fast = A._gluon(q)
     if args.fused and (fast is None or not fast.supports_fused(D, kb, vb, cache.codec.page_size, 32 // 8)):
         sys.exit(f"--fused: the fused Gluon pass does not run at {args.shape} here (gluon.supports_fused)")
+    cfg = dict(cfg, gluon_fused=True, gluon_fused_min_tokens=0) if args.fused else cfg
+    cfg = dict(cfg, **json.loads(args.config))
     print("config", cfg, flush=True)
-    with store.override("attention", dict(cfg, gluon_fused=True, gluon_fused_min_tokens=0) if args.fused else cfg):
+    with store.override("attention", cfg):
         for _ in range(3):
             A._PLANS.clear()  # a fresh plan per call: the profiler sees the launches as decode_attention makes them
             decode_attention(q, cache)

@@ -91,7 +91,7 @@ def count(variant: str, head_dim: int, bits: tuple, warps: int, maxnreg: int = 0
                                block_m=16, rs=4, num_warps=nw, l2_prefetch=2)
     ptrs = dict(kc_ptr="*i32", ks_ptr="*fp16", vc_ptr="*i32", vs_ptr="*fp16", bt_ptr="*i32", lens_ptr="*i32",
                 qt_ptr="*fp16", fidx_ptr="*i32", qm_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32",
-                sm_scale="fp32", softcap="fp32")
+                q_ptr="*fp16", kmean_ptr="*fp32", sm_scale="fp32", softcap="fp32")
     fn = G._gluon_fused_kernel
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in inspect.signature(fn.fn).parameters}
     swap = STAND_INS[variant]

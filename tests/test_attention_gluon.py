@@ -139,6 +139,42 @@ def test_fragment_maps_match_reference(d, bits):
     torch.testing.assert_close(got * 2.0 ** 24, want, rtol=1e-12, atol=1e-9)
 
 
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
+
+
+@needs_gluon
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_query_in_pass_matches_prep_operand(bits):
+    """``_query_in_pass`` (the fused pass's own query operand at head_dim 128), emulated in float64 as the kernel
+    computes it: thread (g, c) loads q'_32c+i = q_σ(32c+i) of row g, transforms over i in registers and over c across
+    lanes (Sylvester, natural order), and forms its coset and low-plane registers. They must equal the prep's operand
+    gathered through ``fragment_index`` (registers 0-17; the high plane's are unused at head_dim 128)."""
+    torch.manual_seed(bits)
+    d = 128
+    q = torch.randn(8, d, dtype=torch.float64)
+    qf = _prep_operand(q, d, bits).flatten()[G.fragment_index(d, bits, 16, "cpu").long()].view(-1, 32, 2)
+    inv = 1.0 / math.sqrt(R.transform_norm(d))
+    sigma = [(i & ~30) | (((i >> 3) & 3) << 1) | (((i >> 1) & 3) << 3) for i in range(32)]
+    got = torch.zeros(18, 32, 2, dtype=torch.float64)
+    for g in range(8):
+        y = torch.stack([q[g, 32 * c + torch.tensor(sigma)] for c in range(4)])  # [c, i]
+        y = _sylvester(4) @ (y @ _sylvester(32))  # registers (i), then lanes (c)
+        for c in range(4):
+            lane = 4 * g + c
+            for r in range(2):
+                got[r, lane] = torch.stack([y[c, 16 * r:16 * r + 8].sum(), y[c, 16 * r + 8:16 * r + 16].sum()]) \
+                    * 0.25 * inv
+            for k in range(16):
+                i0 = 16 * (k // 8) + k % 8
+                got[2 + k, lane] = torch.stack([y[c, i0], y[c, i0 + 8]]) * inv / 4 ** (k % 4)
+    assert G.query_in_pass(d, bits, code_layout("key", bits, d))
+    torch.testing.assert_close(got, qf[:18], rtol=1e-12, atol=1e-12)
+
+
 def _nibble_pair(w0, w1):  # attention_gluon._nibble_pair on unsigned words (int64)
     f = (w0 ^ w1) & 0x11111111
     f = f ^ (f >> 8)
@@ -349,10 +385,12 @@ for v in json.loads(sys.argv[1]):
                                    q_len=v.get("q_len", 1), group=v.get("group", 4), block_m=16, rs=v.get("rs", 4),
                                    num_warps=v["nw"], softcap=v.get("softcap", False), window=v.get("window", False),
                                    off64=v.get("off64", False), vec_k=v.get("vec", True), vec_v=v.get("vec", True),
-                                   l2_prefetch=v.get("l2", 0))
+                                   l2_prefetch=v.get("l2", 0), query_in_pass=v.get("qin", False),
+                                   center_keys=v.get("center", False))
         ptrs = dict(kc_ptr="*i32", ks_ptr=v.get("scale", "*fp16"), vc_ptr="*i32", vs_ptr=v.get("scale", "*fp16"),
                     bt_ptr="*i32", lens_ptr="*i32", qt_ptr="*fp16", fidx_ptr="*i32", qm_ptr="*fp32", m_ptr="*fp32",
-                    l_ptr="*fp32", acc_ptr="*fp32", sm_scale="fp32", softcap="fp32")
+                    l_ptr="*fp32", acc_ptr="*fp32", q_ptr=v.get("scale", "*fp16"), kmean_ptr="*fp32",
+                    sm_scale="fp32", softcap="fp32")
         fn = G._gluon_fused_kernel
     elif v.get("values"):
         consts = dict(ROWS=v.get("rs", 4), D=v["d"], VBITS=v["bits"], PAGE=v.get("page", 64), BLOCK_M=16,
@@ -452,7 +490,11 @@ FUSED_VARIANTS = [dict(fused=True, d=128, bits=(3, 2), nw=2, l2=2), dict(fused=T
                   dict(fused=True, d=128, bits=(3, 3), nw=2, page=32, softcap=True, window=True, q_len=2, group=4,
                        rs=8),
                   dict(fused=True, d=128, bits=(4, 4), nw=2, l2=2), dict(fused=True, d=128, bits=(4, 2), nw=2),
-                  dict(fused=True, d=128, bits=(2, 4), nw=2, q_len=2, group=4, rs=8, window=True)]
+                  dict(fused=True, d=128, bits=(2, 4), nw=2, q_len=2, group=4, rs=8, window=True),
+                  # the query operand made in the pass (head_dim 128: no prep kernel)
+                  dict(fused=True, d=128, bits=(3, 2), nw=2, l2=2, qin=True, center=True),
+                  dict(fused=True, d=128, bits=(2, 2), nw=1, qin=True, scale="*bf16"),
+                  dict(fused=True, d=128, bits=(4, 4), nw=2, q_len=2, group=4, rs=8, qin=True, center=True)]
 # (K2V4 with one warp, q_len 2 and a window spills 23 words with triton 3.9, none with 3.6: 2 warps here.)
 
 
@@ -486,10 +528,12 @@ def test_fused_kernel_compiles_for_hopper():
 
 
 @needs_gluon
-@pytest.mark.parametrize("d,bits,q_len", [(128, (3, 2), 1), (64, (2, 2), 2), (256, (4, 2), 1), (128, (4, 4), 1)])
-def test_fused_pass_launch_arguments(d, bits, q_len):
+@pytest.mark.parametrize("d,bits,q_len,qin", [(128, (3, 2), 1, False), (64, (2, 2), 2, False), (256, (4, 2), 1, False),
+                                            (128, (4, 4), 1, False), (128, (3, 2), 1, True), (128, (2, 2), 2, True)])
+def test_fused_pass_launch_arguments(d, bits, q_len, qin):
     """``fused_pass``'s launch, captured on the CPU instead of run: the kernel's every parameter is given, its
-    constexprs as ``fused_constants`` computes them from the cache and the prep's operand."""
+    constexprs as ``fused_constants`` computes them from the cache and the prep's operand (``qin``: none, the pass
+    makes it from q)."""
     import inspect
     codec = KVCodec(head_dim=d, key_bits=bits[0], value_bits=bits[1])
     cache = PagedKVCache(codec, num_kv_heads=2, max_batch=2, num_pages=4, device="cpu")
@@ -502,7 +546,9 @@ def test_fused_pass_launch_arguments(d, bits, q_len):
     def launch(kernel, grid, *args, **kw):
         seen.update(kernel=kernel, grid=grid, args=args, kw=kw)
 
-    G.fused_pass(cache, q_t, m_part[:, 0], m_part, m_part, m_part[..., None].expand(-1, -1, -1, d), q_len=q_len,
+    q = torch.zeros(2, q_len, 8, d, dtype=torch.float16)
+    G.fused_pass(cache, q, None if qin else q_t, None if qin else m_part[:, 0], m_part, m_part,
+                 m_part[..., None].expand(-1, -1, -1, d), q_len=q_len,
                  group=4, block_m=16, rs=4 * q_len, num_splits=splits, pages_per_split=2, scale=d ** -0.5,
                  softcap=None, window=7, num_warps=2, l2_prefetch=2, launch=launch)
     params = list(inspect.signature(G._gluon_fused_kernel.fn).parameters)
@@ -516,6 +562,12 @@ def test_fused_pass_launch_arguments(d, bits, q_len):
     assert kw["NW"] == kw["num_warps"] == G.fused_warps(2, d, bits[0], codec.page_size)
     assert (kw["KFIELDS"], kw["WK"]) == (codec.layout("key") == "fields", cache.k_codes.shape[-1])
     assert (kw["VFIELDS"], kw["WV"]) == (codec.layout("value") == "fields", cache.v_codes.shape[-1])
+    assert (kw["QIN"], kw["CENTER_K"]) == (qin, qin and codec.center_keys)
+    if not G.query_in_pass(d, bits[0], codec.layout("key")):  # the prep's operand is needed there
+        with pytest.raises(ValueError, match="q_t is needed"):
+            G.fused_pass(cache, q, None, None, m_part, m_part, m_part[..., None].expand(-1, -1, -1, d),
+                         q_len=q_len, group=4, block_m=16, rs=4 * q_len, num_splits=splits, pages_per_split=2,
+                         scale=d ** -0.5, softcap=None, window=7, num_warps=2, l2_prefetch=2, launch=launch)
 
 
 @needs_gluon

@@ -46,6 +46,7 @@ arrive. perf/results/attention_h200.md has the measurements and the SASS counts.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -464,9 +465,13 @@ def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_pt
     zero_i, lane, warp, g, c = _lanes(L, NW)
     pid, split, b, h, comp, n_sink, part, col0, col1, q_index0, q_index1 = _split_program(lens_ptr, H, n_splits,
                                                                                          max_batch, c, Q_LEN, GROUP)
-    QF, qm0, qm1, unit = _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D, KBITS, KQ,
-                                        BLOCK_M, SOFTCAP)
     zero = gl.zeros([NW, 32], gl.float32, L)
+    if QIN:  # the query operand made here from q (head_dim 128): no prep kernel before the pass
+        QF, qm0, qm1, unit = _query_in_pass(q_ptr, kmean_ptr, b, h, g, c, zero, sqb, sqt, sqh, smb, smh, sm_scale,
+                                            GROUP, ROWS, CENTER_K, SOFTCAP, INV_SQRT_N)
+    else:
+        QF, qm0, qm1, unit = _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D, KBITS, KQ,
+                                            BLOCK_M, SOFTCAP)
     kc4 = _coset_const(QF, zero, zero_i, D, KBITS)
     m0 = zero - float("inf")
     m1 = zero - float("inf")
@@ -916,6 +921,60 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
 # rows 2c, 2c + 1, are rescaled once per page.
 
 
+@gluon.constexpr_function
+def _storage_bits(i):
+    """σ(i): the storage order's bit permutation (bits 1-2 and 3-4 swapped; docs/format.md), an involution."""
+    return (i & ~30) | (((i >> 3) & 3) << 1) | (((i >> 1) & 3) << 3)
+
+
+@gluon.jit
+def _query_in_pass(q_ptr, kmean_ptr, b, h, g, c, zero, sqb, sqt, sqh, smb, smh, sm_scale, GROUP: gl.constexpr,
+                   ROWS: gl.constexpr, CENTER_K: gl.constexpr, SOFTCAP: gl.constexpr, INV_SQRT_N: gl.constexpr):
+    """``_query_operand`` computed in the pass from the queries (head_dim 128, no prep kernel): the keys product's
+    coset and low-plane B fragments, q·mean_k of columns 2c, 2c + 1 and the accumulator-to-logits factor.
+
+    Thread (g, c) needs, of query row g, y_s = R[s]·q for the storage coordinates s = 32c .. 32c + 31 and the sums
+    of their four lattice groups (``fragment_elements``: both lie in the thread's own block). R = H_128·P_σ
+    (``reference.rotation_matrix``; Sylvester H commutes with the storage order's bit permutation σ), so y = H q'
+    with q'_j = q_σ(j): the thread loads q'_32c.. (σ keeps bits 5 and 6), transforms its 32 values in registers
+    (index bits 0-4) and across the 4 lanes of its group (bits 5 and 6), as the prep's product with the decode
+    matrix would give them (``launcher._decode_matrix``): y·2^-p/√n in fp16, p = 2·(j mod 4) the low plane's power
+    of register j, the coset registers ¼·Σ of a group's 8 values. Rows g >= ROWS are zero."""
+    real = g < ROWS
+    row = q_ptr + b * sqb + (g // GROUP) * sqt + (h * GROUP + g % GROUP) * sqh + 32 * c
+    y = ()
+    qm = zero
+    for i in gl.static_range(32):
+        x = gl.load(row + _storage_bits(i), mask=real, other=0.0).to(gl.float32)
+        y = y + (x,)
+        if CENTER_K:
+            qm = qm + x * gl.load(kmean_ptr + b * smb + h * smh + (32 * c + _storage_bits(i)))
+    y = _fwht_regs(y, 32, 5)
+    y = _fwht_lanes(y, 1.0 - 2.0 * (c & 1).to(gl.float32), 32, "1")
+    y = _fwht_lanes(y, 1.0 - 2.0 * ((c >> 1) & 1).to(gl.float32), 32, "2")
+    QF = ()
+    for r in gl.static_range(2):  # groups 4c + 2r (low half) and 4c + 2r + 1 (high half)
+        s0 = y[16 * r]
+        s1 = y[16 * r + 8]
+        for t in gl.static_range(1, 8):
+            s0 = s0 + y[16 * r + t]
+            s1 = s1 + y[16 * r + 8 + t]
+        QF = QF + (_f16x2(s0 * (0.25 * INV_SQRT_N), s1 * (0.25 * INV_SQRT_N)),)
+    for k in gl.static_range(16):  # low-plane register k: coordinates 16·(k // 8) + k % 8 and 8 further, times 4^-(k % 4)
+        QF = QF + (_f16x2(y[16 * (k // 8) + k % 8] * (INV_SQRT_N / (1 << (2 * (k % 4)))),
+                          y[16 * (k // 8) + k % 8 + 8] * (INV_SQRT_N / (1 << (2 * (k % 4))))),)
+    if CENTER_K:  # q·mean_k of row g in every lane of its group, then of rows 2c and 2c + 1
+        qm = _shfl_add(_shfl_add(qm, "1"), "2")
+    qm0 = _shfl_idx(qm, 8 * c)
+    qm1 = _shfl_idx(qm, 8 * c + 4)
+    unit = SUBNORMAL_UNIT
+    if not SOFTCAP:
+        unit = SUBNORMAL_UNIT * sm_scale * LOG2E
+        qm0 = qm0 * (sm_scale * LOG2E)
+        qm1 = qm1 * (sm_scale * LOG2E)
+    return QF, qm0, qm1, unit
+
+
 @gluon.jit
 def _fields_query(QF, KBITS: gl.constexpr):
     """The query operand for keys in the "fields" layout: QF[2 + j] times 4^(j mod 4) / 2^pos_j, at 3 bits pos_j =
@@ -964,14 +1023,15 @@ def _rescale_all(acc_lo, acc_hi, acc_c, l0, l1, ls0, ls1, a0, a1):
 
 @gluon.jit
 def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_ptr, m_ptr, l_ptr,
-                        acc_ptr, H, n_splits, pages_per_split, max_batch, sm_scale, softcap, window,
-                        skc_p, skc_h, sks_p, sks_h, svc_p, svc_h, svs_p, svs_h, sbt,
+                        acc_ptr, q_ptr, kmean_ptr, H, n_splits, pages_per_split, max_batch, sm_scale, softcap, window,
+                        skc_p, skc_h, sks_p, sks_h, svc_p, svc_h, svs_p, svs_h, sbt, sqb, sqt, sqh, smb, smh,
                         Q_LEN: gl.constexpr, GROUP: gl.constexpr, ROWS: gl.constexpr, D: gl.constexpr,
                         KBITS: gl.constexpr, VBITS: gl.constexpr, PAGE: gl.constexpr, SOFTCAP: gl.constexpr,
                         WINDOW: gl.constexpr, BLOCK_M: gl.constexpr, RS: gl.constexpr, CAUSAL_PAGES: gl.constexpr,
                         NW: gl.constexpr, WK: gl.constexpr, WV: gl.constexpr, KQ: gl.constexpr, OFF64: gl.constexpr,
                         VEC_K: gl.constexpr, VEC_V: gl.constexpr, L2PF: gl.constexpr, OUT_SCALE: gl.constexpr,
-                        LOG2CT: gl.constexpr, KFIELDS: gl.constexpr, VFIELDS: gl.constexpr):
+                        LOG2CT: gl.constexpr, KFIELDS: gl.constexpr, VFIELDS: gl.constexpr,
+                        QIN: gl.constexpr = False, CENTER_K: gl.constexpr = False, INV_SQRT_N: gl.constexpr = 1.0):
     # Grid (batch · KV heads, splits), as the split programs of ``_attn_split_kernel`` (one row block, q_len · group
     # <= 8); each split writes its max, Σp and partial Σ p·x in the original basis, so ``_attn_reduce_kernel``
     # completes the attention. Warp w takes the units w, w + NW, .. of each page with its own running max; the warps
@@ -982,9 +1042,13 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
     _launch_dependents(zero_i)  # the uncompressed part's kernel (PDL) may start beside this grid
     pid, split, b, h, comp, n_sink, part, col0, col1, q_index0, q_index1 = _split_program(lens_ptr, H, n_splits,
                                                                                          max_batch, c, Q_LEN, GROUP)
-    QF, qm0, qm1, unit = _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D, KBITS, KQ,
-                                        BLOCK_M, SOFTCAP)
     zero = gl.zeros([NW, 32], gl.float32, L)
+    if QIN:  # the query operand made here from q (head_dim 128): no prep kernel before the pass
+        QF, qm0, qm1, unit = _query_in_pass(q_ptr, kmean_ptr, b, h, g, c, zero, sqb, sqt, sqh, smb, smh, sm_scale,
+                                            GROUP, ROWS, CENTER_K, SOFTCAP, INV_SQRT_N)
+    else:
+        QF, qm0, qm1, unit = _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D, KBITS, KQ,
+                                            BLOCK_M, SOFTCAP)
     kc4 = _coset_const(QF, zero, zero_i, D, KBITS)
     if KFIELDS:  # keys in the "fields" layout
         QF = _fields_query(QF, KBITS)
@@ -1427,11 +1491,12 @@ def values_pass(cache, logits, m_part, l_part, acc_part, *, rows: int, block_m: 
 def fused_constants(*, head_dim: int, key_bits: int, value_bits: int, page_size: int, q_len: int, group: int,
                     block_m: int, rs: int, num_warps: int, softcap: bool = False, window: bool = False,
                     off64: bool = False, vec_k: bool = True, vec_v: bool = True, l2_prefetch: int = 0,
-                    key_layout: str = "auto") -> dict:
+                    key_layout: str = "auto", query_in_pass: bool = False, center_keys: bool = False) -> dict:
     """The constexpr arguments of ``_gluon_fused_kernel`` for a launch (``fused_pass``; also what the sm_90 compile
     tests and ``perf.fused_budget`` compile): ``num_warps`` as ``fused_warps`` gives it, ``off64`` a pool of 2^31
     words or more, ``vec_k``/``vec_v`` vector loads of a thread's runs, ``l2_prefetch`` the L2 prefetch distance
-    (0: off), ``key_layout`` the keys' (``KVCodec.layout``; "auto": ``config.code_layout``'s)."""
+    (0: off), ``key_layout`` the keys' (``KVCodec.layout``; "auto": ``config.code_layout``'s), ``query_in_pass``
+    the query operand made by the pass from q (``query_in_pass``), ``center_keys`` then q·mean_k too."""
     D = head_dim
     layout = code_layout("key", key_bits, D) if key_layout == "auto" else key_layout
     v_layout = code_layout("value", value_bits, D)
@@ -1441,28 +1506,40 @@ def fused_constants(*, head_dim: int, key_bits: int, value_bits: int, page_size:
                 VFIELDS=v_layout == "fields",
                 KQ=max(16, D // 8) + D * (2 if key_bits > 2 else 1),
                 OFF64=off64, VEC_K=vec_k, VEC_V=vec_v, L2PF=l2_prefetch, OUT_SCALE=D ** -0.5,
-                LOG2CT=(D // 8).bit_length() - 1)
+                LOG2CT=(D // 8).bit_length() - 1, QIN=query_in_pass, CENTER_K=center_keys and query_in_pass,
+                INV_SQRT_N=1.0 / math.sqrt(ref.transform_norm(D)))
 
 
-def fused_pass(cache, q_t, q_mean, m_part, l_part, acc_part, *, q_len: int, group: int, block_m: int, rs: int,
+def query_in_pass(head_dim: int, key_bits: int, key_layout: str) -> bool:
+    """Whether the fused pass makes its query operand itself (``_query_in_pass``), so no prep kernel runs before
+    it: head_dim 128 with keys whose operand is the coset and low-plane registers only (2-bit keys, "fields")."""
+    return head_dim == 128 and (key_bits == 2 or key_layout == "fields")
+
+
+def fused_pass(cache, q, q_t, q_mean, m_part, l_part, acc_part, *, q_len: int, group: int, block_m: int, rs: int,
                num_splits: int, pages_per_split: int, scale: float, softcap, window, num_warps: int = 1,
                l2_prefetch: int = 2, maxnreg=None, launch=None) -> None:
     """Launch the fused Gluon pass for the compressed splits: keys and values in one loop with an online softmax,
-    from the prep's outputs (``q_t``/``q_mean``, one page slot), each split's max, Σp and Σ p·x in the original basis
-    ([programs, splits + 1, block_m(, head_dim)] ``m_part``/``l_part``/``acc_part``, rows < q_len · group), as the
-    compressed programs of ``kernels._attn_split_kernel`` write them. No logits workspace. Covers what
-    ``supports_fused`` says. ``num_warps``: warps per program (each takes its own 16-token units, merged at the split's
-    end; ``fused_warps``); ``l2_prefetch``: prefetch the page that
-    many ahead into L2 (0: off); ``maxnreg``: the register cap; ``launch``: ``nqkernels.launch.launcher``'s (default:
-    a plain launch)."""
+    each split's max, Σp and Σ p·x in the original basis ([programs, splits + 1, block_m(, head_dim)]
+    ``m_part``/``l_part``/``acc_part``, rows < q_len · group), as the compressed programs of
+    ``kernels._attn_split_kernel`` write them. No logits workspace. Covers what ``supports_fused`` says. ``q``: the
+    queries [B, q_len, q_heads, head_dim]; ``q_t``/``q_mean``: the prep's query operand and q·mean_k (one page slot),
+    or None where the pass makes them from ``q`` itself (``query_in_pass``: then no prep kernel runs).
+    ``num_warps``: warps per program (each takes its own 16-token units, merged at the split's end; ``fused_warps``);
+    ``l2_prefetch``: prefetch the page that many ahead into L2 (0: off); ``maxnreg``: the register cap; ``launch``:
+    ``nqkernels.launch.launcher``'s (default: a plain launch)."""
     codec = cache.codec
     D, P = codec.head_dim, codec.page_size
     kc, ks, vc, vs = cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales
     wk, wv = kc.shape[3], vc.shape[3]
-    assert kc.stride(3) == 1 and kc.stride(2) == wk and ks.stride(2) == 1 and q_t.is_contiguous()
+    assert kc.stride(3) == 1 and kc.stride(2) == wk and ks.stride(2) == 1 and q.stride(3) == 1
     assert vc.stride(3) == 1 and vc.stride(2) == wv and vs.stride(2) == 1
+    qin = q_t is None
+    if qin and not query_in_pass(D, codec.key_bits, codec.layout("key")):
+        raise ValueError(f"fused_pass: q_t is needed at head_dim {D} with {codec.key_bits}-bit "
+                         f"{codec.layout('key')!r} keys (query_in_pass)")
     nw = fused_warps(num_warps, D, codec.key_bits, P)
-    n_prog, _, kq, _ = q_t.shape
+    n_prog = m_part.shape[0]
     vec_k = kc.data_ptr() % 16 == 0 and all(st % 4 == 0 for st in kc.stride()[:2]) and wk % 4 == 0
     vec_v = vc.data_ptr() % 16 == 0 and all(st % 4 == 0 for st in vc.stride()[:2]) and wv % 4 == 0
     l2 = all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:2])
@@ -1471,11 +1548,17 @@ def fused_pass(cache, q_t, q_mean, m_part, l_part, acc_part, *, q_len: int, grou
                              q_len=q_len, group=group, block_m=block_m, rs=rs, num_warps=nw,
                              softcap=softcap is not None, window=window is not None,
                              off64=max(t.numel() for t in (kc, ks, vc, vs)) >= 2 ** 31, vec_k=vec_k, vec_v=vec_v,
-                             l2_prefetch=l2_prefetch if l2 else 0, key_layout=codec.layout("key"))
-    assert (consts["WK"], consts["WV"], consts["KQ"]) == (wk, wv, kq), "code words or query operand of another shape"
+                             l2_prefetch=l2_prefetch if l2 else 0, key_layout=codec.layout("key"),
+                             query_in_pass=qin, center_keys=codec.center_keys)
+    assert (consts["WK"], consts["WV"]) == (wk, wv), "code words of another shape"
+    if qin:  # (placeholders of the prep's operands, never read)
+        q_t, fidx, q_mean = m_part, cache.lengths, m_part
+    else:
+        assert q_t.is_contiguous() and q_t.shape[2] == consts["KQ"], "query operand of another shape"
+        fidx = fragment_index(D, codec.key_bits, block_m, str(q_t.device))
+    k_mean = cache.k_mean
     (launch or launcher(None))(_gluon_fused_kernel, (n_prog, num_splits),
-        kc, ks, vc, vs, cache.block_table, cache.lengths, q_t, fragment_index(D, codec.key_bits, block_m,
-                                                                               str(q_t.device)),
-        q_mean, m_part, l_part, acc_part, cache.num_kv_heads, num_splits, pages_per_split, cache.max_batch, scale,
-        float(softcap or 1.0), int(window or 0), *kc.stride()[:2], *ks.stride()[:2], *vc.stride()[:2],
-        *vs.stride()[:2], cache.block_table.stride(0), **consts, num_warps=nw, maxnreg=maxnreg)
+        kc, ks, vc, vs, cache.block_table, cache.lengths, q_t, fidx, q_mean, m_part, l_part, acc_part, q, k_mean,
+        cache.num_kv_heads, num_splits, pages_per_split, cache.max_batch, scale, float(softcap or 1.0),
+        int(window or 0), *kc.stride()[:2], *ks.stride()[:2], *vc.stride()[:2], *vs.stride()[:2],
+        cache.block_table.stride(0), *q.stride()[:3], *k_mean.stride()[:2], **consts, num_warps=nw, maxnreg=maxnreg)

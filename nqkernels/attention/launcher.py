@@ -340,7 +340,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     KQ = NG + DP * (2 if codec.key_bits > 2 else 1)
     prep = rope_half == 0 and num_splits > 0
     pdl = _pdl(q.device)
-    if prep:
+    # The fused pass makes its query operand itself where it can (no prep kernel before it)
+    q_in_pass = fused and prep and fast.query_in_pass(D, codec.key_bits, codec.layout("key"))
+    if prep and not q_in_pass:
         q_t = torch.empty(B * H * n_mblk, step, KQ, block_m, dtype=torch.float16, device=q.device)
         q_mean = torch.empty(B * H * n_mblk, block_m, dtype=torch.float32, device=q.device)
         launch(_query_prep_kernel, (B * H * n_mblk, triton.cdiv(KQ, FIXED["prep"].BLOCK)),
@@ -353,7 +355,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     rb = min(block_m, triton.next_power_of_2(rows))  # the real rows of a block (the reduce reads only these)
     if fused and prep:  # the compressed splits in one Gluon pass; the uncompressed part as in two passes
         n_tok, logits, fast_values = 0, m_part, True  # no logits workspace (a placeholder the FP_ONLY kernel never reads)
-        fast.fused_pass(cache, q_t, q_mean, m_part, l_part, acc_part, q_len=q_len, group=group, block_m=block_m,
+        fast.fused_pass(cache, q, None if q_in_pass else q_t, None if q_in_pass else q_mean, m_part, l_part,
+                        acc_part, q_len=q_len, group=group, block_m=block_m,
                         rs=rb, num_splits=num_splits, pages_per_split=pages_per_split, scale=scale, softcap=softcap,
                         window=window, num_warps=cfg.gluon_fused_warps, l2_prefetch=cfg.gluon_l2,
                         maxnreg=cfg.gluon_maxnreg, launch=launch)

@@ -83,7 +83,9 @@ class AttentionConfig(LaunchConfig):
     (``gluon_fused``, which takes precedence over ``two_pass``). ``gluon_fused_min_tokens`` (with ``gluon_fused``):
     the config holds only where batch × longest context reaches this many tokens; a smaller call launches with the
     untuned defaults (the fused pass's fixed cost loses to the one-pass kernel on a few short sequences:
-    docs/attention.md, "Launch configs")."""
+    docs/attention.md, "Launch configs"). ``gluon_query_in_pass`` (with ``gluon_fused``, head_dim 128): the pass
+    makes its query operand from q itself instead of a prep kernel launched before it (one launch less, a prologue
+    more per program: it pays where the grid is small or the loop long)."""
     BLOCK_N: int = 64
     num_warps: int = 4
     num_stages: int = 1
@@ -102,6 +104,7 @@ class AttentionConfig(LaunchConfig):
     gluon_fused: bool = False
     gluon_fused_warps: int = 2
     gluon_fused_min_tokens: int = 0
+    gluon_query_in_pass: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """A/B of the fused pass's query operand: made by the prep kernel (``kernels._query_prep_kernel``, one launch before
-the pass) against made by the pass itself from q (``gluon.query_in_pass``: head_dim 128, no prep). Whole decode
-calls with the store's config (CUDA-graph replays, L2 cleared), SDPA fp16 in the same process; outputs compared
-(relative error of the two against each other).
+the pass) against made by the pass itself from q (``gluon_query_in_pass``; head_dim 128, no prep), each on top of
+the store's config for the shape (where that config takes the fused pass). Whole decode calls (CUDA-graph replays,
+L2 cleared), SDPA fp16 in the same process; outputs compared (relative difference of the two).
 
     python -m perf.qin_ab [--shapes BxTxKxV[xD][:recent],...] [--out DIR]
 """
@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 from autotune.tasks import random_cache
 from autotune.tune import bench_ms
-from nqkernels import KVCodec, decode_attention
-from nqkernels.attention import gluon as G
+from nqkernels import KVCodec, decode_attention, runtime, store
 from nqkernels.attention import launcher as A
 from perf.bench_attention import device_info
 from perf.gluon_ab import parse_shapes
@@ -45,19 +44,16 @@ def main() -> None:
         v16 = x[1].expand(B, -1, -1, -1).transpose(1, 2).contiguous()
         sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, k16, v16, enable_gqa=True)) * 1e3
         del k16, v16
+        cfg = runtime.launch_config("attention", A.attention_buckets(D, kb, vb, 4, B, T), dev).as_dict()
         us, outs = {}, {}
-        real = G.query_in_pass
-        try:
-            for rep in range(3):  # alternated, the fastest kept
-                for name, qin in (("prep", False), ("in_pass", True)):
-                    G.query_in_pass = real if qin else (lambda *a: False)
+        for rep in range(3):  # alternated, the fastest kept
+            for name, qin in (("prep", False), ("in_pass", True)):
+                with store.override("attention", dict(cfg, gluon_query_in_pass=qin)):
                     A._PLANS.clear()
                     if rep == 0:
                         outs[name] = decode_attention(q, cache).float()
                     t = bench_ms(lambda: decode_attention(q, cache)) * 1e3
                     us[name] = min(us.get(name, t), t)
-        finally:
-            G.query_in_pass = real
         A._PLANS.clear()
         diff = ((outs["prep"] - outs["in_pass"]).norm() / outs["prep"].norm()).item()
         rows.append(dict(B=B, T=T, D=D, bits=f"K{kb}V{vb}", recent=recent, sdpa_us=sdpa, us=us, rel_diff=diff))

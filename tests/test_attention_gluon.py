@@ -749,7 +749,8 @@ def test_gluon_values_pass_matches_reference(case):
 
 @needs_gpu
 @pytest.mark.parametrize("config", [{"two_pass": True, "gluon_keys": True, "gluon_values": True},
-                                    {"gluon_fused": True}], ids=["two_passes", "fused"])
+                                    {"gluon_fused": True}, {"gluon_fused": True, "gluon_query_in_pass": True}],
+                         ids=["two_passes", "fused", "fused_query_in_pass"])
 def test_gluon_nan_token_and_plan_replay(config):
     """A NaN value token stays in its own sequence (the codec keeps it finite); a second call replays the recorded
     plan (reduce included) to the same output."""
@@ -782,8 +783,10 @@ def test_gluon_fused_pass_matches_reference(case):
     real = G.fused_pass
     G.fused_pass = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
-        for warps, l2 in (((1, 2), (2, 0), (4, 2), (1, 0), (2, 2), (4, 0))[i % 6], ((4, 1), (1, 1), (2, 1))[i % 3]):
-            check({"gluon_fused": True, "gluon_fused_warps": warps, "gluon_l2": l2})
+        for qin, (warps, l2) in enumerate((((1, 2), (2, 0), (4, 2), (1, 0), (2, 2), (4, 0))[i % 6],
+                                           ((4, 1), (1, 1), (2, 1))[i % 3])):  # the second: the query operand made
+            check({"gluon_fused": True, "gluon_fused_warps": warps, "gluon_l2": l2,  # in the pass where it can be
+                   "gluon_query_in_pass": bool(qin)})
     finally:
         G.fused_pass = real
     covered = G.supports_fused(d, bits[0], bits[1], page, q_len * group) and max(check.cache.compressed_lens()) > 0

@@ -340,8 +340,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     KQ = NG + DP * (2 if codec.key_bits > 2 else 1)
     prep = rope_half == 0 and num_splits > 0
     pdl = _pdl(q.device)
-    # The fused pass makes its query operand itself where it can (no prep kernel before it)
-    q_in_pass = fused and prep and fast.query_in_pass(D, codec.key_bits, codec.layout("key"))
+    # The fused pass makes its query operand itself where the config asks and it can (no prep kernel before it)
+    q_in_pass = fused and prep and cfg.gluon_query_in_pass and fast.query_in_pass(D, codec.key_bits,
+                                                                                    codec.layout("key"))
     if prep and not q_in_pass:
         q_t = torch.empty(B * H * n_mblk, step, KQ, block_m, dtype=torch.float16, device=q.device)
         q_mean = torch.empty(B * H * n_mblk, block_m, dtype=torch.float32, device=q.device)

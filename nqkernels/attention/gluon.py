@@ -465,13 +465,9 @@ def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_pt
     zero_i, lane, warp, g, c = _lanes(L, NW)
     pid, split, b, h, comp, n_sink, part, col0, col1, q_index0, q_index1 = _split_program(lens_ptr, H, n_splits,
                                                                                          max_batch, c, Q_LEN, GROUP)
+    QF, qm0, qm1, unit = _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D, KBITS, KQ,
+                                        BLOCK_M, SOFTCAP)
     zero = gl.zeros([NW, 32], gl.float32, L)
-    if QIN:  # the query operand made here from q (head_dim 128): no prep kernel before the pass
-        QF, qm0, qm1, unit = _query_in_pass(q_ptr, kmean_ptr, b, h, g, c, zero, sqb, sqt, sqh, smb, smh, sm_scale,
-                                            GROUP, ROWS, CENTER_K, SOFTCAP, INV_SQRT_N)
-    else:
-        QF, qm0, qm1, unit = _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D, KBITS, KQ,
-                                            BLOCK_M, SOFTCAP)
     kc4 = _coset_const(QF, zero, zero_i, D, KBITS)
     m0 = zero - float("inf")
     m1 = zero - float("inf")

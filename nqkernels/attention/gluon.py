@@ -36,7 +36,8 @@ Register order (per thread c, per token; ``fragment_elements`` / ``fragment_inde
 Register 2t and 2t + 1 of a plane are the a0/a2 (token g) and a1/a3 (token g + 8) of k-tile t. The B fragment of
 lane (g', c) is the prep's query operand (``kernels._query_prep_kernel``, pair order, unchanged) gathered to the
 elements of thread c's registers, column g': each program gathers its fragments once, through a cached index table
-(``fragment_index``). The coset registers hold 2c only; the constant part of the group constants is the low chain's
+(``fragment_index``); at head_dim 128 the fused pass can make the same fragments from q itself instead
+(``_query_in_pass``, ``gluon_query_in_pass``: no prep kernel). The coset registers hold 2c only; the constant part of the group constants is the low chain's
 start value (``_coset_const``), and the parity is restored for two words at once (``_parity_fold``).
 
 Loads: a page ahead into registers (``prefetch``), and optionally a bulk L2 prefetch further ahead (``l2_prefetch``):
@@ -368,6 +369,18 @@ def _split_pages(split, pages_per_split, comp, PAGE: gl.constexpr):
 
 
 @gluon.jit
+def _logit_units(qm0, qm1, sm_scale, SOFTCAP: gl.constexpr):
+    """q·mean_k of columns 2c, 2c + 1 and the factor from the accumulator to logits: 2^24, times the softmax scale in
+    log2 units without softcap (``kernels._logit_units``; with softcap the scale is applied inside the tanh)."""
+    unit = SUBNORMAL_UNIT
+    if not SOFTCAP:
+        unit = SUBNORMAL_UNIT * sm_scale * LOG2E
+        qm0 = qm0 * (sm_scale * LOG2E)
+        qm1 = qm1 * (sm_scale * LOG2E)
+    return qm0, qm1, unit
+
+
+@gluon.jit
 def _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D: gl.constexpr, KBITS: gl.constexpr,
                    KQ: gl.constexpr, BLOCK_M: gl.constexpr, SOFTCAP: gl.constexpr):
     """The keys product's B fragments (the prep's query operand in pair order, gathered to the kernel's order through
@@ -384,11 +397,7 @@ def _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D:
                                              is_pure=True, pack=1),)
     qm0 = gl.load(qm_ptr + pid * BLOCK_M + col0)
     qm1 = gl.load(qm_ptr + pid * BLOCK_M + col1)
-    unit = SUBNORMAL_UNIT
-    if not SOFTCAP:
-        unit = SUBNORMAL_UNIT * sm_scale * LOG2E
-        qm0 = qm0 * (sm_scale * LOG2E)
-        qm1 = qm1 * (sm_scale * LOG2E)
+    qm0, qm1, unit = _logit_units(qm0, qm1, sm_scale, SOFTCAP)
     return QF, qm0, qm1, unit
 
 
@@ -963,11 +972,7 @@ def _query_in_pass(q_ptr, kmean_ptr, b, h, g, c, zero, sqb, sqt, sqh, smb, smh, 
         qm = _shfl_add(_shfl_add(qm, "1"), "2")
     qm0 = _shfl_idx(qm, 8 * c)
     qm1 = _shfl_idx(qm, 8 * c + 4)
-    unit = SUBNORMAL_UNIT
-    if not SOFTCAP:
-        unit = SUBNORMAL_UNIT * sm_scale * LOG2E
-        qm0 = qm0 * (sm_scale * LOG2E)
-        qm1 = qm1 * (sm_scale * LOG2E)
+    qm0, qm1, unit = _logit_units(qm0, qm1, sm_scale, SOFTCAP)
     return QF, qm0, qm1, unit
 
 

@@ -160,12 +160,14 @@ def cold_setup(d: int, bits: int, tokens, inverse: bool) -> Setup:
 # pages_per_step: pages side by side in one softmax step (fewer instructions per page, more registers).
 # two_pass: keys, then values, in two kernels of half the registers each; it wants more programs per SM, so it is
 # searched with them. The Gluon passes (Hopper; elsewhere these candidates launch the portable kernels and never win
-# by the 2% a winner needs): the fused pass with its warps and grid, then the two Gluon passes instead.
+# by the 2% a winner needs): the fused pass with its warps and grid, its query operand made in the pass (head_dim
+# 128; elsewhere the prep runs anyway), then the two Gluon passes instead.
 STAGES = {"attention": [{"num_warps": [4, 8], "num_stages": [1, 2]},
                         {"programs_per_sm": [2, 4, 8, 16], "min_pages_per_split": [1, 2, 4, 8],
                          "maxnreg": [None, 168, 128], "two_pass": [False, True]},
                         {"pages_per_step": [1, 2, 4]},
                         {"gluon_fused": [True], "gluon_fused_warps": [2, 4], "programs_per_sm": [2, 4, 8, 16]},
+                        {"gluon_query_in_pass": [True]},
                         {"gluon_fused": [False], "two_pass": [True], "gluon_keys": [True], "gluon_values": [True],
                          "gluon_values_warps": [1, 2], "programs_per_sm": [4, 8, 16]}],
           "encode": [{"BLOCK_T": [64, 128], "num_warps": [4, 8]}, {"programs_per_sm": [1, 2, 4, 8]}],

@@ -168,7 +168,7 @@ STAGES = {"attention": [{"num_warps": [4, 8], "num_stages": [1, 2]},
                         {"pages_per_step": [1, 2, 4]},
                         {"gluon_fused": [True], "gluon_fused_warps": [2, 4], "programs_per_sm": [2, 4, 8, 16]},
                         {"gluon_query_in_pass": [True]},
-                        {"gluon_fused": [False], "two_pass": [True], "gluon_keys": [True], "gluon_values": [True],
+                        {"gluon_fused": [False], "gluon_query_in_pass": [False], "two_pass": [True], "gluon_keys": [True], "gluon_values": [True],
                          "gluon_values_warps": [1, 2], "programs_per_sm": [4, 8, 16]}],
           "encode": [{"BLOCK_T": [64, 128], "num_warps": [4, 8]}, {"programs_per_sm": [1, 2, 4, 8]}],
           "decode": [{"BLOCK_T": [16, 32, 64], "num_warps": [2, 4]}],
@@ -180,10 +180,15 @@ STAGES = {"attention": [{"num_warps": [4, 8], "num_stages": [1, 2]},
 def attention_stages(d: int, key_bits: int) -> list:
     """The attention search's stages for keys of ``key_bits`` at head_dim ``d``: the Gluon keys pass reads bit planes
     only, so where the keys are in the "fields" layout (``code_layout``) the two-pass stage pairs the portable keys
-    pass with the Gluon values pass instead of searching a ``gluon_keys`` the launcher would not take."""
-    if code_layout("key", key_bits, d) != "fields":
-        return STAGES["attention"]
-    return STAGES["attention"][:-1] + [dict(STAGES["attention"][-1], gluon_keys=[False])]
+    pass with the Gluon values pass instead of searching a ``gluon_keys`` the launcher would not take; the query
+    operand in the fused pass is searched only where the pass can make it (head_dim 128, 2-bit or "fields" keys)."""
+    layout = code_layout("key", key_bits, d)
+    stages = [st for st in STAGES["attention"]
+              if "gluon_query_in_pass" not in st or st.get("gluon_fused") == [False]
+              or (d == 128 and (key_bits == 2 or layout == "fields"))]
+    if layout != "fields":
+        return stages
+    return stages[:-1] + [dict(stages[-1], gluon_keys=[False])]
 
 
 def make_tasks(kernels=KERNELS, quick: bool = False) -> list[Task]:

@@ -85,7 +85,7 @@ class AttentionConfig(LaunchConfig):
     untuned defaults (the fused pass's fixed cost loses to the one-pass kernel on a few short sequences:
     docs/attention.md, "Launch configs"). ``gluon_query_in_pass`` (with ``gluon_fused``, head_dim 128): the pass
     makes its query operand from q itself instead of a prep kernel launched before it (one launch less, a prologue
-    more per program: it pays where the grid is small or the loop long)."""
+    more per program; chosen per bucket by measurement)."""
     BLOCK_N: int = 64
     num_warps: int = 4
     num_stages: int = 1

@@ -33,7 +33,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m perf.profile_decode", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="8x32768x3x2", help="BxTxKxV[xD] (default 8x32768x3x2)")
     ap.add_argument("--fused", action="store_true", help="force the fused Gluon pass on top of the store's config")
-    ap.add_argument("--config", default="{}", help="JSON fields on top of the config (as '{\"gluon_stage\": true}')")
+    ap.add_argument("--config", default="{}",
+                    help="JSON fields on top of the config (as '{\"gluon_query_in_pass\": true}')")
     args = ap.parse_args()
     if "," in args.shape:
         sys.exit(f"--shape: one shape, got {args.shape!r}")

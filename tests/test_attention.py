@@ -297,6 +297,15 @@ def test_bad_inputs():
         cache.append(torch.randn(2, 2, 2, 128), torch.randn(2, 1, 2, 128))
 
 
+def test_query_with_strided_head_dim():
+    """A q whose head_dim is not unit-stride (a view) attends as its contiguous copy does."""
+    cache = _cache()
+    _fill(cache, [40, 23])
+    q = torch.randn(2, 1, 4, 2 * 128, dtype=torch.float16)[..., ::2]
+    assert q.stride(-1) == 2
+    assert torch.equal(decode_attention(q, cache), decode_attention(q.contiguous(), cache))
+
+
 @pytest.mark.parametrize("q_len", (1, 3))
 def test_transposed_query_layout_is_named(q_len):
     """q in the [batch, heads, q_len, head_dim] layout of attention modules: the error says which layout was

@@ -171,7 +171,7 @@ def test_query_in_pass_matches_prep_operand(bits):
             for k in range(16):
                 i0 = 16 * (k // 8) + k % 8
                 got[2 + k, lane] = torch.stack([y[c, i0], y[c, i0 + 8]]) * inv / 4 ** (k % 4)
-    assert G.query_in_pass(d, bits, code_layout("key", bits, d))
+    assert G.supports_query_in_pass(d, bits, code_layout("key", bits, d))
     torch.testing.assert_close(got, qf[:18], rtol=1e-12, atol=1e-12)
 
 
@@ -563,7 +563,7 @@ def test_fused_pass_launch_arguments(d, bits, q_len, qin):
     assert (kw["KFIELDS"], kw["WK"]) == (codec.layout("key") == "fields", cache.k_codes.shape[-1])
     assert (kw["VFIELDS"], kw["WV"]) == (codec.layout("value") == "fields", cache.v_codes.shape[-1])
     assert (kw["QIN"], kw["CENTER_K"]) == (qin, qin and codec.center_keys)
-    if not G.query_in_pass(d, bits[0], codec.layout("key")):  # the prep's operand is needed there
+    if not G.supports_query_in_pass(d, bits[0], codec.layout("key")):  # the prep's operand is needed there
         with pytest.raises(ValueError, match="q_t is needed"):
             G.fused_pass(cache, q, None, None, m_part, m_part, m_part[..., None].expand(-1, -1, -1, d),
                          q_len=q_len, group=4, block_m=16, rs=4 * q_len, num_splits=splits, pages_per_split=2,

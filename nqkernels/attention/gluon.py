@@ -36,9 +36,9 @@ Register order (per thread c, per token; ``fragment_elements`` / ``fragment_inde
 Register 2t and 2t + 1 of a plane are the a0/a2 (token g) and a1/a3 (token g + 8) of k-tile t. The B fragment of
 lane (g', c) is the prep's query operand (``kernels._query_prep_kernel``, pair order, unchanged) gathered to the
 elements of thread c's registers, column g': each program gathers its fragments once, through a cached index table
-(``fragment_index``); at head_dim 128 the fused pass can make the same fragments from q itself instead
-(``_query_in_pass``, ``gluon_query_in_pass``: no prep kernel). The coset registers hold 2c only; the constant part of the group constants is the low chain's
-start value (``_coset_const``), and the parity is restored for two words at once (``_parity_fold``).
+(``fragment_index``); at head_dim 128 the fused pass can make the same fragments from q itself
+(``_query_in_pass``, ``gluon_query_in_pass``: no prep kernel). The coset registers hold 2c only; the constant part
+of the group constants is the low chain's start value (``_coset_const``), and the parity is restored for two words at once (``_parity_fold``).
 
 Loads: a page ahead into registers (``prefetch``), and optionally a bulk L2 prefetch further ahead (``l2_prefetch``):
 ptxas schedules the register prefetch late in the loop body, so without it the loads have less than an iteration to
@@ -965,13 +965,15 @@ def _query_in_pass(q_ptr, kmean_ptr, b, h, g, c, zero, sqb, sqt, sqh, smb, smh, 
             s0 = s0 + y[16 * r + t]
             s1 = s1 + y[16 * r + 8 + t]
         QF = QF + (_f16x2(s0 * (0.25 * INV_SQRT_N), s1 * (0.25 * INV_SQRT_N)),)
-    for k in gl.static_range(16):  # low-plane register k: coordinates 16·(k // 8) + k % 8 and 8 further, times 4^-(k % 4)
+    for k in gl.static_range(16):  # low-plane register k: coordinates 16·(k // 8) + k % 8 and 8 further, × 4^-(k % 4)
         QF = QF + (_f16x2(y[16 * (k // 8) + k % 8] * (INV_SQRT_N / (1 << (2 * (k % 4)))),
                           y[16 * (k // 8) + k % 8 + 8] * (INV_SQRT_N / (1 << (2 * (k % 4))))),)
-    if CENTER_K:  # q·mean_k of row g in every lane of its group, then of rows 2c and 2c + 1
+    qm0 = zero
+    qm1 = zero
+    if CENTER_K:  # q·mean_k of row g in every lane of its group, then of rows 2c and 2c + 1 (lanes 8c, 8c + 4)
         qm = _shfl_add(_shfl_add(qm, "1"), "2")
-    qm0 = _shfl_idx(qm, 8 * c)
-    qm1 = _shfl_idx(qm, 8 * c + 4)
+        qm0 = _shfl_idx(qm, 8 * c)
+        qm1 = _shfl_idx(qm, 8 * c + 4)
     qm0, qm1, unit = _logit_units(qm0, qm1, sm_scale, SOFTCAP)
     return QF, qm0, qm1, unit
 
@@ -1032,7 +1034,7 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
                         NW: gl.constexpr, WK: gl.constexpr, WV: gl.constexpr, KQ: gl.constexpr, OFF64: gl.constexpr,
                         VEC_K: gl.constexpr, VEC_V: gl.constexpr, L2PF: gl.constexpr, OUT_SCALE: gl.constexpr,
                         LOG2CT: gl.constexpr, KFIELDS: gl.constexpr, VFIELDS: gl.constexpr,
-                        QIN: gl.constexpr = False, CENTER_K: gl.constexpr = False, INV_SQRT_N: gl.constexpr = 1.0):
+                        QIN: gl.constexpr, CENTER_K: gl.constexpr, INV_SQRT_N: gl.constexpr):
     # Grid (batch · KV heads, splits), as the split programs of ``_attn_split_kernel`` (one row block, q_len · group
     # <= 8); each split writes its max, Σp and partial Σ p·x in the original basis, so ``_attn_reduce_kernel``
     # completes the attention. Warp w takes the units w, w + NW, .. of each page with its own running max; the warps
@@ -1497,7 +1499,8 @@ def fused_constants(*, head_dim: int, key_bits: int, value_bits: int, page_size:
     tests and ``perf.fused_budget`` compile): ``num_warps`` as ``fused_warps`` gives it, ``off64`` a pool of 2^31
     words or more, ``vec_k``/``vec_v`` vector loads of a thread's runs, ``l2_prefetch`` the L2 prefetch distance
     (0: off), ``key_layout`` the keys' (``KVCodec.layout``; "auto": ``config.code_layout``'s), ``query_in_pass``
-    the query operand made by the pass from q (``query_in_pass``), ``center_keys`` then q·mean_k too."""
+    the query operand made by the pass from q (where ``supports_query_in_pass``), ``center_keys`` then q·mean_k
+    too."""
     D = head_dim
     layout = code_layout("key", key_bits, D) if key_layout == "auto" else key_layout
     v_layout = code_layout("value", value_bits, D)
@@ -1511,7 +1514,7 @@ def fused_constants(*, head_dim: int, key_bits: int, value_bits: int, page_size:
                 INV_SQRT_N=1.0 / math.sqrt(ref.transform_norm(D)))
 
 
-def query_in_pass(head_dim: int, key_bits: int, key_layout: str) -> bool:
+def supports_query_in_pass(head_dim: int, key_bits: int, key_layout: str) -> bool:
     """Whether the fused pass makes its query operand itself (``_query_in_pass``), so no prep kernel runs before
     it: head_dim 128 with keys whose operand is the coset and low-plane registers only (2-bit keys, "fields")."""
     return head_dim == 128 and (key_bits == 2 or key_layout == "fields")
@@ -1524,8 +1527,9 @@ def fused_pass(cache, q, q_t, q_mean, m_part, l_part, acc_part, *, q_len: int, g
     each split's max, Σp and Σ p·x in the original basis ([programs, splits + 1, block_m(, head_dim)]
     ``m_part``/``l_part``/``acc_part``, rows < q_len · group), as the compressed programs of
     ``kernels._attn_split_kernel`` write them. No logits workspace. Covers what ``supports_fused`` says. ``q``: the
-    queries [B, q_len, q_heads, head_dim]; ``q_t``/``q_mean``: the prep's query operand and q·mean_k (one page slot),
-    or None where the pass makes them from ``q`` itself (``query_in_pass``: then no prep kernel runs).
+    queries [B, q_len, q_heads, head_dim] in the cache's dtype (fp16/bf16, unit stride in head_dim); ``q_t``/``q_mean``:
+    the prep's query operand [programs, 1, KQ, block_m] fp16 and q·mean_k [programs, block_m] fp32, or None where the
+    pass makes them from ``q`` itself (``supports_query_in_pass``: then no prep kernel runs).
     ``num_warps``: warps per program (each takes its own 16-token units, merged at the split's end; ``fused_warps``);
     ``l2_prefetch``: prefetch the page that many ahead into L2 (0: off); ``maxnreg``: the register cap; ``launch``:
     ``nqkernels.launch.launcher``'s (default: a plain launch)."""
@@ -1536,9 +1540,9 @@ def fused_pass(cache, q, q_t, q_mean, m_part, l_part, acc_part, *, q_len: int, g
     assert kc.stride(3) == 1 and kc.stride(2) == wk and ks.stride(2) == 1 and q.stride(3) == 1
     assert vc.stride(3) == 1 and vc.stride(2) == wv and vs.stride(2) == 1
     qin = q_t is None
-    if qin and not query_in_pass(D, codec.key_bits, codec.layout("key")):
+    if qin and not supports_query_in_pass(D, codec.key_bits, codec.layout("key")):
         raise ValueError(f"fused_pass: q_t is needed at head_dim {D} with {codec.key_bits}-bit "
-                         f"{codec.layout('key')!r} keys (query_in_pass)")
+                         f"{codec.layout('key')!r} keys (supports_query_in_pass)")
     nw = fused_warps(num_warps, D, codec.key_bits, P)
     n_prog = m_part.shape[0]
     vec_k = kc.data_ptr() % 16 == 0 and all(st % 4 == 0 for st in kc.stride()[:2]) and wk % 4 == 0

@@ -269,6 +269,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         torch.Size([1, 1, 8, 128])
     """
     _check_inputs(q, cache, softmax_scale, softcap, window, num_splits)
+    if q.stride(-1) != 1:  # the kernels read a query row as head_dim consecutive elements
+        q = q.contiguous()
     B, q_len, Hq, D = q.shape
     H = cache.num_kv_heads
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -341,8 +343,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     prep = rope_half == 0 and num_splits > 0
     pdl = _pdl(q.device)
     # The fused pass makes its query operand itself where the config asks and it can (no prep kernel before it)
-    q_in_pass = fused and prep and cfg.gluon_query_in_pass and fast.query_in_pass(D, codec.key_bits,
-                                                                                    codec.layout("key"))
+    q_in_pass = (fused and prep and cfg.gluon_query_in_pass
+                 and fast.supports_query_in_pass(D, codec.key_bits, codec.layout("key")))
     if prep and not q_in_pass:
         q_t = torch.empty(B * H * n_mblk, step, KQ, block_m, dtype=torch.float16, device=q.device)
         q_mean = torch.empty(B * H * n_mblk, block_m, dtype=torch.float32, device=q.device)
@@ -351,13 +353,14 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, NG=NG, KQ=KQ, INV_SQRT_N=inv_sqrt_n,
             CENTER_K=codec.center_keys, DOT=dot, BLOCK_M=block_m, PK=step, QR=FIXED["prep"].BLOCK, PDL=pdl,
             num_warps=FIXED["prep"].num_warps)
+    elif q_in_pass:  # the fused pass makes them
+        q_t = q_mean = None
     else:  # placeholders, never read, but of the operands' dtypes: the kernel compiles its compressed-page branch
         q_t, q_mean = acc_part.new_empty(1, dtype=torch.float16), m_part  # anyway, and fp16 x fp32 is not a product
     rb = min(block_m, triton.next_power_of_2(rows))  # the real rows of a block (the reduce reads only these)
     if fused and prep:  # the compressed splits in one Gluon pass; the uncompressed part as in two passes
         n_tok, logits, fast_values = 0, m_part, True  # no logits workspace (a placeholder the FP_ONLY kernel never reads)
-        fast.fused_pass(cache, q, None if q_in_pass else q_t, None if q_in_pass else q_mean, m_part, l_part,
-                        acc_part, q_len=q_len, group=group, block_m=block_m,
+        fast.fused_pass(cache, q, q_t, q_mean, m_part, l_part, acc_part, q_len=q_len, group=group, block_m=block_m,
                         rs=rb, num_splits=num_splits, pages_per_split=pages_per_split, scale=scale, softcap=softcap,
                         window=window, num_warps=cfg.gluon_fused_warps, l2_prefetch=cfg.gluon_l2,
                         maxnreg=cfg.gluon_maxnreg, launch=launch)

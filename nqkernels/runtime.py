@@ -85,7 +85,10 @@ class AttentionConfig(LaunchConfig):
     untuned defaults (the fused pass's fixed cost loses to the one-pass kernel on a few short sequences:
     docs/attention.md, "Launch configs"). ``gluon_query_in_pass`` (with ``gluon_fused``, head_dim 128): the pass
     makes its query operand from q itself instead of a prep kernel launched before it (one launch less, a prologue
-    more per program; chosen per bucket by measurement)."""
+    more per program; chosen per bucket by measurement). ``uncompressed_per_split``: the uncompressed tokens (sinks
+    and window) are attended in parts of at least this many (whole ``BLOCK_N`` tiles) beside the compressed splits,
+    and in no more parts than fill the GPU, so a long window is spread over programs as the pages are (the default
+    window, a page or two, is one part)."""
     BLOCK_N: int = 64
     num_warps: int = 4
     num_stages: int = 1
@@ -105,6 +108,7 @@ class AttentionConfig(LaunchConfig):
     gluon_fused_warps: int = 2
     gluon_fused_min_tokens: int = 0
     gluon_query_in_pass: bool = False
+    uncompressed_per_split: int = 256
 
 
 @dataclasses.dataclass(frozen=True)

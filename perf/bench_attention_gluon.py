@@ -71,7 +71,7 @@ def triton_keys(s, cfg, logits, m_part, splits=None):
     def run():
         K._attn_keys_kernel[grid](
             cache.k_codes, cache.k_scales, cache.block_table, cache.lengths, s["q_t"], s["q_mean"], logits, m_part,
-            cache.num_kv_heads, 1, splits, pps, kw["n_tok"], cache.max_batch,
+            cache.num_kv_heads, 1, splits, pps, m_part.shape[1], kw["n_tok"], cache.max_batch,
             kw["scale"], 1.0, 0, *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], cache.k_codes.stride(3),
             cache.block_table.stride(0), Q_LEN=1, GROUP=kw["group"], D=D, DP=DP, KBITS=kb, PAGE=codec.page_size,
             NG=NG, KQ=NG + DP * (2 if kb > 2 else 1), SOFTCAP=False, WINDOW=False, ASM=True, BLOCK_M=kw["block_m"],

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention
+from nqkernels import KVCodec, PagedKVCache, RopeSpec, decode_attention, store
 from nqkernels import reference as R
 from nqkernels.attention.kernels import _page_codes
 from nqkernels.attention.launcher import _decode_matrix, _value_gather
@@ -79,7 +79,6 @@ def test_key_layout_planes_at_k3_d128():
 def test_fields_at_4_bits(bits):
     """4-bit keys and values at head_dim 128 are whole nibbles ("fields", 16 words as in bit planes): the one-pass
     kernel, pages side by side, the two passes and keys with RoPE undone match the reference, ragged and with sinks."""
-    from nqkernels import store
 
     cache = _cache(bits=bits, recent=4, sinks=1, pages=40)
     assert [cache.codec.layout(k) for k in ("key", "value")] == ["fields" if b == 4 or (k, b) == ("key", 3) else
@@ -159,7 +158,6 @@ def test_pages_side_by_side(step, d, bits, group, q_len):
     # pages_per_step > 1: a step's pages fill the column slots of a 16-column block (16 / rows, at most the config's
     # value: GQA 8 takes 2 slots), each with its own online softmax, merged at the split's end. Ragged page counts
     # (splits and steps with empty slots), sinks, chunks (causal), a sliding window and a soft cap.
-    from nqkernels import store
 
     cache = _cache(d=d, recent=4, sinks=1, bits=bits, pages=40)
     _fill(cache, [150, 37])
@@ -179,7 +177,6 @@ def test_two_pass(d, bits, group, q_len, dtype):
     # two_pass: keys (logits to a workspace, each split's max), then values (no running max). Ragged page counts
     # (splits of the shorter sequence hold no tokens), sinks, chunks (causal pages), a sliding window that masks
     # whole splits, a soft cap; keys with RoPE undone fall back to the one-pass kernel.
-    from nqkernels import store
 
     cache = _cache(d=d, recent=4, sinks=1, bits=bits, pages=40, dtype=dtype)
     _fill(cache, [150, 37])
@@ -194,16 +191,16 @@ def test_two_pass(d, bits, group, q_len, dtype):
             _check(q, rope)
 
 
-@pytest.mark.parametrize("d,q_len,window", [(128, 1, None), (64, 2, 30)])
-def test_uncompressed_part_alone(d, q_len, window, monkeypatch):
-    """``_attn_values_kernel`` with FP_ONLY (the uncompressed part beside a Gluon pass, grid (programs, 1)) writes the
-    same partial as its last program in the two-pass launch, and nothing else."""
-    from nqkernels import store
+@pytest.mark.parametrize("d,q_len,window,recent", [(128, 1, None, 4), (64, 2, 30, 4), (96, 1, None, 150)])
+def test_uncompressed_part_alone(d, q_len, window, recent, monkeypatch):
+    """``_attn_values_kernel`` with FP_ONLY (the uncompressed parts beside a Gluon pass, grid (programs, parts))
+    writes the same partials as its last programs in the two-pass launch, and nothing else (recent 150: the window
+    in three parts of 64 tokens)."""
     from nqkernels.attention import kernels as K
     from nqkernels.attention import launcher as L
 
-    cache = _cache(d=d, recent=4, sinks=2, pages=40)
-    _fill(cache, [150, 37])
+    cache = _cache(d=d, recent=recent, sinks=2, pages=40)
+    _fill(cache, [250, 37])
     q = torch.randn(2, q_len, 8, d, dtype=torch.float16)
     seen = []
     real = L.launcher
@@ -218,20 +215,43 @@ def test_uncompressed_part_alone(d, q_len, window, monkeypatch):
         return run
 
     monkeypatch.setattr(L, "launcher", spy)
-    with store.override("attention", {"two_pass": True}):
+    monkeypatch.setattr(L, "max_programs", lambda device, per_sm: 8 * per_sm)  # programs for 8 SMs: parts of 64
+    with store.override("attention", {"two_pass": True, "uncompressed_per_split": 64}):
         decode_attention(q, cache, window=window, num_splits=3)
     (grid, args, kwargs), = seen
     names = K._attn_values_kernel.arg_names
     i_m, i_l, i_acc = names.index("m_ptr"), names.index("l_ptr"), names.index("acc_ptr")
     m, l, acc = (args[i] for i in (i_m, i_l, i_acc))
+    fp_parts = args[names.index("n_parts")] - args[names.index("n_splits")]
+    assert fp_parts == (1 if recent == 4 else 3)
     alone = [t.clone().fill_(float("nan")) for t in (m, l, acc)]
     args = list(args)
     args[i_m], args[i_l], args[i_acc] = alone
-    K._attn_values_kernel[(grid[0], 1)](*args, **dict(kwargs, FP_ONLY=True))
+    K._attn_values_kernel[(grid[0], fp_parts)](*args, **dict(kwargs, FP_ONLY=True))
     rows = q_len * 4  # the real rows of a block (GQA 4); the others are padding, written by neither
     for got, want in zip(alone, (m, l, acc)):
-        torch.testing.assert_close(got[:, -1, :rows], want[:, -1, :rows], rtol=1e-6, atol=1e-6)
-        assert torch.isnan(got[:, :-1]).all()  # the compressed splits' partials are not written
+        torch.testing.assert_close(got[:, -fp_parts:, :rows], want[:, -fp_parts:, :rows], rtol=1e-6, atol=1e-6)
+        assert torch.isnan(got[:, :-fp_parts]).all()  # the compressed splits' partials are not written
+
+
+@pytest.mark.parametrize("d,bits,group,q_len,dtype,two_pass", [
+    (128, (3, 2), 4, 1, torch.float16, False), (64, (2, 2), 8, 2, torch.bfloat16, True),
+    (96, (4, 4), 1, 1, torch.float16, False), (256, (3, 3), 2, 8, torch.bfloat16, False)])
+def test_long_window_in_parts(d, bits, group, q_len, dtype, two_pass, monkeypatch):
+    # A window longer than ``uncompressed_per_split`` (64 here): sinks and window are attended in 3 parts beside the
+    # splits (programs for a GPU's 8 SMs; the interpreter's 3 would allow one part), the shorter sequence's last part
+    # empty (90 tokens, none compressed). The reduce (one column program per block, as under the interpreter) loads
+    # the first parts with the splits' and merges the rest in a loop: the first part alone at head_dim 256, two at
+    # 64 (their 2048-element tile), all 3 at 96 and 128.
+    from nqkernels.attention import launcher as L
+    monkeypatch.setattr(L, "max_programs", lambda device, per_sm: 8 * per_sm if per_sm > 1 else 3)
+    cache = _cache(d=d, recent=150, sinks=3, bits=bits, pages=40, dtype=dtype)
+    _fill(cache, [330, 90])
+    assert cache.compressed_lens()[1] == 0 and cache.lengths[2].tolist()[0] > 128
+    q = torch.randn(2, q_len, 2 * group, d, dtype=dtype)
+    with store.override("attention", {"uncompressed_per_split": 64, "two_pass": two_pass}):
+        _check(q, cache, tol=2e-2 if dtype == torch.bfloat16 else None, num_splits=2)
+        _check(q, cache, tol=2e-2 if dtype == torch.bfloat16 else None, window=100, softcap=5.0)
 
 
 @pytest.mark.parametrize("d", HEAD_DIMS)
@@ -462,8 +482,8 @@ KERNELS = {
     "values_fp": (A._attn_values_kernel, dict(VBITS=2, PAGE=64, LOG2DP=7, SOFTCAP=False, WINDOW=False, DOT=tl.float16,
                                               ASM=True, RS=4, BLOCK_N=64, JOIN_V=True, FP_ONLY=True,
                                               VFIELDS=False)),
-    "reduce": (A._attn_reduce_kernel, dict(CENTER_V=True, RB=4, SC=8, OB=32)),
-    "reduce_nomean": (A._attn_reduce_kernel, dict(CENTER_V=False, RB=4, SC=8, OB=32)),
+    "reduce": (A._attn_reduce_kernel, dict(CENTER_V=True, RB=4, SC=8, SCF=1, OB=32)),
+    "reduce_nomean": (A._attn_reduce_kernel, dict(CENTER_V=False, RB=4, SC=8, SCF=1, OB=32)),
 }
 out = {}
 for name, (fn, consts) in KERNELS.items():

@@ -540,7 +540,7 @@ def test_fused_pass_launch_arguments(d, bits, q_len, qin):
     kq = max(16, d // 8) + d * (2 if bits[0] > 2 else 1)
     progs, splits = 2 * 2, 3
     q_t = torch.zeros(progs, 1, kq, 16, dtype=torch.float16)
-    m_part = torch.zeros(progs, splits + 1, 16)
+    m_part = torch.zeros(progs, splits + 2, 16)  # the splits, then two uncompressed parts
     seen = {}
 
     def launch(kernel, grid, *args, **kw):
@@ -556,6 +556,7 @@ def test_fused_pass_launch_arguments(d, bits, q_len, qin):
               if "constexpr" in str(p.annotation)}
     assert seen["grid"] == (progs, splits)
     assert len(seen["args"]) + len(consts) == len(params) and consts <= set(seen["kw"]), sorted(consts - set(seen["kw"]))
+    assert seen["args"][params.index("n_parts")] == splits + 2  # the partials' stride per program
     kw = seen["kw"]
     assert (kw["D"], kw["KBITS"], kw["VBITS"], kw["Q_LEN"], kw["ROWS"], kw["WINDOW"], kw["SOFTCAP"]) == \
         (d, bits[0], bits[1], q_len, 4 * q_len, True, False)
@@ -621,7 +622,8 @@ class _Spy:
         lg_ref, m_ref = logits.clone(), m_part.clone()
         A._attn_keys_kernel[(q_t.shape[0], kw["num_splits"])](
             cache.k_codes, cache.k_scales, cache.block_table, cache.lengths, q_t, q_mean, lg_ref, m_ref,
-            cache.num_kv_heads, 1, kw["num_splits"], kw["pages_per_split"], kw["n_tok"], cache.max_batch, kw["scale"],
+            cache.num_kv_heads, 1, kw["num_splits"], kw["pages_per_split"], m_ref.shape[1], kw["n_tok"],
+            cache.max_batch, kw["scale"],
             float(kw["softcap"] or 1.0), int(kw["window"] or 0), *cache.k_codes.stride()[:3],
             *cache.k_scales.stride()[:2], cache.k_codes.stride(3), cache.block_table.stride(0),
             Q_LEN=kw["q_len"], GROUP=kw["group"], D=D, DP=DP, KBITS=kb, PAGE=codec.page_size, NG=NG,

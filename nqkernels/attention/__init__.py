@@ -12,8 +12,9 @@ gather to storage order and an inverse Hadamard transform), so the reduce only w
 memory. Keys stored with RoPE undone are decoded to the original basis per page (one product with R) and RoPE is
 re-applied at each key's stored position (``PagedKVCache.positions``).
 
-Grid: (batch · kv_heads · row blocks, splits + 1). Programs 0..splits-1 each take a run of pages (64-token pages
-are the A operand of the logit product, keys along axis 0); the last one takes the uncompressed sinks and window.
+Grid: (batch · kv_heads · row blocks, splits + uncompressed parts). Programs 0..splits-1 each take a run of pages
+(64-token pages are the A operand of the logit product, keys along axis 0); the others take the uncompressed sinks
+and window, ``uncompressed_per_split`` tokens each (one part for a window of a page or two).
 Each writes (running max, sum, accumulator); the reduce combines them. A block of few rows may take several pages
 per softmax step, side by side in its columns (``pages_per_step``, ``_query_rows``). On Hopper the split kernel and
 the reduce start while their predecessor still runs (programmatic dependent launch, ``_pdl``). Rows are (query

@@ -341,9 +341,10 @@ def _lanes(L: gl.constexpr, NW: gl.constexpr):
 
 
 @gluon.jit
-def _split_program(lens_ptr, H, n_splits, max_batch, c, Q_LEN: gl.constexpr, GROUP: gl.constexpr):
+def _split_program(lens_ptr, H, n_parts, max_batch, c, Q_LEN: gl.constexpr, GROUP: gl.constexpr):
     """A split program of the keys or fused pass (grid (batch · KV heads, splits)): its program and split ids,
-    sequence b and KV head h, the sequence's compressed length and sinks, its partials' index, and this thread's
+    sequence b and KV head h, the sequence's compressed length and sinks, its partials' index (n_parts per
+    program: the splits, then the uncompressed parts), and this thread's
     columns of the C fragment (query rows (chunk position, head) = divmod(col, GROUP)) with their query positions."""
     pid = gl.program_id(0)
     split = gl.program_id(1)
@@ -352,7 +353,7 @@ def _split_program(lens_ptr, H, n_splits, max_batch, c, Q_LEN: gl.constexpr, GRO
     seq_len = gl.load(lens_ptr + b)
     comp = gl.load(lens_ptr + max_batch + b)
     n_sink = gl.load(lens_ptr + 3 * max_batch + b)
-    part = pid * (n_splits + 1) + split
+    part = pid * n_parts + split
     col0 = 2 * c
     col1 = col0 + 1
     return (pid, split, b, h, comp, n_sink, part, col0, col1, seq_len - Q_LEN + col0 // GROUP,
@@ -458,7 +459,7 @@ def _unit_logits(unit, QF, kc4, c, zero, unit_scale, qm0, qm1, sm_scale, softcap
 
 @gluon.jit
 def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_ptr, lg_ptr, m_ptr,
-                       H, n_splits, pages_per_split, n_tok, max_batch, sm_scale, softcap, window,
+                       H, n_parts, pages_per_split, n_tok, max_batch, sm_scale, softcap, window,
                        skc_p, skc_h, sks_p, sks_h, sbt,
                        Q_LEN: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, KBITS: gl.constexpr,
                        PAGE: gl.constexpr, SOFTCAP: gl.constexpr, WINDOW: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -472,7 +473,7 @@ def _gluon_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_pt
     # schedules them).
     L: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
     zero_i, lane, warp, g, c = _lanes(L, NW)
-    pid, split, b, h, comp, n_sink, part, col0, col1, q_index0, q_index1 = _split_program(lens_ptr, H, n_splits,
+    pid, split, b, h, comp, n_sink, part, col0, col1, q_index0, q_index1 = _split_program(lens_ptr, H, n_parts,
                                                                                          max_batch, c, Q_LEN, GROUP)
     QF, qm0, qm1, unit = _query_operand(qt_ptr, fidx_ptr, qm_ptr, pid, lane, col0, col1, sm_scale, D, KBITS, KQ,
                                         BLOCK_M, SOFTCAP)
@@ -825,7 +826,7 @@ def _plane_value_products(words, b0, b1, acc_lo, acc_hi, acc_c, sel_lo, sel_hi, 
 
 @gluon.jit
 def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr, acc_ptr,
-                         H, n_splits, pages_per_split, n_tok, max_batch, svc_p, svc_h, svs_p, svs_h, sbt,
+                         H, n_parts, pages_per_split, n_tok, max_batch, svc_p, svc_h, svs_p, svs_h, sbt,
                          ROWS: gl.constexpr, D: gl.constexpr, VBITS: gl.constexpr, PAGE: gl.constexpr,
                          BLOCK_M: gl.constexpr, RS: gl.constexpr, NW: gl.constexpr, W: gl.constexpr,
                          OFF64: gl.constexpr, VEC: gl.constexpr, L2PF: gl.constexpr, OUT_SCALE: gl.constexpr,
@@ -841,7 +842,7 @@ def _gluon_values_kernel(vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, m_ptr, l_ptr,
     b = pid // H
     h = pid % H
     comp = gl.load(lens_ptr + max_batch + b)
-    part = pid * (n_splits + 1) + split
+    part = pid * n_parts + split
     lo_w, sel_lo, hi_w, sel_hi = _value_spans(g, zero_i, D, VBITS, VFIELDS)
     g_ok = g < RS
     m_g = gl.load(m_ptr + part * BLOCK_M + g, mask=g_ok, other=float("-inf"))
@@ -1026,7 +1027,7 @@ def _rescale_all(acc_lo, acc_hi, acc_c, l0, l1, ls0, ls1, a0, a1):
 
 @gluon.jit
 def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr, fidx_ptr, qm_ptr, m_ptr, l_ptr,
-                        acc_ptr, q_ptr, kmean_ptr, H, n_splits, pages_per_split, max_batch, sm_scale, softcap, window,
+                        acc_ptr, q_ptr, kmean_ptr, H, n_parts, pages_per_split, max_batch, sm_scale, softcap, window,
                         skc_p, skc_h, sks_p, sks_h, svc_p, svc_h, svs_p, svs_h, sbt, sqb, sqt, sqh, smb, smh,
                         Q_LEN: gl.constexpr, GROUP: gl.constexpr, ROWS: gl.constexpr, D: gl.constexpr,
                         KBITS: gl.constexpr, VBITS: gl.constexpr, PAGE: gl.constexpr, SOFTCAP: gl.constexpr,
@@ -1043,7 +1044,7 @@ def _gluon_fused_kernel(kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, qt_ptr
     L: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
     zero_i, lane, warp, g, c = _lanes(L, NW)
     _launch_dependents(zero_i)  # the uncompressed part's kernel (PDL) may start beside this grid
-    pid, split, b, h, comp, n_sink, part, col0, col1, q_index0, q_index1 = _split_program(lens_ptr, H, n_splits,
+    pid, split, b, h, comp, n_sink, part, col0, col1, q_index0, q_index1 = _split_program(lens_ptr, H, n_parts,
                                                                                          max_batch, c, Q_LEN, GROUP)
     zero = gl.zeros([NW, 32], gl.float32, L)
     if QIN:  # the query operand made here from q (head_dim 128): no prep kernel before the pass
@@ -1456,7 +1457,7 @@ def keys_pass(cache, q_t, q_mean, logits, m_part, *, q_len: int, group: int, blo
           and all(st * ks.element_size() % 16 == 0 for st in ks.stride()[:2]))
     (launch or launcher(None))(_gluon_keys_kernel, (n_prog, num_splits),
         kc, ks, cache.block_table, cache.lengths, q_t, fragment_index(D, codec.key_bits, block_m, str(q_t.device)),
-        q_mean, logits, m_part, cache.num_kv_heads, num_splits, pages_per_split, n_tok, cache.max_batch, scale,
+        q_mean, logits, m_part, cache.num_kv_heads, m_part.shape[1], pages_per_split, n_tok, cache.max_batch, scale,
         float(softcap or 1.0), int(window or 0), *kc.stride()[:2], *ks.stride()[:2], cache.block_table.stride(0),
         Q_LEN=q_len, GROUP=group, D=D, KBITS=codec.key_bits, PAGE=P, SOFTCAP=softcap is not None,
         WINDOW=window is not None, BLOCK_M=block_m, RS=rs, CAUSAL_PAGES=q_len > 1, NW=nw, W=words, KQ=kq,
@@ -1468,8 +1469,8 @@ def values_pass(cache, logits, m_part, l_part, acc_part, *, rows: int, block_m: 
                 pages_per_split: int, n_tok: int, num_warps: int = 2, l2_prefetch: int = 2, maxnreg=None,
                 launch=None) -> None:
     """Launch the Gluon values pass for the compressed splits of the two-pass decode: from the keys pass's logits
-    workspace and split maxima, each split's Σp ([programs, splits + 1, block_m] ``l_part``) and Σ p·x in the
-    original basis ([programs, splits + 1, block_m, head_dim] ``acc_part``, rows < ``rows``), as the compressed
+    workspace and split maxima, each split's Σp ([programs, parts, block_m] ``l_part``) and Σ p·x in the
+    original basis ([programs, parts, block_m, head_dim] ``acc_part``, rows < ``rows``), as the compressed
     programs of ``kernels._attn_values_kernel`` write them. ``num_warps``: warps per program (each takes its own 16-token
     units); ``l2_prefetch``: prefetch the page that many ahead into L2 (0: off); ``maxnreg``: the register cap;
     ``launch``: ``nqkernels.launch.launcher``'s (default: a plain launch)."""
@@ -1483,8 +1484,9 @@ def values_pass(cache, logits, m_part, l_part, acc_part, *, rows: int, block_m: 
     l2 = (vc.data_ptr() % 16 == 0 and all(st % 4 == 0 for st in vc.stride()[:2]) and vs.data_ptr() % 16 == 0
           and all(st * vs.element_size() % 16 == 0 for st in vs.stride()[:2]))
     (launch or launcher(None))(_gluon_values_kernel, (logits.shape[0], num_splits),
-        vc, vs, cache.block_table, cache.lengths, logits, m_part, l_part, acc_part, cache.num_kv_heads, num_splits,
-        pages_per_split, n_tok, cache.max_batch, *vc.stride()[:2], *vs.stride()[:2], cache.block_table.stride(0),
+        vc, vs, cache.block_table, cache.lengths, logits, m_part, l_part, acc_part, cache.num_kv_heads,
+        m_part.shape[1], pages_per_split, n_tok, cache.max_batch, *vc.stride()[:2], *vs.stride()[:2],
+        cache.block_table.stride(0),
         ROWS=rows, D=D, VBITS=codec.value_bits, PAGE=P, BLOCK_M=block_m, RS=rs, NW=nw, W=words,
         OFF64=vc.numel() >= 2 ** 31 or vs.numel() >= 2 ** 31, VEC=vec, L2PF=l2_prefetch if l2 else 0,
         OUT_SCALE=D ** -0.5, LOG2CT=(D // 8).bit_length() - 1, VFIELDS=codec.layout("value") == "fields",
@@ -1524,7 +1526,7 @@ def fused_pass(cache, q, q_t, q_mean, m_part, l_part, acc_part, *, q_len: int, g
                num_splits: int, pages_per_split: int, scale: float, softcap, window, num_warps: int = 1,
                l2_prefetch: int = 2, maxnreg=None, launch=None) -> None:
     """Launch the fused Gluon pass for the compressed splits: keys and values in one loop with an online softmax,
-    each split's max, Σp and Σ p·x in the original basis ([programs, splits + 1, block_m(, head_dim)]
+    each split's max, Σp and Σ p·x in the original basis ([programs, parts, block_m(, head_dim)]
     ``m_part``/``l_part``/``acc_part``, rows < q_len · group), as the compressed programs of
     ``kernels._attn_split_kernel`` write them. No logits workspace. Covers what ``supports_fused`` says. ``q``: the
     queries [B, q_len, q_heads, head_dim] in the cache's dtype (fp16/bf16, unit stride in head_dim); ``q_t``/``q_mean``:
@@ -1564,6 +1566,6 @@ def fused_pass(cache, q, q_t, q_mean, m_part, l_part, acc_part, *, q_len: int, g
     k_mean = cache.k_mean
     (launch or launcher(None))(_gluon_fused_kernel, (n_prog, num_splits),
         kc, ks, vc, vs, cache.block_table, cache.lengths, q_t, fidx, q_mean, m_part, l_part, acc_part, q, k_mean,
-        cache.num_kv_heads, num_splits, pages_per_split, cache.max_batch, scale, float(softcap or 1.0),
+        cache.num_kv_heads, m_part.shape[1], pages_per_split, cache.max_batch, scale, float(softcap or 1.0),
         int(window or 0), *kc.stride()[:2], *ks.stride()[:2], *vc.stride()[:2], *vs.stride()[:2],
         cache.block_table.stride(0), *q.stride()[:3], *k_mean.stride()[:2], **consts, num_warps=nw, maxnreg=maxnreg)

@@ -299,12 +299,14 @@ def _split_pages(bt_ptr, b, sbt, split, pages_per_split, comp, PAGE: tl.constexp
 
 
 @triton.jit
-def _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, n_fp, n_sink, comp,
-                       q_index, sm_scale, softcap, window, sqb, sqt, sqh, sfb, sfh, sft, Q_LEN: tl.constexpr,
+def _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, j_lo, j_hi, n_sink,
+                       comp, q_index, sm_scale, softcap, window, sqb, sqt, sqh, sfb, sfh, sft, Q_LEN: tl.constexpr,
                        GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SOFTCAP: tl.constexpr,
                        WINDOW: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The last part of a (sequence, KV head, row block): its uncompressed sinks and window, in the original basis
-    (columns 0..DP-1 of the part; with pages per step > 1 the slots repeat the rows, and slot 0's are written)."""
+    """One uncompressed part of a (sequence, KV head, row block): its sinks-and-window tokens [j_lo, j_hi) (the
+    parts after the compressed splits, ``uncompressed_per_split`` tokens each), in the original basis (columns
+    0..DP-1 of the part; with pages per step > 1 the slots repeat the rows, and slot 0's are written). An empty
+    range writes the empty partial (max -inf, sum 0)."""
     d = tl.arange(0, DP)
     dmask = d < D
     rows = part * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -314,9 +316,9 @@ def _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi,
     l_f = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, DP), tl.float32)
     j = tl.arange(0, BLOCK_N)
-    for j0 in range(0, n_fp, BLOCK_N):
+    for j0 in range(j_lo, j_hi, BLOCK_N):
         jj = j0 + j
-        jvalid = jj < n_fp
+        jvalid = jj < j_hi
         k_index = tl.where(jj < n_sink, jj, comp + jj)
         row = b.to(tl.int64) * sfb + h * sfh + jj[:, None] * sft + d[None, :]  # long windows pass 2^31
         kv_mask = jvalid[:, None] & dmask[None, :]
@@ -333,8 +335,8 @@ def _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi,
 @triton.jit(do_not_specialize=["sc_w"])  # see _page_words
 def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, kmean_ptr, qt_ptr, qm_ptr, rot_ptr,
                        cos_ptr, sin_ptr, pos_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, vg_ptr,
-                       H, n_mblk, n_splits, pages_per_split, max_batch, sm_scale, softcap, window,
-                       sqb, sqt, sqh, skc_p, skc_h, skc_t, sks_p, sks_h, svc_p, svc_h, svc_t, svs_p, svs_h, sc_w,
+                       H, n_mblk, n_splits, pages_per_split, n_parts, fp_per_part, max_batch, sm_scale, softcap,
+                       window, sqb, sqt, sqh, skc_p, skc_h, skc_t, sks_p, sks_h, svc_p, svc_h, svc_t, svs_p, svs_h, sc_w,
                        spos_p, spos_h, sbt, sfb, sfh, sft, smb, smh,
                        Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                        KBITS: tl.constexpr, VBITS: tl.constexpr, PAGE: tl.constexpr, INV_SQRT_N: tl.constexpr,
@@ -354,7 +356,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
     n_fp = tl.load(lens_ptr + 2 * max_batch + b)
     n_sink = tl.load(lens_ptr + 3 * max_batch + b)
     q_index = seq_len - Q_LEN + qi  # each column's token index in its sequence
-    part = pid * (n_splits + 1) + split
+    part = pid * n_parts + split  # the compressed splits, then the uncompressed parts
     # A part's partials are its first RS rows (slot 0's columns); rows past the chunk pad the tile and are neither
     # written nor read.
     if split < n_splits:
@@ -468,16 +470,17 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         tl.store(m_ptr + part * BLOCK_M + r, m_r, mask=keep)
         tl.store(l_ptr + part * BLOCK_M + r, l_r, mask=keep)
     else:
-        _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, n_fp, n_sink, comp,
-                           q_index, sm_scale, softcap, window, sqb, sqt, sqh, sfb, sfh, sft, Q_LEN, GROUP, D, DP,
-                           SOFTCAP, WINDOW, DOT, BLOCK_M, BLOCK_N)
+        j_lo = (split - n_splits) * fp_per_part
+        _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, j_lo,
+                           tl.minimum(n_fp, j_lo + fp_per_part), n_sink, comp, q_index, sm_scale, softcap, window,
+                           sqb, sqt, sqh, sfb, sfh, sft, Q_LEN, GROUP, D, DP, SOFTCAP, WINDOW, DOT, BLOCK_M, BLOCK_N)
     if PDL:  # the reduce may launch now; it waits for this grid to end before it reads
         gdc_launch_dependents()
 
 
 @triton.jit(do_not_specialize=["sc_w"])  # see _page_words
 def _attn_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, qm_ptr, lg_ptr, m_ptr,
-                      H, n_mblk, n_splits, pages_per_split, n_tok, max_batch, sm_scale, softcap, window,
+                      H, n_mblk, n_splits, pages_per_split, n_parts, n_tok, max_batch, sm_scale, softcap, window,
                       skc_p, skc_h, skc_t, sks_p, sks_h, sc_w, sbt,
                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                       KBITS: tl.constexpr, PAGE: tl.constexpr, NG: tl.constexpr, KQ: tl.constexpr,
@@ -493,7 +496,7 @@ def _attn_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, qm_ptr, lg_ptr, 
     comp = tl.load(lens_ptr + max_batch + b)
     n_sink = tl.load(lens_ptr + 3 * max_batch + b)
     q_index = seq_len - Q_LEN + qi
-    part = pid * (n_splits + 1) + split
+    part = pid * n_parts + split
     NWL: tl.constexpr = DP // 16
     KHI: tl.constexpr = 1 if KBITS == 3 else 2
     t = tl.arange(0, PAGE)
@@ -530,7 +533,8 @@ def _attn_keys_kernel(kc_ptr, ks_ptr, bt_ptr, lens_ptr, qt_ptr, qm_ptr, lg_ptr, 
 
 @triton.jit(do_not_specialize=["sc_w"])  # see _page_words
 def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr,
-                        vg_ptr, H, n_mblk, n_splits, pages_per_split, n_tok, max_batch, sm_scale, softcap, window,
+                        vg_ptr, H, n_mblk, n_splits, pages_per_split, n_parts, fp_per_part, n_tok, max_batch,
+                        sm_scale, softcap, window,
                         sqb, sqt, sqh, svc_p, svc_h, svc_t, svs_p, svs_h, sc_w, sbt, sfb, sfh, sft,
                         Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                         VBITS: tl.constexpr, PAGE: tl.constexpr, INV_SQRT_N: tl.constexpr, LOG2DP: tl.constexpr,
@@ -539,18 +543,21 @@ def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr
                         PDL: tl.constexpr, FP_ONLY: tl.constexpr, VFIELDS: tl.constexpr):
     # Two-pass split, pass 2 (values only): p = 2^(s - m) from pass 1's logits and split max, accumulated against
     # the decoded value pages as in ``_attn_split_kernel``; no running max, so nothing is ever rescaled. FP_ONLY
-    # (grid (programs, 1)): only the uncompressed part, beside the Gluon values pass (which takes the pages).
+    # (grid (programs, uncompressed parts)): only the uncompressed parts, beside a Gluon pass (which takes the pages).
     pid, split = tl.program_id(0), tl.program_id(1)
     if FP_ONLY:
-        split = n_splits
+        split += n_splits
     b, h, qi, g, slot = _query_rows(pid, H, n_mblk, GROUP, BLOCK_M, 1)
     seq_len = tl.load(lens_ptr + b)
     comp = tl.load(lens_ptr + max_batch + b)
     n_fp = tl.load(lens_ptr + 2 * max_batch + b)
     n_sink = tl.load(lens_ptr + 3 * max_batch + b)
     q_index = seq_len - Q_LEN + qi
-    part = pid * (n_splits + 1) + split
-    if split < n_splits:
+    part = pid * n_parts + split
+    compressed = split < n_splits
+    if FP_ONLY:  # a constant, so the page branch is not compiled in
+        compressed = False
+    if compressed:
         NWL: tl.constexpr = DP // 16
         VHI: tl.constexpr = 1 if VBITS == 3 else 2
         t = tl.arange(0, PAGE)
@@ -588,9 +595,10 @@ def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr
         tl.store(acc_ptr + (part * BLOCK_M + col)[:, None] * DP + d[None, :], x, mask=keep[:, None])
         tl.store(l_ptr + part * BLOCK_M + col, tl.sum(l_t, axis=0), mask=keep)
     else:
-        _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, n_fp, n_sink, comp,
-                           q_index, sm_scale, softcap, window, sqb, sqt, sqh, sfb, sfh, sft, Q_LEN, GROUP, D, DP,
-                           SOFTCAP, WINDOW, DOT, BLOCK_M, BLOCK_N)
+        j_lo = (split - n_splits) * fp_per_part
+        _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, j_lo,
+                           tl.minimum(n_fp, j_lo + fp_per_part), n_sink, comp, q_index, sm_scale, softcap, window,
+                           sqb, sqt, sqh, sfb, sfh, sft, Q_LEN, GROUP, D, DP, SOFTCAP, WINDOW, DOT, BLOCK_M, BLOCK_N)
     if PDL:
         if FP_ONLY:  # launched while the values pass still runs: done only once it is (what the reduce waits for)
             gdc_wait()
@@ -598,15 +606,40 @@ def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr
 
 
 @triton.jit
-def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, vmean_ptr, o_ptr, H, n_mblk, n_splits, svmb, svmh, soh_b, soh_t, soh_h,
-                        Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+def _load_parts(m_ptr, l_ptr, acc_ptr, first, n, rows, cols, real, BLOCK_M: tl.constexpr, DP: tl.constexpr,
+                SC: tl.constexpr):
+    """Parts first .. first + min(n, SC) - 1 of one row block: max and sum [SC, RB], accumulators [SC, RB, OB]
+    (max -inf, zero past n)."""
+    sc = tl.arange(0, SC)
+    valid = (sc < n)[:, None] & real[None, :]
+    prow = (first + sc)[:, None] * BLOCK_M + rows[None, :]
+    m_s = tl.load(m_ptr + prow, mask=valid, other=float("-inf"))
+    l_s = tl.load(l_ptr + prow, mask=valid, other=0.0)
+    a_s = tl.load(acc_ptr + prow[:, :, None] * DP + cols[None, None, :], mask=valid[:, :, None], other=0.0)
+    return m_s, l_s, a_s
+
+
+@triton.jit
+def _merge_parts(m_run, l_run, u, m_s, l_s, a_s):
+    """The running (max, sum, accumulators) of a row block merged with SC more parts, each weighted 2^(m_s - max)."""
+    m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_run - m_safe)
+    w = tl.exp2(m_s - m_safe[None, :])  # 0 for an empty part
+    return m_new, l_run * alpha + tl.sum(w * l_s, axis=0), u * alpha[:, None] + tl.sum(w[:, :, None] * a_s, axis=0)
+
+
+@triton.jit
+def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, vmean_ptr, o_ptr, H, n_mblk, n_splits, n_parts, svmb, svmh, soh_b,
+                        soh_t, soh_h, Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                         CENTER_V: tl.constexpr, BLOCK_M: tl.constexpr, RB: tl.constexpr, SC: tl.constexpr,
-                        OB: tl.constexpr, PDL: tl.constexpr):
-    # Output columns OB·j.. of one (batch, KV head, row block): its splits' partials (already in the original basis)
-    # with weights 2^(m_s - max), SC splits per step in one [SC, RB, OB] load, so a pass costs a few memory latencies
-    # however many splits there are; then the uncompressed part's, the normalisation and the value mean. Small
-    # batches spread the columns over programs. Only the first RB rows of a block are read: the rest pad the split
-    # kernel's tile.
+                        SCF: tl.constexpr, OB: tl.constexpr, PDL: tl.constexpr):
+    # Output columns OB·j.. of one (batch, KV head, row block): its parts' partials (already in the original basis:
+    # the n_splits compressed splits, then the uncompressed parts) with weights 2^(m_s - max), SC splits per step in
+    # one [SC, RB, OB] load, so a pass costs a few memory latencies however many splits there are; then the
+    # uncompressed parts', the normalisation and the value mean (once per unit of the compressed tokens'
+    # probability mass). Small batches spread the columns over programs. Only the first RB rows of a block are
+    # read: the rest pad the split kernel's tile.
     pid, cb = tl.program_id(0), tl.program_id(1)
     bh, mb = pid // n_mblk, pid % n_mblk
     b, h = bh // H, bh % H
@@ -620,29 +653,24 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, vmean_ptr, o_ptr, H, n_mblk, n_sp
     r = mb * BLOCK_M + rows
     qi, g = r // GROUP, r % GROUP
     real = qi < Q_LEN
-    base = pid * (n_splits + 1)
-    # The uncompressed part's partials first: issued with the first splits' loads, not one memory latency after
-    fp_row = (base + n_splits) * BLOCK_M + rows
-    m_fp = tl.load(m_ptr + fp_row, mask=real, other=float("-inf"))
-    l_fp = tl.load(l_ptr + fp_row, mask=real, other=0.0)
-    a_fp = tl.load(acc_ptr + fp_row[:, None] * DP + cols[None, :], mask=real[:, None], other=0.0)
-    sc = tl.arange(0, SC)
+    base = pid * n_parts
+    # The first SCF uncompressed parts (all of them unless the window is long): issued with the first splits'
+    # loads, not one memory latency after.
+    m_f, l_f, a_f = _load_parts(m_ptr, l_ptr, acc_ptr, base + n_splits, n_parts - n_splits, rows, cols, real,
+                                BLOCK_M, DP, SCF)
     m_run = tl.full((RB,), float("-inf"), tl.float32)
     l_comp = tl.zeros((RB,), tl.float32)
     u = tl.zeros((RB, OB), tl.float32)
     for s0 in range(0, n_splits, SC):
-        valid = (s0 + sc < n_splits)[:, None] & real[None, :]  # [SC, RB]
-        prow = (base + s0 + sc)[:, None] * BLOCK_M + rows[None, :]
-        m_s = tl.load(m_ptr + prow, mask=valid, other=float("-inf"))
-        l_s = tl.load(l_ptr + prow, mask=valid, other=0.0)
-        a_s = tl.load(acc_ptr + prow[:, :, None] * DP + cols[None, None, :], mask=valid[:, :, None], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_run - m_safe)
-        w = tl.exp2(m_s - m_safe[None, :])  # 0 past the last split
-        l_comp = l_comp * alpha + tl.sum(w * l_s, axis=0)
-        u = u * alpha[:, None] + tl.sum(w[:, :, None] * a_s, axis=0)
-        m_run = m_new
+        m_s, l_s, a_s = _load_parts(m_ptr, l_ptr, acc_ptr, base + s0, n_splits - s0, rows, cols, real, BLOCK_M, DP,
+                                    SC)
+        m_run, l_comp, u = _merge_parts(m_run, l_comp, u, m_s, l_s, a_s)
+    m_fp, l_fp, u_fp = _merge_parts(tl.full((RB,), float("-inf"), tl.float32), tl.zeros((RB,), tl.float32),
+                                    tl.zeros((RB, OB), tl.float32), m_f, l_f, a_f)
+    for f0 in range(n_splits + SCF, n_parts, SCF):
+        m_s, l_s, a_s = _load_parts(m_ptr, l_ptr, acc_ptr, base + f0, n_parts - f0, rows, cols, real, BLOCK_M, DP,
+                                    SCF)
+        m_fp, l_fp, u_fp = _merge_parts(m_fp, l_fp, u_fp, m_s, l_s, a_s)
     m_all = tl.maximum(m_run, m_fp)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
     w_comp, w_fp = tl.exp2(m_run - m_safe), tl.exp2(m_fp - m_safe)
@@ -650,6 +678,6 @@ def _attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, vmean_ptr, o_ptr, H, n_mblk, n_sp
     l_sum = l_comp + w_fp * l_fp
     inv_l = 1.0 / tl.where(l_sum > 0.0, l_sum, 1.0)
     # the value mean, once per unit of the compressed tokens' probability mass
-    out = ((w_comp * inv_l)[:, None] * u + (w_fp * inv_l)[:, None] * a_fp + (l_comp * inv_l)[:, None] * v_mean[None, :])
+    out = ((w_comp * inv_l)[:, None] * u + (w_fp * inv_l)[:, None] * u_fp + (l_comp * inv_l)[:, None] * v_mean[None, :])
     o_row = o_ptr + b * soh_b + qi[:, None] * soh_t + (h * GROUP + g)[:, None] * soh_h
     tl.store(o_row + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=real[:, None] & (cols < D)[None, :])

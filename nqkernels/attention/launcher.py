@@ -315,16 +315,23 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     fused = fast is not None and cfg.gluon_fused and fast.supports_fused(D, codec.key_bits, codec.value_bits, P, rows)
     if two_pass or fused:
         step = 1
+    want = triton.cdiv(max_programs(q.device, cfg.programs_per_sm), B * H * n_mblk)  # programs per row block
     if num_splits is None:  # fill the GPU, but give each split a few pages (its prologue and partial cost a page)
-        want = triton.cdiv(max_programs(q.device, cfg.programs_per_sm), B * H * n_mblk)
         num_splits = min(triton.cdiv(max_pages, cfg.min_pages_per_split), max(1, want))
     num_splits = min(int(num_splits), max_pages)
     # Whole steps per split, so no step but the last of the longest sequence has empty slots.
     pages_per_split = triton.cdiv(triton.cdiv(max_pages, num_splits), step) * step if num_splits else 0
     num_splits = triton.cdiv(max_pages, pages_per_split) if num_splits else 0
+    # The uncompressed tokens (sinks and window, at most the buffer's capacity) in parts of whole tiles after the
+    # splits: at least uncompressed_per_split tokens each, and no more parts than fill the GPU (as the splits). One
+    # part for the usual window of a page or two; a long window is spread over programs.
+    fp_cap = cache.fp_k.shape[2]
+    fp_parts = min(triton.cdiv(fp_cap, max(cfg.uncompressed_per_split, 1)), want)
+    fp_per_part = triton.cdiv(triton.cdiv(fp_cap, fp_parts), cfg.BLOCK_N) * cfg.BLOCK_N
+    fp_parts = triton.cdiv(fp_cap, fp_per_part)
     DP = ref.next_pow2(D)
     NG = max(16, DP // 8)
-    n_parts = num_splits + 1
+    n_parts = num_splits + fp_parts
     m_part = torch.empty(B * H * n_mblk, n_parts, block_m, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(B * H * n_mblk, n_parts, block_m, DP, dtype=torch.float32, device=q.device)
@@ -379,8 +386,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
         else:
             launch(_attn_keys_kernel, (B * H * n_mblk, num_splits),
                 cache.k_codes, cache.k_scales, cache.block_table, cache.lengths, q_t, q_mean, logits, m_part,
-                H, n_mblk, num_splits, pages_per_split, n_tok, cache.max_batch, scale, float(softcap or 1.0),
-                int(window or 0), *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], cache.k_codes.stride(3),
+                H, n_mblk, num_splits, pages_per_split, n_parts, n_tok, cache.max_batch, scale,
+                float(softcap or 1.0), int(window or 0), *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], cache.k_codes.stride(3),
                 cache.block_table.stride(0),
                 Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, PAGE=P, NG=NG, KQ=KQ,
                 SOFTCAP=softcap is not None, WINDOW=window is not None, ASM=q.is_cuda, BLOCK_M=block_m, RS=rb,
@@ -393,10 +400,11 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
                              num_warps=cfg.gluon_values_warps, l2_prefetch=cfg.gluon_l2,
                              maxnreg=cfg.gluon_maxnreg, launch=launch)
     if (fused or two_pass) and prep:
-        launch(_attn_values_kernel, (B * H * n_mblk, 1 if fast_values else n_parts),
+        launch(_attn_values_kernel, (B * H * n_mblk, fp_parts if fast_values else n_parts),
             q, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths, logits, cache.fp_k, cache.fp_v,
             m_part, l_part, acc_part, _value_gather(D, codec.value_bits, dev),
-            H, n_mblk, num_splits, pages_per_split, n_tok, cache.max_batch, scale, float(softcap or 1.0),
+            H, n_mblk, num_splits, pages_per_split, n_parts, fp_per_part, n_tok, cache.max_batch, scale,
+            float(softcap or 1.0),
             int(window or 0), *q.stride()[:3], *cache.v_codes.stride()[:3], *cache.v_scales.stride()[:2],
             cache.v_codes.stride(3), cache.block_table.stride(0), *cache.fp_k.stride()[:3],
             Q_LEN=q_len, GROUP=group, D=D, DP=DP, VBITS=codec.value_bits, PAGE=P, INV_SQRT_N=inv_sqrt_n,
@@ -410,8 +418,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             q, cache.k_codes, cache.k_scales, cache.v_codes, cache.v_scales, cache.block_table, cache.lengths,
             cache.k_mean, q_t, q_mean, rot, cos, sin, positions, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
             _value_gather(D, codec.value_bits, dev),
-            H, n_mblk, num_splits, pages_per_split, cache.max_batch, scale, float(softcap or 1.0), int(window or 0),
-            *q.stride()[:3], *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], *cache.v_codes.stride()[:3],
+            H, n_mblk, num_splits, pages_per_split, n_parts, fp_per_part, cache.max_batch, scale,
+            float(softcap or 1.0), int(window or 0), *q.stride()[:3], *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], *cache.v_codes.stride()[:3],
             *cache.v_scales.stride()[:2], cache.k_codes.stride(3),  # word stride, 1 in both (contiguous) code pools
             *positions.stride()[:2], cache.block_table.stride(0),
             *cache.fp_k.stride()[:3], *cache.k_mean.stride()[:2],
@@ -431,9 +439,10 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     n_bh = B * H * n_mblk
     ob = min(DP, 32) if n_bh < max_programs(q.device, 1) else DP
     launch(_attn_reduce_kernel, (n_bh, DP // ob),
-        m_part, l_part, acc_part, cache.v_mean, out, H, n_mblk, num_splits, *cache.v_mean.stride()[:2],
+        m_part, l_part, acc_part, cache.v_mean, out, H, n_mblk, num_splits, n_parts, *cache.v_mean.stride()[:2],
         *out.stride()[:3], Q_LEN=q_len, GROUP=group, D=D, DP=DP, CENTER_V=codec.center_values, BLOCK_M=block_m,
-        RB=rb, SC=max(1, min(triton.next_power_of_2(max(num_splits, 1)), 8192 // (rb * ob))), OB=ob, PDL=pdl,
+        RB=rb, SC=max(1, min(triton.next_power_of_2(max(num_splits, 1)), 8192 // (rb * ob))),
+        SCF=max(1, min(triton.next_power_of_2(fp_parts), 2048 // (rb * ob))), OB=ob, PDL=pdl,
         num_warps=FIXED["reduce"].num_warps, **_pdl_options(pdl))
     if record is not None:
         _PLANS[key] = record

@@ -8,7 +8,8 @@ On a GPU, in one run and beside the device-to-device copy ceiling:
              compression step (nexusquant-kv quant_only, 32 layers) beside ours;
   scoring    score_tokens over a Llama-3-8B-shaped prompt (32 layers) beside kvpress-style torch SnapKV scoring;
   attention  decode_attention latency over context x batch x bits (Llama-3-8B layer: 32 q / 8 KV heads, head_dim
-             128) beside SDPA over fp16 K/V and FlashInfer's fp16 decode where it imports;
+             128; and at 4K x 1, 32K x 1, 32K x 8, 128K x 1 head_dim 64 (32 q / 8 KV) and 256 (16 q / 8 KV))
+             beside SDPA over fp16 K/V and FlashInfer's fp16 and FP8 decode where it imports;
   cold       filter/unfilter kernel GB/s, zstd GB/s on the CPU, and delta + zstd end to end beside the prior art's.
 Every timing is a triton.testing.do_bench median (L2 cleared before each call). Our kernels are timed with the
 tuned configs of this GPU and again with the launchers' defaults (``nqkernels.store.untuned``): the ``tuned``
@@ -40,7 +41,8 @@ COLUMNS = {
     "scoring": [("tokens", "tokens", "{}"), ("score_ms", "score_tokens x32 (ms)", "{:.2f}"),
                 ("score_tflops", "TFLOP/s", "{:.0f}"), ("gpu_kernels_ms", "GPU time with select (ms)", "{:.2f}"),
                 ("snapkv_torch_ms", "torch SnapKV x32 (ms)", "{:.2f}"), ("speedup", "speed-up", "{:.1f}x")],
-    "attention": [("batch", "batch", "{}"), ("context", "context", "{}"), ("method", "method", "{}"),
+    "attention": [("head_dim", "head_dim", "{}"), ("batch", "batch", "{}"), ("context", "context", "{}"),
+                  ("method", "method", "{}"),
                   ("us", "latency (us)", "{:.1f}"), ("GBps", "GB/s read", "{:.0f}"),
                   ("pct_copy", "% of copy", "{:.0f}"),
                   ("speedup_vs_sdpa", "vs SDPA fp16", "{:.2f}x"), ("tuned", "tuned vs default", "{:.2f}x")],
@@ -110,9 +112,15 @@ def scoring_section(dev, quick):
 
 
 def attention_shapes(quick):
+    """(query heads, head_dim, batch, context) of the attention section: a Llama-3-8B layer (32 / 8 heads, head_dim
+    128) over batch x context; in the full sweep also head_dim 64 (32 / 8) and 256 (16 / 8, Gemma-2-like) at the
+    shapes the targets name (docs/attention.md, "What limits it")."""
     if quick:
-        return [(B, T) for B in (1, 8) for T in (4096, 32768)]
-    return [(B, T) for B in (1, 8, 32, 64) for T in (1024, 4096, 16384, 32768, 131072) if B * T <= (1 << 21)]
+        return [(32, 128, B, T) for B in (1, 8) for T in (4096, 32768)]
+    shapes = [(32, 128, B, T) for B in (1, 8, 32, 64) for T in (1024, 4096, 16384, 32768, 131072)
+              if B * T <= (1 << 21)]
+    return shapes + [(hq, d, B, T) for hq, d in ((32, 64), (16, 256))
+                     for B, T in ((1, 4096), (1, 32768), (8, 32768), (1, 131072))]
 
 
 def attention_section(dev, copy_gbps, quick, save=None):
@@ -121,12 +129,12 @@ def attention_section(dev, copy_gbps, quick, save=None):
 
     bench_attention.FLASHINFER = bench_attention._import_flashinfer()
     rows = []
-    for B, T in attention_shapes(quick):
-        shape_rows = bench_attention.bench_decode(dev, 32, 8, 128, B, T, copy_gbps, quick, compare_untuned=True)
+    for Hq, D, B, T in attention_shapes(quick):
+        shape_rows = bench_attention.bench_decode(dev, Hq, 8, D, B, T, copy_gbps, quick, compare_untuned=True)
         rows += shape_rows
         if save is not None:
             save({"attention": rows})
-        log(f"attention B={B} T={T}: " + "  ".join(f"{r['method']} {r['us']:.1f}us x{r['speedup_vs_sdpa']:.2f}"
+        log(f"attention D={D} B={B} T={T}: " + "  ".join(f"{r['method']} {r['us']:.1f}us x{r['speedup_vs_sdpa']:.2f}"
                                                    for r in shape_rows))
     return {"attention": rows}
 
@@ -267,8 +275,8 @@ def plot(res: dict, out: Path) -> list[Path]:
         log("matplotlib not installed: no plots (pip install matplotlib)")
         return []
     tables, dev, paths = res["tables"], res["info"]["device"], []
-    if tables.get("attention"):
-        rows = tables["attention"]
+    if tables.get("attention"):  # the plots: the head_dim 128 grid (rows of runs before other head dims have none)
+        rows = [r for r in tables["attention"] if r.get("head_dim", 128) == 128]
         batches = sorted({r["batch"] for r in rows})
         methods = list(dict.fromkeys(r["method"] for r in rows))
         fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), squeeze=False)

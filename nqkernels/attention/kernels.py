@@ -316,11 +316,12 @@ def _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi,
     l_f = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, DP), tl.float32)
     j = tl.arange(0, BLOCK_N)
-    for j0 in range(j_lo, j_hi, BLOCK_N):
-        jj = j0 + j
-        jvalid = jj < j_hi
-        k_index = tl.where(jj < n_sink, jj, comp + jj)
-        row = b.to(tl.int64) * sfb + h * sfh + jj[:, None] * sft + d[None, :]  # long windows pass 2^31
+    base = b.to(tl.int64) * sfb + h * sfh + j_lo.to(tl.int64) * sft  # long windows pass 2^31
+    for j0 in range(0, j_hi - j_lo, BLOCK_N):
+        jj = j0 + j  # from the part's first token
+        jvalid = jj < j_hi - j_lo
+        k_index = tl.where(j_lo + jj < n_sink, j_lo + jj, comp + j_lo + jj)
+        row = base + jj[:, None] * sft + d[None, :]
         kv_mask = jvalid[:, None] & dmask[None, :]
         s = tl.dot(q, tl.trans(tl.load(fpk_ptr + row, mask=kv_mask, other=0.0).to(DOT)))
         seen = _visible(jvalid, k_index, q_index, WINDOW, window, 1)

@@ -12,8 +12,9 @@ attention replaced, on the compressed tokens only (the window stays exact, as in
     logits = (Rᵀ·Q_q(R q) / n)·(k − μ_k) + q·μ_k        values = Σ Q_p(p·s)/s · (v − μ_v) + (Σ p)·μ_v
 
 where k, v are the dequantized tokens, μ the centering means, s each value token's stored scale, and Q_q / Q_p
-round an operand: ``fp16`` (today's kernels), ``e4m3`` (FP8, one scale per query row / per 16-token unit of weights,
-amax to 448) or ``int8`` (symmetric per row / unsigned per unit). ``exact`` applies no rounding and must reproduce the
+round an operand: ``fp16`` (today's kernels), ``e4m3`` (FP8, one scale per query row / per 64-token page of
+weights, amax to 448) or ``int8`` (symmetric per row / unsigned per page). The lattice offset rides on the rounded
+weights (today's kernels weigh it by an unrounded fp32 Σ p·s, which an 8-bit kernel could keep too). ``exact`` applies no rounding and must reproduce the
 harness's own attention (the control, to 4 decimals), as the ``fp16`` preset reproduces the plain model.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from nqkernels import reference as ref
 from perf.continuation import load_chunks, load_model
 from perf.quality import Harness, _EvalAttention, _register, parse_preset
 
-UNIT = 16  # tokens per k-slice of a value product: the weights' scaling group
+UNIT = 64  # tokens per scale of the weights: a page (an 8-bit kernel would convert its int32 accumulators per page)
 VARIANTS = {"exact": (None, None), "fp16": ("fp16", "fp16"), "q e4m3": ("e4m3", "fp16"),
             "p e4m3": ("fp16", "e4m3"), "q+p e4m3": ("e4m3", "e4m3"), "q int8": ("int8", "fp16"),
             "p uint8": ("fp16", "int8"), "q+p int8": ("int8", "int8")}
@@ -68,8 +69,10 @@ class OperandAttention(_EvalAttention):
 
     def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         st = self.state.get(module.layer_idx)
-        if st is None or query.shape[0] != 1:
+        if st is None:  # the prefill, or the no-op preset: nothing compressed
             return super().__call__(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        if query.shape[0] != 1:
+            raise ValueError(f"OperandAttention simulates one sequence at a time, got a batch of {query.shape[0]}")
         q_mode, p_mode = self.mode
         C, mu_k, mu_v, s_v = st
         group = query.shape[1] // key.shape[1]
@@ -123,8 +126,10 @@ class OperandHarness(Harness):
             out = super().compress(preset, cache, queries)
         finally:
             PagedKVCache.dense = real
-        self.attn.state = {li: _layer_state(hot) for li, hot in enumerate(caches)} if len(caches) == \
-            self.num_layers else {}
+        if caches and len(caches) != self.num_layers:
+            raise ValueError(f"preset {preset.name!r} compresses {len(caches)} of {self.num_layers} layers: the study "
+                             f"maps compressed caches to layers by order and needs every layer compressed")
+        self.attn.state = {li: _layer_state(hot) for li, hot in enumerate(caches)}
         return out
 
 

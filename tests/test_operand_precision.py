@@ -34,14 +34,16 @@ def test_unrounded_operands_are_the_harness_attention(q_len):
 
     class Module:
         layer_idx = 0
-    q, k, v = torch.randn(1, 4, q_len, 128), torch.randn(1, 2, 40, 128), torch.randn(1, 2, 40, 128)
+    q, k, v = torch.randn(1, 4, q_len, 128), torch.randn(1, 2, 72, 128), torch.randn(1, 2, 72, 128)
     ours, harness = OperandAttention(32), _EvalAttention(32)
-    ours.state = {0: (32, torch.randn(2, 128), torch.randn(2, 128), torch.rand(2, 32) + 0.1)}
+    ours.state = {0: (64, torch.randn(2, 128), torch.randn(2, 128), torch.rand(2, 64) + 0.1)}  # a page compressed
     want, _ = harness(Module, q, k, v, None, scaling=128 ** -0.5)
     got, _ = ours(Module, q, k, v, None, scaling=128 ** -0.5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     ours.mode = ("e4m3", "e4m3")
     rounded, _ = ours(Module, q, k, v, None, scaling=128 ** -0.5)
     assert 0 < (rounded - want).abs().max() < 0.1
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        ours(Module, q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), None)
     ours.state = {}  # a layer without a compressed cache: the harness's attention
     torch.testing.assert_close(ours(Module, q, k, v, None, scaling=128 ** -0.5)[0], want)

@@ -254,6 +254,15 @@ def test_long_window_in_parts(d, bits, group, q_len, dtype, two_pass, monkeypatc
         _check(q, cache, tol=2e-2 if dtype == torch.bfloat16 else None, window=100, softcap=5.0)
 
 
+@pytest.mark.parametrize("bad", (0, -64, 2.5))
+def test_bad_uncompressed_per_split_is_refused(bad):
+    cache = _cache(recent=4)
+    _fill(cache, [20, 9])
+    with store.override("attention", {"uncompressed_per_split": bad}):
+        with pytest.raises(ValueError, match="uncompressed_per_split must be an int >= 1"):
+            decode_attention(torch.randn(2, 1, 4, 128, dtype=torch.float16), cache)
+
+
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_reduce_column_programs_head_dims_and_dtypes(d, dtype):

@@ -299,14 +299,17 @@ def _split_pages(bt_ptr, b, sbt, split, pages_per_split, comp, PAGE: tl.constexp
 
 
 @triton.jit
-def _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, j_lo, j_hi, n_sink,
-                       comp, q_index, sm_scale, softcap, window, sqb, sqt, sqh, sfb, sfh, sft, Q_LEN: tl.constexpr,
-                       GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SOFTCAP: tl.constexpr,
-                       WINDOW: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One uncompressed part of a (sequence, KV head, row block): its sinks-and-window tokens [j_lo, j_hi) (the
-    parts after the compressed splits, ``uncompressed_per_split`` tokens each), in the original basis (columns
-    0..DP-1 of the part; with pages per step > 1 the slots repeat the rows, and slot 0's are written). An empty
-    range writes the empty partial (max -inf, sum 0)."""
+def _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, fp_part, fp_per_part,
+                       n_fp, n_sink, comp, q_index, sm_scale, softcap, window, sqb, sqt, sqh, sfb, sfh, sft,
+                       Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                       SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """Uncompressed part ``fp_part`` of a (sequence, KV head, row block): its sinks-and-window tokens [j_lo, j_hi),
+    j_lo = fp_part · fp_per_part (the parts follow the compressed splits), in the original basis (columns 0..DP-1 of
+    the part; with pages per step > 1 the slots repeat the rows, and slot 0's are written). An empty range writes
+    the empty partial (max -inf, sum 0)."""
+    j_lo = fp_part * fp_per_part
+    j_hi = tl.minimum(n_fp, j_lo + fp_per_part)
     d = tl.arange(0, DP)
     dmask = d < D
     rows = part * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -337,8 +340,8 @@ def _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi,
 def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, kmean_ptr, qt_ptr, qm_ptr, rot_ptr,
                        cos_ptr, sin_ptr, pos_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, vg_ptr,
                        H, n_mblk, n_splits, pages_per_split, n_parts, fp_per_part, max_batch, sm_scale, softcap,
-                       window, sqb, sqt, sqh, skc_p, skc_h, skc_t, sks_p, sks_h, svc_p, svc_h, svc_t, svs_p, svs_h, sc_w,
-                       spos_p, spos_h, sbt, sfb, sfh, sft, smb, smh,
+                       window, sqb, sqt, sqh, skc_p, skc_h, skc_t, sks_p, sks_h, svc_p, svc_h, svc_t, svs_p, svs_h,
+                       sc_w, spos_p, spos_h, sbt, sfb, sfh, sft, smb, smh,
                        Q_LEN: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                        KBITS: tl.constexpr, VBITS: tl.constexpr, PAGE: tl.constexpr, INV_SQRT_N: tl.constexpr,
                        NG: tl.constexpr, KQ: tl.constexpr, LOG2DP: tl.constexpr, ROPE_HALF: tl.constexpr,
@@ -471,10 +474,9 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, 
         tl.store(m_ptr + part * BLOCK_M + r, m_r, mask=keep)
         tl.store(l_ptr + part * BLOCK_M + r, l_r, mask=keep)
     else:
-        j_lo = (split - n_splits) * fp_per_part
-        _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, j_lo,
-                           tl.minimum(n_fp, j_lo + fp_per_part), n_sink, comp, q_index, sm_scale, softcap, window,
-                           sqb, sqt, sqh, sfb, sfh, sft, Q_LEN, GROUP, D, DP, SOFTCAP, WINDOW, DOT, BLOCK_M, BLOCK_N)
+        _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, split - n_splits,
+                           fp_per_part, n_fp, n_sink, comp, q_index, sm_scale, softcap, window, sqb, sqt, sqh, sfb,
+                           sfh, sft, Q_LEN, GROUP, D, DP, SOFTCAP, WINDOW, DOT, BLOCK_M, BLOCK_N)
     if PDL:  # the reduce may launch now; it waits for this grid to end before it reads
         gdc_launch_dependents()
 
@@ -596,10 +598,9 @@ def _attn_values_kernel(q_ptr, vc_ptr, vs_ptr, bt_ptr, lens_ptr, lg_ptr, fpk_ptr
         tl.store(acc_ptr + (part * BLOCK_M + col)[:, None] * DP + d[None, :], x, mask=keep[:, None])
         tl.store(l_ptr + part * BLOCK_M + col, tl.sum(l_t, axis=0), mask=keep)
     else:
-        j_lo = (split - n_splits) * fp_per_part
-        _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, j_lo,
-                           tl.minimum(n_fp, j_lo + fp_per_part), n_sink, comp, q_index, sm_scale, softcap, window,
-                           sqb, sqt, sqh, sfb, sfh, sft, Q_LEN, GROUP, D, DP, SOFTCAP, WINDOW, DOT, BLOCK_M, BLOCK_N)
+        _uncompressed_part(q_ptr, fpk_ptr, fpv_ptr, m_ptr, l_ptr, acc_ptr, b, h, qi, g, slot, part, split - n_splits,
+                           fp_per_part, n_fp, n_sink, comp, q_index, sm_scale, softcap, window, sqb, sqt, sqh, sfb,
+                           sfh, sft, Q_LEN, GROUP, D, DP, SOFTCAP, WINDOW, DOT, BLOCK_M, BLOCK_N)
     if PDL:
         if FP_ONLY:  # launched while the values pass still runs: done only once it is (what the reduce waits for)
             gdc_wait()

@@ -325,8 +325,11 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
     # The uncompressed tokens (sinks and window, at most the buffer's capacity) in parts of whole tiles after the
     # splits: at least uncompressed_per_split tokens each, and no more parts than fill the GPU (as the splits). One
     # part for the usual window of a page or two; a long window is spread over programs.
+    if not is_int(cfg.uncompressed_per_split) or cfg.uncompressed_per_split < 1:
+        raise ValueError(f"launch config 'attention': uncompressed_per_split must be an int >= 1, got "
+                         f"{cfg.uncompressed_per_split!r}")
     fp_cap = cache.fp_k.shape[2]
-    fp_parts = min(triton.cdiv(fp_cap, max(cfg.uncompressed_per_split, 1)), want)
+    fp_parts = min(triton.cdiv(fp_cap, cfg.uncompressed_per_split), want)
     fp_per_part = triton.cdiv(triton.cdiv(fp_cap, fp_parts), cfg.BLOCK_N) * cfg.BLOCK_N
     fp_parts = triton.cdiv(fp_cap, fp_per_part)
     DP = ref.next_pow2(D)
@@ -387,8 +390,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             launch(_attn_keys_kernel, (B * H * n_mblk, num_splits),
                 cache.k_codes, cache.k_scales, cache.block_table, cache.lengths, q_t, q_mean, logits, m_part,
                 H, n_mblk, num_splits, pages_per_split, n_parts, n_tok, cache.max_batch, scale,
-                float(softcap or 1.0), int(window or 0), *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], cache.k_codes.stride(3),
-                cache.block_table.stride(0),
+                float(softcap or 1.0), int(window or 0), *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2],
+                cache.k_codes.stride(3), cache.block_table.stride(0),
                 Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, PAGE=P, NG=NG, KQ=KQ,
                 SOFTCAP=softcap is not None, WINDOW=window is not None, ASM=q.is_cuda, BLOCK_M=block_m, RS=rb,
                 JOIN_K=_join_runs(codec.key_bits, cache.k_codes), PDL=pdl, CAUSAL_PAGES=q_len > 1,
@@ -419,8 +422,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, *, softmax_scale: Opt
             cache.k_mean, q_t, q_mean, rot, cos, sin, positions, cache.fp_k, cache.fp_v, m_part, l_part, acc_part,
             _value_gather(D, codec.value_bits, dev),
             H, n_mblk, num_splits, pages_per_split, n_parts, fp_per_part, cache.max_batch, scale,
-            float(softcap or 1.0), int(window or 0), *q.stride()[:3], *cache.k_codes.stride()[:3], *cache.k_scales.stride()[:2], *cache.v_codes.stride()[:3],
-            *cache.v_scales.stride()[:2], cache.k_codes.stride(3),  # word stride, 1 in both (contiguous) code pools
+            float(softcap or 1.0), int(window or 0), *q.stride()[:3], *cache.k_codes.stride()[:3],
+            *cache.k_scales.stride()[:2], *cache.v_codes.stride()[:3], *cache.v_scales.stride()[:2],
+            cache.k_codes.stride(3),  # word stride, 1 in both (contiguous) code pools
             *positions.stride()[:2], cache.block_table.stride(0),
             *cache.fp_k.stride()[:3], *cache.k_mean.stride()[:2],
             Q_LEN=q_len, GROUP=group, D=D, DP=DP, KBITS=codec.key_bits, VBITS=codec.value_bits, PAGE=P,

@@ -126,7 +126,7 @@ class OperandHarness(Harness):
             out = super().compress(preset, cache, queries)
         finally:
             PagedKVCache.dense = real
-        if caches and len(caches) != self.num_layers:
+        if (caches or preset.bits is not None) and len(caches) != self.num_layers:
             raise ValueError(f"preset {preset.name!r} compresses {len(caches)} of {self.num_layers} layers: the study "
                              f"maps compressed caches to layers by order and needs every layer compressed")
         self.attn.state = {li: _layer_state(hot) for li, hot in enumerate(caches)}

@@ -47,3 +47,17 @@ def test_unrounded_operands_are_the_harness_attention(q_len):
         ours(Module, q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), None)
     ours.state = {}  # a layer without a compressed cache: the harness's attention
     torch.testing.assert_close(ours(Module, q, k, v, None, scaling=128 ** -0.5)[0], want)
+
+
+def test_a_compression_the_study_cannot_see_raises(monkeypatch):
+    """A quantizing preset whose HOT caches the study did not capture (here: none) would be reported unrounded:
+    it raises instead."""
+    from perf import operand_precision as O
+    from perf.quality import Harness, parse_preset
+
+    h = object.__new__(O.OperandHarness)
+    h.num_layers, h.attn = 6, OperandAttention(32)
+    monkeypatch.setattr(Harness, "compress", lambda self, preset, cache, queries: (cache, 0))
+    with pytest.raises(ValueError, match="compresses 0 of 6 layers"):
+        h.compress(parse_preset("k3v2"), None, None)
+    assert h.compress(parse_preset("fp16"), None, None) == (None, 0) and h.attn.state == {}  # the no-op preset

@@ -80,15 +80,15 @@ class AttentionConfig(LaunchConfig):
     configs"), keys and values in one pass. ``two_pass``: keys, then values. The Gluon passes (Hopper;
     attention/gluon.py; docs/attention.md): the two-pass keys pass (``gluon_keys``: 2-warp programs, registers one
     page ahead, an L2 prefetch two pages further), the values pass (``gluon_values``), or both in one fused pass
-    (``gluon_fused``, which takes precedence over ``two_pass``). ``gluon_fused_min_tokens`` (with ``gluon_fused``):
-    the config holds only where batch × longest context reaches this many tokens; a smaller call launches with the
-    untuned defaults (the fused pass's fixed cost loses to the one-pass kernel on a few short sequences:
-    docs/attention.md, "Launch configs"). ``gluon_query_in_pass`` (with ``gluon_fused``, head_dim 128): the pass
-    makes its query operand from q itself instead of a prep kernel launched before it (one launch less, a prologue
-    more per program; chosen per bucket by measurement). ``uncompressed_per_split``: the uncompressed tokens (sinks
-    and window) are attended in parts of at least this many (whole ``BLOCK_N`` tiles) beside the compressed splits,
-    and in no more parts than fill the GPU, so a long window is spread over programs as the pages are (the default
-    window, a page or two, is one part)."""
+    (``gluon_fused``, which takes precedence over ``two_pass``). ``min_tokens``: the config holds only where batch ×
+    longest context reaches this many tokens; a smaller call launches with the untuned defaults (a bucket spans a
+    range of shapes, and the fused pass's or the two passes' fixed cost loses to the one-pass kernel on the few
+    tokens at its low end: docs/attention.md, "Launch configs"). ``gluon_query_in_pass`` (with ``gluon_fused``,
+    head_dim 128): the pass makes its query operand from q itself instead of a prep kernel launched before it (one
+    launch less, a prologue more per program; chosen per bucket by measurement). ``uncompressed_per_split``: the
+    uncompressed tokens (sinks and window) are attended in parts of at least this many (whole ``BLOCK_N`` tiles)
+    beside the compressed splits, and in no more parts than fill the GPU, so a long window is spread over programs as
+    the pages are (the default window, a page or two, is one part)."""
     BLOCK_N: int = 64
     num_warps: int = 4
     num_stages: int = 1
@@ -106,7 +106,7 @@ class AttentionConfig(LaunchConfig):
     gluon_values_warps: int = 2
     gluon_fused: bool = False
     gluon_fused_warps: int = 2
-    gluon_fused_min_tokens: int = 0
+    min_tokens: int = 0
     gluon_query_in_pass: bool = False
     uncompressed_per_split: int = 256
 

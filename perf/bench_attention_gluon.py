@@ -134,7 +134,7 @@ def capture_fused_splits(q, cache, cfg) -> int:
 
     G.fused_pass = spy
     try:
-        with store.override("attention", dict(cfg, gluon_fused=True, gluon_fused_min_tokens=0)):
+        with store.override("attention", dict(cfg, gluon_fused=True, min_tokens=0)):
             decode_attention(q, cache)
     finally:
         G.fused_pass = real
@@ -228,10 +228,10 @@ def decode_variants(dev, B, T, D, bits, Hq=32, H=8, value_warps=(1, 2, 4), fused
     for w in value_warps if planes else ():
         variants[f"gluon_kv_w{w}"] = dict(gluon_keys=True, gluon_values=True, gluon_values_warps=w, gluon_fused=False)
     for w in fused_warps:
-        variants[f"gluon_fused_w{w}"] = dict(gluon_fused=True, gluon_fused_warps=w, gluon_fused_min_tokens=0)
+        variants[f"gluon_fused_w{w}"] = dict(gluon_fused=True, gluon_fused_warps=w, min_tokens=0)
         for r in fused_maxnreg:  # a register cap: more programs per SM
             variants[f"gluon_fused_w{w}_r{r}"] = dict(gluon_fused=True, gluon_fused_warps=w, gluon_maxnreg=r,
-                                                      gluon_fused_min_tokens=0)
+                                                      min_tokens=0)
     outs, cfgs = {}, {}
     for m in mults:
         sp = m * s0

@@ -1,9 +1,10 @@
 """Where a short decode's time goes: the launch chain of one ``decode_attention`` call on the GPU.
 
-    python -m perf.bench_chain [--shapes K3V2:1x4096x128,K4V4:1x4096x128] [--splits 16,32] [--configs ...] [--out DIR]
+    python -m perf.bench_chain [--shapes K3V2:1x4096x128,K4V4:1x4096x128] [--splits 16,32] [--q-heads 32]
+                               [--configs ...] [--out DIR]
 
-Per bit pair and shape (Llama-3-8B heads: 32 query / 8 KV, q_len 1), CUDA-graph replays with L2 cleared before each
-(``autotune.tune.bench_ms``), SDPA fp16 (GQA) in the same process:
+Per bit pair and shape (Llama-3-8B heads: 32 query / 8 KV unless ``--q-heads``, q_len 1), CUDA-graph replays with L2
+cleared before each (``autotune.tune.bench_ms``), SDPA fp16 (GQA) in the same process:
 - the floor: a graph of one one-element kernel, timed the same way (graph launch, events, an idle GPU's wake-up);
 - the shipped call, and its recorded launches (``attention.launcher``'s decode plan) replayed alone and in subsets
   (each kernel alone, all but the first, all but the last), which bounds what fusing launches can save;
@@ -102,6 +103,7 @@ def main():
     ap.add_argument("--shapes", default="K3V2:1x4096x128,K2V2:1x4096x128,K4V4:1x4096x128,K3V2:1x4096x64,"
                                         "K3V2:1x32768x128")
     ap.add_argument("--splits", default="16,32")
+    ap.add_argument("--q-heads", type=int, default=32, help="query heads (8 KV heads): 32 is GQA 4, 16 GQA 2")
     ap.add_argument("--configs", default='{"shipped": null}',
                     help='JSON {name: launch config or null}: each replaces the store\'s config (null: the store\'s), '
                          'e.g. \'{"shipped": null, "32 splits": {"min_pages_per_split": 2}}\'')
@@ -114,7 +116,7 @@ def main():
         bits, shape = item.split(":")
         B, T, D = (int(v) for v in shape.split("x"))
         row = chain_row(dev, (int(bits[1]), int(bits[3])), B, T, D, [int(s) for s in args.splits.split(",")],
-                        json.loads(args.configs))
+                        json.loads(args.configs), Hq=args.q_heads)
         res["rows"].append(row)
         log(f"{row['bits']} {B}x{T} d{D}: floor {row['floor_us']:.1f} SDPA {row['sdpa_us']:.1f} shipped "
             f"{row['shipped_us']:.1f}  sdpa timeline {json.dumps(row['timeline_sdpa'])}")

@@ -100,7 +100,7 @@ def ab_row(dev, B, T, kb, vb, D, modules: dict, fused: bool) -> dict:
                **sdpa_and_shipped(q, cache, x))
     outs = {}
     try:
-        with store.override("attention", dict(cfg, gluon_fused=True, gluon_fused_min_tokens=0) if fused else cfg):
+        with store.override("attention", dict(cfg, gluon_fused=True, min_tokens=0) if fused else cfg):
             for _ in range(2):
                 for name, m in modules.items():
                     A._import_gluon = lambda m=m: m

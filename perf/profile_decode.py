@@ -47,7 +47,7 @@ def main() -> int:
     fast = A._gluon(q)
     if args.fused and (fast is None or not fast.supports_fused(D, kb, vb, cache.codec.page_size, 32 // 8)):
         sys.exit(f"--fused: the fused Gluon pass does not run at {args.shape} here (gluon.supports_fused)")
-    cfg = dict(cfg, gluon_fused=True, gluon_fused_min_tokens=0) if args.fused else cfg
+    cfg = dict(cfg, gluon_fused=True, min_tokens=0) if args.fused else cfg
     cfg = dict(cfg, **json.loads(args.config))
     print("config", cfg, flush=True)
     with store.override("attention", cfg):

@@ -64,15 +64,17 @@ def test_attention_buckets_cover_context_and_batch_ranges():
                                                         "d256_k3v2_g4_t4k_b1", "d256_k3v3"]  # wider tiles: no d128
 
 
-def test_fused_pass_from_a_token_count_falls_back_to_the_defaults_below_it():
+def test_a_config_from_a_token_count_falls_back_to_the_defaults_below_it():
     from nqkernels.attention.launcher import call_config
     from nqkernels.runtime import AttentionConfig
 
-    cfg = AttentionConfig(gluon_fused=True, programs_per_sm=4, min_pages_per_split=8, gluon_fused_min_tokens=16384)
+    cfg = AttentionConfig(gluon_fused=True, programs_per_sm=4, min_pages_per_split=8, min_tokens=16384)
     assert call_config(cfg, 4, 4096) is cfg and call_config(cfg, 16, 1024) is cfg  # 16K tokens: the bucket's
     assert call_config(cfg, 8, 1024) == AttentionConfig() and call_config(cfg, 1, 4095) == AttentionConfig()
-    plain = AttentionConfig(programs_per_sm=4, gluon_fused_min_tokens=16384)  # no fused pass asked: kept
-    assert call_config(plain, 1, 1024) is plain
+    passes = AttentionConfig(two_pass=True, gluon_values=True, min_tokens=16384)  # any config, not only the fused pass
+    assert call_config(passes, 1, 16384) is passes and call_config(passes, 1, 8192) == AttentionConfig()
+    plain = AttentionConfig(programs_per_sm=4)  # no threshold: the bucket's at any size
+    assert call_config(plain, 1, 1) is plain
 
 
 def test_tasks_name_the_launchers_buckets():

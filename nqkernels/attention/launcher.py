@@ -50,8 +50,8 @@ def attention_buckets(head_dim: int, key_bits: int, value_bits: int, group: int,
 
 def call_config(cfg: AttentionConfig, batch: int, context: int) -> AttentionConfig:
     """The launch config in effect for ``batch`` sequences of up to ``context`` tokens: the bucket's, or the untuned
-    defaults where it asks for the fused pass from more tokens than the call has (``gluon_fused_min_tokens``)."""
-    if cfg.gluon_fused and batch * context < cfg.gluon_fused_min_tokens:
+    defaults where it holds only from more tokens than the call has (``min_tokens``)."""
+    if batch * context < cfg.min_tokens:
         return AttentionConfig()
     return cfg
 
